@@ -1,0 +1,1 @@
+"""GemServe clients: the Python SDK, the load tester and needle workloads (no torch here)."""

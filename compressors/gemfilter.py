@@ -1,0 +1,162 @@
+"""GemFilter: early layers pick the prompt tokens that matter.
+
+Shi et al., "Discovering the Gems in Early Layers: Accelerating Long-Context LLMs with 1000x
+Input Token Reduction", 2024 (https://arxiv.org/abs/2409.17422), Algorithm 1.
+
+Filter pass: run decoder layers ``0..r-1`` over the whole prompt with no KV cache; at layer
+``r`` take the query of the last prompt token and the keys of all tokens (after RoPE and any
+q/k norm, GQA heads expanded), score ``s = sum_heads q_last . k_j``, smooth with a 1-D average
+pool (kernel 5), keep the top-k, sorted ascending so the text keeps its order. The filter pass
+stops inside layer ``r``'s attention: no attention output, no later layer. The caller then
+prefills the full model on the kept ids with fresh contiguous positions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from compressors.base import CompressionError, PromptSelector, Selection
+from compressors.probe import (
+    StopForward,
+    attention_probe,
+    decoder_layers,
+    install_probe_attention,
+    repeat_kv_heads,
+    uses_probe_attention,
+)
+
+# Filter layers measured on our own needle prompts (bench/calibrate_layer.py, results in
+# bench/results/filter_layer_*.json). Keyed by architecture shape, since a converted model dir
+# carries no hub name. The paper's Llama-3.1-8B layer (13 of 32) does not transfer.
+CALIBRATED_FILTER_LAYERS: dict[tuple[str, int, int], int] = {
+    # SmolLM2-135M-Instruct: (model_type, layers, hidden size)
+    ("llama", 30, 576): 15,
+}
+
+
+def default_filter_layer(config: PretrainedConfig) -> int:
+    """The calibrated layer for known models; otherwise about half depth.
+
+    Fallback rule: layer ``L // 2``. For models mixing sliding-window and global layers (Gemma
+    3), the first global-attention layer at or after half depth, since a sliding layer is
+    trained to look only at its local window and cannot rank far-away tokens.
+    """
+    text_config = config.get_text_config()
+    num_layers = int(text_config.num_hidden_layers)
+    key = (str(text_config.model_type), num_layers, int(text_config.hidden_size))
+    if key in CALIBRATED_FILTER_LAYERS:
+        return CALIBRATED_FILTER_LAYERS[key]
+    half = num_layers // 2
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types:
+        global_layers = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+        later = [i for i in global_layers if i >= half]
+        if later:
+            return later[0]
+        if global_layers:
+            return global_layers[-1]
+    return half
+
+
+def last_query_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``query (1, H, q, d)``, ``key (1, H_kv, n, d)`` -> ``(n,)`` scores of the last query,
+    summed over the query heads (GQA keys repeated to line up with them)."""
+    groups = query.shape[1] // key.shape[1]
+    keys = repeat_kv_heads(key, groups)
+    last_query = query[:, :, -1:, :].to(torch.float32)
+    return torch.matmul(last_query, keys.to(torch.float32).transpose(-1, -2))[0, :, 0, :].sum(dim=0)
+
+
+def pick_indices(scores: torch.Tensor, keep: int, kernel_size: int, tail: int) -> list[int]:
+    """Pool, force the protected tail in, take the top ``keep`` and sort them ascending."""
+    n = scores.shape[-1]
+    pooled = F.avg_pool1d(scores.view(1, 1, n), kernel_size=kernel_size, padding=kernel_size // 2, stride=1)
+    pooled = pooled.view(n).clone()
+    protected = min(tail, keep, n)
+    if protected:
+        pooled[n - protected :] = float("inf")
+    kept = torch.topk(pooled, keep).indices
+    return sorted(kept.tolist())
+
+
+@dataclass
+class GemFilter(PromptSelector):
+    """Early-layer token selection. Knobs: ``budget``/``ratio`` (tokens to keep), ``layer``
+    (filter layer r; None = calibrated default for the model), ``kernel_size`` (average
+    pooling, paper: 5), ``tail`` (final prompt tokens always kept: the question and the chat
+    template's generation prefix)."""
+
+    name: ClassVar[str] = "gemfilter"
+
+    layer: int | None = None
+    kernel_size: int = 5
+    tail: int = 32
+
+    def validate(self) -> None:
+        super().validate()
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise CompressionError(
+                f"kernel_size must be a positive odd number, got {self.kernel_size}",
+                param="compression.kernel_size",
+            )
+        if self.tail < 0:
+            raise CompressionError(f"tail must be >= 0, got {self.tail}", param="compression.tail")
+        if self.layer is not None and self.layer < 0:
+            raise CompressionError(f"layer must be >= 0, got {self.layer}", param="compression.layer")
+
+    def filter_layer(self, model: PreTrainedModel) -> int:
+        return self.layer if self.layer is not None else default_filter_layer(model.config)
+
+    def validate_for_model(self, model: PreTrainedModel) -> None:
+        num_layers = len(decoder_layers(model))
+        layer = self.filter_layer(model)
+        if not 0 <= layer < num_layers:
+            raise CompressionError(
+                f"layer {layer} is out of range: this model has layers 0..{num_layers - 1}",
+                param="compression.layer",
+            )
+
+    def select(self, model: PreTrainedModel, input_ids: torch.Tensor, default_budget: int) -> Selection:
+        self.validate()
+        self.validate_for_model(model)
+        start = time.perf_counter()
+        n = int(input_ids.shape[-1])
+        keep = self.resolve_budget(n, default_budget)
+        layer = self.filter_layer(model)
+        if keep >= n:  # k >= n keeps everything: no filter pass, identical to `none`
+            kept = list(range(n))
+        else:
+            scores = filter_pass_scores(model, input_ids, layer)
+            kept = pick_indices(scores, keep, self.kernel_size, self.tail)
+        return Selection(
+            method=self.name,
+            prompt_tokens=n,
+            kept_indices=kept,
+            select_ms=(time.perf_counter() - start) * 1000.0,
+            protected_tail=min(self.tail, keep, n),
+            layer=layer,
+        )
+
+
+def filter_pass_scores(model: PreTrainedModel, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """Run layers ``0..layer-1`` and stop inside ``layer``'s attention; return ``(n,)`` scores."""
+    if not uses_probe_attention(model):
+        install_probe_attention(model)
+
+    def score_and_stop(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        if getattr(module, "layer_idx", None) == layer:
+            raise StopForward(last_query_scores(query, key))
+
+    with torch.inference_mode(), attention_probe(score_and_stop):
+        try:
+            model.base_model(input_ids=input_ids, use_cache=False)
+        except StopForward as stop:
+            return stop.payload
+    raise RuntimeError(f"the filter pass never reached layer {layer}'s attention")

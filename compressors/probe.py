@@ -1,0 +1,96 @@
+"""A probe point inside every model's attention, for every architecture.
+
+transformers 5.x calls the function registered in ``AttentionInterface`` under the model's
+``_attn_implementation`` with query/key states *after* RoPE and any q/k norms (shared
+DESIGN.md, "Method contract"). We register one function, ``gemserve``, that forwards to SDPA
+unchanged and, when a probe is active in the current context, first shows it the states.
+Methods read attention through it instead of copying per-architecture attention code.
+
+A probe may raise :class:`StopForward` to end the forward pass at that layer: GemFilter
+uses this so the filter pass never runs the attention output of layer r or any later layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "gemserve"
+
+# probe(module, query, key, value): query (batch, heads, q_len, head_dim), key/value
+# (batch, kv_heads, kv_len, head_dim), keys including whatever the cache held before.
+AttentionProbe = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+_active_probe: ContextVar[AttentionProbe | None] = ContextVar("gemserve_attention_probe", default=None)
+
+
+class StopForward(Exception):
+    """Raised by a probe to end a forward pass early; carries whatever the probe computed."""
+
+    def __init__(self, payload: Any = None) -> None:
+        super().__init__("forward stopped by attention probe")
+        self.payload = payload
+
+
+def probed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    probe = _active_probe.get()
+    if probe is not None:
+        probe(module, query, key, value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def install_probe_attention(model: PreTrainedModel) -> None:
+    """Route the model's attention through :func:`probed_attention` (SDPA math, same masks)."""
+    AttentionInterface.register(ATTENTION_NAME, probed_attention)
+    # Without a registered mask function transformers builds no causal mask at all.
+    if ATTENTION_NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    model.set_attn_implementation(ATTENTION_NAME)
+
+
+def uses_probe_attention(model: PreTrainedModel) -> bool:
+    return model.config._attn_implementation == ATTENTION_NAME
+
+
+@contextmanager
+def attention_probe(probe: AttentionProbe) -> Iterator[None]:
+    """Activate ``probe`` for forwards run in this context; always removed on exit."""
+    token = _active_probe.set(probe)
+    try:
+        yield
+    finally:
+        _active_probe.reset(token)
+
+
+def active_probe() -> AttentionProbe | None:
+    return _active_probe.get()
+
+
+def repeat_kv_heads(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(b, kv_heads, n, d)`` -> ``(b, kv_heads * groups, n, d)`` to line up with query heads."""
+    if groups == 1:
+        return states
+    return states.repeat_interleave(groups, dim=1)
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The decoder layer list of a causal LM (Llama, Mistral, Qwen2, Phi-3, Gemma 3...)."""
+    layers = getattr(model.base_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} does not expose decoder layers at model.base_model.layers")
+    return layers

@@ -1,0 +1,64 @@
+"""Method name -> class: the one place that lists the methods."""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, get_type_hints
+
+from compressors.base import CompressionError, Method
+from compressors.full import FullAttention
+from compressors.gemfilter import GemFilter
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (
+        FullAttention,
+        GemFilter,
+    )
+}
+
+
+def method_names() -> list[str]:
+    return list(METHODS)
+
+
+def build_method(name: str, knobs: dict[str, Any] | None = None) -> Method:
+    """Instantiate and validate a method; unknown names or knobs raise :class:`CompressionError`
+    listing what is allowed."""
+    cls = METHODS.get(name)
+    if cls is None:
+        raise CompressionError(
+            f"unknown compression method '{name}'; allowed: {', '.join(METHODS)}", param="compression.method"
+        )
+    knobs = {key: value for key, value in (knobs or {}).items() if value is not None}
+    allowed = cls.knobs()
+    unknown = sorted(set(knobs) - set(allowed))
+    if unknown:
+        allowed_text = ", ".join(allowed) if allowed else "none"
+        raise CompressionError(
+            f"method '{name}' has no knob {', '.join(repr(k) for k in unknown)}; its knobs: {allowed_text}",
+            param=f"compression.{unknown[0]}",
+        )
+    hints = get_type_hints(cls)
+    for key, value in knobs.items():
+        check_knob_type(name, key, value, hints[key])
+    method = cls(**knobs)
+    method.validate()
+    return method
+
+
+def check_knob_type(method: str, knob: str, value: Any, annotation: Any) -> None:
+    """JSON gives us ints, floats, strings and bools: check them against the dataclass field."""
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    allowed = tuple(t for t in allowed if t is not type(None))
+    ok = any(
+        (isinstance(value, t) and not (isinstance(value, bool) and t is not bool))
+        or (t is float and isinstance(value, int) and not isinstance(value, bool))
+        for t in allowed
+    )
+    if not ok:
+        names = " or ".join(t.__name__ for t in allowed)
+        raise CompressionError(
+            f"knob '{knob}' of method '{method}' must be {names}, got {value!r}", param=f"compression.{knob}"
+        )

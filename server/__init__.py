@@ -1,0 +1,1 @@
+"""GemServe: the serving layer (engine, HTTP API, CLI)."""

@@ -1,0 +1,44 @@
+"""Arguments and set-up shared by the commands that load a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.engine.hf import HFEngine
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="alias (smollm2-135m-instruct, gemma3-270m), a .gguf file, an HF model dir or a hub id",
+    )
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--cache-dir", type=Path, help="where converted models live (env GEMSERVE_CACHE_DIR)")
+    parser.add_argument("--max-model-len", type=int, help="cap the context length (default: the model's)")
+
+
+def load_engine(args: argparse.Namespace, default_method: str = "none") -> HFEngine:
+    from server.engine.hf import HFEngine
+    from server.models import load_model
+
+    loaded = load_model(args.model, device=args.device, cache_dir=args.cache_dir, max_model_len=args.max_model_len)
+    return HFEngine(loaded, default_method=default_method)
+
+
+def parse_knobs(pairs: list[str]) -> dict[str, Any]:
+    """``["window=32", "pooling=max"]`` -> ``{"window": 32, "pooling": "max"}`` (JSON values)."""
+    knobs: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--knob takes NAME=VALUE, got '{pair}'")
+        try:
+            knobs[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            knobs[name] = raw
+    return knobs

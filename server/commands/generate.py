@@ -1,0 +1,114 @@
+"""``gemserve generate``: one long-context answer with a chosen method, and what it cost."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from server.commands.common import add_model_arguments, parse_knobs
+
+DEMO_TOKENS = 3500
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("question", nargs="?", help="the question (default: the demo needle's question)")
+    parser.add_argument("--context-file", type=Path, help="long context to answer from (default: built-in demo)")
+    add_model_arguments(parser)
+    parser.add_argument("--method", default="gemfilter", help="none | gemfilter | ... (default: gemfilter)")
+    parser.add_argument("--budget", type=int, help="tokens to keep (default 1024)")
+    parser.add_argument("--ratio", type=float, help="fraction of the prompt to keep, instead of --budget")
+    parser.add_argument("--layer", type=int, help="GemFilter filter layer (default: calibrated per model)")
+    parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE", help="other method knobs")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--completion", action="store_true", help="plain completion prompt, no chat template")
+    parser.add_argument("--show-selection", action="store_true", help="print the kept text spans")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from clients.haystack import build_case
+    from server.commands.common import load_engine
+    from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
+
+    engine = load_engine(args)
+    expected = None
+    if args.context_file is not None:
+        if not args.context_file.is_file():
+            raise FileNotFoundError(f"context file '{args.context_file}' does not exist")
+        context = args.context_file.read_text(encoding="utf-8", errors="replace")
+        if not args.question:
+            raise ValueError("give a question after --context-file")
+        user_text = f"{context}\n\nQuestion: {args.question}"
+    else:
+        case = build_case(DEMO_TOKENS, depth=0.35, seed=2024, count_tokens=lambda s: len(engine.encode_prompt(s)))
+        expected = case.needle
+        user_text = case.user_message() if not args.question else f"{case.document}\n\nQuestion: {args.question}"
+    if args.completion:
+        prompt_ids = engine.encode_prompt(user_text + "\nAnswer:")
+    else:
+        prompt_ids = engine.encode_chat([{"role": "user", "content": user_text}])
+
+    knobs: dict[str, Any] = {"budget": args.budget, "ratio": args.ratio, "layer": args.layer}
+    knobs.update(parse_knobs(args.knob))
+    request = GenerationRequest(
+        prompt_ids=prompt_ids,
+        sampling=SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop,
+        ),
+        compression=CompressionSpec(method=args.method, knobs=knobs, return_selection=args.show_selection),
+    )
+    result = engine.generate(request)
+    found = expected.found_in(result.text) if expected else None
+    if args.json:
+        out = {
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+            "compression": result.compression.to_dict(),
+            "metrics": result.metrics.to_dict(),
+        }
+        if expected:
+            out["demo"] = {"question": expected.question, "answer": expected.answer, "found": found}
+        json.dump(out, sys.stdout, indent=2)
+        print()
+        return 0
+    if expected:
+        print(f"Q: {expected.question}  (demo haystack, expected answer: {expected.answer})")
+    print(result.text.strip())
+    print()
+    print(format_cost_table(result))
+    if args.show_selection and result.compression.selection:
+        print("\nkept spans:")
+        for span in result.compression.selection["spans"]:
+            print(f"  [{span['start']}:{span['end']}] {span['text']!r}")
+    if expected:
+        print(f"\nneedle answer {'FOUND' if found else 'NOT found'} in the output")
+    return 0
+
+
+def format_cost_table(result: Any) -> str:
+    c, m = result.compression, result.metrics
+    rows = [
+        ("method", c.method + (f" (layer {c.layer})" if c.layer is not None else "")),
+        ("prompt tokens", f"{c.prompt_tokens}"),
+        ("kept tokens", f"{c.kept_tokens} ({c.ratio:.1%})"),
+        ("select", f"{m.select_ms:.0f} ms"),
+        ("prefill", f"{m.prefill_ms:.0f} ms"),
+        ("TTFT", f"{m.ttft_ms:.0f} ms"),
+        ("decode", f"{result.completion_tokens} tokens, {m.output_tokens_per_s:.1f} tokens/s"),
+        ("KV cache", f"{m.kv_cache_bytes / 2**20:.1f} MiB after prefill"),
+        ("peak memory", f"{m.peak_memory_bytes / 2**20:.0f} MiB ({m.memory_source})"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)

@@ -1,0 +1,1 @@
+"""Generation backends. ``hf`` runs transformers models in this process."""

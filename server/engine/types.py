@@ -1,0 +1,107 @@
+"""What goes into an engine and what comes out: plain dataclasses, no web types."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.measure import RequestMetrics
+
+
+class RequestError(ValueError):
+    """The request cannot be served as asked (HTTP 400); ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}", param="max_tokens")
+        if self.temperature < 0:
+            raise RequestError(f"temperature must be >= 0, got {self.temperature}", param="temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
+        if any(not s for s in self.stop):
+            raise RequestError("stop strings must be non-empty", param="stop")
+
+
+@dataclass
+class CompressionSpec:
+    """The request's ``compression`` object: method, its knobs, whether to return the selection."""
+
+    method: str | None = None  # None: the server's default method
+    knobs: dict[str, Any] = field(default_factory=dict)
+    return_selection: bool = False
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    compression: CompressionSpec = field(default_factory=CompressionSpec)
+    request_id: str = ""
+    arrival_time: float = field(default_factory=time.perf_counter)  # TTFT counts from here
+    queue_ms: float = 0.0  # set by the scheduler when the request leaves the queue
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class TokenDelta:
+    """One generated token and the text it made printable (may be "" mid-character)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass
+class CompressionReport:
+    method: str
+    prompt_tokens: int
+    kept_tokens: int
+    ratio: float
+    select_ms: float
+    layer: int | None = None
+    kv_bytes_before: int | None = None
+    kv_bytes_after: int | None = None
+    selection: dict[str, Any] | None = None  # kept indices and text spans, when asked
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "method": self.method,
+            "prompt_tokens": self.prompt_tokens,
+            "kept_tokens": self.kept_tokens,
+            "ratio": round(self.ratio, 6),
+            "select_ms": round(self.select_ms, 3),
+        }
+        for key in ("layer", "kv_bytes_before", "kv_bytes_after", "selection"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    compression: CompressionReport
+    metrics: RequestMetrics
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)

@@ -1,0 +1,107 @@
+"""The one place that measures a request: timers and peak memory, each named by its source.
+
+CUDA: ``torch.cuda.max_memory_allocated`` after a per-request reset (allocator truth).
+CPU: there is no allocator counter for host tensors, so a thread samples the process's
+resident set size from ``/proc/self/statm`` every ``interval_s`` during the request and keeps
+the maximum; ``memory_source`` says exactly that. Short spikes between samples can be missed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_STATM = Path("/proc/self/statm")
+
+
+def process_rss_bytes() -> int:
+    """Resident set size of this process right now (Linux ``/proc``; 0 where unavailable)."""
+    try:
+        return int(_STATM.read_text().split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def elapsed_ms(start: float, end: float | None = None) -> float:
+    return ((time.perf_counter() if end is None else end) - start) * 1000.0
+
+
+class PeakMemoryMeter:
+    """Context manager: peak memory over the block, from the allocator or an RSS sampler."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.002) -> None:
+        self.device = device
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self.baseline_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def source(self) -> str:
+        if self.device.type == "cuda":
+            return "cuda:max_memory_allocated"
+        return f"cpu:process_rss_peak_sampled_{self.interval_s * 1000:g}ms"
+
+    def __enter__(self) -> PeakMemoryMeter:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_bytes = torch.cuda.memory_allocated(self.device)
+            return self
+        self.baseline_bytes = self.peak_bytes = process_rss_bytes()
+        self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_bytes = max(self.peak_bytes, process_rss_bytes())
+
+    def sample_now(self) -> None:
+        """Take one reading at a known high point (e.g. right after prefill)."""
+        if self.device.type != "cuda":
+            self.peak_bytes = max(self.peak_bytes, process_rss_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            return
+        self.sample_now()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+@dataclass
+class RequestMetrics:
+    """What one request cost. Times in milliseconds from ``time.perf_counter``."""
+
+    queue_ms: float = 0.0
+    select_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    e2e_ms: float = 0.0
+    output_tokens_per_s: float = 0.0
+    kv_cache_bytes: int = 0
+    peak_memory_bytes: int = 0
+    memory_baseline_bytes: int = 0
+    memory_source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so a timer measures the work, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,337 @@
+"""Request and response models: OpenAI's schema plus GemServe's ``compression`` extension.
+
+One definition shared by the server and the SDK (clients/), so this module imports pydantic
+only: never torch, never the engine. Fields follow OpenAI's order, extensions last.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+METHOD_NAMES_HINT = "none | gemfilter | snapkv | h2o | streamingllm | pyramidkv"
+
+
+class OpenAIBaseModel(BaseModel):
+    # OpenAI clients send fields we may not know yet; ignore them rather than fail.
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---- the compression extension --------------------------------------------------------------
+class CompressionParams(BaseModel):
+    """``compression`` on a request: which method, its budget and knobs.
+
+    Knobs beyond the common ones (``window``, ``kernel_size``, ``sinks``, ``tail``...) are
+    accepted here and checked by the method registry, which names the allowed ones on error.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str | None = Field(None, description=f"Compression method ({METHOD_NAMES_HINT}); default: server's")
+    budget: int | None = Field(None, description="Tokens to keep (prompt tokens or KV entries per head)")
+    ratio: float | None = Field(None, description="Fraction of the prompt to keep, in (0, 1]; instead of budget")
+    layer: int | None = Field(None, description="GemFilter's filter layer (default: calibrated per model)")
+    return_selection: bool = Field(False, description="Return the kept token indices and text spans")
+
+    def knobs(self) -> dict[str, Any]:
+        """Every knob the request set, for the method registry to validate."""
+        data = self.model_dump(exclude={"method", "return_selection"}, exclude_none=True)
+        return data
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = False
+
+
+class CommonSamplingFields(OpenAIBaseModel):
+    """Fields completions and chat share, in OpenAI's order."""
+
+    frequency_penalty: float | None = Field(0.0, description="Not supported: must be 0")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported")
+    logprobs: Any = Field(None, description="Not supported")
+    n: int | None = Field(1, description="Number of choices; only 1 is supported")
+    presence_penalty: float | None = Field(0.0, description="Not supported: must be 0")
+    seed: int | None = Field(None, description="Seed for sampled decoding")
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end generation")
+    stream: bool | None = Field(False, description="Stream tokens as server-sent events")
+    stream_options: StreamOptions | None = Field(None, description="include_usage: usage on the last chunk")
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass")
+    user: str | None = None
+    # ---- extensions ----
+    compression: CompressionParams | None = Field(None, description="GemServe: prompt/KV compression")
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (benchmarks)")
+
+    @field_validator("stop")
+    @classmethod
+    def at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        return value
+
+    @model_validator(mode="after")
+    def reject_unsupported(self) -> CommonSamplingFields:
+        if self.n not in (None, 1):
+            raise ValueError("n: only n=1 is supported")
+        if self.frequency_penalty not in (None, 0, 0.0):
+            raise ValueError("frequency_penalty is not supported (must be 0)")
+        if self.presence_penalty not in (None, 0, 0.0):
+            raise ValueError("presence_penalty is not supported (must be 0)")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        if self.logprobs not in (None, False, 0):
+            raise ValueError("logprobs is not supported")
+        return self
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(CommonSamplingFields):
+    model: str | None = Field(None, description="Model name (see /v1/models); default: the served model")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="Text or token ids; a list must hold exactly one prompt"
+    )
+    echo: bool | None = Field(False, description="Not supported")
+    max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most")
+    suffix: str | None = Field(None, description="Not supported")
+
+    @model_validator(mode="after")
+    def single_prompt(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str) and len(prompt) != 1:
+            raise ValueError("prompt: exactly one prompt per request is supported")
+        return self
+
+    def prompt_text_or_ids(self) -> str | list[int]:
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str):
+            prompt = prompt[0]
+        return prompt  # type: ignore[return-value]
+
+
+class ContentPart(OpenAIBaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(CommonSamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation so far")
+    model: str | None = Field(None, description="Model name (see /v1/models); default: the served model")
+    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI in favour of max_completion_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most")
+
+    def max_new_tokens(self, default: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+    def template_messages(self) -> list[dict[str, str]]:
+        # "developer" is OpenAI's new name for "system"; chat templates know "system".
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages
+        ]
+
+
+# ---- responses ----------------------------------------------------------------------------
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class SelectionSpan(BaseModel):
+    start: int
+    end: int
+    text: str
+
+
+class SelectionInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    kept_indices: list[int]
+    protected_tail: int = 0
+    spans: list[SelectionSpan] = Field(default_factory=list)
+
+
+class CompressionInfo(BaseModel):
+    """What the compression kept: ``ratio = kept_tokens / prompt_tokens``."""
+
+    method: str
+    prompt_tokens: int
+    kept_tokens: int
+    ratio: float
+    select_ms: float
+    layer: int | None = None
+    kv_bytes_before: int | None = None
+    kv_bytes_after: int | None = None
+    selection: SelectionInfo | None = None
+
+
+class MetricsInfo(BaseModel):
+    """What the request cost, measured (times in ms; memory named by its source)."""
+
+    queue_ms: float = 0.0
+    select_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    e2e_ms: float = 0.0
+    output_tokens_per_s: float = 0.0
+    kv_cache_bytes: int = 0
+    peak_memory_bytes: int = 0
+    memory_baseline_bytes: int = 0
+    memory_source: str = ""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: new_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    compression: CompressionInfo | None = None
+    metrics: MetricsInfo | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int = 0
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo | None = None
+    compression: CompressionInfo | None = None
+    metrics: MetricsInfo | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE event of a streamed chat completion; the last carries usage/compression/metrics."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: UsageInfo | None = None
+    compression: CompressionInfo | None = None
+    metrics: MetricsInfo | None = None
+
+
+class CompletionChunk(BaseModel):
+    """One SSE event of a streamed completion (OpenAI uses the ``text_completion`` object)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    compression: CompressionInfo | None = None
+    metrics: MetricsInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "gemserve"
+    max_model_len: int
+    backend: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeRequest(OpenAIBaseModel):
+    model: str | None = None
+    prompt: str | None = Field(None, description="Plain text, tokenised without a chat template")
+    messages: list[ChatMessage] | None = Field(None, description="Chat turns, tokenised with the chat template")
+
+    @model_validator(mode="after")
+    def exactly_one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
