@@ -65,12 +65,58 @@ TOPICS: dict[str, list[str]] = {
 
 CONNECTIVES = ["", "", "", "Meanwhile, ", "In those years, ", "Even so, ", "By contrast, ", "As a rule, "]
 
-PLACES = ["Lisbon", "Oslo", "Nairobi", "Kyoto", "Lima", "Tbilisi", "Quebec", "Hanoi", "Dakar", "Perth",
-          "Bergen", "Seville", "Cusco", "Tallinn", "Zagreb", "Porto", "Accra", "Busan", "Tromso", "Malmo"]
-OBJECTS = ["red door", "blue chest", "garden gate", "tower vault", "iron safe", "cellar lock",
-           "silver box", "north gate", "library vault", "old locker"]
-WORDS = ["lantern", "orchid", "granite", "velvet", "compass", "harbor", "falcon", "meadow", "saffron",
-         "glacier", "juniper", "copper", "thistle", "marble", "cobalt", "willow"]
+PLACES = [
+    "Lisbon",
+    "Oslo",
+    "Nairobi",
+    "Kyoto",
+    "Lima",
+    "Tbilisi",
+    "Quebec",
+    "Hanoi",
+    "Dakar",
+    "Perth",
+    "Bergen",
+    "Seville",
+    "Cusco",
+    "Tallinn",
+    "Zagreb",
+    "Porto",
+    "Accra",
+    "Busan",
+    "Tromso",
+    "Malmo",
+]
+OBJECTS = [
+    "red door",
+    "blue chest",
+    "garden gate",
+    "tower vault",
+    "iron safe",
+    "cellar lock",
+    "silver box",
+    "north gate",
+    "library vault",
+    "old locker",
+]
+WORDS = [
+    "lantern",
+    "orchid",
+    "granite",
+    "velvet",
+    "compass",
+    "harbor",
+    "falcon",
+    "meadow",
+    "saffron",
+    "glacier",
+    "juniper",
+    "copper",
+    "thistle",
+    "marble",
+    "cobalt",
+    "willow",
+]
 ANIMALS = ["otter", "heron", "lynx", "badger", "gecko", "walrus", "ibis", "marmot", "puffin", "tapir"]
 
 

@@ -14,7 +14,6 @@ and transformers, nothing of HTTP.
 from __future__ import annotations
 
 import math
-from abc import ABC
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -105,7 +104,7 @@ def cache_tokens_per_layer(cache: Cache | None) -> list[int]:
 
 
 @dataclass
-class Method(ABC):
+class Method:
     """A compression method: typed dataclass fields are its knobs, with paper defaults.
 
     ``budget`` (tokens) and ``ratio`` (fraction of the prompt) are shared by every method

@@ -37,9 +37,7 @@ class EmbeddedGGUF:
     def locate(self) -> Path:
         spec = importlib.util.find_spec(self.package)  # find, don't import: the package imports `llm`
         if spec is None or not spec.submodule_search_locations:
-            raise ModelNotFoundError(
-                f"embedded model package '{self.package}' is not installed ({self.pip_hint})"
-            )
+            raise ModelNotFoundError(f"embedded model package '{self.package}' is not installed ({self.pip_hint})")
         path = Path(next(iter(spec.submodule_search_locations))) / self.filename
         if not path.is_file():
             raise ModelNotFoundError(f"'{path}' is missing from package '{self.package}' ({self.pip_hint})")
@@ -141,9 +139,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
     staging = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except Exception as exc:
         raise ModelNotFoundError(f"could not read GGUF file '{gguf_path}': {exc}") from exc

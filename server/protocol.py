@@ -151,9 +151,7 @@ class ChatCompletionRequest(CommonSamplingFields):
 
     def template_messages(self) -> list[dict[str, str]]:
         # "developer" is OpenAI's new name for "system"; chat templates know "system".
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages
-        ]
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
 # ---- responses ----------------------------------------------------------------------------

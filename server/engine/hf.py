@@ -42,9 +42,7 @@ class HFEngine:
 
     backend = "hf"
 
-    def __init__(
-        self, loaded: LoadedModel, default_method: str = "none", default_budget: int = DEFAULT_BUDGET
-    ) -> None:
+    def __init__(self, loaded: LoadedModel, default_method: str = "none", default_budget: int = DEFAULT_BUDGET) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -237,9 +235,7 @@ class HFEngine:
         """One forward; positions are explicit because a pruned cache is shorter than the
         sequence it stands for. Only the last position's logits are computed."""
         positions = torch.arange(start_position, start_position + ids.shape[1], device=self.device).unsqueeze(0)
-        out = self.model(
-            input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1
-        )
+        out = self.model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1]
 
     def report(
