@@ -10,6 +10,7 @@ import sys
 # command -> (module, one-line help). Each module defines add_arguments() and run().
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("server.commands.generate", "answer one prompt with a compression method and print its cost"),
+    "prepare-model": ("server.commands.prepare", "convert a model into the cache ahead of serving (image builds)"),
 }
 
 
