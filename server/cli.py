@@ -11,6 +11,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("server.commands.generate", "answer one prompt with a compression method and print its cost"),
     "prepare-model": ("server.commands.prepare", "convert a model into the cache ahead of serving (image builds)"),
+    "serve": ("server.commands.serve", "serve the OpenAI-compatible HTTP API with per-request compression"),
 }
 
 

@@ -1,0 +1,165 @@
+"""The FastAPI app: ``create_app(settings)`` builds it; the lifespan loads the model once.
+
+The model loads in a worker thread after the server is up, so ``/health`` answers at once
+and ``/ready`` turns 200 when the engine has started. Every response carries
+``X-Request-Id`` (the client's, when it sent a sane one) and every request leaves one
+structured log line (``gemserve.access``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.engine.base import AsyncEngine
+from server.errors import error_for_exception, register_error_handlers
+from server.routes import ROUTERS
+from server.routes.deps import ServerState
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("gemserve.access")
+
+BACKENDS = ("hf",)
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def build_engine(settings: Settings) -> AsyncEngine:
+    """Load the model and wrap it in the backend's async engine (blocking: run it in a thread)."""
+    if settings.backend == "hf":
+        from server.engine.hf import HFEngine
+        from server.engine.scheduler import HFAsyncEngine
+        from server.models import load_model
+
+        loaded = load_model(
+            settings.model, device=settings.device, cache_dir=settings.cache_dir, max_model_len=settings.max_model_len
+        )
+        engine = HFEngine(loaded, default_method=settings.default_method)
+        return HFAsyncEngine(engine, settings.max_concurrency, settings.max_queue, settings.retry_after_s)
+    raise ValueError(f"unknown backend '{settings.backend}'; available: {', '.join(BACKENDS)}")
+
+
+def create_app(settings: Settings | None = None, engine: AsyncEngine | None = None) -> FastAPI:
+    """The app for ``settings``; pass a ready ``engine`` (not started) to skip model loading (tests)."""
+    settings = settings or Settings()
+    state = ServerState(settings=settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(load_and_start(state, engine), name="load-engine")
+        try:
+            yield
+        finally:
+            if not loader.done():
+                loader.cancel()
+            if state.engine is not None:
+                await state.engine.shutdown()
+
+    app = FastAPI(
+        title="GemServe",
+        description="OpenAI-compatible long-context serving with per-request prompt/KV compression",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.gemserve = state
+    register_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(RequestContextMiddleware, state=state)
+    return app
+
+
+async def load_and_start(state: ServerState, engine: AsyncEngine | None) -> None:
+    try:
+        if engine is None:
+            engine = await asyncio.to_thread(build_engine, state.settings)
+        await engine.start()
+    except Exception as exc:
+        state.load_error = str(exc)
+        logger.exception("engine failed to start")
+        return
+    state.metrics.bind_engine(engine)
+    state.engine = engine
+    logger.info("ready: model %s on backend %s", engine.model_name, engine.backend)
+
+
+class RequestContextMiddleware:
+    """Pure ASGI (no response buffering, streams pass straight through): request id, the 500
+    fallback, the request counter and the access log line."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = client_request_id(scope) or uuid.uuid4().hex
+        request_state = scope.setdefault("state", {})
+        request_state.update(request_id=request_id, arrival_time=start)
+        sent: dict[str, Any] = {"status": 500, "started": False}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append("X-Request-Id", request_id)
+                sent.update(status=message["status"], started=True)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            logger.error("request %s failed", request_id, exc_info=exc)
+            sent["status"] = 500
+            if not sent["started"]:
+                await error_for_exception(exc).response()(scope, receive, send_with_id)
+        finally:
+            self.finish(scope, request_state, int(request_state.get("outcome_status", sent["status"])), start)
+
+    def finish(self, scope: Scope, request_state: dict[str, Any], status: int, start: float) -> None:
+        path = scope.get("path", "")
+        method = request_state.get("method_label", "-")
+        engine = self.state.engine
+        if path in GENERATION_PATHS:
+            backend = engine.backend if engine is not None else self.state.settings.backend
+            self.state.metrics.count_request(self.state.served_model_name(), backend, method, status)
+        fields = {
+            "request_id": request_state.get("request_id"),
+            "http": f"{scope.get('method')} {path}",
+            "status": status,
+            "method": method,
+            "total_ms": round((time.perf_counter() - start) * 1000.0, 2),
+        }
+        result = request_state.get("result")
+        if result is not None:
+            m = result.metrics
+            fields.update(
+                prompt_tokens=result.prompt_tokens,
+                kept_tokens=result.compression.kept_tokens,
+                completion_tokens=result.completion_tokens,
+                finish=result.finish_reason,
+                queue_ms=round(m.queue_ms, 2),
+                ttft_ms=round(m.ttft_ms, 2),
+                e2e_ms=round(m.e2e_ms, 2),
+            )
+        access_logger.info(" ".join(f"{key}={value}" for key, value in fields.items()))
+
+
+def client_request_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            return text if _REQUEST_ID.match(text) else None
+    return None

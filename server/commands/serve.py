@@ -1,0 +1,53 @@
+"""``gemserve serve``: the OpenAI-compatible HTTP server (flags override GEMSERVE_* env vars)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+# flag -> Settings field; a flag left unset keeps the env var or the default.
+FLAGS: dict[str, dict[str, Any]] = {
+    "--model": {"help": "alias (smollm2-135m-instruct, gemma3-270m), .gguf file, HF model dir or hub id"},
+    "--backend": {"help": "hf (transformers in-process)"},
+    "--device": {"help": "auto | cpu | cuda"},
+    "--cache-dir": {"type": Path, "help": "where converted models live"},
+    "--max-model-len": {"type": int, "help": "cap the context length (default: the model's)"},
+    "--host": {"help": "address to bind (default 127.0.0.1)"},
+    "--port": {"type": int, "help": "port (default 8000)"},
+    "--default-method": {"help": "compression method when a request names none (default: none)"},
+    "--max-concurrency": {"type": int, "help": "requests generating at once (default 1)"},
+    "--max-queue": {"type": int, "help": "requests waiting for a slot before 429 (default 64)"},
+    "--api-key": {"help": "require 'Authorization: Bearer KEY' on every route but /health and /ready"},
+    "--served-model-name": {"help": "model name reported by /v1/models"},
+    "--default-max-tokens": {"type": int, "help": "max_tokens for chat requests that give none (default 256)"},
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag, options in FLAGS.items():
+        parser.add_argument(flag, default=None, **options)
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    from server.settings import Settings
+
+    overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in FLAGS}
+    return Settings(**{key: value for key, value in overrides.items() if value is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = settings_from_args(args)
+    for name in ("gemserve.access", "server"):
+        logging.getLogger(name).setLevel(settings.log_level.upper())
+    app = create_app(settings)
+    print(f"gemserve: serving {settings.model} ({settings.backend}) on http://{settings.host}:{settings.port}")
+    # access_log off: the app writes its own one-line-per-request log with timings.
+    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="info")
+    return 0

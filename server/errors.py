@@ -1,0 +1,137 @@
+"""One mapping from exception type to HTTP status and OpenAI-style error body.
+
+Every error leaves the server as ``{"error": {"message", "type", "param", "code"}}``. The
+handlers are registered once in :func:`register_error_handlers`; the request-id middleware
+(server/app.py) uses :func:`error_for_exception` for anything that escapes them (-> 500).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.engine.base import EngineNotReadyError, QueueFullError
+from server.engine.types import RequestError
+from server.protocol import ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error the web layer raises itself, with its status and OpenAI error type."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class UnknownModelError(APIError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+@dataclass
+class ErrorSpec:
+    """What an exception becomes on the wire."""
+
+    status: int
+    type: str
+    message: str
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers or None)
+
+
+def error_for_exception(exc: BaseException) -> ErrorSpec:
+    """The single exception -> status table."""
+    if isinstance(exc, APIError):
+        return ErrorSpec(exc.status_code, exc.error_type, str(exc), exc.param, exc.code)
+    if isinstance(exc, RequestValidationError):
+        return validation_error(exc.errors())
+    if isinstance(exc, QueueFullError):
+        return ErrorSpec(
+            429, "rate_limit_error", str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after_s)}
+        )
+    if isinstance(exc, EngineNotReadyError):
+        return ErrorSpec(503, "service_unavailable", str(exc), code="not_ready", headers={"Retry-After": "1"})
+    if isinstance(exc, RequestError):
+        return ErrorSpec(400, "invalid_request_error", str(exc), exc.param)
+    if isinstance(exc, StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        return ErrorSpec(exc.status_code, http_error_type(exc.status_code), message, headers=dict(exc.headers or {}))
+    if isinstance(exc, ValueError):
+        return ErrorSpec(400, "invalid_request_error", str(exc))
+    # Never leak internals: the log has the traceback, keyed by the request id.
+    return ErrorSpec(500, "internal_error", "internal server error; the server log has the details")
+
+
+def validation_error(errors: Sequence[Any]) -> ErrorSpec:
+    """400 naming the field(s): ``messages: Field required``."""
+    parts = []
+    first_param = None
+    for error in errors:
+        loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "header", "path")]
+        param = ".".join(loc) or None
+        first_param = first_param or param
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        parts.append(f"{param}: {message}" if param else message)
+    return ErrorSpec(400, "invalid_request_error", "; ".join(parts) or "invalid request", first_param)
+
+
+def http_error_type(status: int) -> str:
+    return {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}.get(
+        status, "invalid_request_error" if status < 500 else "internal_error"
+    )
+
+
+async def handle_exception(request: Request, exc: Exception) -> JSONResponse:
+    spec = error_for_exception(exc)
+    if spec.status >= 500 and spec.status != 503:
+        logger.error("request %s failed", getattr(request.state, "request_id", "-"), exc_info=exc)
+    return spec.response()
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    for exc_type in (
+        APIError,
+        RequestValidationError,
+        QueueFullError,
+        EngineNotReadyError,
+        RequestError,
+        StarletteHTTPException,
+        ValueError,
+    ):
+        app.add_exception_handler(exc_type, handle_exception)
+
+
+# OpenAPI: the error statuses a generation route can answer with, documented once.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request (field, context length, method or knob)"},
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "Unknown model"},
+    429: {"model": ErrorResponse, "description": "Queue full; see Retry-After"},
+    503: {"model": ErrorResponse, "description": "Model still loading or server shutting down"},
+}

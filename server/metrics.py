@@ -1,0 +1,103 @@
+"""Every Prometheus collector of the server, declared in one place.
+
+Each app gets its own :class:`CollectorRegistry` (tests run several apps in one process).
+Labels: ``model``, ``backend``, ``method``; ``gemserve_requests_total`` adds ``status`` (the
+HTTP status, or the status of the error event when a stream fails midway). The two gauges
+are read from the engine at scrape time and carry ``model`` and ``backend`` only: a queue
+slot belongs to no method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from server.engine.base import AsyncEngine
+from server.engine.types import GenerationResult
+
+LABELS = ("model", "backend", "method")
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+BYTES_BUCKETS = tuple(float(2**p) for p in range(16, 36, 2))  # 64 KiB .. 16 GiB
+
+
+class EngineLoadCollector(Collector):
+    """``gemserve_requests_running`` / ``gemserve_requests_waiting``, read live from the engine."""
+
+    def __init__(self) -> None:
+        self.engine: AsyncEngine | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        running = GaugeMetricFamily("gemserve_requests_running", "Requests generating now", labels=LABELS[:2])
+        waiting = GaugeMetricFamily("gemserve_requests_waiting", "Requests queued for a slot", labels=LABELS[:2])
+        if self.engine is not None:
+            labels = [self.engine.model_name, self.engine.backend]
+            running.add_metric(labels, self.engine.num_running)
+            waiting.add_metric(labels, self.engine.num_waiting)
+        yield running
+        yield waiting
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.ttft = Histogram(
+            "gemserve_time_to_first_token_seconds",
+            "Request accepted -> first token produced",
+            LABELS,
+            buckets=SECONDS_BUCKETS,
+            registry=reg,
+        )
+        self.e2e = Histogram(
+            "gemserve_e2e_request_latency_seconds",
+            "Request accepted -> last token produced",
+            LABELS,
+            buckets=SECONDS_BUCKETS,
+            registry=reg,
+        )
+        self.selection = Histogram(
+            "gemserve_selection_seconds",
+            "Time the compression method spent choosing what to keep",
+            LABELS,
+            buckets=SECONDS_BUCKETS,
+            registry=reg,
+        )
+        self.prompt_tokens = Histogram(
+            "gemserve_prompt_tokens", "Prompt length before compression", LABELS, buckets=TOKEN_BUCKETS, registry=reg
+        )
+        self.kept_tokens = Histogram(
+            "gemserve_kept_tokens", "Prompt tokens kept by compression", LABELS, buckets=TOKEN_BUCKETS, registry=reg
+        )
+        self.kv_cache_bytes = Histogram(
+            "gemserve_kv_cache_bytes", "KV cache size after prefill", LABELS, buckets=BYTES_BUCKETS, registry=reg
+        )
+        self.requests = Counter(
+            "gemserve_requests_total", "Generation requests by outcome", (*LABELS, "status"), registry=reg
+        )
+        self.generation_tokens = Counter("gemserve_generation_tokens_total", "Tokens generated", LABELS, registry=reg)
+        self.engine_load = EngineLoadCollector()
+        reg.register(self.engine_load)
+
+    def bind_engine(self, engine: AsyncEngine) -> None:
+        self.engine_load.engine = engine
+
+    def observe_result(self, model: str, backend: str, result: GenerationResult) -> None:
+        labels = (model, backend, result.compression.method)
+        m = result.metrics
+        self.ttft.labels(*labels).observe(m.ttft_ms / 1000.0)
+        self.e2e.labels(*labels).observe(m.e2e_ms / 1000.0)
+        self.selection.labels(*labels).observe(result.compression.select_ms / 1000.0)
+        self.prompt_tokens.labels(*labels).observe(result.compression.prompt_tokens)
+        self.kept_tokens.labels(*labels).observe(result.compression.kept_tokens)
+        self.kv_cache_bytes.labels(*labels).observe(m.kv_cache_bytes)
+        self.generation_tokens.labels(*labels).inc(result.completion_tokens)
+
+    def count_request(self, model: str, backend: str, method: str, status: int) -> None:
+        self.requests.labels(model, backend, method, str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,16 @@
+"""HTTP routes, one router per file; :data:`ROUTERS` is what the app includes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from server.routes import chat, completions, health, metrics, models, tokenize
+
+ROUTERS: list[APIRouter] = [
+    health.router,
+    completions.router,
+    chat.router,
+    models.router,
+    tokenize.router,
+    metrics.router,
+]

@@ -1,0 +1,43 @@
+"""``GET /health`` (the process answers) and ``GET /ready`` (the model is loaded): no API key."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from server.routes.deps import StateDep
+
+router = APIRouter(tags=["health"])
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    model: str
+    backend: str
+    error: str | None = None
+
+
+@router.get("/health", response_model=Health, summary="Liveness")
+async def health() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Model not loaded (yet)"}},
+    summary="Readiness: 200 once the model is loaded",
+)
+async def ready(state: StateDep) -> JSONResponse:
+    body = Readiness(
+        ready=state.ready,
+        model=state.served_model_name(),
+        backend=state.engine.backend if state.engine is not None else state.settings.backend,
+        error=state.load_error,
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if state.ready else 503)

@@ -1,0 +1,17 @@
+"""``GET /v1/models``: the one served model, with its context length."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from server.errors import ERROR_RESPONSES
+from server.protocol import ModelCard, ModelList
+from server.routes.deps import API_KEY_GUARD, EngineDep, StateDep
+
+router = APIRouter(tags=["models"], dependencies=API_KEY_GUARD)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="List served models")
+async def list_models(engine: EngineDep, state: StateDep) -> ModelList:
+    card = ModelCard(id=state.served_model_name(), max_model_len=engine.max_model_len, backend=engine.backend)
+    return ModelList(data=[card])

@@ -1,0 +1,32 @@
+"""Server settings: command-line flags override ``GEMSERVE_*`` environment variables.
+
+Every field below can be set as an env var with the ``GEMSERVE_`` prefix, e.g.
+``GEMSERVE_API_KEY=secret``, ``GEMSERVE_MAX_QUEUE=8``. docs/api.md lists them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GEMSERVE_", extra="ignore")
+
+    model: str = Field("smollm2-135m-instruct", description="Model alias, .gguf file, HF model dir or hub id")
+    backend: str = Field("hf", description="Generation backend: hf (transformers in-process)")
+    device: str = Field("auto", description="auto | cpu | cuda")
+    cache_dir: Path | None = Field(None, description="Where converted models are cached")
+    max_model_len: int | None = Field(None, ge=1, description="Cap the context length (default: the model's)")
+    host: str = Field("127.0.0.1", description="Address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port)")
+    default_method: str = Field("none", description="Compression method when a request names none")
+    max_concurrency: int = Field(1, ge=1, description="Requests generating at once (hf: one forward at a time)")
+    max_queue: int = Field(64, ge=0, description="Requests waiting for a slot; beyond this -> 429")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with a 429")
+    api_key: str | None = Field(None, description="When set, every route but /health and /ready needs this bearer key")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that give none")
+    served_model_name: str | None = Field(None, description="Name reported by /v1/models (default: the model's)")
+    log_level: str = Field("info", description="Logging level of the server")
