@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("server.commands.generate", "answer one prompt with a compression method and print its cost"),
     "prepare-model": ("server.commands.prepare", "convert a model into the cache ahead of serving (image builds)"),
     "serve": ("server.commands.serve", "serve the OpenAI-compatible HTTP API with per-request compression"),
+    "loadtest": ("clients.loadtest", "load-test an OpenAI-compatible server (GemServe or vLLM), compare methods"),
 }
 
 
