@@ -1,0 +1,172 @@
+"""Scheduler behaviour: queue limits (429), client disconnect, mid-stream errors, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from server.app import create_app
+from server.engine.base import EngineNotReadyError, QueueFullError
+from server.engine.scheduler import HFAsyncEngine
+from server.engine.types import GenerationRequest, GenerationResult, SamplingParams, TokenDelta
+from server.settings import Settings
+from tests.conftest import serve_app
+from tests.test_server_http import error_of, sse_events
+
+LONG_STREAM = {"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True, "temperature": 0, "stream": True}
+
+
+class RecordingEngine:
+    """Wraps the sync HFEngine and records, for every token it yields, whether the request had
+    already been cancelled at that moment; ``results`` gets each final GenerationResult."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.cancelled_at_token: list[bool] = []
+        self.results: list[GenerationResult] = []
+        self.finished = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def stream(self, request: GenerationRequest) -> Iterator[TokenDelta | GenerationResult]:
+        for event in self.inner.stream(request):
+            if isinstance(event, TokenDelta):
+                self.cancelled_at_token.append(request.cancelled.is_set())
+            else:
+                self.results.append(event)
+                self.finished.set()
+            yield event
+
+
+class FailingEngine:
+    """An AsyncEngine that breaks after ``fail_after`` events (a crash mid-generation)."""
+
+    def __init__(self, inner: HFAsyncEngine, fail_after: int = 2) -> None:
+        self.inner = inner
+        self.fail_after = fail_after
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta | GenerationResult]:
+        return self._break(self.inner.stream(request))
+
+    async def _break(self, events: Any) -> AsyncIterator[TokenDelta | GenerationResult]:
+        try:
+            seen = 0
+            async for event in events:
+                yield event
+                seen += 1
+                if seen == self.fail_after:
+                    raise RuntimeError("simulated engine crash: secret internals")
+        finally:
+            await events.aclose()
+
+
+def read_first_tokens(response: httpx.Response, count: int) -> None:
+    seen = 0
+    for line in response.iter_lines():
+        if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+            seen += 1
+            if seen == count:
+                return
+    raise AssertionError("stream ended early")
+
+
+def test_disconnect_stops_generation_within_one_step(engine) -> None:
+    recorder = RecordingEngine(engine)
+    app = create_app(Settings(), engine=HFAsyncEngine(recorder))
+    with serve_app(app) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json=LONG_STREAM, timeout=120) as response:
+            read_first_tokens(response, 3)
+        # leaving the block closed the connection mid-stream
+        assert recorder.finished.wait(120), "engine did not stop after the client left"
+    result = recorder.results[0]
+    assert result.finish_reason == "cancelled"
+    assert result.completion_tokens < LONG_STREAM["max_tokens"]
+    tokens_after_cancel = sum(recorder.cancelled_at_token)
+    assert tokens_after_cancel <= 1, recorder.cancelled_at_token
+
+
+def test_queue_full_is_429_with_retry_after(engine) -> None:
+    app = create_app(Settings(max_concurrency=1, max_queue=0), engine=HFAsyncEngine(engine, 1, 0, retry_after_s=3))
+    with serve_app(app) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json=LONG_STREAM, timeout=120) as busy:
+            read_first_tokens(busy, 1)  # the only slot is now taken
+            rejected = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+            error = error_of(rejected, 429)
+            assert rejected.headers["retry-after"] == "3"
+            assert error["type"] == "rate_limit_error" and error["code"] == "queue_full"
+            assert "max_queue=0" in error["message"]
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            with pytest.raises(openai.RateLimitError):
+                client.completions.create(model=engine.model_name, prompt="Hi", max_tokens=1)
+        # the slot frees once the long request is cancelled
+        ok = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=120)
+        assert ok.status_code == 200
+
+
+def test_error_mid_stream_sends_error_event_then_done(engine) -> None:
+    app = create_app(Settings(), engine=FailingEngine(HFAsyncEngine(engine)))
+    with serve_app(app) as url:
+        payload = {"prompt": "Hello", "max_tokens": 8, "ignore_eos": True, "stream": True}
+        response = httpx.post(f"{url}/v1/completions", json=payload, timeout=120)
+        assert response.status_code == 200
+        events = sse_events(response.text)
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["type"] == "internal_error"
+        assert "secret" not in error["message"]
+        assert all("error" not in json.loads(e) for e in events[:-2])
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIError):
+            list(client.completions.create(model=engine.model_name, prompt="Hello", max_tokens=8, stream=True))
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'status="500"' in metrics
+
+
+def request(max_tokens: int = 2) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+
+
+async def last_event(events: AsyncIterator[TokenDelta | GenerationResult]) -> GenerationResult:
+    result = None
+    async for event in events:
+        result = event
+    assert isinstance(result, GenerationResult)
+    return result
+
+
+def test_admission_queue_cancel_and_drain(engine) -> None:
+    recorder = RecordingEngine(engine)
+
+    async def scenario() -> tuple[GenerationResult, GenerationResult]:
+        scheduler = HFAsyncEngine(recorder, max_concurrency=1, max_queue=2)
+        await scheduler.start()
+        first, second, abandoned = (scheduler.stream(request()) for _ in range(3))
+        assert scheduler.num_waiting == 3
+        with pytest.raises(QueueFullError):
+            scheduler.stream(request())
+        await abandoned.aclose()  # cancelled while queued: must never run
+        consumers = [asyncio.create_task(last_event(s)) for s in (first, second)]
+        await asyncio.sleep(0)
+        await scheduler.shutdown()  # drains: returns only when both have finished
+        assert scheduler.num_running == 0 and scheduler.num_waiting == 0
+        with pytest.raises(EngineNotReadyError):
+            scheduler.stream(request())
+        done = await asyncio.gather(*consumers)
+        return done[0], done[1]
+
+    first, second = asyncio.run(scenario())
+    assert first.finish_reason == second.finish_reason == "length"
+    assert first.completion_tokens == second.completion_tokens == 2
+    assert len(recorder.results) == 2  # the abandoned request never reached the model
+    assert second.metrics.queue_ms > first.metrics.queue_ms  # it waited for the first to finish
