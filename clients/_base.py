@@ -120,7 +120,7 @@ def compression_body(compression: CompressionLike) -> dict[str, Any] | None:
         return None
     if not isinstance(compression, CompressionParams):
         compression = CompressionParams.model_validate(compression)
-    return compression.model_dump(exclude_none=True)
+    return compression.model_dump(exclude_unset=True, exclude_none=True)  # only what the caller set
 
 
 def message_body(messages: Iterable[MessageLike]) -> list[dict[str, Any]]:

@@ -374,11 +374,14 @@ def validate(args: argparse.Namespace) -> list[MethodSpec]:
 
 def prepare(args: argparse.Namespace, base_url: str) -> tuple[str | None, list[WorkItem]]:
     """The model name and the workload, using the server's /v1/models and /tokenize when it has them."""
-    from clients.errors import GemServeError
+    from clients.errors import APIConnectionError, GemServeError
     from clients.sdk import GemServe
 
     with GemServe(base_url, args.api_key, timeout=args.timeout, max_retries=1) as client:
-        client.health(max_retries=3)  # fail fast, with a clear error, if nothing listens there
+        try:
+            client.health(max_retries=2)  # fail fast, with one clear line, if nothing listens there
+        except APIConnectionError as exc:
+            raise ConnectionError(f"cannot reach {base_url}: {exc}") from exc
         model = args.model
         if model is None:
             try:

@@ -45,7 +45,7 @@ def test_completion_is_typed_and_carries_compression(client: GemServe, stub: tup
     assert reply.compression is not None and reply.compression.kept_tokens == 2 and reply.compression.ratio == 0.5
     assert reply.metrics is not None and reply.metrics.memory_source == "stub"
     sent = stub[1].state.stub.bodies[-1]
-    assert sent["compression"] == {"method": "gemfilter", "budget": 2, "return_selection": False}
+    assert sent["compression"] == {"method": "gemfilter", "budget": 2}  # only what the caller set
     assert "stream" not in sent  # server defaults are not overridden by the SDK
 
 
