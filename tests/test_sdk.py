@@ -216,3 +216,71 @@ def test_importing_the_clients_does_not_import_torch() -> None:
     code = "import sys, clients.sdk, clients.loadtest, clients.loadtest_report; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# ---- against the real server (tests/conftest.py: uvicorn in a thread, the real model) -------------
+SHORT_PROMPT = "Paris is the capital of France. Berlin is the capital of Germany. What is the capital of France?"
+
+
+def test_live_every_plain_call(server_url: str, engine: object) -> None:
+    with GemServe(server_url) as c:
+        assert c.health() == {"status": "ok"} and c.ready() is True
+        card = c.models().data[0]
+        assert card.id == "smollm2-135m-instruct" and card.max_model_len == 8192
+        tokens = c.tokenize("hello world")
+        assert tokens.tokens == engine.encode_prompt("hello world") and tokens.count == len(tokens.tokens)
+        chat_ids = engine.encode_chat([{"role": "user", "content": "hi"}])
+        assert c.tokenize(messages=[{"role": "user", "content": "hi"}]).tokens == chat_ids
+        assert "gemserve_requests" in c.metrics()
+
+
+def test_live_stream_matches_plain_answer_and_carries_compression(server_url: str) -> None:
+    messages = [{"role": "user", "content": SHORT_PROMPT}]
+    compression = CompressionParams(method="gemfilter", budget=16)
+    with GemServe(server_url) as c:
+        plain = c.chat.completions.create(
+            messages=messages, max_tokens=4, temperature=0, ignore_eos=True, compression=compression
+        )
+        stream = c.chat.completions.create(
+            messages=messages, max_tokens=4, temperature=0, ignore_eos=True, compression=compression, stream=True
+        )
+        with stream:
+            chunks = list(stream)
+    assert plain.usage.completion_tokens == 4
+    assert plain.compression.method == "gemfilter" and plain.compression.kept_tokens == 16
+    assert plain.compression.prompt_tokens == plain.usage.prompt_tokens > 16
+    assert plain.metrics.ttft_ms > 0 and plain.metrics.memory_source
+    # Greedy decoding of the same compressed prompt: streaming changes transport, not tokens.
+    assert stream.text == plain.choices[0].message.content
+    assert all(isinstance(chunk, ChatCompletionChunk) for chunk in chunks)
+    assert stream.usage == plain.usage and stream.finish_reason == "length"
+    assert stream.compression.kept_tokens == 16 and stream.metrics.prefill_ms > 0
+
+
+def test_live_completion_and_errors(server_url: str, server_url_with_key: str) -> None:
+    from conftest import TEST_API_KEY
+
+    with GemServe(server_url) as c:
+        reply = c.completions.create(prompt="The capital of France is", max_tokens=2, temperature=0)
+        assert reply.usage.completion_tokens <= 2 and reply.compression.method == "none"
+        with pytest.raises(errors.BadRequestError, match="allowed: none, gemfilter") as caught:
+            c.completions.create(prompt="x", max_tokens=1, compression={"method": "bogus"})
+        assert caught.value.status_code == 400 and caught.value.request_id
+        assert caught.value.body["error"]["message"] == caught.value.message
+    with GemServe(server_url_with_key, api_key="wrong") as c, pytest.raises(errors.AuthenticationError):
+        c.models()
+    with GemServe(server_url_with_key, api_key=TEST_API_KEY) as c:
+        assert c.models().data[0].id == "smollm2-135m-instruct"
+
+
+def test_live_async_stream(server_url: str) -> None:
+    async def scenario() -> tuple[str, int]:
+        async with AsyncGemServe(server_url) as c:
+            stream = await c.completions.create(
+                prompt="One, two, three,", max_tokens=3, temperature=0, ignore_eos=True, stream=True
+            )
+            pieces = [chunk.choices[0].text async for chunk in stream if chunk.choices]
+            return "".join(pieces), stream.usage.completion_tokens
+
+    text, tokens = asyncio.run(scenario())
+    assert tokens == 3 and text.strip()
