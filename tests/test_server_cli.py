@@ -1,0 +1,72 @@
+"""``gemserve serve``: flags over GEMSERVE_* env vars, and a real process from start to drain."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from server.cli import build_parser
+from server.commands.serve import settings_from_args
+
+
+def test_flags_override_env_and_env_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GEMSERVE_MAX_QUEUE", "7")
+    monkeypatch.setenv("GEMSERVE_API_KEY", "from-env")
+    args = build_parser().parse_args(
+        ["serve", "--port", "9001", "--api-key", "from-flag", "--default-method", "gemfilter"]
+    )
+    settings = settings_from_args(args)
+    assert settings.port == 9001
+    assert settings.max_queue == 7
+    assert settings.api_key == "from-flag"
+    assert settings.default_method == "gemfilter"
+    assert settings.max_concurrency == 1
+
+
+def test_bad_setting_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = build_parser().parse_args(["serve", "--max-concurrency", "0"])
+    with pytest.raises(ValueError, match="max_concurrency"):
+        settings_from_args(args)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, status: int, deadline: float) -> httpx.Response:
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(url, timeout=5)
+            if response.status_code == status:
+                return response
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never answered {status}")
+
+
+def test_serve_process_loads_serves_and_exits_cleanly() -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--device", "cpu"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        assert wait_for(f"{url}/health", 200, deadline).json() == {"status": "ok"}
+        ready = wait_for(f"{url}/ready", 200, deadline).json()
+        assert ready["ready"] is True and ready["backend"] == "hf"
+        response = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=120)
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "http=POST /v1/completions status=200 method=none" in output  # the one-line access log
