@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -163,3 +165,39 @@ def client_request_id(scope: Scope) -> str | None:
             text = value.decode("latin-1")
             return text if _REQUEST_ID.match(text) else None
     return None
+
+
+@contextmanager
+def serve_in_background(app: FastAPI, host: str = "127.0.0.1", ready_timeout_s: float = 120.0) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a daemon thread on a free port; yield its base URL once
+    ``/ready`` answers 200; on exit, shut down (draining in-flight requests). For tests and
+    benchmarks that need a real socket in-process."""
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    url = f"http://{host}:{port}"
+    deadline = time.monotonic() + ready_timeout_s
+    while not ready(url):
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            raise RuntimeError(f"server on {url} did not become ready within {ready_timeout_s} s")
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=ready_timeout_s)
+
+
+def ready(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/ready", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False

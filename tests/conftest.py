@@ -7,11 +7,8 @@ they assert is what users get. Use ``engine`` for direct calls; never time anyth
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import pytest
 
@@ -41,36 +38,11 @@ def count_tokens(engine) -> Callable[[str], int]:
 TEST_API_KEY = "test-secret-key"
 
 
-@contextmanager
-def serve_app(app) -> Iterator[str]:
-    """Run ``app`` with uvicorn in a background thread on a free loopback port; yield its URL
-    once ``/ready`` answers 200. Shuts the server down (draining requests) on exit."""
-    import httpx
-    import uvicorn
+def serve_app(app) -> AbstractContextManager[str]:
+    """Serve ``app`` on a free loopback port in a background thread; the context yields its URL."""
+    from server.app import serve_in_background
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            server.should_exit = True
-            raise RuntimeError(f"test server on {url} did not become ready")
-        time.sleep(0.05)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=120)
+    return serve_in_background(app)
 
 
 def make_test_app(engine, **settings):
