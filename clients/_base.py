@@ -1,4 +1,5 @@
-"""What the sync and async clients share: configuration, the retry policy and request bodies.
+"""What the sync and async clients share: configuration, the retry policy, request bodies and
+response parsing.
 
 No I/O here: the clients in ``sdk.py`` send what this module builds, so the retry rules and
 the body rules are written once.
@@ -7,6 +8,7 @@ the body rules are written once.
 from __future__ import annotations
 
 import email.utils
+import logging
 import os
 import random
 import time
@@ -16,10 +18,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ValidationError
 
-from clients.errors import APIResponseValidationError
+from clients.errors import APIConnectionError, APIResponseValidationError, APITimeoutError
 from server.protocol import ChatMessage, CompressionParams
+
+logger = logging.getLogger("clients.sdk")
 
 # ---- retry policy (openai-python's numbers) -----------------------------------------------------
 DEFAULT_MAX_RETRIES = 2
@@ -154,3 +160,75 @@ def parse_model(model_type: type[ModelT], response: httpx.Response, request_id: 
         raise APIResponseValidationError(
             f"unexpected {model_type.__name__} body: {exc}", request_id=request_id, body=response.text
         ) from exc
+
+
+# ---- client core ---------------------------------------------------------------------------------
+class MetricsSnapshot:
+    """``GET /metrics`` parsed with prometheus_client's own text parser."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.families: dict[str, Metric] = {family.name: family for family in text_string_to_metric_families(text)}
+
+    def value(self, sample_name: str, **labels: str) -> float | None:
+        """The value of the sample named ``sample_name`` whose labels include ``labels``."""
+        for family in self.families.values():
+            for sample in family.samples:
+                if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return None
+
+    def __contains__(self, family_name: object) -> bool:
+        return family_name in self.families
+
+
+class ClientCore:
+    """Configuration and request building shared by both clients."""
+
+    def __init__(self, base_url: str | None, api_key: str | None, timeout: TimeoutLike, max_retries: int) -> None:
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.base_url = resolve_base_url(base_url)
+        self.api_key = resolve_api_key(api_key)
+        self.timeout = as_timeout(timeout)
+        self.max_retries = max_retries
+
+    def _headers(self, request_id: str, options: CallOptions) -> dict[str, str]:
+        headers = {"Accept": "application/json", REQUEST_ID_HEADER: request_id}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        headers.update(options.extra_headers or {})
+        return headers
+
+    def _request_kwargs(
+        self, method: str, path: str, body: Mapping[str, Any] | None, options: CallOptions, request_id: str
+    ) -> dict[str, Any]:
+        timeout = self.timeout if options.timeout is None else as_timeout(options.timeout)
+        return {
+            "method": method,
+            "url": self.base_url + path,
+            "json": body,
+            "headers": self._headers(request_id, options),
+            "timeout": timeout,
+        }
+
+    def _retries(self, options: CallOptions) -> int:
+        return self.max_retries if options.max_retries is None else options.max_retries
+
+    @staticmethod
+    def _connection_error(exc: httpx.TransportError, request_id: str) -> APIConnectionError:
+        if isinstance(exc, httpx.TimeoutException):
+            return APITimeoutError(request_id=request_id)
+        return APIConnectionError(f"Connection error: {exc}", request_id=request_id)
+
+    @staticmethod
+    def _log_retry(request_id: str, attempt: int, delay: float, reason: str) -> None:
+        logger.info("request %s: %s; retry %d in %.2f s", request_id, reason, attempt + 1, delay)
+
+
+def json_or_status(response: httpx.Response) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError:
+        return {"status": response.text.strip()}
+    return data if isinstance(data, dict) else {"status": data}

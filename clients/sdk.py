@@ -14,34 +14,31 @@ from what the server sends. Errors come from ``clients/errors.py``; retries foll
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx
-from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
 
 from clients._base import (
     DEFAULT_MAX_RETRIES,
     REQUEST_ID_HEADER,
     CallOptions,
+    ClientCore,
     CompressionLike,
     MessageLike,
+    MetricsSnapshot,
     ModelT,
     TimeoutLike,
-    as_timeout,
+    json_or_status,
     message_body,
     new_request_id,
     parse_model,
     request_body,
-    resolve_api_key,
-    resolve_base_url,
     retry_delay,
     should_retry,
 )
-from clients.errors import APIConnectionError, APITimeoutError, InternalServerError, status_error
+from clients.errors import InternalServerError, status_error
 from clients.streaming import AsyncStream, Stream
 from server.protocol import (
     ChatCompletionChunk,
@@ -54,73 +51,8 @@ from server.protocol import (
 
 __all__ = ["AsyncGemServe", "GemServe", "MetricsSnapshot"]
 
-logger = logging.getLogger(__name__)
-
 PromptLike = str | list[str] | list[int] | list[list[int]]
 StopLike = str | list[str] | None
-
-
-class MetricsSnapshot:
-    """``GET /metrics`` parsed with prometheus_client's own text parser."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.families: dict[str, Metric] = {family.name: family for family in text_string_to_metric_families(text)}
-
-    def value(self, sample_name: str, **labels: str) -> float | None:
-        """The value of the sample named ``sample_name`` whose labels include ``labels``."""
-        for family in self.families.values():
-            for sample in family.samples:
-                if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return None
-
-    def __contains__(self, family_name: object) -> bool:
-        return family_name in self.families
-
-
-class _ClientCore:
-    """Configuration and request building shared by both clients."""
-
-    def __init__(self, base_url: str | None, api_key: str | None, timeout: TimeoutLike, max_retries: int) -> None:
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        self.base_url = resolve_base_url(base_url)
-        self.api_key = resolve_api_key(api_key)
-        self.timeout = as_timeout(timeout)
-        self.max_retries = max_retries
-
-    def _headers(self, request_id: str, options: CallOptions) -> dict[str, str]:
-        headers = {"Accept": "application/json", REQUEST_ID_HEADER: request_id}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        headers.update(options.extra_headers or {})
-        return headers
-
-    def _request_kwargs(
-        self, method: str, path: str, body: Mapping[str, Any] | None, options: CallOptions, request_id: str
-    ) -> dict[str, Any]:
-        timeout = self.timeout if options.timeout is None else as_timeout(options.timeout)
-        return {
-            "method": method,
-            "url": self.base_url + path,
-            "json": body,
-            "headers": self._headers(request_id, options),
-            "timeout": timeout,
-        }
-
-    def _retries(self, options: CallOptions) -> int:
-        return self.max_retries if options.max_retries is None else options.max_retries
-
-    @staticmethod
-    def _connection_error(exc: httpx.TransportError, request_id: str) -> APIConnectionError:
-        if isinstance(exc, httpx.TimeoutException):
-            return APITimeoutError(request_id=request_id)
-        return APIConnectionError(f"Connection error: {exc}", request_id=request_id)
-
-    @staticmethod
-    def _log_retry(request_id: str, attempt: int, delay: float, reason: str) -> None:
-        logger.info("request %s: %s; retry %d in %.2f s", request_id, reason, attempt + 1, delay)
 
 
 def _completion_fields(prompt: PromptLike, **fields: Any) -> dict[str, Any]:
@@ -132,7 +64,7 @@ def _chat_fields(messages: Iterable[MessageLike], **fields: Any) -> dict[str, An
 
 
 # ---- sync -------------------------------------------------------------------------------------
-class GemServe(_ClientCore):
+class GemServe(ClientCore):
     """Synchronous client. ``timeout``/``max_retries`` here are defaults every call may override."""
 
     def __init__(
@@ -203,7 +135,7 @@ class GemServe(_ClientCore):
 
     def health(self, **options: Any) -> dict[str, Any]:
         response, _ = self._send("GET", "/health", None, CallOptions(**options))
-        return _json_or_status(response)
+        return json_or_status(response)
 
     def ready(self, **options: Any) -> bool:
         """True once the model is loaded; False while the server answers 503 (not retried)."""
@@ -312,7 +244,7 @@ class Chat:
 
 
 # ---- async ------------------------------------------------------------------------------------
-class AsyncGemServe(_ClientCore):
+class AsyncGemServe(ClientCore):
     """Asynchronous client: the same calls as ``GemServe``, awaited."""
 
     def __init__(
@@ -383,7 +315,7 @@ class AsyncGemServe(_ClientCore):
 
     async def health(self, **options: Any) -> dict[str, Any]:
         response, _ = await self._send("GET", "/health", None, CallOptions(**options))
-        return _json_or_status(response)
+        return json_or_status(response)
 
     async def ready(self, **options: Any) -> bool:
         options.setdefault("max_retries", 0)
@@ -486,11 +418,3 @@ class AsyncChatCompletions:
 class AsyncChat:
     def __init__(self, client: AsyncGemServe) -> None:
         self.completions = AsyncChatCompletions(client)
-
-
-def _json_or_status(response: httpx.Response) -> dict[str, Any]:
-    try:
-        data = response.json()
-    except ValueError:
-        return {"status": response.text.strip()}
-    return data if isinstance(data, dict) else {"status": data}
