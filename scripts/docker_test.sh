@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Build the CPU image and check it for real: /ready, a GemFilter chat answer, a non-root user,
+# a healthy HEALTHCHECK. Run from anywhere as root (or with a working docker daemon):
+#   scripts/docker_test.sh            (make docker-test)
+# Needs docker; as root it installs Debian's docker.io (+ debootstrap) when missing and starts
+# dockerd itself. Where no daemon can run, it prints "SKIPPED: <reason>" and exits 0 — or 1
+# with DOCKER_TEST_REQUIRED=1. Everything that adapts to a restricted machine (no registry,
+# TLS-intercepting proxy, no PyTorch index) lives here, not in docker/Dockerfile:
+#   - base image: $BASE_IMAGE, else python:3.11-slim when pullable, else a debootstrap'd bookworm
+#   - pip trust: the host pip's CA bundle (PIP_CERT / pip config `cert`) as build secret pip_ca
+#   - torch: a local torch==2.13.0+cpu wheel the host pip can find, copied into docker/wheels/
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+IMAGE="${IMAGE:-gemserve:cpu-test}"
+BASE_FALLBACK_TAG="gemserve-base:bookworm"
+DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+BUILD_TIMEOUT_S="${BUILD_TIMEOUT_S:-2400}"
+READY_TIMEOUT_S="${READY_TIMEOUT_S:-300}"
+REQUEST_TIMEOUT_S="${REQUEST_TIMEOUT_S:-600}"
+HEALTHY_TIMEOUT_S="${HEALTHY_TIMEOUT_S:-300}"
+WORK="$(mktemp -d /tmp/gemserve-docker-test.XXXXXX)"
+CONTAINER="gemserve-test-$$"
+STARTED_DOCKERD_PID=""
+COPIED_WHEEL=""
+T0=$SECONDS
+
+log() { printf '[docker-test %4ds] %s\n' "$((SECONDS - T0))" "$*"; }
+
+skip() {
+    echo "SKIPPED: docker image test: $*"
+    if [ "${DOCKER_TEST_REQUIRED:-0}" = 1 ]; then
+        echo "DOCKER_TEST_REQUIRED=1: a skip is a failure" >&2
+        exit 1
+    fi
+    exit 0
+}
+
+cleanup() {
+    local rc=$?
+    if docker inspect "$CONTAINER" >/dev/null 2>&1; then
+        if [ "$rc" != 0 ]; then
+            echo "--- container log (tail) ---"
+            docker logs --tail 40 "$CONTAINER" 2>&1 || true
+        fi
+        docker rm -f "$CONTAINER" >/dev/null 2>&1 || true
+    fi
+    [ -n "$COPIED_WHEEL" ] && rm -f "$COPIED_WHEEL"
+    if [ -n "$STARTED_DOCKERD_PID" ]; then
+        kill "$STARTED_DOCKERD_PID" 2>/dev/null || true
+        wait "$STARTED_DOCKERD_PID" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+    log "done (exit $rc) in $((SECONDS - T0))s"
+}
+trap cleanup EXIT
+
+is_root() { [ "$(id -u)" = 0 ]; }
+
+apt_install() {
+    is_root && command -v apt-get >/dev/null || return 1
+    log "installing $* (apt)"
+    DEBIAN_FRONTEND=noninteractive timeout 600 apt-get update -qq >/dev/null \
+        && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_daemon() {
+    if ! command -v docker >/dev/null || ! command -v dockerd >/dev/null; then
+        docker info >/dev/null 2>&1 && return 0
+        apt_install docker.io || skip "no docker/dockerd, and docker.io cannot be installed (needs root + apt)"
+    fi
+    docker info >/dev/null 2>&1 && return 0
+    is_root || skip "docker daemon not reachable and not root to start dockerd"
+    log "starting dockerd (log: $WORK/dockerd.log)"
+    dockerd >"$WORK/dockerd.log" 2>&1 &
+    STARTED_DOCKERD_PID=$!
+    for _ in $(seq 1 60); do
+        docker info >/dev/null 2>&1 && return 0
+        kill -0 "$STARTED_DOCKERD_PID" 2>/dev/null || break
+        sleep 1
+    done
+    skip "dockerd did not start: $(tail -n 3 "$WORK/dockerd.log" | tr '\n' ' ')"
+}
+
+# BuildKit is needed for RUN --mount (build secret, local wheels). Prefer buildx; else a
+# pre-23 client (Debian's /usr/bin/docker 20.10) has BuildKit built in.
+pick_builder() {
+    local client major
+    for client in docker /usr/bin/docker; do
+        command -v "$client" >/dev/null || continue
+        if "$client" buildx version >/dev/null 2>&1; then
+            BUILD=("$client" buildx build --load)
+            return 0
+        fi
+        major="$("$client" version --format '{{.Client.Version}}' 2>/dev/null | cut -d. -f1)"
+        if [ -n "$major" ] && [ "$major" -lt 23 ] 2>/dev/null; then
+            BUILD=(env DOCKER_BUILDKIT=1 "$client" build)
+            return 0
+        fi
+    done
+    skip "no BuildKit-capable docker client (install docker-buildx, or use Debian's docker.io client)"
+}
+
+pick_base_image() {
+    if [ -n "${BASE_IMAGE:-}" ]; then
+        return 0
+    fi
+    if timeout 60 docker pull -q python:3.11-slim >/dev/null 2>&1; then
+        BASE_IMAGE=python:3.11-slim
+        return 0
+    fi
+    BASE_IMAGE="$BASE_FALLBACK_TAG"
+    if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+        log "no registry: reusing base image $BASE_IMAGE"
+        return 0
+    fi
+    command -v debootstrap >/dev/null || apt_install debootstrap || skip "no registry and no debootstrap"
+    log "no registry: building $BASE_IMAGE with debootstrap (bookworm minbase + python3)"
+    timeout 900 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+        bookworm "$WORK/rootfs" "$DEBIAN_MIRROR" >"$WORK/debootstrap.log" 2>&1 \
+        || { tail -n 20 "$WORK/debootstrap.log"; echo "debootstrap failed" >&2; exit 1; }
+    tar -C "$WORK/rootfs" -c . | docker import - "$BASE_IMAGE" >/dev/null
+    rm -rf "$WORK/rootfs"
+}
+
+host_pip() {
+    if [ -x "$ROOT/.venv/bin/python" ]; then "$ROOT/.venv/bin/python" -m pip "$@"; else python3 -m pip "$@"; fi
+}
+
+# Build args/secrets for this machine; none of them is needed on an ordinary one.
+collect_build_options() {
+    BUILD_OPTS=(--network host --build-arg "BASE_IMAGE=$BASE_IMAGE")
+    local cert index wheel
+    cert="${PIP_CERT:-$(host_pip config get global.cert 2>/dev/null || true)}"
+    if [ -n "$cert" ] && [ -s "$cert" ]; then
+        log "pip CA bundle for the build: $cert"
+        BUILD_OPTS+=(--secret "id=pip_ca,src=$cert")
+    fi
+    # Only a +cpu wheel counts: a plain torch==2.13.0 download would be the multi-GB CUDA build.
+    if host_pip download --quiet --no-deps --only-binary :all: -d "$WORK/wheels" "torch==2.13.0+cpu" >/dev/null 2>&1; then
+        wheel="$(ls "$WORK"/wheels/torch-*.whl | head -n 1)"
+        if [ ! -e "$ROOT/docker/wheels/$(basename "$wheel")" ]; then
+            cp "$wheel" "$ROOT/docker/wheels/" && COPIED_WHEEL="$ROOT/docker/wheels/$(basename "$wheel")"
+        fi
+        index="${PIP_INDEX_URL:-$(host_pip config get global.index-url 2>/dev/null || echo https://pypi.org/simple)}"
+        log "local torch wheel $(basename "$wheel"); torch's own deps from $index"
+        BUILD_OPTS+=(--build-arg "TORCH_INDEX_URL=$index")
+    fi
+}
+
+health_status() { docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{end}}' "$CONTAINER"; }
+
+wait_healthy() {
+    local status=""
+    for _ in $(seq 1 "$HEALTHY_TIMEOUT_S"); do
+        status="$(health_status)"
+        [ "$status" = healthy ] && return 0
+        [ "$status" = unhealthy ] && break
+        sleep 1
+    done
+    echo "FAIL healthcheck status '$status' (wanted healthy)" >&2
+    docker inspect --format '{{json .State.Health}}' "$CONTAINER" >&2
+    exit 1
+}
+
+main() {
+    ensure_daemon
+    pick_builder
+    pick_base_image
+    collect_build_options
+    log "building $IMAGE from docker/Dockerfile (base $BASE_IMAGE)"
+    local t_build=$SECONDS
+    timeout "$BUILD_TIMEOUT_S" "${BUILD[@]}" "${BUILD_OPTS[@]}" -f "$ROOT/docker/Dockerfile" -t "$IMAGE" "$ROOT" \
+        >"$WORK/build.log" 2>&1 || { tail -n 40 "$WORK/build.log"; echo "FAIL image build" >&2; exit 1; }
+    log "built in $((SECONDS - t_build))s; size $(docker image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}')"
+
+    docker run -d --name "$CONTAINER" -p 127.0.0.1::8000 "$IMAGE" >/dev/null
+    local port
+    port="$(docker port "$CONTAINER" 8000/tcp | head -n 1 | sed 's/.*://')"
+    log "container $CONTAINER on 127.0.0.1:$port"
+    python3 "$ROOT/scripts/docker_smoke.py" "http://127.0.0.1:$port" \
+        --ready-timeout "$READY_TIMEOUT_S" --request-timeout "$REQUEST_TIMEOUT_S"
+
+    local uid
+    uid="$(docker exec "$CONTAINER" id -u)"
+    [ "$uid" != 0 ] || { echo "FAIL container runs as root" >&2; exit 1; }
+    log "ok   container user uid=$uid (non-root)"
+
+    wait_healthy
+    log "ok   HEALTHCHECK reports healthy"
+    echo "PASSED: docker image test ($IMAGE) in $((SECONDS - T0))s"
+}
+
+main "$@"
