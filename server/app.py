@@ -32,7 +32,7 @@ from server.settings import Settings
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("gemserve.access")
 
-BACKENDS = ("hf",)
+BACKENDS = ("hf", "vllm")
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -49,6 +49,10 @@ def build_engine(settings: Settings) -> AsyncEngine:
         )
         engine = HFEngine(loaded, default_method=settings.default_method)
         return HFAsyncEngine(engine, settings.max_concurrency, settings.max_queue, settings.retry_after_s)
+    if settings.backend == "vllm":  # GemFilter on a truncated HF model in front of vLLM (issue 5)
+        from server.engine.vllm import build_vllm_engine
+
+        return build_vllm_engine(settings)
     raise ValueError(f"unknown backend '{settings.backend}'; available: {', '.join(BACKENDS)}")
 
 

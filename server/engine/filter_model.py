@@ -1,0 +1,90 @@
+"""The truncated HF "filter model" that runs GemFilter in front of another engine (vLLM).
+
+GemFilter's filter pass runs decoder layers ``0..r-1`` and stops inside layer ``r``'s
+attention (compressors.gemfilter). A backend that generates elsewhere needs only those
+layers on the HF side, so we load the model dir with ``num_hidden_layers = r + 1``: the
+weights of layers ``r+1..L-1`` and of the LM head are never read from the safetensors files,
+and memory holds the model once (in vLLM) plus its first ``r + 1`` layers here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+from compressors.gemfilter import default_filter_layer
+from compressors.probe import decoder_layers, install_probe_attention
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FilterModel:
+    """Layers ``0..max_layer`` of a causal LM's decoder (no LM head), ready for the filter pass."""
+
+    model: PreTrainedModel
+    max_layer: int  # the deepest filter layer this model can serve (it holds layers 0..max_layer)
+    full_num_layers: int  # the layer count of the model vLLM serves
+    default_layer: int  # the calibrated filter layer of the full model
+
+    @property
+    def num_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def truncated_config(config: PretrainedConfig, num_layers: int) -> PretrainedConfig:
+    """A copy of ``config`` with only the first ``num_layers`` decoder layers.
+
+    Per-layer lists (Gemma 3's ``layer_types``: sliding vs global attention) are cut to match,
+    so layer ``i`` keeps the attention kind it has in the full model.
+    """
+    text_config = config.get_text_config()
+    text_config.num_hidden_layers = num_layers
+    layer_types = getattr(text_config, "layer_types", None)
+    if isinstance(layer_types, list):
+        text_config.layer_types = layer_types[:num_layers]
+    return config
+
+
+@contextmanager
+def quiet_transformers_load_report() -> Iterator[None]:
+    """transformers warns about every checkpoint key it skipped; skipping layers > r is the point."""
+    loader_logger = logging.getLogger("transformers")
+    level = loader_logger.level
+    loader_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        loader_logger.setLevel(level)
+
+
+def load_filter_model(
+    model_dir: Path | str, layer: int | None = None, dtype: torch.dtype = torch.float32
+) -> FilterModel:
+    """Load layers ``0..layer`` of the model in ``model_dir`` (``layer`` None: calibrated default)."""
+    full_config = AutoConfig.from_pretrained(model_dir)
+    full_num_layers = int(full_config.get_text_config().num_hidden_layers)
+    default_layer = default_filter_layer(full_config)
+    max_layer = default_layer if layer is None else layer
+    if not 0 <= max_layer < full_num_layers:
+        raise ValueError(f"filter layer {max_layer} is out of range: the model has layers 0..{full_num_layers - 1}")
+    config = truncated_config(AutoConfig.from_pretrained(model_dir), max_layer + 1)
+    # AutoModel = the decoder stack without the LM head; the filter pass never computes logits.
+    with quiet_transformers_load_report():
+        model = AutoModel.from_pretrained(model_dir, config=config, dtype=dtype)
+    model.eval()
+    install_probe_attention(model)
+    loaded = len(decoder_layers(model))
+    if loaded != max_layer + 1:
+        raise RuntimeError(f"filter model holds {loaded} layers, expected {max_layer + 1}")
+    logger.info("filter model: layers 0..%d of %d from %s", max_layer, full_num_layers, model_dir)
+    return FilterModel(model=model, max_layer=max_layer, full_num_layers=full_num_layers, default_layer=default_layer)

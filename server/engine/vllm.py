@@ -1,0 +1,523 @@
+"""The ``vllm`` backend: GemFilter on a truncated HF model in front of vLLM's V1 ``AsyncLLM``.
+
+A request's path: tokenise here (same chat template as the ``hf`` backend) -> a prompt
+selector (GemFilter) picks the kept token ids on the :mod:`filter model
+<server.engine.filter_model>` (layers ``0..r`` only, one filter pass at a time in a worker
+thread) -> vLLM generates from the kept ids as a ``TokensPrompt`` with fresh contiguous
+positions, streamed as ``DELTA`` outputs -> a client disconnect (iterator closed, or
+``request.cancelled``) calls ``AsyncLLM.abort(request_id)``.
+
+Methods that prune the KV cache (SnapKV, H2O, StreamingLLM...) would have to reach into
+vLLM's paged cache, which this backend does not do: they are refused with a 400 naming the
+methods it supports.
+
+vLLM spawns its engine in separate processes, so programs that build this engine need an
+``if __name__ == "__main__":`` guard (the ``gemserve`` console script has one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import torch
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from compressors import CompressionError, Method, PromptSelector, Selection, build_method
+from compressors.gemfilter import GemFilter
+from compressors.registry import METHODS
+from server.engine.base import EngineEvent, EngineNotReadyError, QueueFullError
+from server.engine.filter_model import FilterModel, load_filter_model
+from server.engine.hf import DEFAULT_BUDGET
+from server.engine.scheduler import check_token_ids
+from server.engine.types import (
+    CompressionReport,
+    GenerationRequest,
+    GenerationResult,
+    RequestError,
+    TokenDelta,
+)
+from server.measure import RequestMetrics, elapsed_ms
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Methods that act before any KV cache exists: the only ones a backend that owns no cache can run.
+SUPPORTED_KINDS = ("none", "prompt")
+KV_BYTES_FORMULA = "layers*2*kv_heads*head_dim*dtype_bytes*(kept_prompt+generated)"
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "fp8": 1}
+
+
+class VLLMSettings(BaseSettings):
+    """Knobs of the vLLM engine itself, from ``GEMSERVE_VLLM_*`` env vars (e.g.
+    ``GEMSERVE_VLLM_ENFORCE_EAGER=1``). The served model, context cap and default method come
+    from the server's own settings."""
+
+    model_config = SettingsConfigDict(env_prefix="GEMSERVE_VLLM_", extra="ignore")
+
+    dtype: str = Field("float32", description="Weights/activations dtype; float32 matches the HF filter model")
+    enforce_eager: bool = Field(False, description="Skip torch.compile: faster start, slower steps")
+    enable_prefix_caching: bool = Field(False, description="Off by default so every TTFT measures a real prefill")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache space vLLM preallocates (CPU: instead of a fraction)")
+    max_num_seqs: int = Field(16, ge=1, description="Sequences vLLM batches at once")
+    filter_layer: int | None = Field(None, ge=0, description="Deepest GemFilter layer served (default: calibrated)")
+    recorded_prompts: int = Field(64, ge=0, description="Recent vLLM prompt ids kept for inspection (tests)")
+
+
+def supported_methods() -> list[str]:
+    return [name for name, cls in METHODS.items() if cls.kind in SUPPORTED_KINDS]
+
+
+class ProcessTreeMemoryMeter:
+    """Peak RSS of this process plus its children (vLLM's engine core and worker), sampled.
+
+    vLLM on CPU exposes no per-request allocator peak; its processes' resident memory is what
+    we can measure. Short spikes between samples can be missed; the name in ``source`` says so.
+    """
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self.baseline_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._root = psutil.Process()
+
+    @property
+    def source(self) -> str:
+        return f"cpu:rss_peak_sampled_{self.interval_s * 1000:g}ms(api+vllm_engine_processes)"
+
+    def read_bytes(self) -> int:
+        total = 0
+        for process in [self._root, *self._root.children(recursive=True)]:
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:  # a child may exit between listing and reading
+                continue
+        return total
+
+    def __enter__(self) -> ProcessTreeMemoryMeter:
+        self.baseline_bytes = self.peak_bytes = self.read_bytes()
+        self._thread = threading.Thread(target=self._sample, name="rss-tree-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_bytes = max(self.peak_bytes, self.read_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self.read_bytes())
+
+
+class _Ticket:
+    """One admitted request in the engine's waiting/running counts. Released exactly once: by
+    the stream's ``finally``, or when a stream closed before it ever started is collected."""
+
+    def __init__(self, engine: VLLMEngine) -> None:
+        self.engine = engine
+        self.state = "waiting"
+        engine._waiting += 1
+
+    def start_running(self) -> None:
+        if self.state == "waiting":
+            self.engine._waiting -= 1
+            self.engine._running += 1
+            self.state = "running"
+
+    def release(self) -> None:
+        if self.state == "waiting":
+            self.engine._waiting -= 1
+        elif self.state == "running":
+            self.engine._running -= 1
+        self.state = "done"
+
+    def __del__(self) -> None:
+        self.release()
+
+
+class VLLMEngine:
+    """The ``vllm`` :class:`~server.engine.base.AsyncEngine`."""
+
+    backend = "vllm"
+
+    def __init__(
+        self,
+        name: str,
+        model_dir: Path,
+        tokenizer: PreTrainedTokenizerBase,
+        filter_model: FilterModel,
+        max_model_len: int,
+        default_method: str = "none",
+        default_budget: int = DEFAULT_BUDGET,
+        max_queue: int = 64,
+        retry_after_s: int = 1,
+        options: VLLMSettings | None = None,
+    ) -> None:
+        self.name = name
+        self.model_dir = model_dir
+        self.tokenizer = tokenizer
+        self.filter_model = filter_model
+        self._max_model_len = max_model_len
+        self.default_method = default_method
+        self.default_budget = default_budget
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        self.options = options or VLLMSettings()
+        self.llm: AsyncLLM | None = None
+        self.kv_bytes_per_token = 0
+        self.aborted_request_ids: list[str] = []
+        # vLLM request id -> the prompt token ids vLLM reported it generated from (bounded).
+        self.vllm_prompts: OrderedDict[str, list[int]] = OrderedDict()
+        self._filter_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemfilter")
+        self._waiting = 0
+        self._running = 0
+        self._accepting = False
+        self.resolve_method(default_method)
+
+    # ---- what the routes read --------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.name
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def num_running(self) -> int:
+        return self._running
+
+    @property
+    def num_waiting(self) -> int:
+        return self._waiting
+
+    # Tokenisation follows the same rules as HFEngine, so both backends see the same ids.
+    def encode_prompt(self, text: str) -> list[int]:
+        if not text:
+            raise RequestError("prompt must not be empty", param="prompt")
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        if not messages:
+            raise RequestError("messages must not be empty", param="messages")
+        if self.tokenizer.chat_template is None:
+            return self.encode_prompt("\n\n".join(str(m.get("content") or "") for m in messages))
+        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+        return list(ids)
+
+    # ---- validation ------------------------------------------------------------------------
+    def resolve_method(self, name: str | None, knobs: dict[str, Any] | None = None) -> Method:
+        """Build the method; refuse KV methods; give GemFilter the full model's filter layer."""
+        name = name or self.default_method
+        try:
+            method = build_method(name, knobs)
+        except CompressionError as exc:
+            raise RequestError(str(exc), param=exc.param) from exc
+        if method.kind not in SUPPORTED_KINDS:
+            raise RequestError(
+                f"method '{name}' prunes the KV cache, which the vllm backend cannot reach (vLLM owns a paged "
+                f"cache); this backend supports: {', '.join(supported_methods())}",
+                param="compression.method",
+            )
+        if isinstance(method, GemFilter):
+            # The truncated filter model would compute a wrong default layer from its own config.
+            layer = self.filter_model.default_layer if method.layer is None else method.layer
+            if layer > self.filter_model.max_layer:
+                raise RequestError(
+                    f"layer {layer} is out of range: the vllm backend's filter model holds layers "
+                    f"0..{self.filter_model.max_layer} (start it with GEMSERVE_VLLM_FILTER_LAYER={layer})",
+                    param="compression.layer",
+                )
+            method = dataclasses.replace(method, layer=layer)
+        return method
+
+    def check_request(self, request: GenerationRequest) -> Method:
+        if not request.prompt_ids:
+            raise RequestError("prompt must not be empty", param="prompt")
+        check_token_ids(request.prompt_ids, len(self.tokenizer))
+        request.sampling.validate()
+        method = self.resolve_method(request.compression.method, request.compression.knobs)
+        n = len(request.prompt_ids)
+        if n > self.max_model_len:
+            raise RequestError(
+                f"prompt is {n} tokens, longer than the model's context of {self.max_model_len} tokens",
+                param="prompt",
+            )
+        used = method.resolve_budget(n, self.default_budget) if isinstance(method, PromptSelector) else n
+        if used + request.sampling.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request needs "
+                f"{used} prompt positions + {request.sampling.max_tokens} max_tokens",
+                param="max_tokens",
+            )
+        return method
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(self.model_dir),
+            tokenizer=str(self.model_dir),
+            dtype=self.options.dtype,
+            max_model_len=self.max_model_len,
+            enforce_eager=self.options.enforce_eager,
+            enable_prefix_caching=self.options.enable_prefix_caching,
+            kv_cache_memory_bytes=int(self.options.kv_cache_gib * (1 << 30)),
+            max_num_seqs=self.options.max_num_seqs,
+            disable_log_stats=True,
+        )
+        start = time.perf_counter()
+        self.llm = AsyncLLM.from_engine_args(args)
+        self.kv_bytes_per_token = kv_bytes_per_token(self.llm)
+        logger.info(
+            "vLLM engine started in %.1f s (%d KV bytes per token)",
+            time.perf_counter() - start,
+            self.kv_bytes_per_token,
+        )
+        self._accepting = True
+
+    async def shutdown(self) -> None:
+        self._accepting = False
+        deadline = time.monotonic() + 60.0
+        while (self._running or self._waiting) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+        self._filter_executor.shutdown(wait=True)
+
+    async def abort(self, vllm_request_id: str) -> None:
+        if self.llm is not None:
+            await self.llm.abort(vllm_request_id)
+        self.aborted_request_ids.append(vllm_request_id)
+        logger.info("aborted vLLM request %s", vllm_request_id)
+
+    # ---- the request path ------------------------------------------------------------------
+    def stream(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+        """Admit now (errors raise here, before any response byte), generate in the iterator."""
+        if not self._accepting or self.llm is None:
+            raise EngineNotReadyError("the engine is not accepting requests (starting or shutting down)")
+        method = self.check_request(request)
+        if self._running + self._waiting >= self.options.max_num_seqs + self.max_queue:
+            raise QueueFullError(
+                f"server is busy: {self._running} running and {self._waiting} waiting "
+                f"(max_num_seqs={self.options.max_num_seqs}, max_queue={self.max_queue}); retry later",
+                retry_after_s=self.retry_after_s,
+            )
+        return self._generate(request, method, _Ticket(self))
+
+    async def _generate(
+        self, request: GenerationRequest, method: Method, ticket: _Ticket
+    ) -> AsyncIterator[EngineEvent]:
+        metrics = RequestMetrics()
+        try:
+            with ProcessTreeMemoryMeter() as meter:
+                selection = await self._select(request, method, metrics)
+                ticket.start_running()
+                result = None
+                async for event in self._decode(request, method, selection, metrics):
+                    if isinstance(event, GenerationResult):
+                        result = event
+                    else:
+                        yield event
+            if result is None:
+                return
+            metrics.peak_memory_bytes = meter.peak_bytes
+            metrics.memory_baseline_bytes = meter.baseline_bytes
+            metrics.memory_source = f"{meter.source}; kv_cache_bytes computed={KV_BYTES_FORMULA}"
+            yield result
+        finally:
+            ticket.release()
+
+    async def _select(self, request: GenerationRequest, method: Method, metrics: RequestMetrics) -> Selection:
+        """GemFilter on the filter model, one pass at a time; the wait before it is queue time."""
+        loop = asyncio.get_running_loop()
+        n = len(request.prompt_ids)
+
+        def run() -> Selection:
+            metrics.queue_ms = elapsed_ms(request.arrival_time)
+            if isinstance(method, PromptSelector) and not request.cancelled.is_set():
+                ids = torch.tensor([request.prompt_ids], dtype=torch.long)
+                return method.select(self.filter_model.model, ids, self.default_budget)
+            return Selection(method=method.name, prompt_tokens=n, kept_indices=list(range(n)))
+
+        selection = await loop.run_in_executor(self._filter_executor, run)
+        metrics.select_ms = selection.select_ms
+        return selection
+
+    async def _decode(
+        self, request: GenerationRequest, method: Method, selection: Selection, metrics: RequestMetrics
+    ) -> AsyncIterator[EngineEvent]:
+        """Hand the kept ids to vLLM and relay its deltas; abort it if we stop early."""
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        assert self.llm is not None  # checked at admission
+        kept_ids = [request.prompt_ids[i] for i in selection.kept_indices]
+        sampling = request.sampling
+        params = VLLMSamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            stop=list(sampling.stop) or None,
+            ignore_eos=sampling.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        vllm_id = f"{request.request_id or 'req'}-{uuid.uuid4().hex[:8]}"
+        token_ids: list[int] = []
+        text_parts: list[str] = []
+        finish_reason = "length"
+        submitted = time.perf_counter()
+        first_token_at: float | None = None
+        outputs = self.llm.generate(TokensPrompt(prompt_token_ids=kept_ids), params, vllm_id)
+        finished = False
+        try:
+            if request.cancelled.is_set():
+                finish_reason = "cancelled"
+            else:
+                async for output in outputs:
+                    if output.prompt_token_ids is not None and vllm_id not in self.vllm_prompts:
+                        self.record_prompt(vllm_id, list(output.prompt_token_ids))
+                    completion = output.outputs[0]
+                    new_ids = list(completion.token_ids)
+                    if new_ids and first_token_at is None:
+                        first_token_at = time.perf_counter()
+                        metrics.prefill_ms = elapsed_ms(submitted, first_token_at)
+                        metrics.ttft_ms = elapsed_ms(request.arrival_time, first_token_at)
+                    token_ids.extend(new_ids)
+                    text_parts.append(completion.text)
+                    for i, token in enumerate(new_ids):
+                        yield TokenDelta(token_id=token, text=completion.text if i == len(new_ids) - 1 else "")
+                    if output.finished:
+                        finish_reason = map_finish_reason(completion.finish_reason)
+                        break
+                    if request.cancelled.is_set():
+                        finish_reason = "cancelled"
+                        break
+            finished = finish_reason != "cancelled"
+        finally:
+            if not finished:  # closed early (client gone) or cancelled: free vLLM's slot now
+                await self.abort(vllm_id)
+            await outputs.aclose()
+        end = time.perf_counter()
+        metrics.e2e_ms = elapsed_ms(request.arrival_time, end)
+        if first_token_at is not None:
+            metrics.decode_ms = elapsed_ms(first_token_at, end)
+            if len(token_ids) > 1 and metrics.decode_ms > 0:
+                metrics.output_tokens_per_s = (len(token_ids) - 1) / (metrics.decode_ms / 1000.0)
+        metrics.kv_cache_bytes = self.kv_bytes_per_token * (len(kept_ids) + len(token_ids))
+        yield GenerationResult(
+            text="".join(text_parts),
+            token_ids=token_ids,
+            finish_reason=finish_reason,
+            prompt_tokens=len(request.prompt_ids),
+            compression=self.report(method, selection, request),
+            metrics=metrics,
+        )
+
+    def record_prompt(self, vllm_id: str, prompt_ids: list[int]) -> None:
+        if self.options.recorded_prompts == 0:
+            return
+        self.vllm_prompts[vllm_id] = prompt_ids
+        while len(self.vllm_prompts) > self.options.recorded_prompts:
+            self.vllm_prompts.popitem(last=False)
+
+    def report(self, method: Method, selection: Selection, request: GenerationRequest) -> CompressionReport:
+        report = CompressionReport(
+            method=method.name,
+            prompt_tokens=selection.prompt_tokens,
+            kept_tokens=selection.kept_tokens,
+            ratio=selection.ratio,
+            select_ms=selection.select_ms,
+            layer=selection.layer,
+        )
+        if request.compression.return_selection:
+            ids = request.prompt_ids
+            report.selection = {
+                "kept_indices": selection.kept_indices,
+                "protected_tail": selection.protected_tail,
+                "spans": [
+                    {"start": s, "end": e, "text": self.tokenizer.decode(ids[s:e], skip_special_tokens=False)}
+                    for s, e in selection.spans
+                ],
+                **selection.details,
+            }
+        return report
+
+
+def map_finish_reason(reason: str | None) -> str:
+    """vLLM's ``stop``/``length``/``abort`` -> the engine's ``stop``/``length``/``cancelled``."""
+    if reason == "abort":
+        return "cancelled"
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def kv_bytes_per_token(llm: AsyncLLM) -> int:
+    """K and V bytes one token occupies across all layers, from the config vLLM actually runs:
+    ``layers * 2 * kv_heads * head_dim * dtype_bytes``. vLLM on CPU exposes no per-request cache
+    bytes, so ``kv_cache_bytes`` is this times the tokens the request holds (named in
+    ``memory_source``); vLLM's block allocator rounds each request up to whole blocks."""
+    model_config = llm.vllm_config.model_config
+    cache_dtype = str(llm.vllm_config.cache_config.cache_dtype)
+    if cache_dtype == "auto":
+        cache_dtype = str(model_config.dtype).removeprefix("torch.")
+    dtype_bytes = _DTYPE_BYTES.get(cache_dtype.split("_")[0])
+    if dtype_bytes is None:
+        raise ValueError(f"unknown KV cache dtype '{cache_dtype}'")
+    text_config = model_config.hf_text_config
+    layers = int(text_config.num_hidden_layers)
+    kv_heads = int(model_config.get_total_num_kv_heads())
+    return layers * 2 * kv_heads * int(model_config.get_head_size()) * dtype_bytes
+
+
+def build_vllm_engine(settings: Settings) -> VLLMEngine:
+    """Resolve the model dir (converting GGUF once), load tokenizer + filter model; vLLM starts
+    in :meth:`VLLMEngine.start`. vLLM does not read GGUF on CPU, so it gets the converted dir."""
+    from transformers import AutoConfig
+
+    from server.models import resolve_model_dir
+
+    name, source = resolve_model_dir(settings.model, settings.cache_dir)
+    model_dir = Path(source)
+    options = VLLMSettings()
+    context = int(getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "max_position_embeddings", 0))
+    if settings.max_model_len is not None:
+        if context and settings.max_model_len > context:
+            raise ValueError(f"--max-model-len {settings.max_model_len} exceeds the model's context of {context}")
+        context = settings.max_model_len
+    return VLLMEngine(
+        name=name,
+        model_dir=model_dir,
+        tokenizer=AutoTokenizer.from_pretrained(model_dir),
+        filter_model=load_filter_model(model_dir, options.filter_layer),
+        max_model_len=context,
+        default_method=settings.default_method,
+        max_queue=settings.max_queue,
+        retry_after_s=settings.retry_after_s,
+        options=options,
+    )
