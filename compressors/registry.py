@@ -9,12 +9,20 @@ from typing import Any, get_type_hints
 from compressors.base import CompressionError, Method
 from compressors.full import FullAttention
 from compressors.gemfilter import GemFilter
+from compressors.h2o import H2O
+from compressors.pyramidkv import PyramidKV
+from compressors.snapkv import SnapKV
+from compressors.streaming_llm import StreamingLLM
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (
         FullAttention,
         GemFilter,
+        SnapKV,
+        H2O,
+        StreamingLLM,
+        PyramidKV,
     )
 }
 

@@ -1,0 +1,109 @@
+"""H2O: heavy hitters (entries that gathered the most attention) plus the most recent tokens.
+
+Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language
+Models", NeurIPS 2023 (https://arxiv.org/abs/2306.14048), Algorithm 1.
+
+Prefill: each entry's score is the attention it received, summed over *all* prompt queries
+(computed in query blocks, never ``n x n``) and averaged over each GQA group's query heads. Each
+KV head keeps the last ``recent`` prompt tokens plus its top ``budget - recent`` heavy hitters.
+Decode: every step adds the new query's attention to the scores of the entries it saw, and once a
+layer holds more than ``budget`` entries the lowest-scoring entry outside the recent window goes,
+so the cache never exceeds the budget (paper defaults: half heavy, half recent).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from compressors.base import CompressionError
+from compressors.kv_pruner import ScoredKVPruner
+from compressors.kv_scoring import (
+    LayerScorer,
+    accumulated_attention,
+    attention_weights,
+    is_sliding_module,
+    per_kv_head,
+)
+from compressors.probe import attention_probe
+
+
+def h2o_scores(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``(H_kv, n)``: attention received from every prompt query, GQA groups averaged."""
+    return per_kv_head(accumulated_attention(module, query, key), key.shape[1])
+
+
+@dataclass
+class H2O(ScoredKVPruner):
+    """Knobs: ``budget``/``ratio`` (cache entries per KV head, prefill and decode), and
+    ``recent_fraction`` (share of the budget for the most recent tokens; paper: 0.5)."""
+
+    name: ClassVar[str] = "h2o"
+    evicts_during_decode: ClassVar[bool] = True
+
+    recent_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._accumulated: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, len), cache order
+        self._recent = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.recent_fraction <= 1.0:
+            raise CompressionError(
+                f"recent_fraction must be in [0, 1], got {self.recent_fraction}", param="compression.recent_fraction"
+            )
+
+    def recent_tokens(self, budget: int) -> int:
+        return min(budget, math.ceil(budget * self.recent_fraction))
+
+    def layer_scorer(self) -> LayerScorer | None:
+        return h2o_scores
+
+    def forced_entries(self, prompt_tokens: int, keep: int) -> torch.Tensor:
+        forced = torch.zeros(prompt_tokens, dtype=torch.bool)
+        forced[prompt_tokens - min(self._recent, keep) :] = True
+        return forced
+
+    def prepare_budget(self, budget: int) -> None:
+        self._recent = self.recent_tokens(budget)
+
+    def on_pruned(self, layer_idx: int, indices: torch.Tensor, scores: torch.Tensor | None) -> None:
+        if scores is None:
+            raise RuntimeError("H2O needs its prefill scores to keep evicting while decoding")
+        self._accumulated[layer_idx] = scores.gather(-1, indices.to(scores.device))
+
+    @contextmanager
+    def decode_observer(self, model: PreTrainedModel) -> Iterator[None]:
+        def accumulate(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+            layer_idx = getattr(module, "layer_idx", None)
+            if layer_idx not in self._accumulated or is_sliding_module(module):
+                return
+            weights = attention_weights(module, query, key, key.shape[-2] - query.shape[-2]).sum(dim=1)
+            seen = self._accumulated[layer_idx]
+            grown = torch.cat([seen, seen.new_zeros(seen.shape[0], weights.shape[-1] - seen.shape[-1])], dim=-1)
+            self._accumulated[layer_idx] = grown + per_kv_head(weights, key.shape[1])
+
+        with attention_probe(accumulate):
+            yield
+
+    def eviction_scores(self, layer_idx: int) -> torch.Tensor:
+        return self._accumulated[layer_idx]
+
+    def evictable(self, layer_idx: int, length: int) -> torch.Tensor:
+        evictable = torch.ones(length, dtype=torch.bool)
+        if self._recent:
+            evictable[length - self._recent :] = False
+        return evictable
+
+    def on_evicted(self, layer_idx: int, keep_mask: torch.Tensor) -> None:
+        scores = self._accumulated[layer_idx]
+        self._accumulated[layer_idx] = scores[keep_mask].view(scores.shape[0], -1)

@@ -1,0 +1,49 @@
+"""PyramidKV: SnapKV's scores with per-layer budgets that fall with depth.
+
+Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling",
+2024 (https://arxiv.org/abs/2406.02069), Section 3.
+
+Lower layers spread attention widely, upper layers focus on a few tokens, so lower layers get
+more of the budget. As in the authors' code: the prefix budget (``budget - window``) of the top
+layer is ``prefix / beta``, the bottom layer gets ``2 * prefix - top``, and layers in between
+fall linearly; every layer also keeps the observation window. The mean over layers is the
+budget, so total KV bytes match SnapKV's at the same budget; per-layer cache lengths differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from compressors.base import CompressionError
+from compressors.snapkv import SnapKV
+
+
+def pyramid_budgets(layers: list[int], budget: int, window: int, beta: int) -> dict[int, int]:
+    """Per-layer budgets (window included), linear from bottom to top, mean ``budget``."""
+    prefix = budget - window
+    top = prefix // beta
+    bottom = 2 * prefix - top
+    count = len(layers)
+    if count == 1:
+        return {layers[0]: budget}
+    step = (bottom - top) / (count - 1)
+    return {layer: window + round(bottom - rank * step) for rank, layer in enumerate(layers)}
+
+
+@dataclass
+class PyramidKV(SnapKV):
+    """Knobs: SnapKV's, plus ``beta`` (how steep the pyramid is: top layer keeps ``1/beta`` of
+    the mean prefix budget; paper: 20)."""
+
+    name: ClassVar[str] = "pyramidkv"
+
+    beta: int = 20
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.beta, bool) or self.beta < 1:
+            raise CompressionError(f"beta must be >= 1, got {self.beta}", param="compression.beta")
+
+    def layer_budgets(self, layers: list[int], budget: int) -> dict[int, int]:
+        return pyramid_budgets(layers, budget, self.window, self.beta)

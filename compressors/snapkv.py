@@ -1,0 +1,100 @@
+"""SnapKV: the prompt's last queries already know which prefix entries generation will need.
+
+Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", 2024
+(https://arxiv.org/abs/2404.14469), Section 4 / Listing 1.
+
+During prefill, per layer, the last ``window`` queries (the observation window) attend over all
+prompt keys: softmax weights ``(heads, window, n)``, causal inside the window, computed here from
+the probed states (SDPA returns no weights; never ``n x n``). They are summed over the window,
+pooled along the sequence (kernel 5, average or max) so neighbours of a hit survive with it, and
+averaged over the query heads of each GQA group so the cache stays at KV-head count. Each KV head
+keeps its top ``budget - window`` prefix entries plus the whole window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressors.base import CompressionError
+from compressors.kv_pruner import ScoredKVPruner
+from compressors.kv_scoring import LayerScorer, per_kv_head, window_attention
+
+POOLINGS = ("avg", "max")
+
+
+def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
+    """``(H, m)`` -> ``(H, m)``: 1-D pooling along the sequence, stride 1, same length."""
+    if kernel_size == 1:
+        return scores
+    pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
+    return pool(scores.unsqueeze(0), kernel_size=kernel_size, padding=kernel_size // 2, stride=1).squeeze(0)
+
+
+def snapkv_scores(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, window: int, kernel_size: int, pooling: str
+) -> torch.Tensor:
+    """``query (1, H, n, d)``, ``key (1, H_kv, n, d)`` -> ``(H_kv, n)`` SnapKV scores; the window's
+    own entries score 0 (they are always kept)."""
+    n = key.shape[-2]
+    window = min(window, n)
+    weights = window_attention(module, query, key, window)  # (H, n)
+    prefix = pool_scores(weights[:, : n - window], kernel_size, pooling)
+    scores = torch.zeros_like(weights)
+    scores[:, : n - window] = prefix
+    return per_kv_head(scores, key.shape[1])
+
+
+@dataclass
+class SnapKV(ScoredKVPruner):
+    """Knobs: ``budget``/``ratio`` (cache entries per KV head after prefill), ``window``
+    (observation window, paper: 32), ``kernel_size`` (pooling, paper: 5), ``pooling`` ("avg"
+    or "max"; the paper's code uses avg). The cache grows by one entry per decoded token."""
+
+    name: ClassVar[str] = "snapkv"
+
+    window: int = 32
+    kernel_size: int = 5
+    pooling: str = "avg"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.window < 1:
+            raise CompressionError(f"window must be >= 1, got {self.window}", param="compression.window")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise CompressionError(
+                f"kernel_size must be a positive odd number, got {self.kernel_size}", param="compression.kernel_size"
+            )
+        if self.pooling not in POOLINGS:
+            raise CompressionError(
+                f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}", param="compression.pooling"
+            )
+        if self.budget is not None and self.window >= self.budget:
+            raise CompressionError(
+                f"window ({self.window}) must be smaller than budget ({self.budget}): the budget keeps the "
+                "observation window plus the top-scoring prefix entries",
+                param="compression.window",
+            )
+
+    def prepare_budget(self, budget: int) -> None:
+        # A ratio or the server's default budget is only known now: same rule as validate().
+        if self.window >= budget:
+            raise CompressionError(
+                f"window ({self.window}) must be smaller than the resolved budget ({budget} tokens)",
+                param="compression.window",
+            )
+
+    def layer_scorer(self) -> LayerScorer | None:
+        def score(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+            return snapkv_scores(module, query, key, self.window, self.kernel_size, self.pooling)
+
+        return score
+
+    def forced_entries(self, prompt_tokens: int, keep: int) -> torch.Tensor:
+        forced = torch.zeros(prompt_tokens, dtype=torch.bool)
+        forced[prompt_tokens - min(self.window, keep) :] = True
+        return forced

@@ -1,0 +1,71 @@
+"""StreamingLLM: a few attention sinks plus a rolling window of the most recent tokens.
+
+Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024
+(https://arxiv.org/abs/2309.17453), Section 3.2.
+
+The first ``sinks`` tokens soak up attention mass the softmax has to put somewhere, so they
+stay; the rest of the budget is the most recent tokens. After prefill the cache holds
+``sinks + (budget - sinks)`` recent prompt tokens, and every decode step evicts the oldest
+non-sink entry, so the cache never exceeds the budget. No attention scores are needed.
+
+Positions (a deliberate difference from the paper): the paper re-indexes positions inside the
+cache (a token's RoPE position is its slot in the cache) so generation can run past the
+model's trained context. Here each token keeps its original position: cached keys were
+rotated at their original positions during prefill, and decode continues at ``n, n+1, ...``.
+Re-indexing would mean un-rotating and re-rotating every cached key after each eviction, and
+buys nothing here because the engine never lets ``prompt + max_tokens`` exceed the model's
+context, so every position the model sees is one it was trained on. The query-to-recent-token
+distances are exactly those of full attention; only the sinks sit farther away than in the
+paper's scheme.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from compressors.base import CompressionError
+from compressors.kv_pruner import ScoredKVPruner
+
+
+@dataclass
+class StreamingLLM(ScoredKVPruner):
+    """Knobs: ``budget``/``ratio`` (cache entries, prefill and decode) and ``sinks`` (first
+    tokens always kept; paper: 4)."""
+
+    name: ClassVar[str] = "streamingllm"
+    evicts_during_decode: ClassVar[bool] = True
+
+    sinks: int = 4
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.sinks, bool) or self.sinks < 0:
+            raise CompressionError(f"sinks must be >= 0, got {self.sinks}", param="compression.sinks")
+        if self.budget is not None and self.sinks >= self.budget:
+            raise CompressionError(
+                f"sinks ({self.sinks}) must be smaller than budget ({self.budget}): the rest of the budget is "
+                "the recent window",
+                param="compression.sinks",
+            )
+
+    def prepare_budget(self, budget: int) -> None:
+        if self.sinks >= budget:
+            raise CompressionError(
+                f"sinks ({self.sinks}) must be smaller than the resolved budget ({budget} tokens)",
+                param="compression.sinks",
+            )
+
+    def forced_entries(self, prompt_tokens: int, keep: int) -> torch.Tensor:
+        """Exactly ``keep`` entries: the sinks and the most recent ``keep - sinks`` tokens."""
+        forced = torch.zeros(prompt_tokens, dtype=torch.bool)
+        forced[: min(self.sinks, keep)] = True
+        forced[prompt_tokens - (keep - min(self.sinks, keep)) :] = True
+        return forced
+
+    def evictable(self, layer_idx: int, length: int) -> torch.Tensor:
+        evictable = torch.ones(length, dtype=torch.bool)
+        evictable[: self.sinks] = False
+        return evictable
