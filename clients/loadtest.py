@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_DIR = Path("loadtest-results")
 DEPTH_COUNT = 5  # synthetic needles cycle through 5 depths, start to end of the document
+READY_POLL_S = 0.5
 DEFAULT_METHOD_LABEL = "default"  # no compression field sent: the server's own default
 
 
@@ -372,6 +373,22 @@ def validate(args: argparse.Namespace) -> list[MethodSpec]:
     return methods
 
 
+def wait_until_ready(client: GemServe, timeout_s: float) -> None:
+    """Poll ``GET /ready`` while the server loads its model; a server without the route (vLLM) is ready now."""
+    from clients.errors import NotFoundError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if client.ready():
+                return
+        except NotFoundError:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{client.base_url} is not ready after {timeout_s:.0f} s")
+        time.sleep(READY_POLL_S)
+
+
 def prepare(args: argparse.Namespace, base_url: str) -> tuple[str | None, list[WorkItem]]:
     """The model name and the workload, using the server's /v1/models and /tokenize when it has them."""
     from clients.errors import APIConnectionError, GemServeError
@@ -382,6 +399,7 @@ def prepare(args: argparse.Namespace, base_url: str) -> tuple[str | None, list[W
             client.health(max_retries=2)  # fail fast, with one clear line, if nothing listens there
         except APIConnectionError as exc:
             raise ConnectionError(f"cannot reach {base_url}: {exc}") from exc
+        wait_until_ready(client, args.timeout)
         model = args.model
         if model is None:
             try:

@@ -6,6 +6,7 @@ import json
 import math
 import random
 import statistics
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,19 @@ def test_ctrl_c_still_writes_the_partial_summary(
     assert results["interrupted"] is True
     assert results["summary"]["default"]["requests"]["completed"] == 1
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_waits_for_a_loading_server(stub: tuple[str, Any]) -> None:
+    from clients.sdk import GemServe
+
+    app_state = stub[1]
+    app_state.not_ready = True
+    with GemServe(stub[0]) as client:
+        with pytest.raises(TimeoutError, match="not ready"):
+            loadtest.wait_until_ready(client, timeout_s=0.3)
+        threading.Timer(0.5, setattr, (app_state, "not_ready", False)).start()
+        loadtest.wait_until_ready(client, timeout_s=30)
+    assert app_state.not_ready is False
 
 
 # ---- against the real server ---------------------------------------------------------------------

@@ -88,11 +88,11 @@ def test_models_health_ready_tokenize_metrics(client: GemServe, stub: tuple[str,
     assert [m.id for m in client.models().data] == ["stub-model"]
     assert client.health() == {"status": "ok"}
     assert client.ready() is True
-    stub[1].state.not_ready = True
+    stub[1].state.stub.not_ready = True
     try:
         assert client.ready() is False
     finally:
-        stub[1].state.not_ready = False
+        stub[1].state.stub.not_ready = False
     tokens = client.tokenize(messages=[{"role": "user", "content": "x y z"}])
     assert tokens.count == 3 and tokens.tokens == [0, 1, 2]
     assert client.tokenize("p q").count == 2
