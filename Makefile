@@ -11,7 +11,7 @@ MODEL ?= smollm2-135m-instruct
 BACKEND ?= hf
 PYTEST_ARGS ?=
 
-.PHONY: venv serve test lint bench demo clean
+.PHONY: venv serve test lint bench demo clean docker-build docker-test lint-docker
 
 venv: $(STAMP)
 
@@ -39,6 +39,21 @@ lint: venv
 
 bench: venv
 	$(PY) bench/prefill.py
+
+# Docker (README "Docker"). docker-build is the plain path an ordinary machine takes;
+# docker-test adapts to this one (no registry, proxy CA, local torch wheel) and checks the image for real.
+IMAGE ?= gemserve:cpu
+DOCKER_BUILD_ARGS ?=
+
+docker-build:
+	docker build -f docker/Dockerfile -t $(IMAGE) $(DOCKER_BUILD_ARGS) .
+
+docker-test:
+	scripts/docker_test.sh
+
+lint-docker: venv
+	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.cuda
+	$(PY) -m pytest -q tests/docker
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
