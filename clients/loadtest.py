@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -101,7 +102,7 @@ def synthetic_workload(
 ) -> list[WorkItem]:
     """``count`` distinct needle cases (distinct prefixes, so prefix caching cannot skew results)."""
     items = []
-    for i, depth in zip(range(count), _cycle(depths(DEPTH_COUNT)), strict=False):
+    for i, depth in zip(range(count), itertools.cycle(depths(DEPTH_COUNT)), strict=False):
         case = build_case(input_len, depth, seed + i, count_tokens)
         if chat:
             text = case.user_message()
@@ -121,11 +122,6 @@ def synthetic_workload(
                 )
             )
     return items
-
-
-def _cycle(values: Sequence[float]) -> Any:
-    while True:
-        yield from values
 
 
 def jsonl_workload(path: Path, output_len: int) -> list[WorkItem]:

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import httpx
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from clients.errors import APIResponseValidationError, StreamError, error_message
-from server.protocol import CompressionInfo, MetricsInfo, UsageInfo
+from server.protocol import ChatCompletionChunk, CompletionChunk, CompressionInfo, MetricsInfo, UsageInfo
 
 DONE = "[DONE]"
 
-ChunkT = TypeVar("ChunkT", bound=BaseModel)
+ChunkT = TypeVar("ChunkT", ChatCompletionChunk, CompletionChunk)
 
 
 @dataclass
@@ -100,16 +100,16 @@ class _StreamState(Generic[ChunkT]):
         return chunk
 
     def _remember(self, chunk: ChunkT) -> None:
-        for name in ("usage", "compression", "metrics"):
-            value = getattr(chunk, name, None)
-            if value is not None:
-                setattr(self, name, value)
-        for choice in getattr(chunk, "choices", []):
-            delta = getattr(choice, "delta", None)
-            piece = delta.content if delta is not None else getattr(choice, "text", None)
-            self.text += piece or ""
-            if choice.finish_reason is not None:
-                self.finish_reason = choice.finish_reason
+        self.usage = chunk.usage or self.usage
+        self.compression = chunk.compression or self.compression
+        self.metrics = chunk.metrics or self.metrics
+        if isinstance(chunk, ChatCompletionChunk):
+            pieces = [(choice.delta.content, choice.finish_reason) for choice in chunk.choices]
+        else:
+            pieces = [(choice.text, choice.finish_reason) for choice in chunk.choices]
+        for text, finish_reason in pieces:
+            self.text += text or ""
+            self.finish_reason = finish_reason or self.finish_reason
 
 
 class Stream(_StreamState[ChunkT]):
