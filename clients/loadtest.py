@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_DIR = Path("loadtest-results")
+MAX_DISTINCT_PROMPTS = 256  # building a case costs ~15 /tokenize calls; longer runs reuse prompts in turn
 DEPTH_COUNT = 5  # synthetic needles cycle through 5 depths, start to end of the document
 READY_POLL_S = 0.5
 DEFAULT_METHOD_LABEL = "default"  # no compression field sent: the server's own default
@@ -406,7 +407,8 @@ def prepare(args: argparse.Namespace, base_url: str) -> tuple[str | None, list[W
             return model, jsonl_workload(args.dataset, args.output_len)
         chat = args.endpoint == "chat"
         count = token_counter(client, model, chat)
-        items = synthetic_workload(args.num_requests, args.input_len, args.output_len, args.seed, chat, count)
+        distinct = min(args.num_requests, MAX_DISTINCT_PROMPTS)
+        items = synthetic_workload(distinct, args.input_len, args.output_len, args.seed, chat, count)
         return model, items
 
 

@@ -125,6 +125,13 @@ def test_jsonl_workload(tmp_path: Path) -> None:
         jsonl_workload(tmp_path / "missing.jsonl", 9)
 
 
+def test_gemserve_cli_runs_loadtest(capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main as gemserve
+
+    assert gemserve(["loadtest", "--compare", "none,none"]) == 2
+    assert "gemserve loadtest: error: --compare lists a method twice" in capsys.readouterr().err
+
+
 def test_bad_arguments_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert loadtest.main(["--method", "gemfilter", "--compare", "none"]) == 2
     assert "not both" in capsys.readouterr().err
@@ -185,6 +192,14 @@ def test_closed_loop_concurrency_caps_requests_in_flight(stub: tuple[str, Any], 
                  "--warmup", "0")  # fmt: skip
     assert rc == 0
     assert state.max_in_flight == 2
+
+
+def test_duration_bounds_the_run(stub: tuple[str, Any], tmp_path: Path) -> None:
+    rc = run_cli(stub[0], tmp_path, "--input-len", "20", "--output-len", "2", "--num-requests", "40",
+                 "--request-rate", "10", "--duration", "0.5", "--warmup", "0")  # fmt: skip
+    assert rc == 0
+    sent = json.loads((tmp_path / "results.json").read_text())["summary"]["default"]["requests"]["sent"]
+    assert 1 <= sent < 40  # ~5 expected at 10/s for 0.5 s; 40 would take ~4 s
 
 
 def test_errors_are_counted_by_type(stub: tuple[str, Any], tmp_path: Path) -> None:
