@@ -1,0 +1,237 @@
+"""Which decoder layer should GemFilter filter at? Needle recall in the top-k, per layer.
+
+For each needle case, one forward over the whole prompt (no cache) records GemFilter's score
+(``last_query_scores``: the last token's query against every key, summed over heads) at EVERY
+layer through the attention probe, then applies GemFilter's own selection (pooling, protected
+tail, top-k). Recall = the fraction of the needle's answer tokens (and of its sentence's tokens)
+that survive. Writes ``bench/results/filter_layer_<model>.json`` and a PNG of recall vs layer.
+
+The default layer is the EARLIEST layer whose mean answer recall@512 at the main length is
+within ``--tolerance`` of the best layer's: the filter pass costs about ``(r + 1) / L`` of a full
+prefill, so an earlier layer is faster at the same recall.
+
+    python -m bench.calibrate_layer            # or: gemserve calibrate
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from bench.common import RESULTS_DIR, NeedlePrompt, machine_description, model_slug, needle_prompt, write_json
+from clients.haystack import depths
+from compressors.gemfilter import GemFilter, last_query_scores, pick_indices
+from compressors.probe import (
+    StopForward,
+    attention_probe,
+    decoder_layers,
+    install_probe_attention,
+    uses_probe_attention,
+)
+
+logger = logging.getLogger(__name__)
+
+TOP_K = (256, 512)
+
+
+def layer_scores(model: nn.Module, prompt_ids: list[int], last_layer: int | None = None) -> list[torch.Tensor]:
+    """One forward (no cache); GemFilter's ``(n,)`` score vector at every layer up to
+    ``last_layer`` (default: all), stopping the pass there like GemFilter does."""
+    if not uses_probe_attention(model):
+        install_probe_attention(model)
+    num_layers = len(decoder_layers(model))
+    last = num_layers - 1 if last_layer is None else last_layer
+    scores: list[torch.Tensor | None] = [None] * (last + 1)
+
+    def record(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        scores[module.layer_idx] = last_query_scores(query, key)
+        if module.layer_idx == last:
+            raise StopForward
+
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
+    with torch.inference_mode(), attention_probe(record), contextlib.suppress(StopForward):
+        model.base_model(input_ids=ids, use_cache=False)
+    missing = [i for i, s in enumerate(scores) if s is None]
+    if missing:
+        raise RuntimeError(f"the probe saw no attention call for layers {missing}")
+    return [s for s in scores if s is not None]
+
+
+def recall(kept: set[int], positions: list[int]) -> float:
+    return sum(p in kept for p in positions) / len(positions) if positions else 0.0
+
+
+def case_recalls(prompt: NeedlePrompt, scores: list[torch.Tensor], method: GemFilter) -> dict[str, list[float]]:
+    """``{"answer@256": [per layer], "sentence@256": [...], ...}`` with GemFilter's own selection."""
+    out: dict[str, list[float]] = {}
+    n = len(prompt.prompt_ids)
+    for k in TOP_K:
+        kept_per_layer = [set(pick_indices(s, min(k, n), method.kernel_size, method.tail)) for s in scores]
+        out[f"answer@{k}"] = [recall(kept, prompt.answer_token_positions) for kept in kept_per_layer]
+        out[f"sentence@{k}"] = [recall(kept, prompt.needle_token_positions) for kept in kept_per_layer]
+    return out
+
+
+def calibrate_length(
+    engine: Any,
+    target_tokens: int,
+    cases: int,
+    seed: int,
+    method: GemFilter,
+    progress: tqdm,
+    last_layer: int | None = None,
+    on_case: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Per-case and mean per-layer recalls over ``cases`` needles at spread depths and seeds."""
+    entry: dict[str, Any] = {"target_tokens": target_tokens, "cases": [], "mean_recall": {}}
+    for i, depth in enumerate(depths(cases)):
+        prompt = needle_prompt(engine, target_tokens, depth=depth, seed=seed + i)
+        start = time.perf_counter()
+        scores = layer_scores(engine.model, prompt.prompt_ids, last_layer)
+        recalls = case_recalls(prompt, scores, method)
+        entry["cases"].append(
+            {
+                "seed": seed + i,
+                "depth": round(depth, 4),
+                "prompt_tokens": len(prompt.prompt_ids),
+                "needle": prompt.case.needle.sentence,
+                "answer_tokens": len(prompt.answer_token_positions),
+                "tail_tokens": prompt.tail_tokens,
+                "forward_s": round(time.perf_counter() - start, 2),
+                "recall": {key: [round(v, 4) for v in values] for key, values in recalls.items()},
+            }
+        )
+        entry["mean_recall"] = mean_recalls(entry["cases"])
+        progress.update(1)
+        if on_case is not None:
+            on_case(entry)
+    return entry
+
+
+def mean_recalls(records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    keys = records[0]["recall"].keys()
+    num_layers = len(next(iter(records[0]["recall"].values())))
+    return {
+        key: [round(mean(r["recall"][key][layer] for r in records), 4) for layer in range(num_layers)] for key in keys
+    }
+
+
+def choose_layer(mean_recall: dict[str, list[float]], metric: str, tolerance: float) -> int:
+    """The earliest layer within ``tolerance`` of the best layer on ``metric``."""
+    values = mean_recall[metric]
+    best = max(values)
+    return next(layer for layer, value in enumerate(values) if value >= best - tolerance)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    main = result["lengths"][0]
+    layers = range(len(main["mean_recall"]["answer@512"]))
+    for key, style in (("answer@512", "-o"), ("answer@256", "-s"), ("sentence@512", "--")):
+        ax.plot(layers, main["mean_recall"][key], style, label=f"{key}, ~{main['target_tokens']} tokens", markersize=4)
+    for check in result["lengths"][1:]:
+        values = check["mean_recall"]["answer@512"]
+        ax.plot(range(len(values)), values, ":o", label=f"answer@512, ~{check['target_tokens']} tokens", markersize=3)
+    chosen = result["chosen_layer"]
+    ax.axvline(chosen, color="grey", linewidth=1)
+    ax.annotate(f"chosen: layer {chosen}", (chosen, 0.05), xytext=(4, 0), textcoords="offset points")
+    ax.set_xlabel("filter layer r")
+    ax.set_ylabel("needle recall in GemFilter's top-k")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"GemFilter filter-layer calibration: {result['model']} ({len(main['cases'])} needles at main length)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="alias, .gguf file or HF model dir")
+    parser.add_argument("--tokens", type=int, default=4096, help="main prompt length (default 4096)")
+    parser.add_argument("--cases", type=int, default=12, help="needle cases at the main length (default 12)")
+    parser.add_argument(
+        "--check-tokens", type=int, nargs="*", default=[2048, 8000], help="extra lengths to check (default 2048 8000)"
+    )
+    parser.add_argument("--check-cases", type=int, default=4, help="needle cases per extra length (default 4)")
+    parser.add_argument("--check-margin", type=int, default=3, help="extra lengths score layers up to chosen + this")
+    parser.add_argument("--seed", type=int, default=7000, help="first case's seed; case i uses seed + i")
+    parser.add_argument("--tolerance", type=float, default=0.03, help="recall below the best still accepted")
+    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/filter_layer_<model>.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.engine.hf import HFEngine
+    from server.models import load_model
+
+    engine = HFEngine(load_model(args.model, device="cpu"))
+    method = GemFilter()
+    metric = "answer@512"
+    result: dict[str, Any] = {
+        "model": engine.model_name,
+        "num_layers": len(decoder_layers(engine.model)),
+        "method": {"kernel_size": method.kernel_size, "tail": method.tail},
+        "rule": f"earliest layer with mean {metric} at ~{args.tokens} tokens >= best - {args.tolerance}",
+        "lengths": [],
+    }
+    out = args.out or RESULTS_DIR / f"filter_layer_{model_slug(engine.model_name)}.json"
+
+    def save(entry: dict[str, Any]) -> None:
+        """Write after every case, so a run cut short keeps what it measured."""
+        if entry not in result["lengths"]:
+            result["lengths"].append(entry)
+        result["chosen_layer"] = choose_layer(result["lengths"][0]["mean_recall"], metric, args.tolerance)
+        result["complete"] = False
+        result["machine"] = machine_description()
+        write_json(out, result)
+
+    total = args.cases + args.check_cases * len(args.check_tokens)
+    with tqdm(total=total, desc="calibrate", unit="case") as progress:
+        calibrate_length(engine, args.tokens, args.cases, args.seed, method, progress, on_case=save)
+        chosen = result["chosen_layer"]
+        # Longer and shorter prompts only check the chosen layer (and a few after it): the pass
+        # stops there, which keeps an 8K check affordable on a 2-core CPU.
+        last = min(result["num_layers"] - 1, chosen + args.check_margin)
+        for i, tokens in enumerate(args.check_tokens, start=1):
+            calibrate_length(engine, tokens, args.check_cases, args.seed + 100 * i, method, progress, last, save)
+    result["chosen_layer_recall"] = {
+        str(r["target_tokens"]): {key: values[chosen] for key, values in r["mean_recall"].items()}
+        for r in result["lengths"]
+    }
+    result["max_tail_tokens"] = max(c["tail_tokens"] for r in result["lengths"] for c in r["cases"])
+    result["complete"] = True
+    result["machine"] = machine_description()
+    write_json(out, result)
+    plot(result, out.with_suffix(".png"))
+    print(f"chosen filter layer: {chosen} ({result['rule']})")
+    for tokens, recalls in result["chosen_layer_recall"].items():
+        print(f"  ~{tokens} tokens: " + ", ".join(f"{k}={v:.3f}" for k, v in recalls.items()))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    logging.basicConfig(level=logging.WARNING)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

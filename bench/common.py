@@ -1,0 +1,139 @@
+"""Helpers shared by the benchmark scripts: fresh-process runs, the machine description,
+needle prompts for an engine, and where results go.
+
+Each measured configuration runs in a fresh Python process (:func:`run_in_fresh_process`), so
+its peak resident memory is not inflated by what glibc kept from an earlier configuration, and
+no configuration inherits another's warm caches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from clients.haystack import HaystackCase
+    from server.engine.hf import HFEngine
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Worker processes print one JSON line prefixed with this marker; everything else is log noise.
+RESULT_MARKER = "@@GEMSERVE_RESULT@@ "
+
+
+class WorkerError(RuntimeError):
+    """A benchmark worker process failed; the message carries the end of its stderr."""
+
+
+def run_in_fresh_process(module: str, payload: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+    """Run ``python -m <module> --worker '<payload json>'`` and return the JSON it reports."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--worker", json.dumps(payload)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER) :])
+    raise WorkerError(f"worker {module} exited with {proc.returncode}: {proc.stderr[-2000:]}")
+
+
+def report_result(result: dict[str, Any]) -> None:
+    """Called by a worker: hand its result back to :func:`run_in_fresh_process`."""
+    sys.stdout.write(RESULT_MARKER + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def machine_description() -> dict[str, Any]:
+    """What the numbers were measured on, including how busy the machine was."""
+    import torch
+    import transformers
+
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gib = 0.0
+    with contextlib.suppress(OSError, ValueError):
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu_model or platform.processor(),
+        "cpu_cores": os.cpu_count(),
+        "memory_gib": round(memory_gib, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+@dataclass
+class NeedlePrompt:
+    """A chat-templated needle prompt, ready for the engine, with where the needle sits."""
+
+    case: HaystackCase
+    prompt_ids: list[int]
+    needle_token_positions: list[int]  # positions of the needle sentence's tokens in prompt_ids
+    answer_token_positions: list[int]  # positions of the answer's tokens (a subset of the above)
+    tail_tokens: int  # tokens after the document: the question plus the chat template's suffix
+
+
+def needle_prompt(engine: HFEngine, target_tokens: int, depth: float, seed: int) -> NeedlePrompt:
+    """Build a needle case of about ``target_tokens`` chat tokens and locate its tokens."""
+    from clients.haystack import build_case
+
+    case = build_case(target_tokens, depth=depth, seed=seed, count_tokens=lambda s: len(engine.encode_prompt(s)))
+    messages = [{"role": "user", "content": case.user_message()}]
+    prompt_ids = engine.encode_chat(messages)
+    text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    encoded = engine.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(encoded["input_ids"]) != prompt_ids:
+        raise RuntimeError("the chat template's text does not re-tokenise to the same ids; cannot locate the needle")
+    offsets = encoded["offset_mapping"]
+    sentence_start = text.index(case.needle.sentence)
+    sentence_end = sentence_start + len(case.needle.sentence)
+    answer_start = text.index(case.needle.answer, sentence_start)
+    answer_end = answer_start + len(case.needle.answer)
+    document_end = text.index(case.document) + len(case.document)
+    return NeedlePrompt(
+        case=case,
+        prompt_ids=prompt_ids,
+        needle_token_positions=tokens_overlapping(offsets, sentence_start, sentence_end),
+        answer_token_positions=tokens_overlapping(offsets, answer_start, answer_end),
+        tail_tokens=len(prompt_ids) - len(tokens_overlapping(offsets, 0, document_end)),
+    )
+
+
+def tokens_overlapping(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
+    """Token positions whose character span overlaps ``[start, end)``."""
+    return [i for i, (a, b) in enumerate(offsets) if a < end and b > start and b > a]
+
+
+def model_slug(name: str) -> str:
+    """A file-name-safe short name for result files (``smollm2-135m-instruct`` -> ``smollm2``)."""
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    return "smollm2" if slug.startswith("smollm2") else slug
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
