@@ -23,22 +23,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from statistics import mean
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
 from tqdm import tqdm
 
 from bench.common import RESULTS_DIR, NeedlePrompt, machine_description, model_slug, needle_prompt, write_json
 from clients.haystack import depths
-from compressors.gemfilter import GemFilter, last_query_scores, pick_indices
-from compressors.probe import (
-    StopForward,
-    attention_probe,
-    decoder_layers,
-    install_probe_attention,
-    uses_probe_attention,
-)
+
+if TYPE_CHECKING:  # torch and the model stack load in run(), so `gemserve --help` stays fast
+    import torch
+    from torch import nn
+
+    from compressors.gemfilter import GemFilter
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +44,17 @@ TOP_K = (256, 512)
 def layer_scores(model: nn.Module, prompt_ids: list[int], last_layer: int | None = None) -> list[torch.Tensor]:
     """One forward (no cache); GemFilter's ``(n,)`` score vector at every layer up to
     ``last_layer`` (default: all), stopping the pass there like GemFilter does."""
+    import torch
+
+    from compressors.gemfilter import last_query_scores
+    from compressors.probe import (
+        StopForward,
+        attention_probe,
+        decoder_layers,
+        install_probe_attention,
+        uses_probe_attention,
+    )
+
     if not uses_probe_attention(model):
         install_probe_attention(model)
     num_layers = len(decoder_layers(model))
@@ -74,6 +81,8 @@ def recall(kept: set[int], positions: list[int]) -> float:
 
 def case_recalls(prompt: NeedlePrompt, scores: list[torch.Tensor], method: GemFilter) -> dict[str, list[float]]:
     """``{"answer@256": [per layer], "sentence@256": [...], ...}`` with GemFilter's own selection."""
+    from compressors.gemfilter import pick_indices
+
     out: dict[str, list[float]] = {}
     n = len(prompt.prompt_ids)
     for k in TOP_K:
@@ -177,6 +186,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from compressors.gemfilter import GemFilter
+    from compressors.probe import decoder_layers
     from server.engine.hf import HFEngine
     from server.models import load_model
 

@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-model": ("server.commands.prepare", "convert a model into the cache ahead of serving (image builds)"),
     "serve": ("server.commands.serve", "serve the OpenAI-compatible HTTP API with per-request compression"),
     "loadtest": ("clients.loadtest", "load-test an OpenAI-compatible server (GemServe or vLLM), compare methods"),
+    "bench": ("server.commands.bench", "prefill benchmark: none vs GemFilter at 1K-8K tokens (bench/prefill.py)"),
+    "calibrate": ("server.commands.calibrate", "measure GemFilter's needle recall per filter layer, pick the layer"),
 }
 
 
