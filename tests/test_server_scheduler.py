@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,7 +22,7 @@ from server.settings import Settings
 from tests.conftest import serve_app
 from tests.test_server_http import error_of, sse_events
 
-LONG_STREAM = {"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True, "temperature": 0, "stream": True}
+LONG_STREAM = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "temperature": 0, "stream": True}
 
 
 class RecordingEngine:
@@ -141,6 +142,19 @@ def test_error_mid_stream_sends_error_event_then_done(engine) -> None:
             list(client.completions.create(model=engine.model_name, prompt="Hello", max_tokens=8, stream=True))
         metrics = httpx.get(f"{url}/metrics").text
         assert 'status="500"' in metrics
+
+
+def test_internal_failure_is_500_without_internals_and_logged(engine, caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(Settings(), engine=FailingEngine(HFAsyncEngine(engine)))
+    with serve_app(app) as url, caplog.at_level(logging.ERROR):
+        payload = {"prompt": "Hello", "max_tokens": 8, "ignore_eos": True}
+        response = httpx.post(f"{url}/v1/completions", json=payload, headers={"X-Request-Id": "req-500"}, timeout=120)
+    error = error_of(response, 500)
+    assert error["type"] == "internal_error"
+    assert "secret" not in response.text and "Traceback" not in response.text
+    assert response.headers["x-request-id"] == "req-500"
+    failure_logs = [r for r in caplog.records if "req-500" in r.getMessage()]
+    assert failure_logs and failure_logs[0].exc_info is not None  # the traceback goes to the log
 
 
 def request(max_tokens: int = 2) -> GenerationRequest:

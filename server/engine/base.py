@@ -13,12 +13,22 @@ Errors a backend raises, and the status the web layer maps them to (server/error
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
 from server.engine.types import GenerationRequest, GenerationResult, TokenDelta
 
 EngineEvent = TokenDelta | GenerationResult
+
+
+class EventStream(Protocol):
+    """What ``stream()`` returns: an async iterator of events that can be closed early.
+    An async generator satisfies it; ``aclose()`` must cancel the request."""
+
+    def __aiter__(self) -> EventStream: ...
+
+    async def __anext__(self) -> EngineEvent: ...
+
+    async def aclose(self) -> None: ...
 
 
 class QueueFullError(RuntimeError):
@@ -70,7 +80,7 @@ class AsyncEngine(Protocol):
         """Raise :class:`RequestError` (-> 400) for anything that would fail later."""
         ...
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+    def stream(self, request: GenerationRequest) -> EventStream:
         """Admit the request now and return its event iterator.
 
         A plain (not ``async``) method on purpose: admission errors (:class:`RequestError`,

@@ -18,7 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from compressors.registry import method_names
-from server.engine.base import AsyncEngine, EngineEvent
+from server.engine.base import AsyncEngine, EventStream
 from server.engine.types import CompressionSpec, GenerationRequest, GenerationResult, SamplingParams, TokenDelta
 from server.errors import error_for_exception
 from server.protocol import CommonSamplingFields, CompressionInfo, MetricsInfo, UsageInfo
@@ -120,7 +120,7 @@ class Generation:
     http_request: Request
     engine: AsyncEngine
     request: GenerationRequest
-    events: AsyncIterator[EngineEvent]
+    events: EventStream
     fmt: ResponseFormat
     include_usage: bool
 
@@ -191,7 +191,7 @@ async def sse_stream(generation: Generation) -> AsyncIterator[str]:
         generation.record(None, spec.status)
         yield sse_event(json.dumps(spec.body()))
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
     yield DONE
 
 
@@ -206,17 +206,17 @@ async def collect_unless_disconnected(generation: Generation) -> GenerationResul
     if consume.done():
         return consume.result()
     consume.cancel()
-    await generation.events.aclose()  # type: ignore[attr-defined]
+    await generation.events.aclose()
     return None
 
 
-async def last_result(events: AsyncIterator[EngineEvent]) -> GenerationResult:
+async def last_result(events: EventStream) -> GenerationResult:
     try:
         async for event in events:
             if isinstance(event, GenerationResult):
                 return event
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
     raise RuntimeError("engine stream ended without a result")
 
 
