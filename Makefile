@@ -58,7 +58,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check compressors server clients tests bench
 
 bench: venv
-	$(PY) bench/prefill.py
+	$(PY) -m bench.prefill
 
 bench-vllm: venv-vllm
 	$(VLLM_VENV)/bin/python bench/vllm_prefill.py
