@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from clients import errors
 from clients._base import MAX_RETRY_AFTER_S, MAX_RETRY_DELAY_S, RETRY_JITTER, retry_delay
 from clients.sdk import AsyncGemServe, GemServe
 from clients.streaming import SSEDecoder, Stream
-from server.protocol import ChatCompletionChunk, CompletionResponse, CompressionParams
+from server.protocol import ChatCompletionChunk, CompletionChunk, CompletionResponse, CompressionParams
 
 WORDS_8 = "".join(f" w{i}" for i in range(8))
 
@@ -200,6 +201,40 @@ def test_error_event_inside_stream_raises() -> None:
     response = httpx.Response(200, content=body, request=httpx.Request("POST", "http://x"))
     with pytest.raises(errors.StreamError, match="engine died"):
         list(Stream(response, ChatCompletionChunk, "r"))
+
+
+def test_stream_without_done_or_trailing_blank_line_still_ends() -> None:
+    chunk = {"id": "c", "object": "text_completion", "created": 0, "model": "m", "choices": [{"text": "hi"}]}
+    body = f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(chunk)}".encode()
+    response = httpx.Response(200, content=body, request=httpx.Request("POST", "http://x"))
+    stream = Stream(response, CompletionChunk, "r")
+    assert [c.choices[0].text for c in stream] == ["hi", "hi"] and stream.text == "hihi" and not stream.done
+
+
+def test_connection_errors_are_retried_with_one_request_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["x-request-id"])
+        if len(seen) <= 2:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json={"status": "ok"})
+
+    monkeypatch.setattr("clients.sdk.retry_delay", lambda attempt, headers=None: 0.0)
+    with GemServe("http://127.0.0.1:1", http_client=httpx.Client(transport=httpx.MockTransport(handler))) as c:
+        assert c.health() == {"status": "ok"}
+        assert len(seen) == 3 and len(set(seen)) == 1
+        seen.clear()
+        with pytest.raises(errors.APIConnectionError):
+            c.health(max_retries=1)
+        assert len(seen) == 2
+
+
+def test_malformed_success_body_is_a_validation_error() -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json={"object": "list"}))
+    client = GemServe("http://127.0.0.1:1", http_client=httpx.Client(transport=transport))
+    with client, pytest.raises(errors.APIResponseValidationError, match="ModelList"):
+        client.models()
 
 
 def test_retry_delay_policy() -> None:
