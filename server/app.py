@@ -77,6 +77,10 @@ def create_app(settings: Settings | None = None, engine: AsyncEngine | None = No
         description="OpenAI-compatible long-context serving with per-request prompt/KV compression",
         version="0.1.0",
         lifespan=lifespan,
+        # Served by server/routes/docs.py instead, behind the API key like every other route.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.gemserve = state
     register_error_handlers(app)

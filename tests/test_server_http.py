@@ -122,13 +122,24 @@ def test_api_key_guards_all_but_health_and_ready(server_url_with_key: str) -> No
     url = server_url_with_key
     assert httpx.get(f"{url}/health").status_code == 200
     assert httpx.get(f"{url}/ready").json()["ready"] is True
-    for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("GET", "/metrics")):
+    guarded = (
+        "/v1/models",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/tokenize",
+        "/metrics",
+        "/openapi.json",
+        "/docs",
+    )
+    for path in guarded:
+        method = "POST" if path in ("/v1/completions", "/v1/chat/completions", "/tokenize") else "GET"
         error = error_of(httpx.request(method, f"{url}{path}", json=SHORT), 401)
         assert error["type"] == "authentication_error" and error["code"] == "missing_api_key"
     wrong = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer nope"})
     assert error_of(wrong, 401)["code"] == "invalid_api_key"
-    right = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {TEST_API_KEY}"})
-    assert right.status_code == 200
+    key = {"Authorization": f"Bearer {TEST_API_KEY}"}
+    assert httpx.get(f"{url}/v1/models", headers=key).status_code == 200
+    assert httpx.get(f"{url}/openapi.json", headers=key).json()["info"]["title"] == "GemServe"
 
 
 def test_tokenize_counts_like_the_engine(server_url: str, engine) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.routes import chat, completions, health, metrics, models, tokenize
+from server.routes import chat, completions, docs, health, metrics, models, tokenize
 
 ROUTERS: list[APIRouter] = [
     health.router,
@@ -13,4 +13,5 @@ ROUTERS: list[APIRouter] = [
     models.router,
     tokenize.router,
     metrics.router,
+    docs.router,
 ]
