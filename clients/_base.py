@@ -22,7 +22,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ValidationError
 
-from clients.errors import APIConnectionError, APIResponseValidationError, APITimeoutError
+from clients.errors import APIResponseValidationError
 from server.protocol import ChatMessage, CompressionParams
 
 logger = logging.getLogger("clients.sdk")
@@ -214,12 +214,6 @@ class ClientCore:
 
     def _retries(self, options: CallOptions) -> int:
         return self.max_retries if options.max_retries is None else options.max_retries
-
-    @staticmethod
-    def _connection_error(exc: httpx.TransportError, request_id: str) -> APIConnectionError:
-        if isinstance(exc, httpx.TimeoutException):
-            return APITimeoutError(request_id=request_id)
-        return APIConnectionError(f"Connection error: {exc}", request_id=request_id)
 
     @staticmethod
     def _log_retry(request_id: str, attempt: int, delay: float, reason: str) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "RateLimitError",
     "StreamError",
     "UnprocessableEntityError",
+    "connection_error",
     "error_message",
     "status_error",
 ]
@@ -147,3 +148,10 @@ def status_error(response: httpx.Response, request_id: str | None) -> APIStatusE
     error_class = InternalServerError if status >= 500 else _STATUS_ERRORS.get(status, APIStatusError)
     request_id = response.headers.get("x-request-id") or request_id
     return error_class(message, status_code=status, request_id=request_id, body=body)
+
+
+def connection_error(exc: httpx.TransportError, request_id: str | None) -> APIConnectionError:
+    """The SDK error for an httpx transport failure (before or during a response)."""
+    if isinstance(exc, httpx.TimeoutException):
+        return APITimeoutError(request_id=request_id)
+    return APIConnectionError(f"Connection error: {exc}", request_id=request_id)

@@ -38,7 +38,7 @@ from clients._base import (
     retry_delay,
     should_retry,
 )
-from clients.errors import InternalServerError, status_error
+from clients.errors import InternalServerError, connection_error, status_error
 from clients.streaming import AsyncStream, Stream
 from server.protocol import (
     ChatCompletionChunk,
@@ -92,7 +92,7 @@ class GemServe(ClientCore):
                 response = self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
                 if attempt >= retries:
-                    raise self._connection_error(exc, request_id) from exc
+                    raise connection_error(exc, request_id) from exc
                 delay = retry_delay(attempt)
                 self._log_retry(request_id, attempt, delay, type(exc).__name__)
                 time.sleep(delay)
@@ -271,7 +271,7 @@ class AsyncGemServe(ClientCore):
                 response = await self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
                 if attempt >= retries:
-                    raise self._connection_error(exc, request_id) from exc
+                    raise connection_error(exc, request_id) from exc
                 delay = retry_delay(attempt)
                 self._log_retry(request_id, attempt, delay, type(exc).__name__)
                 await asyncio.sleep(delay)

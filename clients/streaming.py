@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 import httpx
 from pydantic import ValidationError
 
-from clients.errors import APIResponseValidationError, StreamError, error_message
+from clients.errors import APIResponseValidationError, StreamError, connection_error, error_message
 from server.protocol import ChatCompletionChunk, CompletionChunk, CompressionInfo, MetricsInfo, UsageInfo
 
 DONE = "[DONE]"
@@ -136,6 +136,8 @@ class Stream(_StreamState[ChunkT]):
                 chunk = self.parse(event) if event is not None else None
                 if chunk is not None:
                     yield chunk
+        except httpx.TransportError as exc:  # the connection broke or timed out mid-stream
+            raise connection_error(exc, self.request_id) from exc
         finally:
             self.close()
 
@@ -178,6 +180,8 @@ class AsyncStream(_StreamState[ChunkT]):
             chunk = self.parse(event) if event is not None else None
             if chunk is not None:
                 yield chunk
+        except httpx.TransportError as exc:
+            raise connection_error(exc, self.request_id) from exc
         finally:
             await self.close()
 

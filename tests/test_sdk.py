@@ -211,6 +211,24 @@ def test_stream_without_done_or_trailing_blank_line_still_ends() -> None:
     assert [c.choices[0].text for c in stream] == ["hi", "hi"] and stream.text == "hihi" and not stream.done
 
 
+class StallingBody(httpx.SyncByteStream):
+    """One event, then the read times out: a server that stalls mid-stream."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        chunk = {"id": "c", "object": "text_completion", "created": 0, "model": "m", "choices": [{"text": "hi"}]}
+        yield f"data: {json.dumps(chunk)}\n\n".encode()
+        raise httpx.ReadTimeout("stalled")
+
+
+def test_a_stream_that_stalls_raises_the_sdk_timeout_error() -> None:
+    response = httpx.Response(200, stream=StallingBody(), request=httpx.Request("POST", "http://x"))
+    stream = Stream(response, CompletionChunk, "r-stall")
+    assert next(stream).choices[0].text == "hi"
+    with pytest.raises(errors.APITimeoutError) as caught:
+        next(stream)
+    assert caught.value.request_id == "r-stall"
+
+
 def test_connection_errors_are_retried_with_one_request_id(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[str] = []
 
