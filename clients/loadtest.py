@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_OUTPUT_DIR = Path("loadtest-results")
 MAX_DISTINCT_PROMPTS = 256  # building a case costs ~15 /tokenize calls; longer runs reuse prompts in turn
 DEPTH_COUNT = 5  # synthetic needles cycle through 5 depths, start to end of the document
+DESCRIPTION = "Load-test an OpenAI-compatible server (GemServe or vLLM) and compare compression methods."
 READY_POLL_S = 0.5
 DEFAULT_METHOD_LABEL = "default"  # no compression field sent: the server's own default
 
@@ -464,7 +465,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clients.loadtest", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m clients.loadtest", description=DESCRIPTION)
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
