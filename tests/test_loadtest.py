@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import statistics
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,21 +218,6 @@ def test_errors_are_counted_by_type(stub: tuple[str, Any], tmp_path: Path) -> No
     }  # fmt: skip
 
 
-def test_ctrl_c_still_writes_the_partial_summary(
-    stub: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    async def interrupted(client_factory: Any, items: Any, runs: list[loadtest.MethodRun], *args: Any, **kw: Any):
-        runs[0].records.append(RequestRecord("default", 0, 0.0, ok=True, ttft_ms=5.0, e2e_ms=9.0, output_tokens=2))
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loadtest, "run_all", interrupted)
-    assert run_cli(stub[0], tmp_path, "--input-len", "50", "--num-requests", "3") == 130
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["interrupted"] is True
-    assert results["summary"]["default"]["requests"]["completed"] == 1
-    assert "interrupted" in capsys.readouterr().err
-
-
 def test_waits_for_a_loading_server(stub: tuple[str, Any]) -> None:
     from clients.sdk import GemServe
 
@@ -240,6 +229,27 @@ def test_waits_for_a_loading_server(stub: tuple[str, Any]) -> None:
         threading.Timer(0.5, setattr, (app_state, "not_ready", False)).start()
         loadtest.wait_until_ready(client, timeout_s=30)
     assert app_state.not_ready is False
+
+
+def test_real_ctrl_c_prints_and_writes_the_partial_summary(tmp_path: Path) -> None:
+    app = create_stub_app(token_delay_s=0.02)  # ~1 s per request: SIGINT lands mid-run
+    command = [sys.executable, "-m", "clients.loadtest", "--api-key", API_KEY, "--output-dir", str(tmp_path),
+               "--no-progress", "--input-len", "20", "--output-len", "50", "--num-requests", "50",
+               "--concurrency", "1", "--warmup", "0"]  # fmt: skip
+    with serve_in_thread(app) as url:
+        process = subprocess.Popen(
+            [*command, "--base-url", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 120
+        while app.state.stub.streams_finished < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "default" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["interrupted"] is True
+    assert 2 <= results["summary"]["default"]["requests"]["completed"] < 50
 
 
 # ---- against the real server ---------------------------------------------------------------------
