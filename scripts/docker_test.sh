@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Build the CPU image and check it for real: /ready, a GemFilter chat answer, a non-root user,
-# a healthy HEALTHCHECK. Run from anywhere as root (or with a working docker daemon):
-#   scripts/docker_test.sh            (make docker-test)
-# Needs docker; as root it installs Debian's docker.io (+ debootstrap) when missing and starts
-# dockerd itself. Where no daemon can run, it prints "SKIPPED: <reason>" and exits 0 — or 1
-# with DOCKER_TEST_REQUIRED=1. DOCKER_TEST_NO_SETUP=1 uses only a daemon already running. Everything that adapts to a restricted machine (no registry,
-# TLS-intercepting proxy, no PyTorch index) lives here, not in docker/Dockerfile:
+# a healthy HEALTHCHECK, and every Grafana dashboard query answered by a real Prometheus.
+# Run from anywhere as root (or with a working docker daemon):
+#   scripts/docker_test.sh            (make docker-test; .ci/run calls it after make test)
+# Needs docker; as root it installs Debian's docker.io (+ debootstrap, docker-compose, prometheus) when missing
+# and starts dockerd itself. Where no daemon can run, it prints "SKIPPED: <reason>" and exits 0,
+# or 1 with DOCKER_TEST_REQUIRED=1. DOCKER_TEST_NO_SETUP=1 uses only a daemon already running.
+# Everything that adapts to a restricted machine (no registry, TLS-intercepting proxy, no PyTorch
+# index) lives here, not in docker/Dockerfile:
 #   - base image: $BASE_IMAGE, else python:3.11-slim when pullable, else a debootstrap'd bookworm
 #   - pip trust: the host pip's CA bundle (PIP_CERT / pip config `cert`) as build secret pip_ca
 #   - torch: a local torch==2.13.0+cpu wheel the host pip can find, copied into docker/wheels/
+# Every wait has a timeout (*_TIMEOUT_S below); the script prints how long each stage took.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -22,6 +25,7 @@ HEALTHY_TIMEOUT_S="${HEALTHY_TIMEOUT_S:-300}"
 WORK="$(mktemp -d /tmp/gemserve-docker-test.XXXXXX)"
 CONTAINER="gemserve-test-$$"
 STARTED_DOCKERD_PID=""
+PROMETHEUS_PID=""
 COPIED_WHEEL=""
 T0=$SECONDS
 
@@ -46,6 +50,10 @@ cleanup() {
         docker rm -f "$CONTAINER" >/dev/null 2>&1 || true
     fi
     [ -n "$COPIED_WHEEL" ] && rm -f "$COPIED_WHEEL"
+    if [ -n "$PROMETHEUS_PID" ]; then
+        kill "$PROMETHEUS_PID" 2>/dev/null || true
+        wait "$PROMETHEUS_PID" 2>/dev/null || true
+    fi
     if [ -n "$STARTED_DOCKERD_PID" ]; then
         kill "$STARTED_DOCKERD_PID" 2>/dev/null || true
         wait "$STARTED_DOCKERD_PID" 2>/dev/null || true
@@ -57,11 +65,17 @@ trap cleanup EXIT
 
 is_root() { [ "$(id -u)" = 0 ]; }
 
+APT_UPDATED=0
 apt_install() {
     is_root && command -v apt-get >/dev/null || return 1
     log "installing $* (apt)"
-    DEBIAN_FRONTEND=noninteractive timeout 600 apt-get update -qq >/dev/null \
-        && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq "$@" >/dev/null
+    if [ "$APT_UPDATED" = 0 ]; then
+        DEBIAN_FRONTEND=noninteractive timeout 600 apt-get update -qq >>"$WORK/apt.log" 2>&1 \
+            || { tail -n 5 "$WORK/apt.log"; return 1; }
+        APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq "$@" >>"$WORK/apt.log" 2>&1 \
+        || { tail -n 5 "$WORK/apt.log"; return 1; }
 }
 
 ensure_daemon() {
@@ -142,7 +156,8 @@ collect_build_options() {
     fi
     # Only a +cpu wheel counts: a plain torch==2.13.0 download would be the multi-GB CUDA build.
     if host_pip download --quiet --no-deps --only-binary :all: -d "$WORK/wheels" "torch==2.13.0+cpu" >/dev/null 2>&1; then
-        wheel="$(ls "$WORK"/wheels/torch-*.whl | head -n 1)"
+        local found=("$WORK"/wheels/torch-*.whl)
+        wheel="${found[0]}"
         if [ ! -e "$ROOT/docker/wheels/$(basename "$wheel")" ]; then
             cp "$wheel" "$ROOT/docker/wheels/" && COPIED_WHEEL="$ROOT/docker/wheels/$(basename "$wheel")"
         fi
@@ -150,6 +165,51 @@ collect_build_options() {
         log "local torch wheel $(basename "$wheel"); torch's own deps from $index"
         BUILD_OPTS+=(--build-arg "TORCH_INDEX_URL=$index")
     fi
+}
+
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# The Grafana dashboard's PromQL, evaluated by a real Prometheus scraping the container.
+# Prometheus comes from Debian (no registry for its image here); without it this stage is skipped, loudly.
+check_dashboard_queries() {
+    local gemserve_port=$1 prom_port
+    if ! command -v prometheus >/dev/null; then
+        apt_install --no-install-recommends prometheus || {
+            echo "SKIPPED: dashboard queries: no prometheus binary (apt install prometheus)"
+            return 0
+        }
+    fi
+    prom_port="$(free_port)"
+    printf 'global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: gemserve\n    static_configs:\n      - targets: ["127.0.0.1:%s"]\n' \
+        "$gemserve_port" >"$WORK/prometheus.yml"
+    prometheus --config.file="$WORK/prometheus.yml" --storage.tsdb.path="$WORK/prometheus-data" \
+        --web.listen-address="127.0.0.1:$prom_port" >"$WORK/prometheus.log" 2>&1 &
+    PROMETHEUS_PID=$!
+    log "prometheus $(prometheus --version 2>&1 | head -n 1 | cut -d' ' -f3) on 127.0.0.1:$prom_port"
+    for _ in $(seq 1 30); do
+        python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$prom_port/-/ready', timeout=2)" \
+            2>/dev/null && break
+        sleep 1
+    done
+    python3 "$ROOT/scripts/check_dashboard.py" "http://127.0.0.1:$gemserve_port" "http://127.0.0.1:$prom_port" \
+        --timeout "$REQUEST_TIMEOUT_S" || { tail -n 5 "$WORK/prometheus.log"; echo "FAIL dashboard queries" >&2; exit 1; }
+    log "ok   every dashboard query returns data from a real Prometheus"
+}
+
+# `docker compose config` (plugin) or Debian's docker-compose: both files, alone and combined.
+validate_compose() {
+    local compose=()
+    if docker compose version >/dev/null 2>&1; then
+        compose=(docker compose)
+    elif command -v docker-compose >/dev/null || apt_install --no-install-recommends docker-compose; then
+        compose=(docker-compose)
+    else
+        echo "SKIPPED: compose validation: neither the compose plugin nor docker-compose (structure: tests/docker)"
+        return 0
+    fi
+    "${compose[@]}" -f "$ROOT/docker/compose.yaml" config -q
+    "${compose[@]}" -f "$ROOT/docker/compose.yaml" -f "$ROOT/docker/compose.gpu.yaml" config -q
+    log "ok   compose files validate (${compose[*]} config)"
 }
 
 health_status() { docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{end}}' "$CONTAINER"; }
@@ -169,6 +229,7 @@ wait_healthy() {
 
 main() {
     ensure_daemon
+    validate_compose
     pick_builder
     pick_base_image
     collect_build_options
@@ -192,6 +253,8 @@ main() {
 
     wait_healthy
     log "ok   HEALTHCHECK reports healthy"
+
+    check_dashboard_queries "$port"
     echo "PASSED: docker image test ($IMAGE) in $((SECONDS - T0))s"
 }
 

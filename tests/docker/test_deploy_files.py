@@ -86,7 +86,15 @@ def test_cpu_dockerfile_defaults_need_no_local_workarounds() -> None:
 
 def test_dockerignore_keeps_context_small_but_sends_the_sources() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
-    sources = ("!pyproject.toml", "!README.md", "!compressors/**", "!server/**", "!clients/**", "!docker/wheels/**")
+    sources = (
+        "!pyproject.toml",
+        "!README.md",
+        "!compressors/**",
+        "!server/**",
+        "!clients/**",
+        "!bench/**",
+        "!docker/wheels/**",
+    )
     for needed in sources:
         assert needed in lines, needed
         assert lines.index("**") < lines.index(needed)  # deny everything first, then allow
