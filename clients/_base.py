@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import httpx
 from prometheus_client.metrics_core import Metric
@@ -137,6 +137,52 @@ def message_body(messages: Iterable[MessageLike]) -> list[dict[str, Any]]:
     if not out:
         raise ValueError("messages must hold at least one message")
     return out
+
+
+class RequestOptions(TypedDict, total=False):
+    """Per-call overrides every call accepts (absent: the client's defaults)."""
+
+    extra_headers: Mapping[str, str] | None
+    timeout: TimeoutLike
+    max_retries: int | None
+
+
+class SamplingParams(RequestOptions, total=False):
+    """OpenAI's fields (``None`` or absent: the server's default) plus GemServe's extensions."""
+
+    model: str | None
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    stop: str | list[str] | None
+    seed: int | None
+    stream_options: Mapping[str, Any] | None
+    user: str | None
+    compression: CompressionLike  # GemServe: a CompressionParams or a dict, validated before sending
+    ignore_eos: bool | None  # GemServe: generate exactly max_tokens
+    extra_body: Mapping[str, Any] | None  # merged into the JSON body last
+
+
+class ChatParams(SamplingParams, total=False):
+    max_completion_tokens: int | None
+
+
+def split_params(
+    fields: dict[str, Any], params: Mapping[str, Any], allowed: frozenset[str]
+) -> tuple[dict[str, Any], CallOptions]:
+    """The JSON body and the call options of one ``create()`` call; unknown keywords are a TypeError,
+    as they would be for an ordinary signature."""
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise TypeError(f"create() got unexpected keyword argument(s): {', '.join(unknown)}")
+    params = dict(params)
+    options = CallOptions(
+        timeout=params.pop("timeout", None),
+        max_retries=params.pop("max_retries", None),
+        extra_headers=params.pop("extra_headers", None),
+    )
+    extra_body = params.pop("extra_body", None)
+    return request_body({**fields, **params}, extra_body), options
 
 
 def request_body(fields: Mapping[str, Any], extra_body: Mapping[str, Any] | None) -> dict[str, Any]:

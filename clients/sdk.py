@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import httpx
 
@@ -24,11 +24,13 @@ from clients._base import (
     DEFAULT_MAX_RETRIES,
     REQUEST_ID_HEADER,
     CallOptions,
+    ChatParams,
     ClientCore,
-    CompressionLike,
     MessageLike,
     MetricsSnapshot,
     ModelT,
+    RequestOptions,
+    SamplingParams,
     TimeoutLike,
     json_or_status,
     message_body,
@@ -37,6 +39,7 @@ from clients._base import (
     request_body,
     retry_delay,
     should_retry,
+    split_params,
 )
 from clients.errors import InternalServerError, connection_error, status_error
 from clients.streaming import AsyncStream, Stream
@@ -49,18 +52,16 @@ from server.protocol import (
     TokenizeResponse,
 )
 
-__all__ = ["AsyncGemServe", "GemServe", "MetricsSnapshot"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["AsyncGemServe", "ChatParams", "GemServe", "MetricsSnapshot", "SamplingParams"]
 
 PromptLike = str | list[str] | list[int] | list[list[int]]
-StopLike = str | list[str] | None
-
-
-def _completion_fields(prompt: PromptLike, **fields: Any) -> dict[str, Any]:
-    return {"prompt": prompt, **fields}
-
-
-def _chat_fields(messages: Iterable[MessageLike], **fields: Any) -> dict[str, Any]:
-    return {"messages": message_body(messages), **fields}
+COMPLETIONS_PATH = "/v1/completions"
+CHAT_PATH = "/v1/chat/completions"
+COMPLETION_KEYS = SamplingParams.__optional_keys__
+CHAT_KEYS = ChatParams.__optional_keys__
 
 
 # ---- sync -------------------------------------------------------------------------------------
@@ -108,16 +109,16 @@ class GemServe(ClientCore):
             time.sleep(delay)
         raise AssertionError("unreachable: the loop returns or raises")
 
-    def _call(self, method: str, path: str, model_type: type[ModelT], body: Any = None, **options: Any) -> ModelT:
-        response, request_id = self._send(method, path, body, CallOptions(**options))
+    def _call(self, method: str, path: str, model_type: type[ModelT], body: Any, options: CallOptions) -> ModelT:
+        response, request_id = self._send(method, path, body, options)
         return parse_model(model_type, response, request_id)
 
     def _stream(self, path: str, body: Mapping[str, Any], chunk_type: type[Any], options: CallOptions) -> Stream[Any]:
         response, request_id = self._send("POST", path, body, options, stream=True)
         return Stream(response, chunk_type, request_id)
 
-    def models(self, **options: Any) -> ModelList:
-        return self._call("GET", "/v1/models", ModelList, **options)
+    def models(self, **options: Unpack[RequestOptions]) -> ModelList:
+        return self._call("GET", "/v1/models", ModelList, None, CallOptions(**options))
 
     def tokenize(
         self,
@@ -125,19 +126,19 @@ class GemServe(ClientCore):
         *,
         messages: Iterable[MessageLike] | None = None,
         model: str | None = None,
-        **options: Any,
+        **options: Unpack[RequestOptions],
     ) -> TokenizeResponse:
         """Token ids of ``prompt`` (no chat template) or of ``messages`` (with it): exactly one of them."""
         body = request_body({"model": model, "prompt": prompt}, None)
         if messages is not None:
             body["messages"] = message_body(messages)
-        return self._call("POST", "/tokenize", TokenizeResponse, body, **options)
+        return self._call("POST", "/tokenize", TokenizeResponse, body, CallOptions(**options))
 
-    def health(self, **options: Any) -> dict[str, Any]:
+    def health(self, **options: Unpack[RequestOptions]) -> dict[str, Any]:
         response, _ = self._send("GET", "/health", None, CallOptions(**options))
         return json_or_status(response)
 
-    def ready(self, **options: Any) -> bool:
+    def ready(self, **options: Unpack[RequestOptions]) -> bool:
         """True once the model is loaded; False while the server answers 503 (not retried)."""
         options.setdefault("max_retries", 0)
         try:
@@ -148,7 +149,7 @@ class GemServe(ClientCore):
             return False
         return True
 
-    def metrics(self, **options: Any) -> MetricsSnapshot:
+    def metrics(self, **options: Unpack[RequestOptions]) -> MetricsSnapshot:
         response, _ = self._send("GET", "/metrics", None, CallOptions(**options))
         return MetricsSnapshot(response.text)
 
@@ -166,76 +167,46 @@ class Completions:
     def __init__(self, client: GemServe) -> None:
         self._client = client
 
+    @overload
     def create(
-        self,
-        *,
-        prompt: PromptLike,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: StopLike = None,
-        seed: int | None = None,
-        stream: bool = False,
-        stream_options: Mapping[str, Any] | None = None,
-        compression: CompressionLike = None,
-        ignore_eos: bool | None = None,
-        user: str | None = None,
-        extra_body: Mapping[str, Any] | None = None,
-        extra_headers: Mapping[str, str] | None = None,
-        timeout: TimeoutLike = None,
-        max_retries: int | None = None,
+        self, *, prompt: PromptLike, stream: Literal[False] = False, **params: Unpack[SamplingParams]
+    ) -> CompletionResponse: ...
+    @overload
+    def create(
+        self, *, prompt: PromptLike, stream: Literal[True], **params: Unpack[SamplingParams]
+    ) -> Stream[CompletionChunk]: ...
+    def create(
+        self, *, prompt: PromptLike, stream: bool = False, **params: Unpack[SamplingParams]
     ) -> CompletionResponse | Stream[CompletionChunk]:
-        """``POST /v1/completions``; with ``stream=True`` a ``Stream`` of ``CompletionChunk``."""
-        fields = _completion_fields(
-            prompt, model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed,
-            stream=stream, stream_options=stream_options, compression=compression, ignore_eos=ignore_eos, user=user,
-        )  # fmt: skip
-        body = request_body(fields, extra_body)
-        options = CallOptions(timeout=timeout, max_retries=max_retries, extra_headers=extra_headers)
+        """``POST /v1/completions``; with ``stream=True`` a ``Stream`` of ``CompletionChunk``.
+        Keywords: see ``SamplingParams`` (OpenAI's fields, ``compression``, per-call options)."""
+        body, options = split_params({"prompt": prompt, "stream": stream}, params, COMPLETION_KEYS)
         if stream:
-            return self._client._stream("/v1/completions", body, CompletionChunk, options)
-        response, request_id = self._client._send("POST", "/v1/completions", body, options)
-        return parse_model(CompletionResponse, response, request_id)
+            return self._client._stream(COMPLETIONS_PATH, body, CompletionChunk, options)
+        return self._client._call("POST", COMPLETIONS_PATH, CompletionResponse, body, options)
 
 
 class ChatCompletions:
     def __init__(self, client: GemServe) -> None:
         self._client = client
 
+    @overload
     def create(
-        self,
-        *,
-        messages: Iterable[MessageLike],
-        model: str | None = None,
-        max_tokens: int | None = None,
-        max_completion_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: StopLike = None,
-        seed: int | None = None,
-        stream: bool = False,
-        stream_options: Mapping[str, Any] | None = None,
-        compression: CompressionLike = None,
-        ignore_eos: bool | None = None,
-        user: str | None = None,
-        extra_body: Mapping[str, Any] | None = None,
-        extra_headers: Mapping[str, str] | None = None,
-        timeout: TimeoutLike = None,
-        max_retries: int | None = None,
+        self, *, messages: Iterable[MessageLike], stream: Literal[False] = False, **params: Unpack[ChatParams]
+    ) -> ChatCompletionResponse: ...
+    @overload
+    def create(
+        self, *, messages: Iterable[MessageLike], stream: Literal[True], **params: Unpack[ChatParams]
+    ) -> Stream[ChatCompletionChunk]: ...
+    def create(
+        self, *, messages: Iterable[MessageLike], stream: bool = False, **params: Unpack[ChatParams]
     ) -> ChatCompletionResponse | Stream[ChatCompletionChunk]:
-        """``POST /v1/chat/completions``; with ``stream=True`` a ``Stream`` of ``ChatCompletionChunk``."""
-        fields = _chat_fields(
-            messages, model=model, max_tokens=max_tokens, max_completion_tokens=max_completion_tokens,
-            temperature=temperature, top_p=top_p, stop=stop, seed=seed, stream=stream, stream_options=stream_options,
-            compression=compression, ignore_eos=ignore_eos, user=user,
-        )  # fmt: skip
-        body = request_body(fields, extra_body)
-        options = CallOptions(timeout=timeout, max_retries=max_retries, extra_headers=extra_headers)
+        """``POST /v1/chat/completions``; with ``stream=True`` a ``Stream`` of ``ChatCompletionChunk``.
+        Keywords: see ``ChatParams`` (OpenAI's fields, ``compression``, per-call options)."""
+        body, options = split_params({"messages": message_body(messages), "stream": stream}, params, CHAT_KEYS)
         if stream:
-            return self._client._stream("/v1/chat/completions", body, ChatCompletionChunk, options)
-        response, request_id = self._client._send("POST", "/v1/chat/completions", body, options)
-        return parse_model(ChatCompletionResponse, response, request_id)
+            return self._client._stream(CHAT_PATH, body, ChatCompletionChunk, options)
+        return self._client._call("POST", CHAT_PATH, ChatCompletionResponse, body, options)
 
 
 class Chat:
@@ -287,8 +258,8 @@ class AsyncGemServe(ClientCore):
             await asyncio.sleep(delay)
         raise AssertionError("unreachable: the loop returns or raises")
 
-    async def _call(self, method: str, path: str, model_type: type[ModelT], body: Any = None, **options: Any) -> ModelT:
-        response, request_id = await self._send(method, path, body, CallOptions(**options))
+    async def _call(self, method: str, path: str, model_type: type[ModelT], body: Any, options: CallOptions) -> ModelT:
+        response, request_id = await self._send(method, path, body, options)
         return parse_model(model_type, response, request_id)
 
     async def _stream(
@@ -297,8 +268,8 @@ class AsyncGemServe(ClientCore):
         response, request_id = await self._send("POST", path, body, options, stream=True)
         return AsyncStream(response, chunk_type, request_id)
 
-    async def models(self, **options: Any) -> ModelList:
-        return await self._call("GET", "/v1/models", ModelList, **options)
+    async def models(self, **options: Unpack[RequestOptions]) -> ModelList:
+        return await self._call("GET", "/v1/models", ModelList, None, CallOptions(**options))
 
     async def tokenize(
         self,
@@ -306,18 +277,18 @@ class AsyncGemServe(ClientCore):
         *,
         messages: Iterable[MessageLike] | None = None,
         model: str | None = None,
-        **options: Any,
+        **options: Unpack[RequestOptions],
     ) -> TokenizeResponse:
         body = request_body({"model": model, "prompt": prompt}, None)
         if messages is not None:
             body["messages"] = message_body(messages)
-        return await self._call("POST", "/tokenize", TokenizeResponse, body, **options)
+        return await self._call("POST", "/tokenize", TokenizeResponse, body, CallOptions(**options))
 
-    async def health(self, **options: Any) -> dict[str, Any]:
+    async def health(self, **options: Unpack[RequestOptions]) -> dict[str, Any]:
         response, _ = await self._send("GET", "/health", None, CallOptions(**options))
         return json_or_status(response)
 
-    async def ready(self, **options: Any) -> bool:
+    async def ready(self, **options: Unpack[RequestOptions]) -> bool:
         options.setdefault("max_retries", 0)
         try:
             await self._send("GET", "/ready", None, CallOptions(**options))
@@ -327,7 +298,7 @@ class AsyncGemServe(ClientCore):
             return False
         return True
 
-    async def metrics(self, **options: Any) -> MetricsSnapshot:
+    async def metrics(self, **options: Unpack[RequestOptions]) -> MetricsSnapshot:
         response, _ = await self._send("GET", "/metrics", None, CallOptions(**options))
         return MetricsSnapshot(response.text)
 
@@ -345,74 +316,42 @@ class AsyncCompletions:
     def __init__(self, client: AsyncGemServe) -> None:
         self._client = client
 
+    @overload
     async def create(
-        self,
-        *,
-        prompt: PromptLike,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: StopLike = None,
-        seed: int | None = None,
-        stream: bool = False,
-        stream_options: Mapping[str, Any] | None = None,
-        compression: CompressionLike = None,
-        ignore_eos: bool | None = None,
-        user: str | None = None,
-        extra_body: Mapping[str, Any] | None = None,
-        extra_headers: Mapping[str, str] | None = None,
-        timeout: TimeoutLike = None,
-        max_retries: int | None = None,
+        self, *, prompt: PromptLike, stream: Literal[False] = False, **params: Unpack[SamplingParams]
+    ) -> CompletionResponse: ...
+    @overload
+    async def create(
+        self, *, prompt: PromptLike, stream: Literal[True], **params: Unpack[SamplingParams]
+    ) -> AsyncStream[CompletionChunk]: ...
+    async def create(
+        self, *, prompt: PromptLike, stream: bool = False, **params: Unpack[SamplingParams]
     ) -> CompletionResponse | AsyncStream[CompletionChunk]:
-        fields = _completion_fields(
-            prompt, model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed,
-            stream=stream, stream_options=stream_options, compression=compression, ignore_eos=ignore_eos, user=user,
-        )  # fmt: skip
-        body = request_body(fields, extra_body)
-        options = CallOptions(timeout=timeout, max_retries=max_retries, extra_headers=extra_headers)
+        body, options = split_params({"prompt": prompt, "stream": stream}, params, COMPLETION_KEYS)
         if stream:
-            return await self._client._stream("/v1/completions", body, CompletionChunk, options)
-        response, request_id = await self._client._send("POST", "/v1/completions", body, options)
-        return parse_model(CompletionResponse, response, request_id)
+            return await self._client._stream(COMPLETIONS_PATH, body, CompletionChunk, options)
+        return await self._client._call("POST", COMPLETIONS_PATH, CompletionResponse, body, options)
 
 
 class AsyncChatCompletions:
     def __init__(self, client: AsyncGemServe) -> None:
         self._client = client
 
+    @overload
     async def create(
-        self,
-        *,
-        messages: Iterable[MessageLike],
-        model: str | None = None,
-        max_tokens: int | None = None,
-        max_completion_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: StopLike = None,
-        seed: int | None = None,
-        stream: bool = False,
-        stream_options: Mapping[str, Any] | None = None,
-        compression: CompressionLike = None,
-        ignore_eos: bool | None = None,
-        user: str | None = None,
-        extra_body: Mapping[str, Any] | None = None,
-        extra_headers: Mapping[str, str] | None = None,
-        timeout: TimeoutLike = None,
-        max_retries: int | None = None,
+        self, *, messages: Iterable[MessageLike], stream: Literal[False] = False, **params: Unpack[ChatParams]
+    ) -> ChatCompletionResponse: ...
+    @overload
+    async def create(
+        self, *, messages: Iterable[MessageLike], stream: Literal[True], **params: Unpack[ChatParams]
+    ) -> AsyncStream[ChatCompletionChunk]: ...
+    async def create(
+        self, *, messages: Iterable[MessageLike], stream: bool = False, **params: Unpack[ChatParams]
     ) -> ChatCompletionResponse | AsyncStream[ChatCompletionChunk]:
-        fields = _chat_fields(
-            messages, model=model, max_tokens=max_tokens, max_completion_tokens=max_completion_tokens,
-            temperature=temperature, top_p=top_p, stop=stop, seed=seed, stream=stream, stream_options=stream_options,
-            compression=compression, ignore_eos=ignore_eos, user=user,
-        )  # fmt: skip
-        body = request_body(fields, extra_body)
-        options = CallOptions(timeout=timeout, max_retries=max_retries, extra_headers=extra_headers)
+        body, options = split_params({"messages": message_body(messages), "stream": stream}, params, CHAT_KEYS)
         if stream:
-            return await self._client._stream("/v1/chat/completions", body, ChatCompletionChunk, options)
-        response, request_id = await self._client._send("POST", "/v1/chat/completions", body, options)
-        return parse_model(ChatCompletionResponse, response, request_id)
+            return await self._client._stream(CHAT_PATH, body, ChatCompletionChunk, options)
+        return await self._client._call("POST", CHAT_PATH, ChatCompletionResponse, body, options)
 
 
 class AsyncChat:

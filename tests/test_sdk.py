@@ -59,9 +59,11 @@ def test_chat_accepts_compression_dict(client: GemServe, stub: tuple[str, object
     assert stub[1].state.stub.bodies[-1]["messages"] == [{"role": "user", "content": "a b c"}]
 
 
-def test_bad_compression_is_rejected_before_sending(client: GemServe) -> None:
+def test_bad_compression_or_keyword_is_rejected_before_sending(client: GemServe) -> None:
     with pytest.raises(ValidationError, match="budget"):
         client.completions.create(prompt="x", compression={"method": "gemfilter", "budget": "lots"})
+    with pytest.raises(TypeError, match="max_token"):
+        client.completions.create(prompt="x", max_token=3)  # type: ignore[call-overload]
 
 
 def test_chat_stream_yields_typed_chunks_and_final_extensions(client: GemServe) -> None:
