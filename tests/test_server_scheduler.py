@@ -73,9 +73,11 @@ class FailingEngine:
             await events.aclose()
 
 
-def read_first_tokens(response: httpx.Response, count: int) -> None:
+def read_first_tokens(lines: Iterator[str], count: int) -> None:
+    """Consume SSE lines until ``count`` tokens arrived. Takes the caller's line iterator: dropping
+    an httpx line iterator closes the response, which would disconnect the stream."""
     seen = 0
-    for line in response.iter_lines():
+    for line in lines:
         if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
             seen += 1
             if seen == count:
@@ -88,7 +90,7 @@ def test_disconnect_stops_generation_within_one_step(engine) -> None:
     app = create_app(Settings(), engine=HFAsyncEngine(recorder))
     with serve_app(app) as url:
         with httpx.stream("POST", f"{url}/v1/completions", json=LONG_STREAM, timeout=120) as response:
-            read_first_tokens(response, 3)
+            read_first_tokens(response.iter_lines(), 3)
         # leaving the block closed the connection mid-stream
         assert recorder.finished.wait(120), "engine did not stop after the client left"
     result = recorder.results[0]
@@ -102,7 +104,8 @@ def test_queue_full_is_429_with_retry_after(engine) -> None:
     app = create_app(Settings(max_concurrency=1, max_queue=0), engine=HFAsyncEngine(engine, 1, 0, retry_after_s=3))
     with serve_app(app) as url:
         with httpx.stream("POST", f"{url}/v1/completions", json=LONG_STREAM, timeout=120) as busy:
-            read_first_tokens(busy, 1)  # the only slot is now taken
+            busy_lines = busy.iter_lines()
+            read_first_tokens(busy_lines, 1)  # the only slot is now taken
             rejected = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
             error = error_of(rejected, 429)
             assert rejected.headers["retry-after"] == "3"
