@@ -297,7 +297,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=now)
     owned_by: str = "gemserve"
-    max_model_len: int
+    max_model_len: int | None = None  # vLLM may report null
     backend: str | None = None
 
 
