@@ -10,10 +10,12 @@ One process loads the default model once and serves it with uvicorn on a loopbac
 Same token ids (the prompt is sent as ids so tokenisation is not part of either side), greedy,
 ``ignore_eos``, exactly 16 new tokens. Reported: p50 of each and their difference (the target).
 On a shared CPU the model's own run-to-run noise (hundreds of ms) swamps a few ms of overhead
-in that difference, so two views free of model noise come with it: per request, the client's
-wall time minus the engine's working time (its ``e2e_ms - queue_ms``: what HTTP, validation,
-admission, the thread hop and serialisation add), and the round trip when generation is
-stubbed out (16 canned tokens, no forward pass), beside a bare ``GET /health`` round trip.
+in that difference, so two views free of model noise come with it. Paired: for every request,
+wall time minus the engine's own working time for that request (``e2e_ms``, minus ``queue_ms``
+on the HTTP side), so the model's noise cancels; the overhead is the HTTP gap's p50 minus the
+direct gap's p50 (what HTTP, validation, admission, the thread hop and serialisation add).
+And the round trip when generation is stubbed out (16 canned tokens, no forward pass), beside
+a bare ``GET /health`` round trip.
 
     python -m bench.server_overhead [--runs 24] [--warmup 3]
 """
@@ -41,7 +43,8 @@ def p50(values: list[float]) -> float:
     return round(median(values), 3)
 
 
-def direct_ms(engine: Any, prompt_ids: list[int]) -> float:
+def direct_ms(engine: Any, prompt_ids: list[int]) -> tuple[float, float]:
+    """Wall time of a direct call, and the engine's own working time (its ``e2e_ms``)."""
     from server.engine.types import GenerationRequest, SamplingParams
 
     request = GenerationRequest(
@@ -51,7 +54,7 @@ def direct_ms(engine: Any, prompt_ids: list[int]) -> float:
     result = engine.generate(request)
     elapsed = (time.perf_counter() - start) * 1000.0
     assert result.completion_tokens == NEW_TOKENS, result.completion_tokens
-    return elapsed
+    return elapsed, result.metrics.e2e_ms
 
 
 def http_ms(client: httpx.Client, prompt_ids: list[int]) -> tuple[float, float]:
@@ -99,7 +102,7 @@ def measure(runs: int, warmup: int) -> dict[str, Any]:
 
     engine = HFEngine(load_model(device="cpu"))
     prompt_ids = engine.encode_prompt(PROMPT)
-    direct, http, paired, stub, health = [], [], [], [], []
+    direct, http, direct_gap, http_gap, stub, health = [], [], [], [], [], []
     with (
         serve_in_background(create_app(Settings(), engine=HFAsyncEngine(engine))) as url,
         httpx.Client(base_url=url, timeout=600) as c,
@@ -112,11 +115,13 @@ def measure(runs: int, warmup: int) -> dict[str, Any]:
             order = ("direct", "http") if i % 2 == 0 else ("http", "direct")
             for side in order:
                 if side == "direct":
-                    direct.append(direct_ms(engine, prompt_ids))
+                    wall, engine_work = direct_ms(engine, prompt_ids)
+                    direct.append(wall)
+                    direct_gap.append(wall - engine_work)
                 else:
                     wall, engine_work = http_ms(c, prompt_ids)
                     http.append(wall)
-                    paired.append(wall - engine_work)
+                    http_gap.append(wall - engine_work)
             logging.info("round %d: direct %.1f ms, http %.1f ms", i, direct[-1], http[-1])
     stub_app = create_app(Settings(), engine=HFAsyncEngine(StubGeneration(engine)))
     with serve_in_background(stub_app) as url, httpx.Client(base_url=url, timeout=60) as c:
@@ -139,18 +144,29 @@ def measure(runs: int, warmup: int) -> dict[str, Any]:
             "direct_engine": p50(direct),
             "http": p50(http),
             "overhead_http_minus_direct": round(median(http) - median(direct), 3),
-            "overhead_paired_client_minus_engine_work": p50(paired),
+            # Each side's wall time minus the engine's working time for that very request: the
+            # model's noise cancels per request, what is left is what wraps the engine.
+            "direct_wall_minus_engine_work": p50(direct_gap),
+            "http_wall_minus_engine_work": p50(http_gap),
+            "overhead_paired": round(median(http_gap) - median(direct_gap), 3),
             "http_round_trip_stub_generation": p50(stub),
             "http_round_trip_health": p50(health),
         },
         # The minimum shows the path's own cost when no other process preempted it.
         "min_ms": {
-            "overhead_paired_client_minus_engine_work": round(min(paired), 3),
+            "overhead_paired": round(min(http_gap) - min(direct_gap), 3),
             "http_round_trip_stub_generation": round(min(stub), 3),
             "http_round_trip_health": round(min(health), 3),
         },
         "load_average_1m_after": round(os.getloadavg()[0], 2),
-        "samples_ms": {"direct": direct, "http": http, "paired_overhead": paired, "stub_http": stub, "health": health},
+        "samples_ms": {
+            "direct": direct,
+            "http": http,
+            "direct_gap": direct_gap,
+            "http_gap": http_gap,
+            "stub_http": stub,
+            "health": health,
+        },
     }
 
 
@@ -160,10 +176,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         ("direct `HFEngine.generate`", p["direct_engine"], None),
         ("through HTTP (`POST /v1/completions`)", p["http"], None),
         ("**overhead: HTTP p50 − direct p50**", p["overhead_http_minus_direct"], None),
-        (
-            "overhead per request: client wall − engine working time",
-            *pair(p, low, "overhead_paired_client_minus_engine_work"),
-        ),
+        ("direct: wall − engine working time, per request", p["direct_wall_minus_engine_work"], None),
+        ("HTTP: client wall − engine working time, per request", p["http_wall_minus_engine_work"], None),
+        ("**overhead, paired: the two rows above subtracted**", *pair(p, low, "overhead_paired")),
         (
             "HTTP round trip, generation stubbed out (16 canned tokens)",
             *pair(p, low, "http_round_trip_stub_generation"),
