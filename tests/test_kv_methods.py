@@ -1,0 +1,339 @@
+"""SnapKV, H2O, StreamingLLM and PyramidKV: what they keep, how the cache shrinks, and errors.
+
+Scoring is checked against a slow reference built from explicit attention weights of a small
+random Llama (eager attention, ``output_attentions=True``); cache shapes and decode-time eviction
+run through the engine's own hook calls; the needle tests use the real model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import DynamicCache
+
+from clients.haystack import build_case
+from compressors import CompressionError, build_method
+from compressors.kv_pruner import ScoredKVPruner
+from compressors.probe import active_probe, install_probe_attention
+from compressors.pyramidkv import pyramid_budgets
+from server.engine.hf import HFEngine
+from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
+from server.models import LoadedModel
+
+TINY_VOCAB = 128
+
+
+# ---- a small random Llama: 2 layers, 4 query heads sharing 2 KV heads -----------------------
+@pytest.fixture(scope="module")
+def tiny_model() -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=0.2,  # peaky attention, so top-k has no near-ties
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_ids() -> torch.Tensor:
+    return torch.randint(0, TINY_VOCAB, (1, 96), generator=torch.Generator().manual_seed(1))
+
+
+def eager_attentions(model: LlamaForCausalLM, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Reference attention weights ``(heads, n, n)`` per layer from eager attention."""
+    model.set_attn_implementation("eager")
+    with torch.inference_mode():
+        out = model(ids, output_attentions=True)
+    return [a[0].float() for a in out.attentions]
+
+
+def prefill_and_compress(model, ids: torch.Tensor, method: ScoredKVPruner, default_budget: int = 1024):
+    """The engine's order of hook calls (server/engine/hf.py), on any model."""
+    install_probe_attention(model)
+    cache = DynamicCache(config=model.config)
+    n = int(ids.shape[1])
+    with torch.inference_mode():
+        with method.prefill_observer(model, n):
+            model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(n).unsqueeze(0), use_cache=True)
+        selection = method.compress(cache, n, default_budget)
+    return cache, selection
+
+
+def full_cache(model, ids: torch.Tensor) -> DynamicCache:
+    install_probe_attention(model)
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    return cache
+
+
+def assert_top_k(kept: list[set[int]], scores: torch.Tensor, keep: int, forced: list[int]) -> None:
+    """Per KV head: the forced entries plus ``keep - len(forced)`` others that no dropped entry
+    outscores (max pooling makes exact ties, so any tie-break is right)."""
+    for head_kept, head_scores in zip(kept, scores, strict=True):
+        assert len(head_kept) == keep and set(forced) <= head_kept
+        chosen = [head_scores[i] for i in head_kept - set(forced)]
+        dropped = [head_scores[i] for i in range(len(head_scores)) if i not in head_kept]
+        assert min(chosen) >= max(dropped) - 1e-6
+
+
+def kept_sets(method: ScoredKVPruner, layer: int) -> list[set[int]]:
+    return [set(row.tolist()) for row in method.kv_positions()[layer]]
+
+
+# ---- scoring against explicit attention weights ----------------------------------------------
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_snapkv_keeps_what_explicit_window_attention_ranks_highest(tiny_model, tiny_ids, pooling):
+    n, window, budget, groups = tiny_ids.shape[1], 8, 40, 2
+    reference = eager_attentions(tiny_model, tiny_ids)
+    method = build_method("snapkv", {"budget": budget, "window": window, "pooling": pooling})
+    cache, _ = prefill_and_compress(tiny_model, tiny_ids, method)
+    full = full_cache(tiny_model, tiny_ids)
+    pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
+    for layer, weights in enumerate(reference):
+        summed = weights[:, -window:, : n - window].sum(dim=1)  # (heads, n - window)
+        pooled = pool(summed.unsqueeze(0), kernel_size=5, padding=2, stride=1).squeeze(0)
+        per_kv = pooled.view(2, groups, -1).mean(dim=1)
+        scores = torch.cat([per_kv, torch.zeros(2, window)], dim=1)
+        assert_top_k(kept_sets(method, layer), scores, budget, list(range(n - window, n)))
+        # The cache holds the real entries at those positions, per KV head, in position order.
+        positions = method.kv_positions()[layer]
+        assert cache.layers[layer].keys.shape == (1, 2, budget, 16)
+        for head in range(2):
+            torch.testing.assert_close(
+                cache.layers[layer].keys[0, head], full.layers[layer].keys[0, head, positions[head]]
+            )
+            torch.testing.assert_close(
+                cache.layers[layer].values[0, head], full.layers[layer].values[0, head, positions[head]]
+            )
+
+
+def test_h2o_keeps_the_heaviest_hitters_of_all_prompt_queries(tiny_model, tiny_ids):
+    n, budget = tiny_ids.shape[1], 32
+    reference = eager_attentions(tiny_model, tiny_ids)
+    method = build_method("h2o", {"budget": budget})
+    prefill_and_compress(tiny_model, tiny_ids, method)
+    recent = list(range(n - budget // 2, n))
+    for layer, weights in enumerate(reference):
+        received = weights.sum(dim=1).view(2, 2, n).mean(dim=1)  # every query's attention, per KV head
+        assert_top_k(kept_sets(method, layer), received, budget, recent)
+
+
+def test_h2o_accumulation_is_chunked_yet_exact(tiny_model, tiny_ids):
+    """Blocks of queries (never n x n) add up to the explicit attention column sums."""
+    from compressors.kv_scoring import accumulated_attention
+
+    captured = {}
+
+    def grab(module, query, key, value):
+        captured.setdefault(module.layer_idx, (module, query, key))
+
+    from compressors.probe import attention_probe
+
+    install_probe_attention(tiny_model)
+    with torch.inference_mode(), attention_probe(grab):
+        tiny_model(tiny_ids)
+    reference = eager_attentions(tiny_model, tiny_ids)
+    for layer, (module, query, key) in captured.items():
+        for chunk in (7, 32, 1000):
+            torch.testing.assert_close(accumulated_attention(module, query, key, chunk), reference[layer].sum(dim=1))
+
+
+def test_streamingllm_keeps_sinks_and_recent_window_at_original_positions(tiny_model, tiny_ids):
+    n, budget, sinks = tiny_ids.shape[1], 24, 4
+    method = build_method("streamingllm", {"budget": budget, "sinks": sinks})
+    cache, selection = prefill_and_compress(tiny_model, tiny_ids, method)
+    expected = [*range(sinks), *range(n - (budget - sinks), n)]
+    assert selection.kept_indices == expected
+    for layer in range(2):
+        assert method.kv_positions()[layer].tolist() == [expected, expected]
+    # Decoding the next token at its original position n over the pruned cache is exactly full
+    # attention with the evicted prompt tokens masked out for that query (positions 0..n).
+    token = torch.tensor([[5]])
+    with torch.inference_mode():
+        pruned = tiny_model(input_ids=token, past_key_values=cache, position_ids=torch.tensor([[n]])).logits[0, -1]
+        tiny_model.set_attn_implementation("eager")
+        mask = torch.full((n + 1, n + 1), float("-inf")).triu(1)
+        hidden = [i for i in range(n) if i not in expected]
+        mask[n, hidden] = float("-inf")
+        masked = tiny_model(torch.cat([tiny_ids, token], dim=1), attention_mask=mask[None, None]).logits[0, -1]
+    torch.testing.assert_close(pruned, masked, rtol=1e-4, atol=1e-4)
+
+
+def test_pyramidkv_budgets_fall_with_depth_and_average_the_budget(tiny_model, tiny_ids):
+    budgets = pyramid_budgets(list(range(30)), budget=1024, window=32, beta=20)
+    values = list(budgets.values())
+    assert values == sorted(values, reverse=True) and values[0] > 1024 > values[-1]
+    assert sum(values) / len(values) == pytest.approx(1024, abs=1)
+    method = build_method("pyramidkv", {"budget": 40, "window": 8})
+    cache, _ = prefill_and_compress(tiny_model, tiny_ids, method)
+    expected = pyramid_budgets([0, 1], 40, 8, 20)
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [expected[0], expected[1]]
+
+
+# ---- decode-time eviction through the engine's hooks -------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model, loaded_model) -> HFEngine:
+    """The engine around the tiny model (the real tokenizer only names token ids)."""
+    loaded = LoadedModel("tiny-llama", Path("."), tiny_model, loaded_model.tokenizer, 2048, torch.device("cpu"))
+    install_probe_attention(tiny_model)
+    return HFEngine(loaded)
+
+
+def decode_and_watch(engine: HFEngine, ids: list[int], method: ScoredKVPruner, steps: int) -> list[list[int]]:
+    """prefill -> compress -> ``steps`` decode steps via the engine; cache length per layer per step."""
+    prompt = torch.tensor([ids])
+    cache = DynamicCache(config=engine.model.config)
+    lengths = []
+    with torch.inference_mode():
+        logits, _ = engine.prefill(prompt, cache, method)
+        method.compress(cache, len(ids), engine.default_budget)
+        lengths.append([layer.keys.shape[-2] for layer in cache.layers])
+        for step in range(steps):
+            token = int(logits.argmax()) % TINY_VOCAB
+            logits = engine.decode_one_token(token, cache, len(ids) + step, method)
+            lengths.append([layer.keys.shape[-2] for layer in cache.layers])
+    assert active_probe() is None
+    return lengths
+
+
+@pytest.mark.parametrize("name", ["h2o", "streamingllm"])
+def test_evicting_methods_stay_at_budget_over_200_decode_steps(tiny_engine, tiny_ids, name):
+    budget = 48
+    method = build_method(name, {"budget": budget})
+    lengths = decode_and_watch(tiny_engine, tiny_ids[0].tolist(), method, steps=200)
+    assert all(step == [budget, budget] for step in lengths)
+    n = tiny_ids.shape[1]
+    last = n + 200  # decode steps took positions n .. n + 199
+    for layer_positions in method.kv_positions().values():
+        for head in layer_positions.tolist():
+            assert head == sorted(head) and len(set(head)) == budget
+            if name == "streamingllm":
+                assert head == [0, 1, 2, 3, *range(last - (budget - 4), last)]
+            else:  # H2O never evicts its recent half
+                assert set(range(last - budget // 2, last)) <= set(head)
+
+
+def test_snapkv_cache_grows_from_budget_while_decoding(tiny_engine, tiny_ids):
+    method = build_method("snapkv", {"budget": 32, "window": 8})
+    lengths = decode_and_watch(tiny_engine, tiny_ids[0].tolist(), method, steps=10)
+    assert [step[0] for step in lengths] == list(range(32, 43))
+
+
+def test_h2o_stays_at_budget_while_decoding_the_real_model(engine):
+    """The real model through engine.generate with ignore_eos: 40 tokens past a 64-entry budget."""
+    ids = engine.encode_chat([{"role": "user", "content": "Write a long story about a lighthouse. " * 12}])
+    method = build_method("h2o", {"budget": 64})
+    lengths = decode_and_watch_real(engine, ids, method, steps=40)
+    assert all(set(step) == {64} for step in lengths)
+    result = engine.generate(
+        GenerationRequest(
+            ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), CompressionSpec("h2o", {"budget": 64})
+        )
+    )
+    assert result.finish_reason == "length" and result.completion_tokens == 40
+    assert result.compression.kv_bytes_after == result.compression.kv_bytes_before * 64 // len(ids)
+
+
+def decode_and_watch_real(engine: HFEngine, ids: list[int], method: ScoredKVPruner, steps: int) -> list[list[int]]:
+    prompt = torch.tensor([ids])
+    cache = DynamicCache(config=engine.model.config)
+    lengths = []
+    with torch.inference_mode():
+        logits, _ = engine.prefill(prompt, cache, method)
+        method.compress(cache, len(ids), engine.default_budget)
+        for step in range(steps):
+            logits = engine.decode_one_token(int(logits.argmax()), cache, len(ids) + step, method)
+            lengths.append([layer.keys.shape[-2] for layer in cache.layers])
+    return lengths
+
+
+# ---- real model: exact per-layer shapes ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def story_ids(engine) -> list[int]:
+    return engine.encode_chat([{"role": "user", "content": "Tell me about harbours and ferries. " * 30}])
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "streamingllm", "pyramidkv"])
+def test_real_cache_shapes_equal_the_budget(engine, loaded_model, story_ids, name):
+    budget = 64
+    method = build_method(name, {"budget": budget})
+    cache, selection = prefill_and_compress(loaded_model.model, torch.tensor([story_ids]), method)
+    config = loaded_model.model.config
+    expected = (
+        pyramid_budgets(list(range(config.num_hidden_layers)), budget, 32, 20)
+        if name == "pyramidkv"
+        else dict.fromkeys(range(config.num_hidden_layers), budget)
+    )
+    for index, layer in enumerate(cache.layers):
+        assert layer.keys.shape == (1, config.num_key_value_heads, expected[index], 64)
+        assert layer.values.shape == layer.keys.shape
+    assert selection.details["kv_tokens_per_layer"] == {str(i): b for i, b in expected.items()}
+    assert len(story_ids) > 300
+
+
+# ---- bad knobs -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "knobs", "param", "message"),
+    [
+        ("snapkv", {"budget": 32, "window": 32}, "compression.window", "window .32. must be smaller than budget"),
+        ("snapkv", {"budget": 16, "window": 64}, "compression.window", "must be smaller than budget"),
+        ("snapkv", {"window": 0}, "compression.window", "window must be >= 1"),
+        ("snapkv", {"kernel_size": 4}, "compression.kernel_size", "positive odd number"),
+        ("snapkv", {"pooling": "median"}, "compression.pooling", "pooling must be one of avg, max"),
+        ("pyramidkv", {"budget": 8, "window": 8}, "compression.window", "must be smaller than budget"),
+        ("pyramidkv", {"beta": 0}, "compression.beta", "beta must be >= 1"),
+        ("streamingllm", {"sinks": -1}, "compression.sinks", "sinks must be >= 0"),
+        ("streamingllm", {"budget": 4, "sinks": 4}, "compression.sinks", "must be smaller than budget"),
+        ("h2o", {"recent_fraction": 1.5}, "compression.recent_fraction", r"recent_fraction must be in \[0, 1\]"),
+        ("h2o", {"budget": 0}, "compression.budget", "budget must be a positive number"),
+        ("h2o", {"budget": 64, "ratio": 0.5}, "compression.budget", "either 'budget' or 'ratio'"),
+        ("snapkv", {"window": "wide"}, "compression.window", "must be int"),
+    ],
+)
+def test_bad_knobs_raise_clear_errors(name, knobs, param, message):
+    with pytest.raises(CompressionError, match=message) as info:
+        build_method(name, knobs)
+    assert info.value.param == param
+
+
+def test_ratio_budget_smaller_than_window_fails_before_any_token(engine):
+    ids = engine.encode_chat([{"role": "user", "content": "Short question: what is two plus two?"}])
+    request = GenerationRequest(ids, SamplingParams(max_tokens=4), CompressionSpec("snapkv", {"ratio": 0.1}))
+    with pytest.raises(CompressionError, match=r"window \(32\) must be smaller than the resolved budget") as info:
+        engine.generate(request)
+    assert info.value.param == "compression.window"
+
+
+# ---- real needles at ~3K tokens, budget 1024 -----------------------------------------------------
+NEEDLE_CASES = [
+    ("snapkv", 0.5),
+    ("h2o", 0.5),
+    ("pyramidkv", 0.5),
+    # StreamingLLM keeps only sinks + the recent window: a needle is reachable only inside it.
+    ("streamingllm", 0.9),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "depth"), NEEDLE_CASES, ids=[n for n, _ in NEEDLE_CASES])
+def test_needle_found_at_3k_tokens_with_budget_1024(engine, name, depth):
+    case = build_case(3000, depth, seed=3, count_tokens=lambda text: len(engine.encode_prompt(text)))
+    ids = engine.encode_chat([{"role": "user", "content": case.user_message()}])
+    sampling = SamplingParams(max_tokens=16, temperature=0.0)
+    result = engine.generate(GenerationRequest(ids, sampling, CompressionSpec(name, {"budget": 1024})))
+    assert 2800 <= len(ids) <= 3100
+    assert result.compression.kv_bytes_after == pytest.approx(
+        result.compression.kv_bytes_before * 1024 / len(ids), rel=0.02
+    )
+    assert case.needle.found_in(result.text), f"{name} answered {result.text!r}, expected {case.needle.answer}"
