@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 import time
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # torch and the model stack load in run(), so `gemserve --hel
 logger = logging.getLogger(__name__)
 
 TOP_K = (256, 512)
+METRIC = "answer@512"  # what the default layer is chosen on
 
 
 def layer_scores(model: nn.Module, prompt_ids: list[int], last_layer: int | None = None) -> list[torch.Tensor]:
@@ -101,10 +103,12 @@ def calibrate_length(
     progress: tqdm,
     last_layer: int | None = None,
     on_case: Callable[[dict[str, Any]], None] | None = None,
+    case_slice: slice = slice(None),
 ) -> dict[str, Any]:
-    """Per-case and mean per-layer recalls over ``cases`` needles at spread depths and seeds."""
+    """Per-case and mean per-layer recalls over ``cases`` needles at spread depths and seeds
+    (case ``i`` sits at ``depths(cases)[i]`` with seed ``seed + i``; ``case_slice`` picks some)."""
     entry: dict[str, Any] = {"target_tokens": target_tokens, "cases": [], "mean_recall": {}}
-    for i, depth in enumerate(depths(cases)):
+    for i, depth in list(enumerate(depths(cases)))[case_slice]:
         prompt = needle_prompt(engine, target_tokens, depth=depth, seed=seed + i)
         start = time.perf_counter()
         scores = layer_scores(engine.model, prompt.prompt_ids, last_layer)
@@ -183,9 +187,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=7000, help="first case's seed; case i uses seed + i")
     parser.add_argument("--tolerance", type=float, default=0.03, help="recall below the best still accepted")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/filter_layer_<model>.json)")
+    parser.add_argument("--case-from", type=int, default=0, help="run only main cases from this index (a part)")
+    parser.add_argument("--case-to", type=int, help="run only main cases before this index (a part)")
+    parser.add_argument("--skip-main", action="store_true", help="run only the check lengths (a part)")
+    parser.add_argument(
+        "--check-last-layer", type=int, help="check lengths score layers 0..this (default chosen+margin)"
+    )
+    parser.add_argument("--merge", type=Path, nargs="+", help="measure nothing: combine part JSONs into --out")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.merge:
+        return finalize(merge_results(args.merge), args.out or args.merge[0], args.tolerance)
     from compressors.gemfilter import GemFilter
     from compressors.probe import decoder_layers
     from server.engine.hf import HFEngine
@@ -193,12 +206,12 @@ def run(args: argparse.Namespace) -> int:
 
     engine = HFEngine(load_model(args.model, device="cpu"))
     method = GemFilter()
-    metric = "answer@512"
     result: dict[str, Any] = {
         "model": engine.model_name,
         "num_layers": len(decoder_layers(engine.model)),
         "method": {"kernel_size": method.kernel_size, "tail": method.tail},
-        "rule": f"earliest layer with mean {metric} at ~{args.tokens} tokens >= best - {args.tolerance}",
+        "main_tokens": args.tokens,
+        "rule": f"earliest layer with mean {METRIC} at ~{args.tokens} tokens >= best - {args.tolerance}",
         "lengths": [],
     }
     out = args.out or RESULTS_DIR / f"filter_layer_{model_slug(engine.model_name)}.json"
@@ -207,27 +220,67 @@ def run(args: argparse.Namespace) -> int:
         """Write after every case, so a run cut short keeps what it measured."""
         if entry not in result["lengths"]:
             result["lengths"].append(entry)
-        result["chosen_layer"] = choose_layer(result["lengths"][0]["mean_recall"], metric, args.tolerance)
+        if not args.skip_main:
+            result["chosen_layer"] = choose_layer(result["lengths"][0]["mean_recall"], METRIC, args.tolerance)
         result["complete"] = False
         result["machine"] = machine_description()
         write_json(out, result)
 
-    total = args.cases + args.check_cases * len(args.check_tokens)
+    main_cases = len(range(args.cases)[args.case_from : args.case_to])
+    total = (0 if args.skip_main else main_cases) + args.check_cases * len(args.check_tokens)
     with tqdm(total=total, desc="calibrate", unit="case") as progress:
-        calibrate_length(engine, args.tokens, args.cases, args.seed, method, progress, on_case=save)
-        chosen = result["chosen_layer"]
-        # Longer and shorter prompts only check the chosen layer (and a few after it): the pass
-        # stops there, which keeps an 8K check affordable on a 2-core CPU.
-        last = min(result["num_layers"] - 1, chosen + args.check_margin)
+        if not args.skip_main:
+            part = slice(args.case_from, args.case_to)
+            calibrate_length(engine, args.tokens, args.cases, args.seed, method, progress, None, save, part)
+        # Longer and shorter prompts only check layers up to the chosen one plus a margin: the
+        # pass stops there, which keeps an 8K check affordable on a 2-core CPU.
+        last = args.check_last_layer
+        if last is None:
+            last = min(result["num_layers"] - 1, result["chosen_layer"] + args.check_margin)
         for i, tokens in enumerate(args.check_tokens, start=1):
             calibrate_length(engine, tokens, args.check_cases, args.seed + 100 * i, method, progress, last, save)
+    if args.skip_main or args.case_from or args.case_to is not None:
+        print(f"wrote part of a calibration to {out}; combine the parts with --merge")
+        return 0
+    return finalize(result, out, args.tolerance)
+
+
+def merge_results(paths: list[Path]) -> dict[str, Any]:
+    """Combine calibration parts run in separate processes: cases of equal length are pooled."""
+    parts = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
+    merged = {key: value for key, value in parts[0].items() if key not in {"lengths", "chosen_layer"}}
+    by_length: dict[int, dict[str, Any]] = {}
+    for part in parts:
+        for entry in part["lengths"]:
+            pooled = by_length.setdefault(
+                entry["target_tokens"], {"target_tokens": entry["target_tokens"], "cases": []}
+            )
+            seen = {case["seed"] for case in pooled["cases"]}
+            pooled["cases"].extend(case for case in entry["cases"] if case["seed"] not in seen)  # parts may overlap
+    main_tokens = merged.get("main_tokens", parts[0]["lengths"][0]["target_tokens"])
+    order = sorted(by_length, key=lambda tokens: (tokens != main_tokens, tokens))
+    merged["lengths"] = []
+    for tokens in order:
+        entry = by_length[tokens]
+        entry["cases"].sort(key=lambda case: case["seed"])
+        entry["mean_recall"] = mean_recalls(entry["cases"])
+        merged["lengths"].append(entry)
+    merged["merged_from"] = [str(path) for path in paths]
+    return merged
+
+
+def finalize(result: dict[str, Any], out: Path, tolerance: float) -> int:
+    """Choose the layer, summarise the check lengths at it, write JSON + PNG, print the choice."""
+    chosen = choose_layer(result["lengths"][0]["mean_recall"], METRIC, tolerance)
+    result["chosen_layer"] = chosen
     result["chosen_layer_recall"] = {
         str(r["target_tokens"]): {key: values[chosen] for key, values in r["mean_recall"].items()}
         for r in result["lengths"]
+        if chosen < len(next(iter(r["mean_recall"].values())))
     }
     result["max_tail_tokens"] = max(c["tail_tokens"] for r in result["lengths"] for c in r["cases"])
     result["complete"] = True
-    result["machine"] = machine_description()
+    result.setdefault("machine", machine_description())
     write_json(out, result)
     plot(result, out.with_suffix(".png"))
     print(f"chosen filter layer: {chosen} ({result['rule']})")

@@ -210,7 +210,8 @@ def markdown_section(result: dict[str, Any]) -> str:
         ),
         "",
         "Each row is one fresh process: model load, one ~512-token warm-up request, then one needle prompt per "
-        f"depth ({result['depths']} depths, 0 to 1). Times are medians over those requests; TTFT = request "
+        f"depth ({result['depths']} depths from 0 to 1; {result.get('long_depths', result['depths'])} above 4K "
+        "tokens). Times are medians over those requests; TTFT = request "
         "created -> first token chosen (select + prefill + first sampling). Peak memory is the max sampled "
         "process RSS (`memory_source` in the JSON) including the ~model weights; `+req` is peak minus the RSS "
         "just before the first measured request. KV bytes are exact, from the cache tensors after prefill.",
@@ -241,7 +242,39 @@ def markdown_section(result: dict[str, Any]) -> str:
             f"| {t.get('bound_with_prefill_k', '-')} | {t['kv_ratio']:.4f} | {t['kept_ratio']:.4f} "
             f"| {t['accuracy_none']:.2f} | {t['accuracy_gemfilter_1024']:.2f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + calibration_lines()) + "\n"
+
+
+def calibration_lines(path: Path = RESULTS_DIR / "filter_layer_smollm2.json") -> list[str]:
+    """The filter-layer calibration behind the default layer, when its result is present."""
+    if not path.is_file():
+        return []
+    cal = json.loads(path.read_text(encoding="utf-8"))
+    main = cal["lengths"][0]
+    recall = main["mean_recall"]["answer@512"]
+    lines = [
+        "",
+        f"Filter layer: `python -m bench.calibrate_layer` (`gemserve calibrate`) measured GemFilter's needle recall "
+        f"(answer tokens kept in the top-k after pooling and the protected tail) at every layer over "
+        f"{len(main['cases'])} needles at ~{main['target_tokens']} tokens"
+        + ("" if cal.get("complete") else " (run cut short: partial result)")
+        + f"; rule: {cal['rule']} -> layer {cal['chosen_layer']}. Data `bench/results/{path.name}`, plot "
+        f"`bench/results/{path.stem}.png`.",
+        "",
+        "| layer | " + " | ".join(str(i) for i in range(len(recall))) + " |",
+        "|---|" + "---:|" * len(recall),
+        "| answer recall@512 | " + " | ".join(f"{v:.2f}" for v in recall) + " |",
+        "| answer recall@256 | " + " | ".join(f"{v:.2f}" for v in main["mean_recall"]["answer@256"]) + " |",
+    ]
+    for check in cal["lengths"][1:]:
+        values = check["mean_recall"]["answer@512"]
+        chosen = cal["chosen_layer"]
+        if chosen < len(values):
+            lines.append(
+                f"\nAt ~{check['target_tokens']} tokens ({len(check['cases'])} needles) layer {chosen}: answer "
+                f"recall@512 {values[chosen]:.2f}, @256 {check['mean_recall']['answer@256'][chosen]:.2f}."
+            )
+    return lines
 
 
 def update_doc(section: str, path: Path = DOC_PATH) -> None:
@@ -263,13 +296,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods", nargs="+", default=[c[0] for c in CONFIGS], help="none gemfilter-256 gemfilter-1024"
     )
     parser.add_argument("--depths", type=int, default=5, help="needle depths per configuration (default 5)")
+    parser.add_argument(
+        "--long-depths", type=int, help="needle depths for lengths above 4096 (default: --depths; fewer saves time)"
+    )
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=500)
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/prefill_<model>.json)")
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
+    parser.add_argument(
+        "--from-json", type=Path, help="measure nothing: redraw the plot and the doc table from a saved result"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text(encoding="utf-8"))
+        plot(result, args.from_json.with_suffix(".png"))
+        update_doc(markdown_section(result))
+        print(f"redrew {args.from_json.with_suffix('.png')} and {DOC_PATH} from {args.from_json}")
+        return 0
     configs = [c for c in CONFIGS if c[0] in args.methods]
     unknown = sorted(set(args.methods) - {c[0] for c in CONFIGS})
     if unknown:
@@ -280,6 +325,7 @@ def run(args: argparse.Namespace) -> int:
         "json_name": out.name,
         "max_tokens": args.max_tokens,
         "depths": args.depths,
+        "long_depths": args.long_depths or args.depths,
         "loadavg_before": machine_description()["loadavg_1_5_15"],
         "rows": [],
     }
@@ -294,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
                 "budget": budget,
                 "tokens": tokens,
                 "max_tokens": args.max_tokens,
-                "depths": args.depths,
+                "depths": args.long_depths if args.long_depths and tokens > 4096 else args.depths,
                 "seed": args.seed + tokens,  # the same needles for every method at a length
             }
             worker = run_in_fresh_process("bench.prefill", payload)
