@@ -74,7 +74,9 @@ class VLLMSettings(BaseSettings):
     dtype: str = Field("float32", description="Weights/activations dtype; float32 matches the HF filter model")
     enforce_eager: bool = Field(False, description="Skip torch.compile: faster start, slower steps")
     enable_prefix_caching: bool = Field(False, description="Off by default so every TTFT measures a real prefill")
-    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache space vLLM preallocates (CPU: instead of a fraction)")
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="KV cache vLLM preallocates; default: 1 GiB, more if one full-context request needs it"
+    )
     max_num_seqs: int = Field(16, ge=1, description="Sequences vLLM batches at once")
     filter_layer: int | None = Field(None, ge=0, description="Deepest GemFilter layer served (default: calibrated)")
     recorded_prompts: int = Field(64, ge=0, description="Recent vLLM prompt ids kept for inspection (tests)")
@@ -285,12 +287,14 @@ class VLLMEngine:
             max_model_len=self.max_model_len,
             enforce_eager=self.options.enforce_eager,
             enable_prefix_caching=self.options.enable_prefix_caching,
-            kv_cache_memory_bytes=int(self.options.kv_cache_gib * (1 << 30)),
+            kv_cache_memory_bytes=self.kv_cache_budget_bytes(),
             max_num_seqs=self.options.max_num_seqs,
             disable_log_stats=True,
         )
         start = time.perf_counter()
-        self.llm = AsyncLLM.from_engine_args(args)
+        # In a thread so the event loop (health checks) keeps answering during the long start;
+        # AsyncLLM starts its output tasks lazily on the first request, in the serving loop.
+        self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self.kv_bytes_per_token = kv_bytes_per_token(self.llm)
         logger.info(
             "vLLM engine started in %.1f s (%d KV bytes per token)",
@@ -298,6 +302,14 @@ class VLLMEngine:
             self.kv_bytes_per_token,
         )
         self._accepting = True
+
+    def kv_cache_budget_bytes(self) -> int:
+        """vLLM on CPU would otherwise reserve 92% of RAM (and refuse to start when less is free);
+        by default, 1 GiB or room for two full-context requests, whichever is larger."""
+        if self.options.kv_cache_gib is not None:
+            return int(self.options.kv_cache_gib * (1 << 30))
+        per_token = config_kv_bytes_per_token(self.model_dir, self.options.dtype)
+        return max(1 << 30, 2 * per_token * self.max_model_len)
 
     async def shutdown(self) -> None:
         self._accepting = False
@@ -493,6 +505,16 @@ def kv_bytes_per_token(llm: AsyncLLM) -> int:
     layers = int(text_config.num_hidden_layers)
     kv_heads = int(model_config.get_total_num_kv_heads())
     return layers * 2 * kv_heads * int(model_config.get_head_size()) * dtype_bytes
+
+
+def config_kv_bytes_per_token(model_dir: Path, dtype: str) -> int:
+    """The same product as :func:`kv_bytes_per_token`, from the HF config, before vLLM starts."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir).get_text_config()
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    return int(config.num_hidden_layers) * 2 * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 4)
 
 
 def build_vllm_engine(settings: Settings) -> VLLMEngine:
