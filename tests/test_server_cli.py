@@ -35,6 +35,14 @@ def test_bad_setting_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
         settings_from_args(args)
 
 
+def test_unknown_backend_fails_fast() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--backend", "tgi"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "unknown backend 'tgi'; available: hf" in proc.stderr  # more backends may follow 'hf'
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -114,6 +114,12 @@ def test_queue_full_is_429_with_retry_after(engine) -> None:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
             with pytest.raises(openai.RateLimitError):
                 client.completions.create(model=engine.model_name, prompt="Hi", max_tokens=1)
+            gauges = httpx.get(f"{url}/metrics").text
+            assert 'gemserve_requests_running{backend="hf",model="smollm2-135m-instruct"} 1.0' in gauges
+            assert (
+                'gemserve_requests_total{backend="hf",method="none",model="smollm2-135m-instruct",status="429"} 2.0'
+                in (gauges)
+            )
         # the slot frees once the cancelled request finishes its current decode step
         assert eventually_accepted(f"{url}/v1/completions", {"prompt": "Hi", "max_tokens": 1})
 

@@ -41,9 +41,11 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from server.app import create_app
+    from server.app import BACKENDS, create_app
 
     settings = settings_from_args(args)
+    if settings.backend not in BACKENDS:
+        raise ValueError(f"unknown backend '{settings.backend}'; available: {', '.join(BACKENDS)}")
     for name in ("gemserve.access", "server"):
         logging.getLogger(name).setLevel(settings.log_level.upper())
     app = create_app(settings)
