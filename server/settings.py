@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GEMSERVE_", extra="ignore")
 
     model: str = Field("smollm2-135m-instruct", description="Model alias, .gguf file, HF model dir or hub id")
-    backend: str = Field("hf", description="Generation backend: hf (transformers in-process)")
+    backend: str = Field("hf", description="Generation backend: hf (transformers in-process) or vllm")
     device: str = Field("auto", description="auto | cpu | cuda")
     cache_dir: Path | None = Field(None, description="Where converted models are cached")
     max_model_len: int | None = Field(None, ge=1, description="Cap the context length (default: the model's)")

@@ -9,7 +9,7 @@ from typing import Any
 # flag -> Settings field; a flag left unset keeps the env var or the default.
 FLAGS: dict[str, dict[str, Any]] = {
     "--model": {"help": "alias (smollm2-135m-instruct, gemma3-270m), .gguf file, HF model dir or hub id"},
-    "--backend": {"help": "hf (transformers in-process)"},
+    "--backend": {"help": "hf (transformers in-process) or vllm (needs the vllm extra / .venv-vllm)"},
     "--device": {"help": "auto | cpu | cuda"},
     "--cache-dir": {"type": Path, "help": "where converted models live"},
     "--max-model-len": {"type": int, "help": "cap the context length (default: the model's)"},
