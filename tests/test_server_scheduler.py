@@ -203,3 +203,24 @@ def test_admission_queue_cancel_and_drain(engine) -> None:
     assert first.completion_tokens == second.completion_tokens == 2
     assert len(recorder.results) == 2  # the abandoned request never reached the model
     assert second.metrics.queue_ms > first.metrics.queue_ms  # it waited for the first to finish
+
+
+def test_two_slots_run_two_requests_at_once(engine) -> None:
+    recorder = RecordingEngine(engine)
+
+    async def scenario() -> int:
+        scheduler = HFAsyncEngine(recorder, max_concurrency=2, max_queue=0)
+        await scheduler.start()
+        streams = [scheduler.stream(request(max_tokens=1000)) for _ in range(2)]
+        for stream in streams:  # a first token from each: both are generating now
+            assert isinstance(await stream.__anext__(), TokenDelta)
+        running = scheduler.num_running
+        with pytest.raises(QueueFullError):
+            scheduler.stream(request())
+        for stream in streams:
+            await stream.aclose()
+        await scheduler.shutdown()  # returns once both cancelled requests have stopped
+        return running
+
+    assert asyncio.run(scenario()) == 2
+    assert [r.finish_reason for r in recorder.results] == ["cancelled", "cancelled"]
