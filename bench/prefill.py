@@ -266,9 +266,14 @@ def calibration_lines(path: Path = RESULTS_DIR / "filter_layer_smollm2.json") ->
         "| answer recall@512 | " + " | ".join(f"{v:.2f}" for v in recall) + " |",
         "| answer recall@256 | " + " | ".join(f"{v:.2f}" for v in main["mean_recall"]["answer@256"]) + " |",
     ]
+    chosen = cal["chosen_layer"]
+    by_depth = ", ".join(
+        f"{case['depth']:.2f}: {case['recall']['answer@512'][chosen]:.2f}"
+        for case in sorted(main["cases"], key=lambda case: case["depth"])
+    )
+    lines.append(f"\nPer needle at layer {chosen}, depth: answer recall@512 -> {by_depth}.")
     for check in cal["lengths"][1:]:
         values = check["mean_recall"]["answer@512"]
-        chosen = cal["chosen_layer"]
         if chosen < len(values):
             lines.append(
                 f"\nAt ~{check['target_tokens']} tokens ({len(check['cases'])} needles) layer {chosen}: answer "
@@ -304,16 +309,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/prefill_<model>.json)")
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
     parser.add_argument(
-        "--from-json", type=Path, help="measure nothing: redraw the plot and the doc table from a saved result"
+        "--from-json",
+        type=Path,
+        nargs="+",
+        help="measure nothing: combine saved runs (rows pooled) into --out, redraw the plot and the doc table",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.from_json is not None:
-        result = json.loads(args.from_json.read_text(encoding="utf-8"))
-        plot(result, args.from_json.with_suffix(".png"))
+    if args.from_json:
+        out = args.out or RESULTS_DIR / f"prefill_{model_slug(args.model)}.json"
+        result = combine_runs(args.from_json)
+        write_json(out, result)
+        plot(result, out.with_suffix(".png"))
         update_doc(markdown_section(result))
-        print(f"redrew {args.from_json.with_suffix('.png')} and {DOC_PATH} from {args.from_json}")
+        print(f"wrote {out}, {out.with_suffix('.png')} and {DOC_PATH} from {len(args.from_json)} saved run(s)")
         return 0
     configs = [c for c in CONFIGS if c[0] in args.methods]
     unknown = sorted(set(args.methods) - {c[0] for c in CONFIGS})
@@ -351,6 +361,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(t))
     print(f"wrote {out}, {out.with_suffix('.png')}" + ("" if args.no_doc else f" and {DOC_PATH}"))
     return 0
+
+
+def combine_runs(paths: list[Path]) -> dict[str, Any]:
+    """Pool the rows of runs made separately (e.g. configurations run in parallel processes)."""
+    runs = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
+    result = {**runs[0], "rows": [row for run in runs for row in run["rows"]]}
+    result["combined_from"] = [str(path) for path in paths]
+    result["loadavg_before"] = max((run["loadavg_before"] for run in runs), key=lambda load: load[0])
+    result["targets"] = targets(result["rows"], result["num_layers"])
+    return result
 
 
 def finish(result: dict[str, Any], out: Path, write_doc: bool) -> None:
