@@ -25,13 +25,14 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache
 
 import server.engine.hf as hf_engine
-from bench.common import RESULTS_DIR, machine_description, model_slug, needle_prompt, write_json
+from bench.common import REPO_ROOT, RESULTS_DIR, machine_description, model_slug, needle_prompt, write_json
 from bench.kv_methods import tokens_before_eos
 from compressors import build_method
 from compressors.kv_pruner import ScoredKVPruner
@@ -42,6 +43,7 @@ from server.engine.types import CompressionSpec, GenerationRequest, SamplingPara
 from server.measure import PeakMemoryMeter
 from server.models import load_model
 
+DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 KV_METHODS = ["snapkv", "h2o", "streamingllm", "pyramidkv"]
 
 
@@ -158,6 +160,92 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+DOC_HEADING = "## KV-cache methods: needle accuracy, KV bytes, decode speed (issue 7)"
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["summary"] if r["method"] != "none"]
+    full = next(r for r in data["summary"] if r["method"] == "none")
+    labels = [f"{r['method']}\n{r['budget']}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    axes[0].bar(labels, [r["accuracy"] for r in rows])
+    axes[0].axhline(full["accuracy"], color="k", linestyle="--", label="full attention")
+    axes[0].set_title(f"needle accuracy, {data['settings']['length']}-token prompts")
+    axes[0].legend()
+    axes[1].bar(labels, [r["median_decode_tokens_per_s"] or 0 for r in rows])
+    axes[1].axhline(full["median_decode_tokens_per_s"], color="k", linestyle="--", label="full attention")
+    axes[1].set_title("decode tokens/s (median over prompts; shared CPU)")
+    axes[1].legend()
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_section(data: dict[str, Any], kvpress: dict[str, Any] | None) -> str:
+    settings, machine = data["settings"], data["machine"]
+    lines = [
+        DOC_HEADING,
+        "",
+        f"`python -m bench.kv_shared --length {settings['length']} --budgets "
+        f"{' '.join(map(str, settings['budgets']))} --depths {settings['depths']}` with OMP_NUM_THREADS=1, "
+        f"SmolLM2-135M-Instruct fp32 on {machine['cpu']} ({machine['cpu_cores']} cores), greedy, "
+        f"{settings['max_tokens']} tokens with ignore_eos. One prefill per needle prompt feeds every KV method "
+        "(their scoring probes chained), then each method prunes a copy of the full cache and decodes through "
+        "the engine's hooks. The CPU was heavily shared with other jobs (load average "
+        f"{machine['loadavg_1_5_15']}), so decode tokens/s are noisy; methods on one prompt ran back to back. "
+        "KV share = exact cache-tensor bytes after pruning / full. Accuracy = needles found / asked.",
+        "",
+        "| method | budget | accuracy | needles | KV share of full | decode tok/s (median) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["summary"]:
+        speed = f"{r['median_decode_tokens_per_s']:.2f}" if r["median_decode_tokens_per_s"] else "-"
+        lines.append(
+            f"| {r['method']} | {r['budget'] or '-'} | {r['accuracy']:.2f} | {r['needles']} "
+            f"| {r['kv_share_of_full']:.3f} | {speed} |"
+        )
+    if kvpress:
+        lines += ["", "kvpress on the same prompts and kept tokens (bench/kvpress_compare.py, own venv):", ""]
+        lines += ["| kvpress press | budget | accuracy |", "|---|---:|---:|"]
+        for key, accuracy in sorted(kvpress.get("accuracy", {}).items()):
+            press, budget = key.rsplit("-", 1)
+            lines.append(f"| {press} | {budget} | {accuracy:.2f} |")
+    lines += ["", f"Data: `bench/results/kv_shared_smollm2_{settings['length']}.json`, plot: same name `.png`.", ""]
+    return "\n".join(lines)
+
+
+def update_docs(section: str) -> None:
+    """Replace this section of docs/benchmarks.md, or append it; the rest of the file stays."""
+    text = DOC_PATH.read_text(encoding="utf-8") if DOC_PATH.is_file() else "# Benchmarks\n\n"
+    if DOC_HEADING in text:
+        start = text.index(DOC_HEADING)
+        following = text.find("\n## ", start + len(DOC_HEADING))
+        text = text[:start] + section + (text[following + 1 :] if following != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    DOC_PATH.write_text(text, encoding="utf-8")
+
+
+def render(length: int) -> None:
+    path = RESULTS_DIR / f"kv_shared_smollm2_{length}.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    kvpress_path = RESULTS_DIR / "kvpress_compare.json"
+    kvpress = json.loads(kvpress_path.read_text(encoding="utf-8")) if kvpress_path.is_file() else None
+    if kvpress is not None and "accuracy" not in kvpress:
+        from bench.kvpress_compare import summary
+
+        kvpress["accuracy"] = summary(kvpress["runs"])
+    plot(data, path.with_suffix(".png"))
+    update_docs(markdown_section(data, kvpress))
+
+
 def main() -> None:
     from clients.haystack import depths
 
@@ -168,7 +256,11 @@ def main() -> None:
     parser.add_argument("--depths", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=7, help="same seeds as bench/kv_methods.py")
+    parser.add_argument("--render", action="store_true", help="only re-render PNG + docs from the JSON")
     args = parser.parse_args()
+    if args.render:
+        render(args.length)
+        return
     # As in bench/kv_methods.py: a 2 ms RSS sampler stalls decode on a shared CPU (GIL hand-offs).
     hf_engine.PeakMemoryMeter = functools.partial(PeakMemoryMeter, interval_s=0.02)  # type: ignore[misc]
     engine = HFEngine(load_model(args.model, device="cpu"))
