@@ -1,0 +1,244 @@
+"""GemFilter on the real SmolLM2 model: the method contract of shared DESIGN.md, checked."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+from transformers import Gemma3TextConfig
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from clients.haystack import build_case
+from compressors import CompressionError
+from compressors.gemfilter import (
+    CALIBRATED_FILTER_LAYERS,
+    GemFilter,
+    default_filter_layer,
+    filter_pass_scores,
+    last_query_scores,
+    pick_indices,
+)
+from compressors.probe import active_probe, decoder_layers, repeat_kv_heads
+from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
+
+
+def chat_ids(engine, text: str) -> list[int]:
+    return engine.encode_chat([{"role": "user", "content": text}])
+
+
+def haystack_ids(engine, count_tokens, tokens: int, depth: float, seed: int) -> tuple[list[int], object]:
+    case = build_case(tokens, depth=depth, seed=seed, count_tokens=count_tokens)
+    return chat_ids(engine, case.user_message()), case
+
+
+def greedy(engine, prompt_ids: list[int], method: str, max_tokens: int = 12, **knobs):
+    request = GenerationRequest(
+        prompt_ids=prompt_ids,
+        sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0),
+        compression=CompressionSpec(method=method, knobs=knobs, return_selection=True),
+    )
+    return engine.generate(request)
+
+
+# ---- selection -------------------------------------------------------------------------------
+def test_pick_indices_pools_protects_tail_and_sorts() -> None:
+    scores = torch.zeros(20)
+    scores[3] = 10.0  # pooled with kernel 5, positions 1..5 share this peak
+    picked = pick_indices(scores, keep=6, kernel_size=5, tail=2)
+    assert picked == sorted(set(picked))
+    assert len(picked) == 6
+    assert {18, 19} <= set(picked)
+    assert set(picked) - {18, 19} <= {1, 2, 3, 4, 5}
+    assert 3 in picked
+
+
+def test_pick_indices_tail_larger_than_budget_keeps_the_last_tokens() -> None:
+    assert pick_indices(torch.arange(50, dtype=torch.float32).flip(0), keep=4, kernel_size=5, tail=32) == [
+        46,
+        47,
+        48,
+        49,
+    ]
+
+
+@pytest.mark.parametrize(("budget", "tail"), [(64, 32), (200, 0), (100, 16)])
+def test_kept_indices_sorted_unique_exactly_k_with_tail(loaded_model, engine, count_tokens, budget, tail) -> None:
+    ids, _ = haystack_ids(engine, count_tokens, 500, depth=0.5, seed=11)
+    n = len(ids)
+    selection = GemFilter(budget=budget, tail=tail).select(loaded_model.model, torch.tensor([ids]), 1024)
+    kept = selection.kept_indices
+    assert len(kept) == budget == selection.kept_tokens
+    assert kept == sorted(set(kept))
+    assert all(0 <= i < n for i in kept)
+    assert set(range(n - tail, n)) <= set(kept)
+    assert selection.protected_tail == tail
+    assert selection.layer == default_filter_layer(loaded_model.model.config)
+
+
+def test_ratio_resolves_to_a_budget(loaded_model, engine, count_tokens) -> None:
+    ids, _ = haystack_ids(engine, count_tokens, 400, depth=0.3, seed=12)
+    selection = GemFilter(ratio=0.25).select(loaded_model.model, torch.tensor([ids]), 1024)
+    assert selection.kept_tokens == -(-len(ids) // 4)  # ceil
+
+
+def test_selection_spans_are_the_kept_text(engine, count_tokens) -> None:
+    ids, _ = haystack_ids(engine, count_tokens, 500, depth=0.4, seed=13)
+    result = greedy(engine, ids, "gemfilter", max_tokens=1, budget=96)
+    selection = result.compression.selection
+    assert result.compression.kept_tokens == 96
+    assert sum(span["end"] - span["start"] for span in selection["spans"]) == 96
+    kept = selection["kept_indices"]
+    assert [i for span in selection["spans"] for i in range(span["start"], span["end"])] == kept
+    for span in selection["spans"]:
+        assert span["text"] == engine.decode(ids[span["start"] : span["end"]])
+
+
+# ---- k >= n is a no-op ---------------------------------------------------------------------
+@pytest.mark.parametrize("knobs", [{"budget": 100_000}, {"ratio": 1.0}])
+def test_budget_covering_the_prompt_is_identical_to_none(engine, count_tokens, knobs) -> None:
+    ids, _ = haystack_ids(engine, count_tokens, 300, depth=0.5, seed=14)
+    full = greedy(engine, ids, "none", max_tokens=16)
+    gem = greedy(engine, ids, "gemfilter", max_tokens=16, **knobs)
+    assert gem.compression.kept_tokens == len(ids)
+    assert gem.token_ids == full.token_ids
+    assert gem.metrics.kv_cache_bytes == full.metrics.kv_cache_bytes
+
+
+# ---- the filter pass stops at layer r and keeps no cache -------------------------------------
+@contextmanager
+def record_layer_calls(model) -> Iterator[tuple[list[int], list[int], list[dict]]]:
+    """Forward hooks on every decoder layer and every attention output projection."""
+    layers_called: list[int] = []
+    o_proj_called: list[int] = []
+    layer_kwargs: list[dict] = []
+    handles = []
+
+    def on_layer(index: int):
+        def hook(_module, _args, kwargs) -> None:
+            layers_called.append(index)
+            layer_kwargs.append(kwargs)
+
+        return hook
+
+    for index, layer in enumerate(decoder_layers(model)):
+        handles.append(layer.register_forward_pre_hook(on_layer(index), with_kwargs=True))
+        handles.append(layer.self_attn.o_proj.register_forward_hook(lambda *_a, i=index: o_proj_called.append(i)))
+    try:
+        yield layers_called, o_proj_called, layer_kwargs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("layer", [0, 7, None])
+def test_filter_pass_never_runs_past_layer_r(loaded_model, engine, count_tokens, layer) -> None:
+    model = loaded_model.model
+    r = default_filter_layer(model.config) if layer is None else layer
+    ids, _ = haystack_ids(engine, count_tokens, 300, depth=0.5, seed=15)
+    with record_layer_calls(model) as (layers_called, o_proj_called, layer_kwargs):
+        scores = filter_pass_scores(model, torch.tensor([ids]), r)
+    assert scores.shape == (len(ids),)
+    assert layers_called == list(range(r + 1))  # layer r is entered (for q and k) ...
+    assert o_proj_called == list(range(r))  # ... but its attention output is never computed
+    # No KV cache in the filter pass: nothing is handed to the layers to fill.
+    assert all(kwargs.get("past_key_values") is None for kwargs in layer_kwargs)
+    assert all(not kwargs.get("use_cache") for kwargs in layer_kwargs)
+    assert active_probe() is None  # the probe is removed on exit
+    with record_layer_calls(model) as (after, _, _):  # and the hooks above are gone, too
+        pass
+    assert after == []
+
+
+def test_engine_filter_pass_with_hooks_end_to_end(loaded_model, engine, count_tokens) -> None:
+    """Through the engine: the first layer calls (the filter pass) stop at r, then the real
+    prefill runs all layers on the kept tokens only."""
+    model = loaded_model.model
+    r = default_filter_layer(model.config)
+    ids, _ = haystack_ids(engine, count_tokens, 400, depth=0.5, seed=16)
+    with record_layer_calls(model) as (layers_called, _, layer_kwargs):
+        result = greedy(engine, ids, "gemfilter", max_tokens=1, budget=64)
+    num_layers = len(decoder_layers(model))
+    assert layers_called[: r + 1] == list(range(r + 1))
+    assert layers_called[r + 1 : r + 1 + num_layers] == list(range(num_layers))  # the prefill
+    assert all(kwargs.get("past_key_values") is None for kwargs in layer_kwargs[: r + 1])
+    prefill_positions = layer_kwargs[r + 1]["position_ids"]
+    assert prefill_positions.tolist() == [list(range(64))]  # fresh contiguous positions
+    assert result.compression.kept_tokens == 64
+
+
+def test_scores_equal_manual_last_query_dot_keys(loaded_model, engine, count_tokens) -> None:
+    """The probe's scores are sum_heads q_last . k_j after RoPE, recomputed by hand."""
+    model = loaded_model.model
+    base = model.base_model
+    r = 5
+    ids, _ = haystack_ids(engine, count_tokens, 200, depth=0.5, seed=17)
+    input_ids = torch.tensor([ids])
+    with torch.inference_mode():
+        hidden = base(input_ids=input_ids, use_cache=False, output_hidden_states=True).hidden_states[r]
+        layer = decoder_layers(model)[r]
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden)
+        shape = (1, len(ids), -1, attn.head_dim)
+        query = attn.q_proj(normed).view(shape).transpose(1, 2)
+        key = attn.k_proj(normed).view(shape).transpose(1, 2)
+        cos, sin = base.rotary_emb(normed, position_ids=torch.arange(len(ids)).unsqueeze(0))
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        keys = repeat_kv_heads(key, query.shape[1] // key.shape[1])
+        expected = torch.einsum("hd,hnd->n", query[0, :, -1, :], keys[0])
+        got = filter_pass_scores(model, input_ids, r)
+    assert torch.allclose(got, expected, rtol=1e-3, atol=1e-3)
+    assert torch.allclose(last_query_scores(query, key), expected, rtol=1e-4, atol=1e-4)
+
+
+# ---- the needle survives the filter -----------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize(("depth", "seed"), [(0.5, 2001), (0.75, 2002), (1.0, 2003)])
+def test_needle_in_3500_token_haystack_found_with_budget_1024(engine, count_tokens, depth, seed) -> None:
+    """Magic-number needles (the family full attention answers reliably on SmolLM2) in the second
+    half of the prompt. Needles in the first half of a ~4K prompt are a measured weakness of
+    GemFilter's raw last-query scores on this model (bench/results/filter_layer_smollm2.json),
+    not something this test hides: it checks the depths where the method is expected to work."""
+    ids, case = haystack_ids(engine, count_tokens, 3500, depth=depth, seed=seed)
+    assert 3300 <= len(ids) <= 3600
+    assert case.needle.sentence.startswith("The special magic number")
+    result = greedy(engine, ids, "gemfilter", max_tokens=20, budget=1024)
+    assert result.compression.kept_tokens == 1024
+    assert case.needle.found_in(result.text), (case.needle, result.text)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"budget": 0}, "budget must be a positive"),
+        ({"budget": -3}, "budget must be a positive"),
+        ({"ratio": 0.0}, "ratio must be in (0, 1]"),
+        ({"budget": 10, "ratio": 0.5}, "either 'budget' or 'ratio'"),
+        ({"kernel_size": 4}, "kernel_size must be a positive odd"),
+        ({"tail": -1}, "tail must be >= 0"),
+        ({"layer": -1}, "layer must be >= 0"),
+    ],
+)
+def test_invalid_knobs_raise_compression_error(knobs, message) -> None:
+    with pytest.raises(CompressionError) as info:
+        GemFilter(**knobs).validate()
+    assert message in str(info.value)
+
+
+def test_layer_out_of_range_names_the_model_layers(loaded_model) -> None:
+    with pytest.raises(CompressionError, match=r"layer 30 is out of range: this model has layers 0\.\.29"):
+        GemFilter(layer=30).validate_for_model(loaded_model.model)
+
+
+# ---- the default layer ------------------------------------------------------------------------
+def test_smollm2_uses_the_calibrated_layer(loaded_model) -> None:
+    assert default_filter_layer(loaded_model.model.config) == CALIBRATED_FILTER_LAYERS[("llama", 30, 576)]
+
+
+def test_fallback_layer_is_a_global_attention_layer_for_sliding_window_models() -> None:
+    config = Gemma3TextConfig(num_hidden_layers=18, hidden_size=64, intermediate_size=128, num_attention_heads=2)
+    global_layers = [i for i, kind in enumerate(config.layer_types) if kind == "full_attention"]
+    assert global_layers == [5, 11, 17]
+    assert default_filter_layer(config) == 11  # first global layer at or after half depth (9)
