@@ -221,7 +221,8 @@ def markdown_section(result: dict[str, Any]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['prompt_tokens']} | {r['label']} | {r['kept_tokens']} | {r['ttft_ms']:.0f} | {r['select_ms']:.0f} "
+            f"| {r['prompt_tokens']} | {method_label(r)} "
+            f"| {r['kept_tokens']} | {r['ttft_ms']:.0f} | {r['select_ms']:.0f} "
             f"| {r['prefill_ms']:.0f} | {r['kv_cache_bytes'] / 2**20:.1f} | {r['peak_memory_bytes'] / 2**20:.0f} "
             f"(+{r['peak_memory_over_baseline_bytes'] / 2**20:.0f}) | {sum(q['found'] for q in r['requests'])}"
             f"/{r['cases']} |"
@@ -242,7 +243,12 @@ def markdown_section(result: dict[str, Any]) -> str:
             f"| {t.get('bound_with_prefill_k', '-')} | {t['kv_ratio']:.4f} | {t['kept_ratio']:.4f} "
             f"| {t['accuracy_none']:.2f} | {t['accuracy_gemfilter_1024']:.2f} |"
         )
-    return "\n".join(lines + calibration_lines()) + "\n"
+    notes = [f"- {note}" for note in result.get("notes", [])]
+    return "\n".join(lines + (["", "Notes:", "", *notes] if notes else []) + calibration_lines()) + "\n"
+
+
+def method_label(row: dict[str, Any]) -> str:
+    return row["label"] if row["layer"] is None else f"{row['label']} (r={row['layer']})"
 
 
 def calibration_lines(path: Path = RESULTS_DIR / "filter_layer_smollm2.json") -> list[str]:
@@ -314,12 +320,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         help="measure nothing: combine saved runs (rows pooled) into --out, redraw the plot and the doc table",
     )
+    parser.add_argument("--note", action="append", default=[], help="with --from-json: a note for the doc section")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.from_json:
         out = args.out or RESULTS_DIR / f"prefill_{model_slug(args.model)}.json"
         result = combine_runs(args.from_json)
+        result["notes"] = [*result.get("notes", []), *args.note]
         write_json(out, result)
         plot(result, out.with_suffix(".png"))
         update_doc(markdown_section(result))
