@@ -61,7 +61,7 @@ bench: venv
 	$(PY) -m bench.prefill
 
 bench-vllm: venv-vllm
-	$(VLLM_VENV)/bin/python bench/vllm_prefill.py
+	$(VLLM_VENV)/bin/python -m bench.vllm_prefill
 
 # Docker (README "Docker"). docker-build is the plain path an ordinary machine takes;
 # docker-test adapts to this one (no registry, proxy CA, local torch wheel) and checks the image for real.

@@ -21,8 +21,18 @@ def import_bench_module(name: str) -> ModuleType:
     return importlib.import_module(name)
 
 
+def add_bench_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The CLI builds every command's parser at start: without a checkout (a plain ``pip
+    install``) add nothing here, so other commands still work, and let ``run`` say why."""
+    try:
+        module = import_bench_module(name)
+    except FileNotFoundError:
+        return
+    module.add_arguments(parser)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    import_bench_module("bench.prefill").add_arguments(parser)
+    add_bench_arguments(parser, "bench.prefill")
 
 
 def run(args: argparse.Namespace) -> int:

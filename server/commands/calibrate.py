@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 
-from server.commands.bench import import_bench_module
+from server.commands.bench import add_bench_arguments, import_bench_module
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    import_bench_module("bench.calibrate_layer").add_arguments(parser)
+    add_bench_arguments(parser, "bench.calibrate_layer")
 
 
 def run(args: argparse.Namespace) -> int:

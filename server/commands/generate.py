@@ -8,9 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from clients.haystack import Needle
 from server.commands.common import add_model_arguments, parse_knobs
 
 DEMO_TOKENS = 3500
+DEMO_DEPTH = 0.6
+DEMO_SEED = 2024
+DEMO_NEEDLE = Needle(
+    "The special magic number for Tallinn is 4817263.", "What is the special magic number for Tallinn?", "4817263"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,17 +43,20 @@ def run(args: argparse.Namespace) -> int:
     from server.commands.common import load_engine
     from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 
+    # Check the user's input before the (slow) model load, so mistakes fail at once.
+    context = read_context(args)
     engine = load_engine(args)
     expected = None
-    if args.context_file is not None:
-        if not args.context_file.is_file():
-            raise FileNotFoundError(f"context file '{args.context_file}' does not exist")
-        context = args.context_file.read_text(encoding="utf-8", errors="replace")
-        if not args.question:
-            raise ValueError("give a question after --context-file")
+    if context is not None:
         user_text = f"{context}\n\nQuestion: {args.question}"
     else:
-        case = build_case(DEMO_TOKENS, depth=0.35, seed=2024, count_tokens=lambda s: len(engine.encode_prompt(s)))
+        case = build_case(
+            DEMO_TOKENS,
+            depth=DEMO_DEPTH,
+            seed=DEMO_SEED,
+            count_tokens=lambda s: len(engine.encode_prompt(s)),
+            needle=DEMO_NEEDLE,
+        )
         expected = case.needle
         user_text = case.user_message() if not args.question else f"{case.document}\n\nQuestion: {args.question}"
     if args.completion:
@@ -95,6 +104,16 @@ def run(args: argparse.Namespace) -> int:
     if expected:
         print(f"\nneedle answer {'FOUND' if found else 'NOT found'} in the output")
     return 0
+
+
+def read_context(args: argparse.Namespace) -> str | None:
+    if args.context_file is None:
+        return None
+    if not args.context_file.is_file():
+        raise FileNotFoundError(f"context file '{args.context_file}' does not exist")
+    if not args.question:
+        raise ValueError("give a question after --context-file")
+    return args.context_file.read_text(encoding="utf-8", errors="replace")
 
 
 def format_cost_table(result: Any) -> str:
