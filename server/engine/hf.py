@@ -21,6 +21,7 @@ from compressors import CompressionError, KVCompressor, Method, PromptSelector, 
 from compressors.base import cache_bytes
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.sampling import choose_token, make_generator
+from server.engine.tokenize import encode_chat, encode_prompt
 from server.engine.types import (
     CompressionReport,
     CompressionSpec,
@@ -62,20 +63,10 @@ class HFEngine:
 
     # ---- tokenisation -------------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
-        if not text:
-            raise RequestError("prompt must not be empty", param="prompt")
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return encode_prompt(self.tokenizer, text)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        if not messages:
-            raise RequestError("messages must not be empty", param="messages")
-        if self.tokenizer.chat_template is None:
-            # Base models (e.g. Gemma 3 270M pt) have no template: join the turns as plain text.
-            text = "\n\n".join(str(m.get("content") or "") for m in messages)
-            return self.encode_prompt(text)
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
-        return list(ids)
+        return encode_chat(self.tokenizer, messages)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=False)

@@ -40,6 +40,7 @@ from server.engine.base import EngineEvent, EngineNotReadyError, QueueFullError
 from server.engine.filter_model import FilterModel, load_filter_model
 from server.engine.hf import DEFAULT_BUDGET
 from server.engine.scheduler import check_token_ids
+from server.engine.tokenize import encode_chat, encode_prompt
 from server.engine.types import (
     CompressionReport,
     GenerationRequest,
@@ -178,18 +179,10 @@ class VLLMEngine:
 
     # Tokenisation follows the same rules as HFEngine, so both backends see the same ids.
     def encode_prompt(self, text: str) -> list[int]:
-        if not text:
-            raise RequestError("prompt must not be empty", param="prompt")
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return encode_prompt(self.tokenizer, text)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        if not messages:
-            raise RequestError("messages must not be empty", param="messages")
-        if self.tokenizer.chat_template is None:
-            return self.encode_prompt("\n\n".join(str(m.get("content") or "") for m in messages))
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-        return list(ids)
+        return encode_chat(self.tokenizer, messages)
 
     # ---- validation ------------------------------------------------------------------------
     def resolve_method(self, name: str | None, knobs: dict[str, Any] | None = None) -> Method:
