@@ -73,15 +73,6 @@ class Selection:
         return contiguous_spans(self.kept_indices)
 
 
-@dataclass
-class KVStats:
-    """Exact bytes held by the cache tensors, measured from the tensors themselves."""
-
-    bytes_before: int
-    bytes_after: int
-    tokens_per_layer: list[int]
-
-
 def cache_bytes(cache: Cache | None) -> int:
     """Bytes of every key and value tensor the cache holds right now (not an estimate)."""
     if cache is None:
@@ -92,15 +83,6 @@ def cache_bytes(cache: Cache | None) -> int:
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total
-
-
-def cache_tokens_per_layer(cache: Cache | None) -> list[int]:
-    if cache is None:
-        return []
-    return [
-        int(layer.keys.shape[-2]) if isinstance(getattr(layer, "keys", None), torch.Tensor) else 0
-        for layer in cache.layers
-    ]
 
 
 @dataclass
