@@ -20,10 +20,10 @@ from transformers.cache_utils import DynamicCache
 from compressors import CompressionError, KVCompressor, Method, PromptSelector, Selection, build_method
 from compressors.base import cache_bytes
 from server.engine.detokenize import IncrementalDetokenizer
+from server.engine.plan import check_context_length, compression_report
 from server.engine.sampling import choose_token, make_generator
 from server.engine.tokenize import encode_chat, encode_prompt
 from server.engine.types import (
-    CompressionReport,
     CompressionSpec,
     GenerationRequest,
     GenerationResult,
@@ -86,22 +86,9 @@ class HFEngine:
             raise RequestError("prompt must not be empty", param="prompt")
         request.sampling.validate()
         method = self.resolve_method(request.compression)
-        n = len(request.prompt_ids)
-        if n > self.max_model_len:
-            raise RequestError(
-                f"prompt is {n} tokens, longer than the model's context of {self.max_model_len} tokens",
-                param="prompt",
-            )
-        # Positions used: a prompt selector restarts them at 0 for the kept tokens.
-        used = n
-        if isinstance(method, PromptSelector):
-            used = method.resolve_budget(n, self.default_budget)
-        if used + request.sampling.max_tokens > self.max_model_len:
-            raise RequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request needs "
-                f"{used} prompt positions + {request.sampling.max_tokens} max_tokens",
-                param="max_tokens",
-            )
+        check_context_length(
+            len(request.prompt_ids), method, request.sampling.max_tokens, self.max_model_len, self.default_budget
+        )
         return method
 
     # ---- the request path -----------------------------------------------------------------
@@ -140,7 +127,9 @@ class HFEngine:
         meter.sample_now()
         metrics.prefill_ms = elapsed_ms(start)
         metrics.kv_cache_bytes = cache_bytes(cache)
-        report = self.report(method, selection, request.compression.return_selection, request.prompt_ids)
+        report = compression_report(
+            method, selection, self.tokenizer, request.prompt_ids, request.compression.return_selection
+        )
         if isinstance(method, KVCompressor):
             report.kv_bytes_before, report.kv_bytes_after = kv_before, metrics.kv_cache_bytes
 
@@ -228,29 +217,6 @@ class HFEngine:
         positions = torch.arange(start_position, start_position + ids.shape[1], device=self.device).unsqueeze(0)
         out = self.model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1]
-
-    def report(
-        self, method: Method, selection: Selection, return_selection: bool, prompt_ids: list[int]
-    ) -> CompressionReport:
-        report = CompressionReport(
-            method=method.name,
-            prompt_tokens=selection.prompt_tokens,
-            kept_tokens=selection.kept_tokens,
-            ratio=selection.ratio,
-            select_ms=selection.select_ms,
-            layer=selection.layer,
-        )
-        if return_selection:
-            report.selection = {
-                "kept_indices": selection.kept_indices,
-                "protected_tail": selection.protected_tail,
-                "spans": [
-                    {"start": start, "end": end, "text": self.decode(prompt_ids[start:end])}
-                    for start, end in selection.spans
-                ],
-                **selection.details,
-            }
-        return report
 
 
 def collect_eos_ids(loaded: LoadedModel) -> set[int]:

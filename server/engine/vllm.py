@@ -39,10 +39,10 @@ from compressors.registry import METHODS
 from server.engine.base import EngineEvent, EngineNotReadyError, QueueFullError
 from server.engine.filter_model import FilterModel, load_filter_model
 from server.engine.hf import DEFAULT_BUDGET
+from server.engine.plan import check_context_length, compression_report
 from server.engine.scheduler import check_token_ids
 from server.engine.tokenize import encode_chat, encode_prompt
 from server.engine.types import (
-    CompressionReport,
     GenerationRequest,
     GenerationResult,
     RequestError,
@@ -216,19 +216,9 @@ class VLLMEngine:
         check_token_ids(request.prompt_ids, len(self.tokenizer))
         request.sampling.validate()
         method = self.resolve_method(request.compression.method, request.compression.knobs)
-        n = len(request.prompt_ids)
-        if n > self.max_model_len:
-            raise RequestError(
-                f"prompt is {n} tokens, longer than the model's context of {self.max_model_len} tokens",
-                param="prompt",
-            )
-        used = method.resolve_budget(n, self.default_budget) if isinstance(method, PromptSelector) else n
-        if used + request.sampling.max_tokens > self.max_model_len:
-            raise RequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request needs "
-                f"{used} prompt positions + {request.sampling.max_tokens} max_tokens",
-                param="max_tokens",
-            )
+        check_context_length(
+            len(request.prompt_ids), method, request.sampling.max_tokens, self.max_model_len, self.default_budget
+        )
         return method
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -407,7 +397,9 @@ class VLLMEngine:
             token_ids=token_ids,
             finish_reason=finish_reason,
             prompt_tokens=len(request.prompt_ids),
-            compression=self.report(method, selection, request),
+            compression=compression_report(
+                method, selection, self.tokenizer, request.prompt_ids, request.compression.return_selection
+            ),
             metrics=metrics,
         )
 
@@ -417,28 +409,6 @@ class VLLMEngine:
         self.vllm_prompts[vllm_id] = prompt_ids
         while len(self.vllm_prompts) > self.options.recorded_prompts:
             self.vllm_prompts.popitem(last=False)
-
-    def report(self, method: Method, selection: Selection, request: GenerationRequest) -> CompressionReport:
-        report = CompressionReport(
-            method=method.name,
-            prompt_tokens=selection.prompt_tokens,
-            kept_tokens=selection.kept_tokens,
-            ratio=selection.ratio,
-            select_ms=selection.select_ms,
-            layer=selection.layer,
-        )
-        if request.compression.return_selection:
-            ids = request.prompt_ids
-            report.selection = {
-                "kept_indices": selection.kept_indices,
-                "protected_tail": selection.protected_tail,
-                "spans": [
-                    {"start": s, "end": e, "text": self.tokenizer.decode(ids[s:e], skip_special_tokens=False)}
-                    for s, e in selection.spans
-                ],
-                **selection.details,
-            }
-        return report
 
 
 def map_finish_reason(reason: str | None) -> str:
