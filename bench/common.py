@@ -137,3 +137,20 @@ def model_slug(name: str) -> str:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
+
+
+def replace_doc_section(heading: str, section: str, path: Path = DOCS_PATH) -> None:
+    """Put ``section`` (which starts with ``heading``) into docs/benchmarks.md in place of the old
+    section under that heading, up to the next ``## `` heading, or append it; the rest stays."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n\n"
+    if heading in text:
+        start = text.index(heading)
+        following = text.find("\n## ", start + len(heading))
+        text = text[:start] + section.rstrip("\n") + "\n\n" + (text[following + 1 :] if following != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")

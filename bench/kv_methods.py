@@ -28,12 +28,12 @@ from statistics import median
 from typing import Any
 
 from bench.common import (
-    REPO_ROOT,
     RESULTS_DIR,
     WorkerError,
     machine_description,
     model_slug,
     needle_prompt,
+    replace_doc_section,
     report_result,
     run_in_fresh_process,
     write_json,
@@ -42,7 +42,6 @@ from bench.common import (
 logger = logging.getLogger(__name__)
 
 METHODS = ["none", "gemfilter", "snapkv", "h2o", "streamingllm", "pyramidkv"]
-DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 DOC_HEADING = "## KV-cache methods side by side (issue 7)"
 
 
@@ -235,20 +234,6 @@ def markdown_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_docs(data: dict[str, Any]) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md (or append it), leave the rest."""
-    section = markdown_table(data)
-    text = DOC_PATH.read_text(encoding="utf-8") if DOC_PATH.is_file() else "# Benchmarks\n\n"
-    if DOC_HEADING in text:
-        start = text.index(DOC_HEADING)
-        following = text.find("\n## ", start + len(DOC_HEADING))
-        text = text[:start] + section + (text[following + 1 :] if following != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC_PATH.parent.mkdir(parents=True, exist_ok=True)
-    DOC_PATH.write_text(text, encoding="utf-8")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -276,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     out_json = RESULTS_DIR / f"kv_methods_{model_slug(args.model)}.json"
     data = json.loads(out_json.read_text(encoding="utf-8")) if args.docs_only else run_all(args)
     plot(data, out_json.with_suffix(".png"))
-    update_docs(data)
+    replace_doc_section(DOC_HEADING, markdown_table(data))
 
 
 if __name__ == "__main__":

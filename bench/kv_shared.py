@@ -32,7 +32,14 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 import server.engine.hf as hf_engine
-from bench.common import REPO_ROOT, RESULTS_DIR, machine_description, model_slug, needle_prompt, write_json
+from bench.common import (
+    RESULTS_DIR,
+    machine_description,
+    model_slug,
+    needle_prompt,
+    replace_doc_section,
+    write_json,
+)
 from bench.kv_methods import tokens_before_eos
 from compressors import build_method
 from compressors.kv_pruner import ScoredKVPruner
@@ -43,7 +50,6 @@ from server.engine.types import CompressionSpec, GenerationRequest, SamplingPara
 from server.measure import PeakMemoryMeter
 from server.models import load_model
 
-DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 KV_METHODS = ["snapkv", "h2o", "streamingllm", "pyramidkv"]
 
 
@@ -221,18 +227,6 @@ def markdown_section(data: dict[str, Any], kvpress: dict[str, Any] | None) -> st
     return "\n".join(lines)
 
 
-def update_docs(section: str) -> None:
-    """Replace this section of docs/benchmarks.md, or append it; the rest of the file stays."""
-    text = DOC_PATH.read_text(encoding="utf-8") if DOC_PATH.is_file() else "# Benchmarks\n\n"
-    if DOC_HEADING in text:
-        start = text.index(DOC_HEADING)
-        following = text.find("\n## ", start + len(DOC_HEADING))
-        text = text[:start] + section + (text[following + 1 :] if following != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC_PATH.write_text(text, encoding="utf-8")
-
-
 def render(length: int) -> None:
     path = RESULTS_DIR / f"kv_shared_smollm2_{length}.json"
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -243,7 +237,7 @@ def render(length: int) -> None:
 
         kvpress["accuracy"] = summary(kvpress["runs"])
     plot(data, path.with_suffix(".png"))
-    update_docs(markdown_section(data, kvpress))
+    replace_doc_section(DOC_HEADING, markdown_section(data, kvpress))
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -29,11 +28,12 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.common import (
-    REPO_ROOT,
+    DOCS_PATH,
     RESULTS_DIR,
     machine_description,
     model_slug,
     needle_prompt,
+    replace_doc_section,
     report_result,
     run_in_fresh_process,
     write_json,
@@ -48,7 +48,7 @@ CONFIGS: list[tuple[str, str, int | None]] = [
     ("gemfilter-256", "gemfilter", 256),
     ("gemfilter-1024", "gemfilter", 1024),
 ]
-DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
+DOC_PATH = DOCS_PATH
 DOC_HEADING = "## GemFilter prefill (issue 2)"
 
 
@@ -288,18 +288,6 @@ def calibration_lines(path: Path = RESULTS_DIR / "filter_layer_smollm2.json") ->
     return lines
 
 
-def update_doc(section: str, path: Path = DOC_PATH) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md (other sections are left alone)."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n\n"
-    pattern = re.compile(re.escape(DOC_HEADING) + r".*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="alias, .gguf file or HF model dir")
     parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS, help="prompt lengths in tokens")
@@ -330,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
         result["notes"] = [*result.get("notes", []), *args.note]
         write_json(out, result)
         plot(result, out.with_suffix(".png"))
-        update_doc(markdown_section(result))
+        replace_doc_section(DOC_HEADING, markdown_section(result))
         print(f"wrote {out}, {out.with_suffix('.png')} and {DOC_PATH} from {len(args.from_json)} saved run(s)")
         return 0
     configs = [c for c in CONFIGS if c[0] in args.methods]
@@ -388,7 +376,7 @@ def finish(result: dict[str, Any], out: Path, write_doc: bool) -> None:
     write_json(out, result)
     plot(result, out.with_suffix(".png"))
     if write_doc:
-        update_doc(markdown_section(result))
+        replace_doc_section(DOC_HEADING, markdown_section(result))
 
 
 def model_layers(model: str) -> int:

@@ -26,11 +26,10 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from bench.common import REPO_ROOT, RESULTS_DIR, machine_description, needle_prompt, write_json
+from bench.common import RESULTS_DIR, machine_description, needle_prompt, replace_doc_section, write_json
 
 logger = logging.getLogger(__name__)
 
-DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 DOC_HEADING = "## vLLM backend: GemFilter in front of vLLM (issue 5)"
 DEFAULT_LENGTHS = [2048, 4096, 8000]  # 8000: an 8K-context model needs room for the answer
 
@@ -207,18 +206,6 @@ def doc_section(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_doc(section: str) -> None:
-    """Replace this benchmark's section in docs/benchmarks.md (or append it)."""
-    text = DOC_PATH.read_text(encoding="utf-8") if DOC_PATH.exists() else "# Benchmarks\n\n"
-    if DOC_HEADING in text:
-        before, rest = text.split(DOC_HEADING, 1)
-        after = rest[rest.find("\n## ") :] if "\n## " in rest else ""
-        text = before + section + after.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC_PATH.write_text(text, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -238,7 +225,7 @@ def main() -> None:
         data = asyncio.run(run(args))
         write_json(args.output, data)
     if not args.no_doc:
-        update_doc(doc_section(data))
+        replace_doc_section(DOC_HEADING, doc_section(data))
     print(doc_section(data))
 
 
