@@ -1,10 +1,11 @@
 """Which decoder layer should GemFilter filter at? Needle recall in the top-k, per layer.
 
 For each needle case, one forward over the whole prompt (no cache) records GemFilter's score
-(``last_query_scores``: the last token's query against every key, summed over heads) at EVERY
-layer through the attention probe, then applies GemFilter's own selection (pooling, protected
-tail, top-k). Recall = the fraction of the needle's answer tokens (and of its sentence's tokens)
-that survive. Writes ``bench/results/filter_layer_<model>.json`` and a PNG of recall vs layer.
+(``token_scores`` with the method's ``--scoring``: window attention by default, or the paper's
+last-query inner product) at EVERY layer through the attention probe, then applies GemFilter's
+own selection (pooling, protected tail, top-k). Recall = the fraction of the needle's answer
+tokens (and of its sentence's tokens) that survive. Writes
+``bench/results/filter_layer_<model>.json`` and a PNG of recall vs layer.
 
 The default layer is the EARLIEST layer whose mean answer recall@512 at the main length is
 within ``--tolerance`` of the best layer's: the filter pass costs about ``(r + 1) / L`` of a full
@@ -43,12 +44,14 @@ TOP_K = (256, 512)
 METRIC = "answer@512"  # what the default layer is chosen on
 
 
-def layer_scores(model: nn.Module, prompt_ids: list[int], last_layer: int | None = None) -> list[torch.Tensor]:
+def layer_scores(
+    model: nn.Module, prompt_ids: list[int], method: GemFilter, last_layer: int | None = None
+) -> list[torch.Tensor]:
     """One forward (no cache); GemFilter's ``(n,)`` score vector at every layer up to
     ``last_layer`` (default: all), stopping the pass there like GemFilter does."""
     import torch
 
-    from compressors.gemfilter import last_query_scores
+    from compressors.gemfilter import token_scores
     from compressors.probe import (
         StopForward,
         attention_probe,
@@ -64,7 +67,7 @@ def layer_scores(model: nn.Module, prompt_ids: list[int], last_layer: int | None
     scores: list[torch.Tensor | None] = [None] * (last + 1)
 
     def record(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        scores[module.layer_idx] = last_query_scores(query, key)
+        scores[module.layer_idx] = token_scores(module, query, key, method.scoring, method.window)
         if module.layer_idx == last:
             raise StopForward
 
@@ -111,7 +114,7 @@ def calibrate_length(
     for i, depth in list(enumerate(depths(cases)))[case_slice]:
         prompt = needle_prompt(engine, target_tokens, depth=depth, seed=seed + i)
         start = time.perf_counter()
-        scores = layer_scores(engine.model, prompt.prompt_ids, last_layer)
+        scores = layer_scores(engine.model, prompt.prompt_ids, method, last_layer)
         recalls = case_recalls(prompt, scores, method)
         entry["cases"].append(
             {
@@ -186,6 +189,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-margin", type=int, default=3, help="extra lengths score layers up to chosen + this")
     parser.add_argument("--seed", type=int, default=7000, help="first case's seed; case i uses seed + i")
     parser.add_argument("--tolerance", type=float, default=0.03, help="recall below the best still accepted")
+    parser.add_argument(
+        "--scoring", choices=("attention", "inner_product"), default="attention", help="GemFilter's scoring knob"
+    )
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/filter_layer_<model>.json)")
     parser.add_argument("--case-from", type=int, default=0, help="run only main cases from this index (a part)")
     parser.add_argument("--case-to", type=int, help="run only main cases before this index (a part)")
@@ -205,11 +211,16 @@ def run(args: argparse.Namespace) -> int:
     from server.models import load_model
 
     engine = HFEngine(load_model(args.model, device="cpu"))
-    method = GemFilter()
+    method = GemFilter(scoring=args.scoring)
     result: dict[str, Any] = {
         "model": engine.model_name,
         "num_layers": len(decoder_layers(engine.model)),
-        "method": {"kernel_size": method.kernel_size, "tail": method.tail},
+        "method": {
+            "scoring": method.scoring,
+            "window": method.window,
+            "kernel_size": method.kernel_size,
+            "tail": method.tail,
+        },
         "main_tokens": args.tokens,
         "rule": f"earliest layer with mean {METRIC} at ~{args.tokens} tokens >= best - {args.tolerance}",
         "lengths": [],

@@ -7,7 +7,8 @@ measurement (request arrival -> first token, so it includes GemFilter's filter p
 side). For each length, ``none`` and ``gemfilter`` alternate over ``--repeats`` rounds; the
 median is reported. Needle accuracy: chat needle prompts at ``--needle-tokens``, answered by
 vLLM + GemFilter and by the HF backend (HFEngine, same GemFilter on the full model); the kept
-ids are checked to be identical before answers are compared.
+ids are checked to be identical before answers are compared. The HF backend runs in the dtype vLLM
+resolved (bfloat16 by default on x86), like the filter model.
 
 Run in the vLLM venv (``make bench-vllm``). vLLM spawns its engine in another process, hence
 the ``__main__`` guard. Writes bench/results/vllm_prefill.json and a section of
@@ -125,6 +126,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await engine.start()
     start_s = time.perf_counter() - start
     resolved_dtype = str(engine.filter_model.dtype).removeprefix("torch.")  # cast to vLLM's dtype at start
+    # The HF reference runs the dtype vLLM runs, so "same kept ids" compares like with like.
+    hf_engine.model.to(engine.filter_model.dtype)
     try:
         await run_request(engine, hf_engine.encode_prompt("Warm up the engine."), "gemfilter", 16, max_tokens=2)
         ttft = await measure_ttft(engine, hf_engine, args.lengths, args.budget, args.repeats)

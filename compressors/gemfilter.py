@@ -4,11 +4,23 @@ Shi et al., "Discovering the Gems in Early Layers: Accelerating Long-Context LLM
 Input Token Reduction", 2024 (https://arxiv.org/abs/2409.17422), Algorithm 1.
 
 Filter pass: run decoder layers ``0..r-1`` over the whole prompt with no KV cache; at layer
-``r`` take the query of the last prompt token and the keys of all tokens (after RoPE and any
-q/k norm, GQA heads expanded), score ``s = sum_heads q_last . k_j``, smooth with a 1-D average
-pool (kernel 5), keep the top-k, sorted ascending so the text keeps its order. The filter pass
-stops inside layer ``r``'s attention: no attention output, no later layer. The caller then
-prefills the full model on the kept ids with fresh contiguous positions.
+``r`` score every prompt token from the query/key states (after RoPE and any q/k norm, GQA
+heads expanded), smooth with a 1-D average pool (kernel 5), keep the top-k, sorted ascending
+so the text keeps its order. The filter pass stops inside layer ``r``'s attention: no
+attention output, no later layer. The caller then prefills the full model on the kept ids
+with fresh contiguous positions.
+
+Two scorings (knob ``scoring``):
+
+- ``"inner_product"``, the paper's Algorithm 1: ``s_j = sum_heads q_last . k_j``, the raw
+  inner product of the last prompt token's query with every key.
+- ``"attention"`` (default): the softmax attention the last ``window`` prompt queries pay to
+  each key, summed over that window and the heads (SnapKV's observation window, applied at
+  the filter layer). The question's own tokens vote, not only the final template token, and
+  per-head softmax keeps a few high-norm heads from drowning the rest. Measured on 35 needle
+  prompts from two haystack families at 2K-8K tokens (SmolLM2-135M, layer 18, top 1024), the
+  answer was kept 0.90 of the time against 0.67 for the paper's scoring, at no measurable cost
+  (``window x n`` dot products next to a filter pass of ``r`` full layers).
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from compressors.base import CompressionError, PromptSelector, Selection
+from compressors.kv_scoring import window_attention
 from compressors.probe import (
     StopForward,
     attention_probe,
@@ -68,6 +81,9 @@ def default_filter_layer(config: PretrainedConfig) -> int:
     return half
 
 
+SCORINGS = ("attention", "inner_product")
+
+
 def last_query_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """``query (1, H, q, d)``, ``key (1, H_kv, n, d)`` -> ``(n,)`` scores of the last query,
     summed over the query heads (GQA keys repeated to line up with them)."""
@@ -75,6 +91,13 @@ def last_query_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     keys = repeat_kv_heads(key, groups)
     last_query = query[:, :, -1:, :].to(torch.float32)
     return torch.matmul(last_query, keys.to(torch.float32).transpose(-1, -2))[0, :, 0, :].sum(dim=0)
+
+
+def token_scores(module: nn.Module, query: torch.Tensor, key: torch.Tensor, scoring: str, window: int) -> torch.Tensor:
+    """GemFilter's ``(n,)`` score of every prompt token at the filter layer (see the module doc)."""
+    if scoring == "inner_product":
+        return last_query_scores(query, key)
+    return window_attention(module, query, key, window).sum(dim=0)
 
 
 def pick_indices(scores: torch.Tensor, keep: int, kernel_size: int, tail: int) -> list[int]:
@@ -92,13 +115,16 @@ def pick_indices(scores: torch.Tensor, keep: int, kernel_size: int, tail: int) -
 @dataclass
 class GemFilter(PromptSelector):
     """Early-layer token selection. Knobs: ``budget``/``ratio`` (tokens to keep), ``layer``
-    (filter layer r; None = calibrated default for the model), ``kernel_size`` (average
-    pooling, paper: 5), ``tail`` (final prompt tokens always kept: the question and the chat
-    template's generation prefix)."""
+    (filter layer r; None = calibrated default for the model), ``scoring`` (``attention`` over
+    the last ``window`` queries, or the paper's ``inner_product`` of the last query),
+    ``window``, ``kernel_size`` (average pooling, paper: 5), ``tail`` (final prompt tokens
+    always kept: the question and the chat template's generation prefix)."""
 
     name: ClassVar[str] = "gemfilter"
 
     layer: int | None = None
+    scoring: str = "attention"
+    window: int = 32
     kernel_size: int = 5
     tail: int = 32
 
@@ -111,6 +137,12 @@ class GemFilter(PromptSelector):
             )
         if self.tail < 0:
             raise CompressionError(f"tail must be >= 0, got {self.tail}", param="compression.tail")
+        if self.scoring not in SCORINGS:
+            raise CompressionError(
+                f"scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}", param="compression.scoring"
+            )
+        if self.window < 1:
+            raise CompressionError(f"window must be >= 1, got {self.window}", param="compression.window")
         if self.layer is not None and self.layer < 0:
             raise CompressionError(f"layer must be >= 0, got {self.layer}", param="compression.layer")
 
@@ -136,8 +168,11 @@ class GemFilter(PromptSelector):
         if keep >= n:  # k >= n keeps everything: no filter pass, identical to `none`
             kept = list(range(n))
         else:
-            scores = filter_pass_scores(model, input_ids, layer)
+            scores = filter_pass_scores(model, input_ids, layer, self.scoring, self.window)
             kept = pick_indices(scores, keep, self.kernel_size, self.tail)
+        details: dict[str, object] = {"scoring": self.scoring}
+        if self.scoring == "attention":
+            details["window"] = min(self.window, n)
         return Selection(
             method=self.name,
             prompt_tokens=n,
@@ -145,17 +180,20 @@ class GemFilter(PromptSelector):
             select_ms=(time.perf_counter() - start) * 1000.0,
             protected_tail=min(self.tail, keep, n),
             layer=layer,
+            details=details,
         )
 
 
-def filter_pass_scores(model: PreTrainedModel, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+def filter_pass_scores(
+    model: PreTrainedModel, input_ids: torch.Tensor, layer: int, scoring: str = "attention", window: int = 32
+) -> torch.Tensor:
     """Run layers ``0..layer-1`` and stop inside ``layer``'s attention; return ``(n,)`` scores."""
     if not uses_probe_attention(model):
         install_probe_attention(model)
 
     def score_and_stop(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         if getattr(module, "layer_idx", None) == layer:
-            raise StopForward(last_query_scores(query, key))
+            raise StopForward(token_scores(module, query, key, scoring, window))
 
     with torch.inference_mode(), attention_probe(score_and_stop):
         try:

@@ -168,12 +168,9 @@ def test_engine_filter_pass_with_hooks_end_to_end(loaded_model, engine, count_to
     assert result.compression.kept_tokens == 64
 
 
-def test_scores_equal_manual_last_query_dot_keys(loaded_model, engine, count_tokens) -> None:
-    """The probe's scores are sum_heads q_last . k_j after RoPE, recomputed by hand."""
-    model = loaded_model.model
+def manual_query_key(model, ids: list[int], r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``r``'s query and key states after RoPE, recomputed by hand from its input."""
     base = model.base_model
-    r = 5
-    ids, _ = haystack_ids(engine, count_tokens, 200, depth=0.5, seed=17)
     input_ids = torch.tensor([ids])
     with torch.inference_mode():
         hidden = base(input_ids=input_ids, use_cache=False, output_hidden_states=True).hidden_states[r]
@@ -184,12 +181,48 @@ def test_scores_equal_manual_last_query_dot_keys(loaded_model, engine, count_tok
         query = attn.q_proj(normed).view(shape).transpose(1, 2)
         key = attn.k_proj(normed).view(shape).transpose(1, 2)
         cos, sin = base.rotary_emb(normed, position_ids=torch.arange(len(ids)).unsqueeze(0))
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        keys = repeat_kv_heads(key, query.shape[1] // key.shape[1])
-        expected = torch.einsum("hd,hnd->n", query[0, :, -1, :], keys[0])
-        got = filter_pass_scores(model, input_ids, r)
+        return apply_rotary_pos_emb(query, key, cos, sin)
+
+
+def test_inner_product_scores_equal_manual_last_query_dot_keys(loaded_model, engine, count_tokens) -> None:
+    """The paper's scoring: sum_heads q_last . k_j after RoPE, recomputed by hand."""
+    model, r = loaded_model.model, 5
+    ids, _ = haystack_ids(engine, count_tokens, 200, depth=0.5, seed=17)
+    query, key = manual_query_key(model, ids, r)
+    keys = repeat_kv_heads(key, query.shape[1] // key.shape[1])
+    expected = torch.einsum("hd,hnd->n", query[0, :, -1, :], keys[0])
+    with torch.inference_mode():
+        got = filter_pass_scores(model, torch.tensor([ids]), r, scoring="inner_product")
     assert torch.allclose(got, expected, rtol=1e-3, atol=1e-3)
     assert torch.allclose(last_query_scores(query, key), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_scores_equal_manual_window_softmax(loaded_model, engine, count_tokens) -> None:
+    """The default scoring: causal softmax(q k^T / sqrt(d)) of the last `window` queries, one
+    query at a time, summed over the window and the heads."""
+    model, r, window = loaded_model.model, 7, 16
+    ids, _ = haystack_ids(engine, count_tokens, 200, depth=0.5, seed=17)
+    query, key = manual_query_key(model, ids, r)
+    keys = repeat_kv_heads(key, query.shape[1] // key.shape[1])[0]
+    n, head_dim = len(ids), query.shape[-1]
+    expected = torch.zeros(n)
+    for position in range(n - window, n):  # each query sees keys 0..position only
+        logits = torch.einsum("hd,hnd->hn", query[0, :, position, :], keys[:, : position + 1]) / head_dim**0.5
+        expected[: position + 1] += torch.softmax(logits, dim=-1).sum(dim=0)
+    with torch.inference_mode():
+        got = filter_pass_scores(model, torch.tensor([ids]), r, scoring="attention", window=window)
+    assert torch.allclose(got, expected, rtol=1e-3, atol=1e-4)
+    assert abs(float(got.sum()) - window * query.shape[1]) < 1e-2  # every query-head row sums to 1
+
+
+def test_selection_reports_its_scoring(loaded_model, engine, count_tokens) -> None:
+    ids, _ = haystack_ids(engine, count_tokens, 200, depth=0.5, seed=17)
+    input_ids = torch.tensor([ids])
+    default = GemFilter(budget=64).select(loaded_model.model, input_ids, 1024)
+    paper = GemFilter(budget=64, scoring="inner_product").select(loaded_model.model, input_ids, 1024)
+    assert default.details == {"scoring": "attention", "window": 32}
+    assert paper.details == {"scoring": "inner_product"}
+    assert len(default.kept_indices) == len(paper.kept_indices) == 64
 
 
 # ---- the needle survives the filter -----------------------------------------------------------
@@ -219,6 +252,8 @@ def test_needle_in_3500_token_haystack_found_with_budget_1024(engine, count_toke
         ({"kernel_size": 4}, "kernel_size must be a positive odd"),
         ({"tail": -1}, "tail must be >= 0"),
         ({"layer": -1}, "layer must be >= 0"),
+        ({"scoring": "cosine"}, "scoring must be one of attention, inner_product"),
+        ({"window": 0}, "window must be >= 1"),
     ],
 )
 def test_invalid_knobs_raise_compression_error(knobs, message) -> None:
