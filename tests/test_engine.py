@@ -78,8 +78,8 @@ def test_prompt_plus_max_tokens_beyond_the_context_is_rejected(engine) -> None:
 def test_unknown_method_and_knob_list_what_is_allowed(engine, chat_prompt) -> None:
     with pytest.raises(RequestError, match="unknown compression method 'magic'; allowed: none, gemfilter"):
         engine.check_request(request(chat_prompt, "magic"))
-    with pytest.raises(RequestError, match="method 'gemfilter' has no knob 'window'; its knobs: budget, ratio"):
-        engine.check_request(request(chat_prompt, "gemfilter", {"window": 3}))
+    with pytest.raises(RequestError, match="method 'gemfilter' has no knob 'beta'; its knobs: budget, ratio"):
+        engine.check_request(request(chat_prompt, "gemfilter", {"beta": 3}))
     with pytest.raises(RequestError, match="knob 'budget' of method 'gemfilter' must be int, got 'many'"):
         engine.check_request(request(chat_prompt, "gemfilter", {"budget": "many"}))
 

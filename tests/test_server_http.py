@@ -94,9 +94,9 @@ def test_unknown_method_and_knob_list_allowed(server_url: str) -> None:
     error = error_of(httpx.post(f"{server_url}/v1/completions", json=bad_method), 400)
     assert error["param"] == "compression.method"
     assert "allowed: none, gemfilter" in error["message"]
-    bad_knob = {**SHORT, "compression": {"method": "gemfilter", "window": 8}}
+    bad_knob = {**SHORT, "compression": {"method": "gemfilter", "beta": 8}}
     error = error_of(httpx.post(f"{server_url}/v1/completions", json=bad_knob), 400)
-    assert error["param"] == "compression.window"
+    assert error["param"] == "compression.beta"
     assert "its knobs:" in error["message"] and "budget" in error["message"]
 
 
