@@ -1,9 +1,10 @@
 """Which decoder layer should GemFilter filter at? Needle recall in the top-k, per layer.
 
 For each needle case, one forward over the whole prompt (no cache) records GemFilter's score
-(``token_scores`` with the method's ``--scoring``: window attention by default, or the paper's
-last-query inner product) at EVERY layer through the attention probe, then applies GemFilter's
-own selection (pooling, protected tail, top-k). Recall = the fraction of the needle's answer
+(``token_scores`` with the method's ``--scoring`` and ``--window``: by default the fused
+score of the last 32 queries; ``--scoring inner_product --window 1`` is the paper's) at EVERY layer
+through the attention probe, then applies GemFilter's own selection (pooling, protected tail,
+top-k). Recall = the fraction of the needle's answer
 tokens (and of its sentence's tokens) that survive. Writes
 ``bench/results/filter_layer_<model>.json`` and a PNG of recall vs layer.
 
@@ -190,8 +191,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=7000, help="first case's seed; case i uses seed + i")
     parser.add_argument("--tolerance", type=float, default=0.03, help="recall below the best still accepted")
     parser.add_argument(
-        "--scoring", choices=("attention", "inner_product"), default="attention", help="GemFilter's scoring knob"
+        "--scoring", choices=("fused", "inner_product", "attention"), default="fused", help="GemFilter's scoring knob"
     )
+    parser.add_argument("--window", type=int, default=32, help="GemFilter's window knob (1: the paper's last query)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/filter_layer_<model>.json)")
     parser.add_argument("--case-from", type=int, default=0, help="run only main cases from this index (a part)")
     parser.add_argument("--case-to", type=int, help="run only main cases before this index (a part)")
@@ -211,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     from server.models import load_model
 
     engine = HFEngine(load_model(args.model, device="cpu"))
-    method = GemFilter(scoring=args.scoring)
+    method = GemFilter(scoring=args.scoring, window=args.window)
     result: dict[str, Any] = {
         "model": engine.model_name,
         "num_layers": len(decoder_layers(engine.model)),

@@ -1,8 +1,9 @@
-"""GemFilter's two scorings compared on two haystack families: answer recall and real answers.
+"""GemFilter's scorings compared on two haystack families: answer recall and real answers.
 
-``scoring="attention"`` (the default: softmax attention of the last ``window`` prompt queries at
-the filter layer) against ``scoring="inner_product"`` (the paper's last-query inner product),
-both at the model's calibrated filter layer and budget ``--budget``, plus full attention.
+Four scorings at the model's calibrated filter layer and budget ``--budget``, plus full
+attention: ``inner`` (raw inner products of the last 32 prompt queries, summed over heads),
+``attention`` (per-head softmax over the same window), ``fused`` (the default: both, merged
+by best rank) and ``paper`` (the last query's inner product only, ``window=1``).
 
 Families, so that no single haystack decides the default:
 
@@ -22,6 +23,7 @@ Writes bench/results/gemfilter_scoring_<model>.json and a section of docs/benchm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import pydoc
@@ -38,8 +40,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DOC_HEADING = "## GemFilter scoring: window attention vs the paper's last-query inner product"
-SCORINGS = ("attention", "inner_product")
+DOC_HEADING = "## GemFilter scoring: the default query window vs the paper's last query"
+# label -> GemFilter knobs
+SCORINGS: dict[str, dict[str, Any]] = {
+    "fused": {"scoring": "fused", "window": 32},
+    "inner": {"scoring": "inner_product", "window": 32},
+    "attention": {"scoring": "attention", "window": 32},
+    "paper": {"scoring": "inner_product", "window": 1},
+}
 PYDOC_MODULES = (
     "json",
     "argparse",
@@ -152,10 +160,31 @@ def synthetic_prompt(engine: HFEngine, target: int, depth: float, seed: int) -> 
     return Prompt("synthetic", depth, prompt.prompt_ids, prompt.answer_token_positions, prompt.case.needle.found_in)
 
 
-def evaluate(engine: HFEngine, prompt: Prompt, budget: int, max_tokens: int) -> dict[str, Any]:
+def scores_at_filter_layer(model: Any, prompt_ids: list[int], layer: int) -> dict[str, Any]:
+    """Every scoring's token scores from ONE filter pass (the probe sees layer ``layer``'s query
+    and key once and scores them each way), so the recall columns cost one pass per prompt."""
     import torch
 
-    from compressors.gemfilter import GemFilter
+    from compressors.gemfilter import token_scores
+    from compressors.probe import StopForward, attention_probe, install_probe_attention, uses_probe_attention
+
+    if not uses_probe_attention(model):
+        install_probe_attention(model)
+    found: dict[str, Any] = {}
+
+    def probe(module: Any, query: Any, key: Any, value: Any) -> None:
+        if getattr(module, "layer_idx", None) == layer:
+            for label, knobs in SCORINGS.items():
+                found[label] = token_scores(module, query, key, knobs["scoring"], knobs["window"])
+            raise StopForward(None)
+
+    with torch.inference_mode(), attention_probe(probe), contextlib.suppress(StopForward):
+        model.base_model(input_ids=torch.tensor([prompt_ids]), use_cache=False)
+    return found
+
+
+def evaluate(engine: HFEngine, prompt: Prompt, budget: int, max_tokens: int, answers: bool) -> dict[str, Any]:
+    from compressors.gemfilter import GemFilter, pick_indices
     from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 
     row: dict[str, Any] = {
@@ -164,13 +193,16 @@ def evaluate(engine: HFEngine, prompt: Prompt, budget: int, max_tokens: int) -> 
         "prompt_tokens": len(prompt.prompt_ids),
         "answer_tokens": len(prompt.answer_positions),
     }
-    ids = torch.tensor([prompt.prompt_ids])
-    for scoring in SCORINGS:
-        kept = set(GemFilter(budget=budget, scoring=scoring).select(engine.model, ids, budget).kept_indices)
-        row[f"recall_{scoring}"] = sum(p in kept for p in prompt.answer_positions) / len(prompt.answer_positions)
+    method = GemFilter(budget=budget)
+    scores = scores_at_filter_layer(engine.model, prompt.prompt_ids, method.filter_layer(engine.model))
+    for label, score in scores.items():
+        kept = set(pick_indices(score, budget, method.kernel_size, method.tail))
+        row[f"recall_{label}"] = sum(p in kept for p in prompt.answer_positions) / len(prompt.answer_positions)
     runs = [("none", "none", {})] + [
-        (scoring, "gemfilter", {"budget": budget, "scoring": scoring}) for scoring in SCORINGS
+        (label, "gemfilter", {"budget": budget, **knobs}) for label, knobs in SCORINGS.items()
     ]
+    if not answers:
+        runs = []
     for label, method, knobs in runs:
         request = GenerationRequest(
             prompt_ids=prompt.prompt_ids,
@@ -194,7 +226,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for scoring in SCORINGS:
             entry[f"recall_{scoring}"] = round(sum(r[f"recall_{scoring}"] for r in group) / len(group), 3)
         for label in ("none", *SCORINGS):
-            entry[f"found_{label}"] = sum(r[f"found_{label}"] for r in group)
+            if all(f"found_{label}" in r for r in group):
+                entry[f"found_{label}"] = sum(r[f"found_{label}"] for r in group)
         summary.append(entry)
     return summary
 
@@ -216,8 +249,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if family == "prose":
                 prompt = prose_prompt(engine, paragraphs, target, depth, seed=3000 + i + target)
             else:
-                prompt = synthetic_prompt(engine, target, depth, seed=4000 + i)
-            rows.append({"target_tokens": target, **evaluate(engine, prompt, args.budget, args.max_tokens)})
+                prompt = synthetic_prompt(engine, target, depth, seed=args.synthetic_seed + i)
+            row = evaluate(engine, prompt, args.budget, args.max_tokens, answers=not args.recall_only)
+            rows.append({"target_tokens": target, **row})
     return {
         "model": engine.model_name,
         "filter_layer": GemFilter().filter_layer(engine.model),
@@ -232,37 +266,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def doc_section(data: dict[str, Any]) -> str:
+    labels = list(SCORINGS)
+    answered = all("found_none" in r for r in data["rows"])
     lines = [
         DOC_HEADING,
         "",
         f"`python -m bench.gemfilter_scoring` ({data['model']}, filter layer {data['filter_layer']}, "
-        f"k={data['budget']}, "
-        f"greedy, {data['max_tokens']} new tokens; float32 on CPU). Recall = mean fraction of the answer's tokens the "
-        "selection keeps; answers = greedy outputs containing the answer. `attention` = softmax attention of the last "
-        f"{data['window']} prompt queries (the default); `inner_product` = the paper's last-query inner product. "
-        "`prose` = stdlib docs and license texts with needle templates used nowhere else; `synthetic` = "
-        "clients.haystack (the calibration family, fresh seeds).",
+        f"k={data['budget']}, greedy, {data['max_tokens']} new tokens; float32 on CPU). Recall = mean fraction of "
+        "the answer's tokens the selection keeps; answers = greedy outputs containing the answer. `inner` = raw "
+        "inner products of the last 32 prompt queries summed over heads; `attention` = per-head softmax over the "
+        "same window; `fused` = both merged by best rank (the default); `paper` = the last query's inner product "
+        "only (Algorithm 1). `prose` = "
+        "stdlib docs and license texts with needle templates used nowhere else; `synthetic` = clients.haystack "
+        "(the calibration family, fresh seeds).",
         "",
-        "| family | ~tokens | prompts | recall attention | recall inner_product | answers none | answers attention "
-        "| answers inner_product |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| family | ~tokens | prompts | "
+        + " | ".join(f"recall {label}" for label in labels)
+        + (" | answers none | " + " | ".join(f"answers {label}" for label in labels) if answered else "")
+        + " |",
+        "|---|---:|---:|" + "---:|" * (len(labels) + (len(labels) + 1 if answered else 0)),
     ]
     for s in data["summary"]:
         n = s["prompts"]
-        lines.append(
-            f"| {s['family']} | {s['target_tokens']} | {n} | {s['recall_attention']:.2f} "
-            f"| {s['recall_inner_product']:.2f} "
-            f"| {s['found_none']}/{n} | {s['found_attention']}/{n} | {s['found_inner_product']}/{n} |"
-        )
+        cells = [f"{s[f'recall_{label}']:.2f}" for label in labels]
+        if answered:
+            cells += [f"{s[f'found_{label}']}/{n}" for label in ("none", *labels)]
+        lines.append(f"| {s['family']} | {s['target_tokens']} | {n} | {' | '.join(cells)} |")
     rows = data["rows"]
-    total = {label: sum(r[f"found_{label}"] for r in rows) for label in ("none", *SCORINGS)}
-    lines += [
-        "",
-        f"All {len(rows)} prompts: none {total['none']}, attention {total['attention']}, inner_product "
-        f"{total['inner_product']} answered. SmolLM2-135M misses many of these even with full attention, so the "
-        "answer counts are small; the recall columns say what the selection itself keeps.",
-        "",
-    ]
+    if answered:
+        totals = ", ".join(f"{label} {sum(r[f'found_{label}'] for r in rows)}" for label in ("none", *labels))
+        lines += [
+            "",
+            f"All {len(rows)} prompts answered: {totals}. SmolLM2-135M misses many of these even with full "
+            "attention, so the answer counts are small; the recall columns say what the selection itself keeps.",
+        ]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -275,6 +313,8 @@ def main() -> None:
     parser.add_argument("--synthetic-tokens", type=int, nargs="*", default=[4096])
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--recall-only", action="store_true", help="skip the greedy answers (one filter pass each)")
+    parser.add_argument("--synthetic-seed", type=int, default=4000, help="first synthetic case's seed")
     parser.add_argument("--output", type=Path)
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()

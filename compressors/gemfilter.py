@@ -10,17 +10,22 @@ so the text keeps its order. The filter pass stops inside layer ``r``'s attentio
 attention output, no later layer. The caller then prefills the full model on the kept ids
 with fresh contiguous positions.
 
-Two scorings (knob ``scoring``):
+Scores (knobs ``scoring`` and ``window``) are summed over the query heads and averaged over
+the last ``window`` prompt queries (each query sees only the keys at or before it):
 
-- ``"inner_product"``, the paper's Algorithm 1: ``s_j = sum_heads q_last . k_j``, the raw
-  inner product of the last prompt token's query with every key.
-- ``"attention"`` (default): the softmax attention the last ``window`` prompt queries pay to
-  each key, summed over that window and the heads (SnapKV's observation window, applied at
-  the filter layer). The question's own tokens vote, not only the final template token, and
-  per-head softmax keeps a few high-norm heads from drowning the rest. Measured on 35 needle
-  prompts from two haystack families at 2K-8K tokens (SmolLM2-135M, layer 18, top 1024), the
-  answer was kept 0.90 of the time against 0.67 for the paper's scoring, at no measurable cost
-  (``window x n`` dot products next to a filter pass of ``r`` full layers).
+- ``"inner_product"``: raw ``q . k_j``. With ``window=1`` this is exactly the paper's
+  Algorithm 1 (the last token's query only).
+- ``"attention"``: per-head softmax of ``q . k_j`` (SnapKV's observation-window score).
+- ``"fused"`` (default): both, each pooled and turned into a rank, merged by the maximum, so a
+  token is kept when either scoring ranks it high.
+
+Why the default, measured on SmolLM2-135M at layer 18 with the top 1024 kept (answer recall;
+``bench.gemfilter_scoring``, raw data in ``bench/results/``): neither score alone was robust.
+On early magic-number needles at 3.5K the inner product kept 1.00 and attention 0.19. On real
+prose at 4K/7K attention kept 0.90/0.92 and the inner product 0.61/0.33. Fused kept 1.00,
+0.97, 0.92, and 0.94 on fresh 8K synthetic needles (inner 0.78, attention 0.87). The paper's
+last-query score kept 0.90, 0.39, 0.00 and 0.50. The window costs ``window x n`` dot products,
+nothing next to a filter pass of ``r`` full layers.
 """
 
 from __future__ import annotations
@@ -53,9 +58,9 @@ CALIBRATED_FILTER_LAYERS: dict[tuple[str, int, int], int] = {
     # mean needle-answer recall in the top-512 over 12 needles at ~4K tokens is best at layer 18 (0.68;
     # layer 15: 0.61, 14: 0.47, every layer <= 13: <= 0.3), and at ~8K layer 18 keeps 0.57 where
     # layer 15 keeps 0.33 (3 needles). Both reach 1.0 at ~2K. Earliest layer within 0.03 of the best: 18.
-    # That calibration used the paper's inner-product scoring. Re-checked with the default window-attention
-    # scoring on two haystack families (bench/results/experiments/, answer recall in the top 1024 at 2K-8K):
-    # layer 18 averages 0.90, layer 17 0.90, layer 15 0.85 (it wins only on the synthetic family at 4K).
+    # That calibration used the paper's last-query scoring. Re-checked with a 32-query inner-product window on
+    # two haystack families (bench/results/experiments/, answer recall in the top 1024 at 2K-8K): layer 18
+    # averages 0.92 (1.00 1.00 1.00 0.90 0.72); layer 17 0.68, layer 15 0.75, every layer <= 13 <= 0.49.
     ("llama", 30, 576): 18,
 }
 
@@ -84,7 +89,7 @@ def default_filter_layer(config: PretrainedConfig) -> int:
     return half
 
 
-SCORINGS = ("attention", "inner_product")
+SCORINGS = ("fused", "inner_product", "attention")
 
 
 def last_query_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -96,17 +101,39 @@ def last_query_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return torch.matmul(last_query, keys.to(torch.float32).transpose(-1, -2))[0, :, 0, :].sum(dim=0)
 
 
+def window_inner_products(query: torch.Tensor, key: torch.Tensor, window: int) -> torch.Tensor:
+    """``(n,)``: raw ``q . k_j`` of the last ``window`` queries, summed over the query heads and
+    averaged over the window; a query's future keys count 0. ``window=1``: :func:`last_query_scores`."""
+    n = key.shape[-2]
+    window = min(window, query.shape[-2])
+    if window == 1:
+        return last_query_scores(query, key)
+    keys = repeat_kv_heads(key, query.shape[1] // key.shape[1])[0].to(torch.float32)
+    logits = torch.matmul(query[0, :, -window:, :].to(torch.float32), keys.transpose(-1, -2))  # (H, W, n)
+    future = torch.arange(n, device=logits.device) > torch.arange(n - window, n, device=logits.device).unsqueeze(1)
+    return logits.masked_fill(future, 0.0).sum(dim=(0, 1)) / window
+
+
 def token_scores(module: nn.Module, query: torch.Tensor, key: torch.Tensor, scoring: str, window: int) -> torch.Tensor:
     """GemFilter's ``(n,)`` score of every prompt token at the filter layer (see the module doc)."""
     if scoring == "inner_product":
-        return last_query_scores(query, key)
-    return window_attention(module, query, key, window).sum(dim=0)
+        return window_inner_products(query, key, window)
+    attention = window_attention(module, query, key, window).sum(dim=0) / min(window, query.shape[-2])
+    if scoring == "attention":
+        return attention
+    return torch.stack([window_inner_products(query, key, window), attention])  # fused: pick_indices merges
 
 
 def pick_indices(scores: torch.Tensor, keep: int, kernel_size: int, tail: int) -> list[int]:
-    """Pool, force the protected tail in, take the top ``keep`` and sort them ascending."""
+    """Pool, force the protected tail in, take the top ``keep`` and sort them ascending.
+
+    ``scores`` is ``(n,)``, or ``(m, n)`` for m scorings to fuse: each row is pooled and turned
+    into ranks (0..1), and a token's score is its best rank over the rows."""
     n = scores.shape[-1]
-    pooled = F.avg_pool1d(scores.view(1, 1, n), kernel_size=kernel_size, padding=kernel_size // 2, stride=1)
+    rows = scores.reshape(-1, 1, n).to(torch.float32)
+    pooled = F.avg_pool1d(rows, kernel_size=kernel_size, padding=kernel_size // 2, stride=1).view(-1, n)
+    if pooled.shape[0] > 1:
+        pooled = (pooled.argsort(dim=-1).argsort(dim=-1).to(torch.float32) / n).amax(dim=0)
     pooled = pooled.view(n).clone()
     protected = min(tail, keep, n)
     if protected:
@@ -118,15 +145,15 @@ def pick_indices(scores: torch.Tensor, keep: int, kernel_size: int, tail: int) -
 @dataclass
 class GemFilter(PromptSelector):
     """Early-layer token selection. Knobs: ``budget``/``ratio`` (tokens to keep), ``layer``
-    (filter layer r; None = calibrated default for the model), ``scoring`` (``attention`` over
-    the last ``window`` queries, or the paper's ``inner_product`` of the last query),
-    ``window``, ``kernel_size`` (average pooling, paper: 5), ``tail`` (final prompt tokens
-    always kept: the question and the chat template's generation prefix)."""
+    (filter layer r; None = calibrated default for the model), ``scoring`` (``fused``,
+    ``inner_product`` or ``attention``), ``window`` (final prompt queries averaged; the paper: 1),
+    ``kernel_size`` (average pooling, paper: 5), ``tail`` (final prompt tokens always kept: the
+    question and the chat template's generation prefix)."""
 
     name: ClassVar[str] = "gemfilter"
 
     layer: int | None = None
-    scoring: str = "attention"
+    scoring: str = "fused"
     window: int = 32
     kernel_size: int = 5
     tail: int = 32
@@ -173,9 +200,7 @@ class GemFilter(PromptSelector):
         else:
             scores = filter_pass_scores(model, input_ids, layer, self.scoring, self.window)
             kept = pick_indices(scores, keep, self.kernel_size, self.tail)
-        details: dict[str, object] = {"scoring": self.scoring}
-        if self.scoring == "attention":
-            details["window"] = min(self.window, n)
+        details: dict[str, object] = {"scoring": self.scoring, "window": min(self.window, n)}
         return Selection(
             method=self.name,
             prompt_tokens=n,
@@ -188,9 +213,10 @@ class GemFilter(PromptSelector):
 
 
 def filter_pass_scores(
-    model: PreTrainedModel, input_ids: torch.Tensor, layer: int, scoring: str = "attention", window: int = 32
+    model: PreTrainedModel, input_ids: torch.Tensor, layer: int, scoring: str = "fused", window: int = 32
 ) -> torch.Tensor:
-    """Run layers ``0..layer-1`` and stop inside ``layer``'s attention; return ``(n,)`` scores."""
+    """Run layers ``0..layer-1`` and stop inside ``layer``'s attention; return the ``(n,)`` scores
+    (``(2, n)`` for ``fused``: inner product and attention, merged by :func:`pick_indices`)."""
     if not uses_probe_attention(model):
         install_probe_attention(model)
 

@@ -81,7 +81,7 @@ def test_filter_pass_stops_at_the_filter_layer(gemma_engine, gemma_prompt) -> No
         for handle in handles:
             handle.remove()
     assert called == list(range(12))
-    assert scores.shape == (len(gemma_prompt),)
+    assert scores.shape == (2, len(gemma_prompt))  # fused: the inner-product and attention rows
     assert torch.isfinite(scores).all()
 
 
