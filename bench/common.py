@@ -57,6 +57,12 @@ def report_result(result: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def cpu_was_shared(loadavg_before: list[float]) -> bool:
+    """Did other work share the CPU? Judged by the 1-minute load average BEFORE a run: at its end
+    the load is mostly the benchmark's own threads. This idle VM sits near 1.0 (kernel threads)."""
+    return loadavg_before[0] > 1.5
+
+
 def machine_description() -> dict[str, Any]:
     """What the numbers were measured on, including how busy the machine was."""
     import torch

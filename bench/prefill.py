@@ -30,6 +30,7 @@ from tqdm import tqdm
 from bench.common import (
     DOCS_PATH,
     RESULTS_DIR,
+    cpu_was_shared,
     machine_description,
     model_slug,
     needle_prompt,
@@ -205,8 +206,7 @@ def markdown_section(result: dict[str, Any]) -> str:
         + (
             "**the CPU was shared with other work**, so absolute times are inflated and noisy; ratios measured "
             "in the same run are the meaningful figures."
-            # Judged before the run: at its end the 1-minute load is mostly the benchmark's own 2 threads.
-            if result["loadavg_before"][0] > 1.5
+            if cpu_was_shared(result["loadavg_before"])
             else "nothing else was running (the 1-minute load at the end is the benchmark's own 2 threads)."
         ),
         "",

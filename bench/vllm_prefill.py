@@ -27,7 +27,14 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from bench.common import RESULTS_DIR, machine_description, needle_prompt, replace_doc_section, write_json
+from bench.common import (
+    RESULTS_DIR,
+    cpu_was_shared,
+    machine_description,
+    needle_prompt,
+    replace_doc_section,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -209,14 +216,12 @@ def doc_section(data: dict[str, Any]) -> str:
 
 
 def load_description(machine: dict[str, Any]) -> str:
-    """Whether other work shared the CPU, judged by the 1-minute load average before the run (the
-    run itself keeps one or two cores busy, so the load at its end says little)."""
+    """Whether other work shared the CPU (:func:`bench.common.cpu_was_shared`), with the loads."""
     start, end = machine.get("loadavg_at_start"), machine["loadavg_1_5_15"]
     if start is None:
         return f"load average {end} at end"
-    shared = start[0] > 1.5  # this idle VM sits near 1.0 (kernel threads)
     return (
-        f"{'shared with other jobs' if shared else 'no other jobs running'} (load average "
+        f"{'shared with other jobs' if cpu_was_shared(start) else 'no other jobs running'} (load average "
         f"{start} at start, {end} at end)"
     )
 

@@ -40,7 +40,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from compressors.base import CompressionError, PromptSelector, Selection
-from compressors.kv_scoring import window_attention
+from compressors.kv_scoring import causal_logits, window_attention
 from compressors.probe import (
     StopForward,
     attention_probe,
@@ -104,13 +104,10 @@ def last_query_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 def window_inner_products(query: torch.Tensor, key: torch.Tensor, window: int) -> torch.Tensor:
     """``(n,)``: raw ``q . k_j`` of the last ``window`` queries, summed over the query heads and
     averaged over the window; a query's future keys count 0. ``window=1``: :func:`last_query_scores`."""
-    n = key.shape[-2]
     window = min(window, query.shape[-2])
     if window == 1:
         return last_query_scores(query, key)
-    keys = repeat_kv_heads(key, query.shape[1] // key.shape[1])[0].to(torch.float32)
-    logits = torch.matmul(query[0, :, -window:, :].to(torch.float32), keys.transpose(-1, -2))  # (H, W, n)
-    future = torch.arange(n, device=logits.device) > torch.arange(n - window, n, device=logits.device).unsqueeze(1)
+    logits, future = causal_logits(query[:, :, -window:, :], key, key.shape[-2] - window)  # (H, W, n)
     return logits.masked_fill(future, 0.0).sum(dim=(0, 1)) / window
 
 

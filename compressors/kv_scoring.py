@@ -43,25 +43,32 @@ def is_prunable_layer(layer: object) -> bool:
     return not isinstance(layer, DynamicSlidingWindowLayer) and isinstance(keys, torch.Tensor) and keys.dim() == 4
 
 
-def attention_weights(module: nn.Module, query: torch.Tensor, key: torch.Tensor, query_start: int) -> torch.Tensor:
-    """Softmax attention of a block of queries over all keys, causal, in float32.
+def causal_logits(query: torch.Tensor, key: torch.Tensor, query_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw ``q . k`` of a block of queries over all keys in float32, and where each query's future is.
 
     ``query (1, H, q, d)`` holds the queries at absolute positions ``query_start ..
     query_start + q - 1`` of a sequence whose keys are ``key (1, H_kv, k, d)`` (positions
-    ``0..k-1``). Returns ``(H, q, k)``. GQA keys are repeated to line up with the query heads.
+    ``0..k-1``). Returns ``logits (H, q, k)`` (GQA keys repeated to line up with the query heads)
+    and the bool ``future (q, k)`` mask of keys after each query.
     """
     heads, kv_heads = query.shape[1], key.shape[1]
     keys = repeat_kv_heads(key, heads // kv_heads)[0].to(torch.float32)
-    scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-    logits = torch.matmul(query[0].to(torch.float32), keys.transpose(-1, -2)) * scaling
-    softcap = getattr(module, "attn_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = torch.matmul(query[0].to(torch.float32), keys.transpose(-1, -2))
     q_len, k_len = logits.shape[-2], logits.shape[-1]
     query_pos = torch.arange(query_start, query_start + q_len, device=logits.device).unsqueeze(1)
     future = torch.arange(k_len, device=logits.device).unsqueeze(0) > query_pos
-    logits = logits.masked_fill(future, float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    return logits, future
+
+
+def attention_weights(module: nn.Module, query: torch.Tensor, key: torch.Tensor, query_start: int) -> torch.Tensor:
+    """Softmax attention ``(H, q, k)`` of a block of queries over all keys, causal, in float32
+    (positions as in :func:`causal_logits`), with the module's scaling and logit softcap."""
+    logits, future = causal_logits(query, key, query_start)
+    logits = logits * (getattr(module, "scaling", None) or query.shape[-1] ** -0.5)
+    softcap = getattr(module, "attn_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
 
 
 def window_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, window: int) -> torch.Tensor:
