@@ -59,6 +59,8 @@ class Selection:
     protected_tail: int = 0
     layer: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None  # why a selector kept everything without running (e.g. prompt too short)
+    filter_attention: dict[str, Any] | None = None  # the filter pass's attention report (GemFilter)
 
     @property
     def kept_tokens(self) -> int:

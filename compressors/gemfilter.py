@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from compressors.attention import AttentionBackend, build_attention
 from compressors.base import CompressionError, PromptSelector, Selection
 from compressors.kv_scoring import causal_logits, window_attention
 from compressors.probe import (
@@ -47,6 +48,7 @@ from compressors.probe import (
     decoder_layers,
     install_probe_attention,
     repeat_kv_heads,
+    use_attention,
     uses_probe_attention,
 )
 
@@ -65,6 +67,12 @@ CALIBRATED_FILTER_LAYERS: dict[tuple[str, int, int], int] = {
 }
 
 
+def architecture_key(config: PretrainedConfig) -> tuple[str, int, int]:
+    """(model_type, layers, hidden size): what the calibration tables are keyed by."""
+    text_config = config.get_text_config()
+    return (str(text_config.model_type), int(text_config.num_hidden_layers), int(text_config.hidden_size))
+
+
 def default_filter_layer(config: PretrainedConfig) -> int:
     """The calibrated layer for known models; otherwise about half depth.
 
@@ -74,7 +82,7 @@ def default_filter_layer(config: PretrainedConfig) -> int:
     """
     text_config = config.get_text_config()
     num_layers = int(text_config.num_hidden_layers)
-    key = (str(text_config.model_type), num_layers, int(text_config.hidden_size))
+    key = architecture_key(config)
     if key in CALIBRATED_FILTER_LAYERS:
         return CALIBRATED_FILTER_LAYERS[key]
     half = num_layers // 2
@@ -90,6 +98,27 @@ def default_filter_layer(config: PretrainedConfig) -> int:
 
 
 SCORINGS = ("fused", "inner_product", "attention")
+
+# The filter pass's attention backend when a request names none (compressors.attention).
+DEFAULT_FILTER_ATTENTION = "dense"
+SKIPPED_TOO_SHORT = "prompt too short for budget"
+MAX_PAYOFF_RATIO = 1000.0
+
+# Prompt length / kept tokens below which the filter pass costs more than it saves, measured per
+# model (bench/filter_payoff.py, bench/results/filter_payoff_*.json): same keys as the layer table.
+CALIBRATED_PAYOFF_RATIOS: dict[tuple[str, int, int], float] = {}
+
+
+def default_payoff_ratio(config: PretrainedConfig) -> float:
+    """The measured ratio for known models; otherwise the cost model's ``L / (L - r - 1)``: with
+    prefill cost roughly linear in length, a filter pass over ``n`` tokens costs ``(r + 1) / L`` of
+    a full prefill, and the kept ``k`` tokens cost ``k / n`` of it."""
+    key = architecture_key(config)
+    if key in CALIBRATED_PAYOFF_RATIOS:
+        return CALIBRATED_PAYOFF_RATIOS[key]
+    num_layers = int(config.get_text_config().num_hidden_layers)
+    layer = default_filter_layer(config)
+    return num_layers / max(1, num_layers - layer - 1)
 
 
 def last_query_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -147,7 +176,11 @@ class GemFilter(PromptSelector):
     (filter layer r; None = calibrated default for the model), ``scoring`` (``fused``,
     ``inner_product`` or ``attention``), ``window`` (final prompt queries averaged; the paper: 1),
     ``kernel_size`` (average pooling, paper: 5), ``tail`` (final prompt tokens always kept: the
-    question and the chat template's generation prefix)."""
+    question and the chat template's generation prefix), ``filter_attention`` and
+    ``filter_attention_knobs`` (the attention backend of layers ``< r`` in the filter pass, see
+    :mod:`compressors.attention`), ``payoff_ratio`` (filter only prompts of at least this many
+    times the kept tokens, since a shorter one costs more filtered than whole; None: measured
+    per model, 0: always filter)."""
 
     name: ClassVar[str] = "gemfilter"
 
@@ -156,9 +189,18 @@ class GemFilter(PromptSelector):
     window: int = 32
     kernel_size: int = 5
     tail: int = 32
+    filter_attention: str = DEFAULT_FILTER_ATTENTION
+    filter_attention_knobs: dict[str, Any] | None = None
+    payoff_ratio: float | None = None
 
     def validate(self) -> None:
         super().validate()
+        self.filter_backend()  # unknown backend or knob -> CompressionError naming the allowed ones
+        if self.payoff_ratio is not None and not 0.0 <= self.payoff_ratio <= MAX_PAYOFF_RATIO:
+            raise CompressionError(
+                f"payoff_ratio must be in [0, {MAX_PAYOFF_RATIO:g}], got {self.payoff_ratio}",
+                param="compression.payoff_ratio",
+            )
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise CompressionError(
                 f"kernel_size must be a positive odd number, got {self.kernel_size}",
@@ -174,6 +216,16 @@ class GemFilter(PromptSelector):
             raise CompressionError(f"window must be >= 1, got {self.window}", param="compression.window")
         if self.layer is not None and self.layer < 0:
             raise CompressionError(f"layer must be >= 0, got {self.layer}", param="compression.layer")
+
+    def filter_backend(self) -> AttentionBackend:
+        """A fresh backend for one filter pass (it counts what that pass computed)."""
+        return build_attention(self.filter_attention, self.filter_attention_knobs, field="filter_attention")
+
+    def pays_off(self, model: PreTrainedModel, prompt_tokens: int, keep: int) -> bool:
+        """Is the prompt long enough that the filter pass plus the prefill of ``keep`` tokens costs
+        less than prefilling all ``prompt_tokens``?"""
+        ratio = self.payoff_ratio if self.payoff_ratio is not None else default_payoff_ratio(model.config)
+        return prompt_tokens >= ratio * keep
 
     def filter_layer(self, model: PreTrainedModel) -> int:
         return self.layer if self.layer is not None else default_filter_layer(model.config)
@@ -194,11 +246,17 @@ class GemFilter(PromptSelector):
         n = int(input_ids.shape[-1])
         keep = self.resolve_budget(n, default_budget)
         layer = self.filter_layer(model)
+        skipped = None
+        filter_report = None
         if keep >= n:  # k >= n keeps everything: no filter pass, identical to `none`
             kept = list(range(n))
+        elif not self.pays_off(model, n, keep):
+            kept, skipped = list(range(n)), SKIPPED_TOO_SHORT
         else:
-            scores = filter_pass_scores(model, input_ids, layer, self.scoring, self.window)
+            backend = self.filter_backend()
+            scores = filter_pass_scores(model, input_ids, layer, self.scoring, self.window, backend)
             kept = pick_indices(scores, keep, self.kernel_size, self.tail)
+            filter_report = backend.report()
         details: dict[str, object] = {"scoring": self.scoring, "window": min(self.window, n)}
         return Selection(
             method=self.name,
@@ -208,14 +266,22 @@ class GemFilter(PromptSelector):
             protected_tail=min(self.tail, keep, n),
             layer=layer,
             details=details,
+            skipped=skipped,
+            filter_attention=filter_report,
         )
 
 
 def filter_pass_scores(
-    model: PreTrainedModel, input_ids: torch.Tensor, layer: int, scoring: str = "fused", window: int = 32
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    layer: int,
+    scoring: str = "fused",
+    window: int = 32,
+    attention: AttentionBackend | None = None,
 ) -> torch.Tensor:
     """Run layers ``0..layer-1`` and stop inside ``layer``'s attention; return the ``(n,)`` scores
-    (``(2, n)`` for ``fused``: inner product and attention, merged by :func:`pick_indices`)."""
+    (``(2, n)`` for ``fused``: inner product and attention, merged by :func:`pick_indices`).
+    ``attention`` computes the attention of layers ``< layer`` (None: dense SDPA)."""
     if not uses_probe_attention(model):
         install_probe_attention(model)
 
@@ -223,7 +289,7 @@ def filter_pass_scores(
         if getattr(module, "layer_idx", None) == layer:
             raise StopForward(token_scores(module, query, key, scoring, window))
 
-    with torch.inference_mode(), attention_probe(score_and_stop):
+    with torch.inference_mode(), attention_probe(score_and_stop), use_attention(attention):
         try:
             model.base_model(input_ids=input_ids, use_cache=False)
         except StopForward as stop:

@@ -2,8 +2,9 @@
 
 transformers 5.x calls the function registered in ``AttentionInterface`` under the model's
 ``_attn_implementation`` with query/key states *after* RoPE and any q/k norms (shared
-DESIGN.md, "Method contract"). We register one function, ``gemserve``, that forwards to SDPA
-unchanged and, when a probe is active in the current context, first shows it the states.
+DESIGN.md, "Method contract"). We register one function, ``gemserve``, that, when a probe is
+active in the current context, first shows it the states, then computes attention with the
+active attention backend (:mod:`compressors.attention`; SDPA, unchanged, when none is active).
 Methods read attention through it instead of copying per-architecture attention code.
 
 A probe may raise :class:`StopForward` to end the forward pass at that layer: GemFilter
@@ -15,13 +16,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+if TYPE_CHECKING:
+    from compressors.attention.base import AttentionBackend
 
 ATTENTION_NAME = "gemserve"
 
@@ -30,6 +34,7 @@ ATTENTION_NAME = "gemserve"
 AttentionProbe = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 _active_probe: ContextVar[AttentionProbe | None] = ContextVar("gemserve_attention_probe", default=None)
+_active_backend: ContextVar[AttentionBackend | None] = ContextVar("gemserve_attention_backend", default=None)
 
 
 class StopForward(Exception):
@@ -51,7 +56,10 @@ def probed_attention(
     probe = _active_probe.get()
     if probe is not None:
         probe(module, query, key, value)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    backend = _active_backend.get()
+    if backend is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return backend.attend(module, query, key, value, attention_mask, **kwargs)
 
 
 def install_probe_attention(model: PreTrainedModel) -> None:
@@ -75,6 +83,16 @@ def attention_probe(probe: AttentionProbe) -> Iterator[None]:
         yield
     finally:
         _active_probe.reset(token)
+
+
+@contextmanager
+def use_attention(backend: AttentionBackend | None) -> Iterator[None]:
+    """Compute the attention of forwards run in this context with ``backend`` (None: SDPA)."""
+    token = _active_backend.set(backend)
+    try:
+        yield
+    finally:
+        _active_backend.reset(token)
 
 
 def active_probe() -> AttentionProbe | None:

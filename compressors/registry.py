@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import types
-import typing
 from typing import Any, get_type_hints
 
 from compressors.base import CompressionError, Method
 from compressors.full import FullAttention
 from compressors.gemfilter import GemFilter
 from compressors.h2o import H2O
+from compressors.knobs import check_knob_type
 from compressors.pyramidkv import PyramidKV
 from compressors.snapkv import SnapKV
 from compressors.streaming_llm import StreamingLLM
@@ -50,23 +49,7 @@ def build_method(name: str, knobs: dict[str, Any] | None = None) -> Method:
         )
     hints = get_type_hints(cls)
     for key, value in knobs.items():
-        check_knob_type(name, key, value, hints[key])
+        check_knob_type(f"method '{name}'", key, value, hints[key])
     method = cls(**knobs)
     method.validate()
     return method
-
-
-def check_knob_type(method: str, knob: str, value: Any, annotation: Any) -> None:
-    """JSON gives us ints, floats, strings and bools: check them against the dataclass field."""
-    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    allowed = tuple(t for t in allowed if t is not type(None))
-    ok = any(
-        (isinstance(value, t) and not (isinstance(value, bool) and t is not bool))
-        or (t is float and isinstance(value, int) and not isinstance(value, bool))
-        for t in allowed
-    )
-    if not ok:
-        names = " or ".join(t.__name__ for t in allowed)
-        raise CompressionError(
-            f"knob '{knob}' of method '{method}' must be {names}, got {value!r}", param=f"compression.{knob}"
-        )

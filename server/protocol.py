@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 METHOD_NAMES_HINT = "none | gemfilter | snapkv | h2o | streamingllm | pyramidkv"
+ATTENTION_NAMES_HINT = "dense | streaming | vertical_slash | block_sparse"
 
 
 class OpenAIBaseModel(BaseModel):
@@ -35,11 +36,23 @@ class CompressionParams(BaseModel):
     ratio: float | None = Field(None, description="Fraction of the prompt to keep, in (0, 1]; instead of budget")
     layer: int | None = Field(None, description="GemFilter's filter layer (default: calibrated per model)")
     return_selection: bool = Field(False, description="Return the kept token indices and text spans")
+    attention: str | None = Field(
+        None, description=f"Attention backend of the prefill ({ATTENTION_NAMES_HINT}); default: server's (dense)"
+    )
+    attention_knobs: dict[str, Any] | None = Field(
+        None, description="Knobs of the attention backend, e.g. {'threshold': 0.9} for block_sparse"
+    )
+    filter_attention: str | None = Field(
+        None, description=f"GemFilter only: attention backend of the filter pass's layers < r ({ATTENTION_NAMES_HINT})"
+    )
+    filter_attention_knobs: dict[str, Any] | None = Field(None, description="GemFilter only: knobs of filter_attention")
 
     def knobs(self) -> dict[str, Any]:
-        """Every knob the request set, for the method registry to validate."""
-        data = self.model_dump(exclude={"method", "return_selection"}, exclude_none=True)
-        return data
+        """Every method knob the request set, for the method registry to validate (the prefill's
+        attention backend is not a method knob: the engine builds it)."""
+        return self.model_dump(
+            exclude={"method", "return_selection", "attention", "attention_knobs"}, exclude_none=True
+        )
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -175,6 +188,23 @@ class SelectionInfo(BaseModel):
     spans: list[SelectionSpan] = Field(default_factory=list)
 
 
+class AttentionInfo(BaseModel):
+    """What an attention backend computed over a prefill: ``density = computed_pairs / causal_pairs``
+    (query-key pairs over all layers and query heads; a dense prefill has density 1)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    backend: str
+    density: float
+    computed_pairs: int = 0
+    causal_pairs: int = 0
+    sparse_layers: int = 0
+    sliding_layers: int = 0
+    dense_layers: int = 0
+    estimate_ms: float = 0.0
+    knobs: dict[str, Any] = Field(default_factory=dict)
+
+
 class CompressionInfo(BaseModel):
     """What the compression kept: ``ratio = kept_tokens / prompt_tokens``."""
 
@@ -186,6 +216,9 @@ class CompressionInfo(BaseModel):
     layer: int | None = None
     kv_bytes_before: int | None = None
     kv_bytes_after: int | None = None
+    skipped: str | None = Field(None, description="Why the method kept everything without running")
+    attention: AttentionInfo | None = None
+    filter_attention: AttentionInfo | None = None
     selection: SelectionInfo | None = None
 
 

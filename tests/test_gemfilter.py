@@ -12,10 +12,12 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from clients.haystack import build_case
 from compressors import CompressionError
+from compressors.attention import build_attention
 from compressors.gemfilter import (
     CALIBRATED_FILTER_LAYERS,
     GemFilter,
     default_filter_layer,
+    default_payoff_ratio,
     filter_pass_scores,
     last_query_scores,
     pick_indices,
@@ -67,7 +69,10 @@ def test_pick_indices_tail_larger_than_budget_keeps_the_last_tokens() -> None:
 def test_kept_indices_sorted_unique_exactly_k_with_tail(loaded_model, engine, count_tokens, budget, tail) -> None:
     ids, _ = haystack_ids(engine, count_tokens, 500, depth=0.5, seed=11)
     n = len(ids)
-    selection = GemFilter(budget=budget, tail=tail).select(loaded_model.model, torch.tensor([ids]), 1024)
+    # payoff_ratio=0: filter even where a full prefill would be cheaper (this tests the selection).
+    selection = GemFilter(budget=budget, tail=tail, payoff_ratio=0).select(
+        loaded_model.model, torch.tensor([ids]), 1024
+    )
     kept = selection.kept_indices
     assert len(kept) == budget == selection.kept_tokens
     assert kept == sorted(set(kept))
@@ -106,6 +111,39 @@ def test_budget_covering_the_prompt_is_identical_to_none(engine, count_tokens, k
     assert gem.metrics.kv_cache_bytes == full.metrics.kv_cache_bytes
 
 
+# ---- a prompt too short for the budget is not filtered (issue 11) -------------------------------
+def test_prompt_too_short_for_the_budget_skips_the_filter_pass(loaded_model, engine, count_tokens) -> None:
+    ids, _ = haystack_ids(engine, count_tokens, 700, depth=0.5, seed=17)
+    ratio = default_payoff_ratio(loaded_model.model.config)
+    budget = 512
+    assert len(ids) < ratio * budget  # below the measured break-even length
+    full = greedy(engine, ids, "none", max_tokens=12)
+    gem = greedy(engine, ids, "gemfilter", max_tokens=12, budget=budget)
+    assert gem.compression.skipped == "prompt too short for budget"
+    assert gem.compression.kept_tokens == len(ids)
+    assert gem.compression.filter_attention is None  # no filter pass ran
+    assert gem.token_ids == full.token_ids
+    forced = greedy(engine, ids, "gemfilter", max_tokens=1, budget=budget, payoff_ratio=0)
+    assert forced.compression.skipped is None
+    assert forced.compression.kept_tokens == budget
+    assert forced.compression.filter_attention["backend"] == "dense"
+
+
+def test_payoff_ratio_falls_back_to_the_cost_model_for_unknown_models() -> None:
+    config = Gemma3TextConfig(
+        num_hidden_layers=18,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        vocab_size=100,
+    )
+    layer = default_filter_layer(config)
+    assert layer == 11
+    assert default_payoff_ratio(config) == pytest.approx(18 / (18 - 11 - 1))
+
+
 # ---- the filter pass stops at layer r and keeps no cache -------------------------------------
 @contextmanager
 def record_layer_calls(model) -> Iterator[tuple[list[int], list[int], list[dict]]]:
@@ -132,14 +170,31 @@ def record_layer_calls(model) -> Iterator[tuple[list[int], list[int], list[dict]
             handle.remove()
 
 
-@pytest.mark.parametrize("layer", [0, 7, None])
-def test_filter_pass_never_runs_past_layer_r(loaded_model, engine, count_tokens, layer) -> None:
+# Backend knobs that leave a ~300-token prompt partly uncomputed (the defaults cover it all).
+SHORT_PROMPT_KNOBS = {
+    "dense": {},
+    "block_sparse": {"block_size": 32},
+    "streaming": {"block_size": 32, "window": 64},
+    "vertical_slash": {"block_size": 32, "vertical_size": 16, "slash_size": 4},
+}
+
+
+@pytest.mark.parametrize(
+    ("layer", "attention"),
+    [(0, "dense"), (7, "dense"), (None, "dense"), (7, "block_sparse"), (None, "streaming"), (None, "vertical_slash")],
+)
+def test_filter_pass_never_runs_past_layer_r(loaded_model, engine, count_tokens, layer, attention) -> None:
     model = loaded_model.model
     r = default_filter_layer(model.config) if layer is None else layer
     ids, _ = haystack_ids(engine, count_tokens, 300, depth=0.5, seed=15)
+    backend = build_attention(attention, SHORT_PROMPT_KNOBS[attention])
     with record_layer_calls(model) as (layers_called, o_proj_called, layer_kwargs):
-        scores = filter_pass_scores(model, torch.tensor([ids]), r)
+        scores = filter_pass_scores(model, torch.tensor([ids]), r, attention=backend)
     assert scores.shape == (2, len(ids))  # fused: the inner-product and attention rows
+    # The backend computed exactly the attention of layers 0..r-1, sparse where it is a sparse one.
+    computed = backend.stats.dense_layers if attention == "dense" else backend.stats.sparse_layers
+    assert computed == r
+    assert backend.stats.density == 1.0 if attention == "dense" else backend.stats.density < 1.0
     assert layers_called == list(range(r + 1))  # layer r is entered (for q and k) ...
     assert o_proj_called == list(range(r))  # ... but its attention output is never computed
     # No KV cache in the filter pass: nothing is handed to the layers to fill.

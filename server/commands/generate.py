@@ -27,7 +27,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=int, help="tokens to keep (default 1024)")
     parser.add_argument("--ratio", type=float, help="fraction of the prompt to keep, instead of --budget")
     parser.add_argument("--layer", type=int, help="GemFilter filter layer (default: calibrated per model)")
-    parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE", help="other method knobs")
+    parser.add_argument(
+        "--knob",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="other method knobs; attention=NAME picks the prefill's attention backend, filter_attention=NAME "
+        "GemFilter's filter pass backend (dense | streaming | vertical_slash | block_sparse)",
+    )
+    parser.add_argument(
+        "--attention-knob", action="append", default=[], metavar="NAME=VALUE", help="knobs of the attention backend"
+    )
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -66,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     knobs: dict[str, Any] = {"budget": args.budget, "ratio": args.ratio, "layer": args.layer}
     knobs.update(parse_knobs(args.knob))
+    attention = knobs.pop("attention", None)
+    attention_knobs = parse_knobs(args.attention_knob)
     request = GenerationRequest(
         prompt_ids=prompt_ids,
         sampling=SamplingParams(
@@ -75,7 +87,13 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             stop=args.stop,
         ),
-        compression=CompressionSpec(method=args.method, knobs=knobs, return_selection=args.show_selection),
+        compression=CompressionSpec(
+            method=args.method,
+            knobs=knobs,
+            return_selection=args.show_selection,
+            attention=attention,
+            attention_knobs=attention_knobs,
+        ),
     )
     result = engine.generate(request)
     found = expected.found_in(result.text) if expected else None
@@ -116,12 +134,21 @@ def read_context(args: argparse.Namespace) -> str | None:
     return args.context_file.read_text(encoding="utf-8", errors="replace")
 
 
+def attention_rows(report: Any) -> list[tuple[str, str]]:
+    rows = []
+    for label, info in (("filter attention", report.filter_attention), ("attention", report.attention)):
+        if info:
+            rows.append((label, f"{info['backend']}, density {info['density']:.3f} of causal pairs"))
+    return rows
+
+
 def format_cost_table(result: Any) -> str:
     c, m = result.compression, result.metrics
     rows = [
         ("method", c.method + (f" (layer {c.layer})" if c.layer is not None else "")),
         ("prompt tokens", f"{c.prompt_tokens}"),
-        ("kept tokens", f"{c.kept_tokens} ({c.ratio:.1%})"),
+        ("kept tokens", f"{c.kept_tokens} ({c.ratio:.1%})" + (f", {c.skipped}" if c.skipped else "")),
+        *attention_rows(c),
         ("select", f"{m.select_ms:.0f} ms"),
         ("prefill", f"{m.prefill_ms:.0f} ms"),
         ("TTFT", f"{m.ttft_ms:.0f} ms"),

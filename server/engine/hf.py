@@ -18,7 +18,9 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from compressors import CompressionError, KVCompressor, Method, PromptSelector, Selection, build_method
+from compressors.attention import DEFAULT_ATTENTION, AttentionBackend, build_attention
 from compressors.base import cache_bytes
+from compressors.probe import use_attention
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.plan import check_context_length, compression_report
 from server.engine.sampling import choose_token, make_generator
@@ -43,15 +45,23 @@ class HFEngine:
 
     backend = "hf"
 
-    def __init__(self, loaded: LoadedModel, default_method: str = "none", default_budget: int = DEFAULT_BUDGET) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        default_method: str = "none",
+        default_budget: int = DEFAULT_BUDGET,
+        default_attention: str = DEFAULT_ATTENTION,
+    ) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.default_method = default_method
         self.default_budget = default_budget
+        self.default_attention = default_attention
         self.eos_token_ids = collect_eos_ids(loaded)
         build_method(default_method).validate_for_model(self.model)
+        build_attention(default_attention)
 
     @property
     def model_name(self) -> str:
@@ -80,12 +90,20 @@ class HFEngine:
             raise RequestError(str(exc), param=exc.param) from exc
         return method
 
+    def resolve_attention(self, spec: CompressionSpec) -> AttentionBackend:
+        """A fresh backend for this request's prefill (it counts the pairs it computes)."""
+        try:
+            return build_attention(spec.attention or self.default_attention, spec.attention_knobs)
+        except CompressionError as exc:
+            raise RequestError(str(exc), param=exc.param) from exc
+
     def check_request(self, request: GenerationRequest) -> Method:
         """Raise :class:`RequestError` for anything that would fail later; return the method."""
         if not request.prompt_ids:
             raise RequestError("prompt must not be empty", param="prompt")
         request.sampling.validate()
         method = self.resolve_method(request.compression)
+        self.resolve_attention(request.compression)
         check_context_length(
             len(request.prompt_ids), method, request.sampling.max_tokens, self.max_model_len, self.default_budget
         )
@@ -119,8 +137,9 @@ class HFEngine:
         metrics.select_ms = selection.select_ms
 
         cache = DynamicCache(config=self.model.config)
+        attention = self.resolve_attention(request.compression)
         start = time.perf_counter()
-        logits, kv_before = self.prefill(prefill_ids, cache, method)
+        logits, kv_before = self.prefill(prefill_ids, cache, method, attention)
         if isinstance(method, KVCompressor):
             selection = method.compress(cache, n, self.default_budget)
         sync(self.device)
@@ -132,6 +151,7 @@ class HFEngine:
         )
         if isinstance(method, KVCompressor):
             report.kv_bytes_before, report.kv_bytes_after = kv_before, metrics.kv_cache_bytes
+        report.attention = attention.report()
 
         sampling = request.sampling
         generator = make_generator(sampling, self.device)
@@ -190,15 +210,17 @@ class HFEngine:
             return selection, prompt.index_select(1, kept)
         return Selection(method=method.name, prompt_tokens=n, kept_indices=list(range(n))), prompt
 
-    def prefill(self, ids: torch.Tensor, cache: DynamicCache, method: Method) -> tuple[torch.Tensor, int]:
-        """Fill the cache with ``ids`` at positions ``0..len-1``; return last-token logits and the
-        cache bytes before any pruning."""
+    def prefill(
+        self, ids: torch.Tensor, cache: DynamicCache, method: Method, attention: AttentionBackend | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """Fill the cache with ``ids`` at positions ``0..len-1`` with ``attention`` computing the
+        attention (None: dense); return last-token logits and the cache bytes before any pruning."""
         observe = (
             method.prefill_observer(self.model, int(ids.shape[1]))
             if isinstance(method, KVCompressor)
             else nullcontext()
         )
-        with observe:
+        with observe, use_attention(attention):
             logits = self.forward(ids, cache, start_position=0)
         return logits, cache_bytes(cache)
 

@@ -43,6 +43,8 @@ def compression_report(
         ratio=selection.ratio,
         select_ms=selection.select_ms,
         layer=selection.layer,
+        skipped=selection.skipped,
+        filter_attention=selection.filter_attention,
     )
     if return_selection:
         report.selection = {

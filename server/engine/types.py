@@ -40,11 +40,14 @@ class SamplingParams:
 
 @dataclass
 class CompressionSpec:
-    """The request's ``compression`` object: method, its knobs, whether to return the selection."""
+    """The request's ``compression`` object: method, its knobs, whether to return the selection, and
+    the attention backend of the full model's prefill (GemFilter's filter-pass backend is a knob)."""
 
     method: str | None = None  # None: the server's default method
     knobs: dict[str, Any] = field(default_factory=dict)
     return_selection: bool = False
+    attention: str | None = None  # the prefill's attention backend; None: the server's default
+    attention_knobs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,6 +79,9 @@ class CompressionReport:
     layer: int | None = None
     kv_bytes_before: int | None = None
     kv_bytes_after: int | None = None
+    skipped: str | None = None  # why the method kept everything without running
+    attention: dict[str, Any] | None = None  # the prefill's attention backend and its density
+    filter_attention: dict[str, Any] | None = None  # GemFilter's filter-pass backend and its density
     selection: dict[str, Any] | None = None  # kept indices and text spans, when asked
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,7 +92,15 @@ class CompressionReport:
             "ratio": round(self.ratio, 6),
             "select_ms": round(self.select_ms, 3),
         }
-        for key in ("layer", "kv_bytes_before", "kv_bytes_after", "selection"):
+        for key in (
+            "layer",
+            "kv_bytes_before",
+            "kv_bytes_after",
+            "skipped",
+            "attention",
+            "filter_attention",
+            "selection",
+        ):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value

@@ -35,6 +35,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from compressors import CompressionError, Method, PromptSelector, Selection, build_method
+from compressors.attention import DEFAULT_ATTENTION, build_attention
 from compressors.gemfilter import GemFilter
 from compressors.registry import METHODS
 from server.engine.base import EngineEvent, EngineNotReadyError, QueueFullError
@@ -44,6 +45,7 @@ from server.engine.plan import check_context_length, compression_report
 from server.engine.scheduler import check_token_ids
 from server.engine.tokenize import encode_chat, encode_prompt
 from server.engine.types import (
+    CompressionSpec,
     GenerationRequest,
     GenerationResult,
     RequestError,
@@ -66,6 +68,10 @@ logger = logging.getLogger(__name__)
 
 # Methods that act before any KV cache exists: the only ones a backend that owns no cache can run.
 SUPPORTED_KINDS = ("none", "prompt")
+# Prompt length / kept tokens below which GemFilter's filter pass (HF, in this process) plus vLLM's
+# prefill of the kept ids costs more than vLLM's prefill of the whole prompt: the crossover of the
+# bench/results/vllm_prefill*.json runs (k=1024: 1.37x at 2K, 0.73x at 4K, i.e. ~3K).
+VLLM_PAYOFF_RATIO = 3.0
 
 
 class VLLMSettings(BaseSettings):
@@ -213,8 +219,23 @@ class VLLMEngine:
                     f"0..{self.filter_model.max_layer} (start it with GEMSERVE_VLLM_FILTER_LAYER={layer})",
                     param="compression.layer",
                 )
-            method = dataclasses.replace(method, layer=layer)
+            # The truncated model's config would give a wrong cost model too: use vLLM's measured one.
+            payoff = VLLM_PAYOFF_RATIO if method.payoff_ratio is None else method.payoff_ratio
+            method = dataclasses.replace(method, layer=layer, payoff_ratio=payoff)
         return method
+
+    def check_attention(self, spec: CompressionSpec) -> None:
+        """vLLM computes the prefill with its own attention; only ``dense`` can be honoured."""
+        try:
+            backend = build_attention(spec.attention or DEFAULT_ATTENTION, spec.attention_knobs)
+        except CompressionError as exc:
+            raise RequestError(str(exc), param=exc.param) from exc
+        if backend.name != DEFAULT_ATTENTION:
+            raise RequestError(
+                f"attention backend '{backend.name}' needs the hf backend: vLLM prefills with its own attention "
+                "kernels (GemFilter's filter pass runs here and takes compression.filter_attention)",
+                param="compression.attention",
+            )
 
     def check_request(self, request: GenerationRequest) -> Method:
         if not request.prompt_ids:
@@ -222,6 +243,7 @@ class VLLMEngine:
         check_token_ids(request.prompt_ids, len(self.tokenizer))
         request.sampling.validate()
         method = self.resolve_method(request.compression.method, request.compression.knobs)
+        self.check_attention(request.compression)
         check_context_length(
             len(request.prompt_ids), method, request.sampling.max_tokens, self.max_model_len, self.default_budget
         )

@@ -45,7 +45,13 @@ def to_generation_request(
     )
     params = body.compression
     compression = (
-        CompressionSpec(method=params.method, knobs=params.knobs(), return_selection=params.return_selection)
+        CompressionSpec(
+            method=params.method,
+            knobs=params.knobs(),
+            return_selection=params.return_selection,
+            attention=params.attention,
+            attention_knobs=dict(params.attention_knobs or {}),
+        )
         if params is not None
         else CompressionSpec()
     )
