@@ -47,7 +47,7 @@ def build_engine(settings: Settings) -> AsyncEngine:
         loaded = load_model(
             settings.model, device=settings.device, cache_dir=settings.cache_dir, max_model_len=settings.max_model_len
         )
-        engine = HFEngine(loaded, default_method=settings.default_method)
+        engine = HFEngine(loaded, default_method=settings.default_method, default_attention=settings.default_attention)
         return HFAsyncEngine(engine, settings.max_concurrency, settings.max_queue, settings.retry_after_s)
     if settings.backend == "vllm":  # GemFilter on a truncated HF model in front of vLLM (issue 5)
         from server.engine.vllm import build_vllm_engine

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port)")
     default_method: str = Field("none", description="Compression method when a request names none")
+    default_attention: str = Field(
+        "dense", description="Prefill attention backend when a request names none (hf backend; vllm: dense only)"
+    )
     max_concurrency: int = Field(1, ge=1, description="Requests generating at once (hf: one forward at a time)")
     max_queue: int = Field(64, ge=0, description="Requests waiting for a slot; beyond this -> 429")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with a 429")

@@ -85,6 +85,12 @@ def test_generate_table_with_selection_from_a_context_file(shared_engine, capsys
         (["--layer", "99"], "layer 99 is out of range: this model has layers 0..29"),
         (["--method", "bogus"], "unknown compression method 'bogus'; allowed: none, gemfilter"),
         (["--knob", "window"], "--knob takes NAME=VALUE, got 'window'"),
+        (["--method", "none", "--knob", "attention=sparse"], "unknown attention backend 'sparse'; allowed: dense,"),
+        (
+            ["--method", "none", "--knob", "attention=block_sparse", "--attention-knob", "threshold=3"],
+            "threshold of attention backend 'block_sparse' must be in (0, 1], got 3",
+        ),
+        (["--knob", "filter_attention=nope"], "unknown attention backend 'nope'; allowed: dense,"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(shared_engine, capsys, context_file, args, message) -> None:

@@ -95,3 +95,38 @@ def test_budget_covering_the_prompt_matches_none(gemma_engine) -> None:
 def test_out_of_range_layer_names_gemma_layers(gemma_engine) -> None:
     with pytest.raises(ValueError, match=r"this model has layers 0\.\.17"):
         GemFilter(layer=18).validate_for_model(gemma_engine.model)
+
+
+# ---- attention backends on sliding-window layers (issue 11) -----------------------------------
+def prefill_logits(engine, ids: list[int], attention: str, **knobs):
+    from transformers.cache_utils import DynamicCache
+
+    from compressors import build_method
+    from compressors.attention import build_attention
+
+    backend = build_attention(attention, knobs)
+    with torch.inference_mode():
+        cache = DynamicCache(config=engine.model.config)
+        logits, _ = engine.prefill(torch.tensor([ids]), cache, build_method("none"), backend)
+    return logits, backend
+
+
+def test_sliding_layers_as_their_band_equal_sdpa_with_the_band_mask(gemma_engine, gemma_prompt) -> None:
+    """``dense`` computes Gemma's 512-token sliding layers as their exact band; transformers' SDPA
+    path computes all n x n pairs with the band as a mask. Same math, same logits."""
+    assert len(gemma_prompt) > 2 * 512
+    band, backend = prefill_logits(gemma_engine, gemma_prompt, "dense")
+    masked, reference = prefill_logits(gemma_engine, gemma_prompt, "dense", sliding_band=False)
+    torch.testing.assert_close(band, masked, atol=1e-3, rtol=1e-3)
+    assert int(band.argmax()) == int(masked.argmax())
+    assert backend.stats.sliding_layers == 15 and backend.stats.dense_layers == 3
+    assert reference.stats.sliding_layers == 0 and reference.stats.dense_layers == 18
+    assert backend.stats.density < 1.0 == reference.stats.density
+
+
+def test_sparse_backend_covering_everything_matches_dense_on_gemma(gemma_engine, gemma_prompt) -> None:
+    dense, _ = prefill_logits(gemma_engine, gemma_prompt, "dense")
+    sparse, backend = prefill_logits(gemma_engine, gemma_prompt, "block_sparse", threshold=1.0)
+    torch.testing.assert_close(sparse, dense, atol=1e-3, rtol=1e-3)
+    assert backend.stats.sparse_layers == 3  # the global layers; the sliding ones ran as their band
+    assert backend.stats.sliding_layers == 15

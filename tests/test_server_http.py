@@ -100,6 +100,41 @@ def test_unknown_method_and_knob_list_allowed(server_url: str) -> None:
     assert "its knobs:" in error["message"] and "budget" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("compression", "param", "message"),
+    [
+        ({"attention": "flash3"}, "compression.attention", "allowed: dense, streaming, vertical_slash, block_sparse"),
+        (
+            {"attention": "block_sparse", "attention_knobs": {"gamma": 1}},
+            "compression.attention_knobs.gamma",
+            "its knobs:",
+        ),
+        ({"attention": 7}, "compression.attention", "string"),
+        ({"method": "snapkv", "filter_attention": "streaming"}, "compression.filter_attention", "has no knob"),
+        (
+            {"method": "gemfilter", "filter_attention": "streaming", "filter_attention_knobs": {"window": -1}},
+            "compression.filter_attention_knobs.window",
+            ">= 1",
+        ),
+    ],
+)
+def test_bad_attention_backend_or_knob_is_400_naming_it(server_url: str, compression, param, message) -> None:
+    response = httpx.post(f"{server_url}/v1/completions", json={**SHORT, "compression": compression})
+    error = error_of(response, 400)
+    assert error["param"] == param
+    assert message in error["message"]
+
+
+def test_attention_backend_is_reported_per_request(server_url: str) -> None:
+    body = {**SHORT, "compression": {"attention": "block_sparse", "attention_knobs": {"threshold": 0.5}}}
+    compression = httpx.post(f"{server_url}/v1/completions", json=body).json()["compression"]
+    assert compression["attention"]["backend"] == "block_sparse"
+    assert compression["attention"]["knobs"]["threshold"] == 0.5
+    # A short prompt gets no pattern (nothing worth skipping): computed densely, and said so.
+    assert compression["attention"]["density"] == 1.0
+    assert compression["attention"]["dense_layers"] > 0
+
+
 def test_prompt_longer_than_context_states_both_lengths(server_url: str, engine) -> None:
     too_long = engine.max_model_len + 5
     payload = {"prompt": [1] * too_long, "max_tokens": 1}

@@ -194,6 +194,43 @@ def test_needle_answered_like_hf_backend_on_same_ids(url, vllm_engine, engine):
     assert case.needle.found_in(text) == case.needle.found_in(hf.text), (text, hf.text)
 
 
+# ---- attention backends (issue 11) ------------------------------------------------------------
+def test_filter_pass_takes_the_requested_attention_backend(url, vllm_engine, engine, haystack):
+    """The filter model in the API process runs the same sparse backends as the HF backend: the
+    kept ids equal the HF selector's with the same backend, and the density is reported."""
+    knobs = {"filter_attention": "streaming", "filter_attention_knobs": {"block_size": 32, "window": 64}}
+    body = body_for("chat", haystack.user_message(), "gemfilter", stream=False)
+    body["compression"].update(knobs)
+    _, data = post(url, "chat", body, "t-filter-attention")
+    report = data["compression"]["filter_attention"]
+    assert report["backend"] == "streaming"
+    assert 0.0 < report["density"] < 1.0
+    assert report["sparse_layers"] == vllm_engine.filter_model.default_layer  # layers 0..r-1
+    ids = engine.encode_chat([user(haystack.user_message())])
+    selection = GemFilter(budget=BUDGET, **knobs).select(engine.model, torch.tensor([ids]), 1024)
+    assert vllm_prompt_for(vllm_engine, "t-filter-attention") == [ids[i] for i in selection.kept_indices]
+
+
+def test_prefill_attention_other_than_dense_is_400(url):
+    body = {"prompt": "Hello there", "max_tokens": 4, "compression": {"attention": "block_sparse"}}
+    response = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "compression.attention"
+    assert "needs the hf backend" in error["message"]
+
+
+def test_prompt_too_short_for_the_budget_is_not_filtered(url, vllm_engine, engine, haystack):
+    ids = engine.encode_chat([user(haystack.user_message())])
+    budget = len(ids) // 2  # below the vllm backend's break-even ratio
+    body = body_for("chat", haystack.user_message(), "gemfilter", stream=False)
+    body["compression"]["budget"] = budget
+    _, data = post(url, "chat", body, "t-skip")
+    assert data["compression"]["skipped"] == "prompt too short for budget"
+    assert data["compression"]["kept_tokens"] == len(ids)
+    assert vllm_prompt_for(vllm_engine, "t-skip") == ids
+
+
 # ---- errors ----------------------------------------------------------------------------------
 KV_METHODS = [name for name, cls in METHODS.items() if cls.kind == "kv"]
 

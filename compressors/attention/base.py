@@ -146,8 +146,9 @@ class SparseBackend(AttentionBackend):
     """A backend that estimates a pattern per layer and computes it with the shared kernel.
 
     Knobs shared by every sparse backend: ``block_size`` (tokens per query/key block; 128 as in
-    FlexPrefill) and ``last_dense`` (the final prompt queries always attend densely: the first
-    generated token, and GemFilter's scoring window, are read from them).
+    FlexPrefill) and ``last_dense`` (the query blocks within the final ``last_dense`` prompt
+    tokens attend densely: the first generated token, and GemFilter's scoring window, are read
+    from them).
     """
 
     block_size: int = 128
@@ -183,11 +184,14 @@ class SparseBackend(AttentionBackend):
         return out.transpose(1, 2).contiguous()
 
     def with_dense_tail(self, pattern: SparsePattern, n: int, kv_heads: int) -> SparsePattern:
-        """Give the rows holding the last ``last_dense`` queries every block."""
+        """Give every block to the query blocks that start within the last ``last_dense`` queries
+        (always the last block): a block straddling that line stays sparse, since making it dense
+        would cost a whole row of queries for the few of them inside the tail."""
         if not self.last_dense:
             return pattern
         qb = -(-n // pattern.block_size)
         none = pattern.blocks is None
         blocks = torch.zeros(kv_heads, qb, qb, dtype=torch.bool) if none else pattern.blocks.clone()
-        blocks[:, max(0, n - self.last_dense) // pattern.block_size :, :] = True
+        first_row = min(qb - 1, -(-max(0, n - self.last_dense) // pattern.block_size))
+        blocks[:, first_row:, :] = True
         return SparsePattern(pattern.block_size, pattern.local_blocks, blocks, pattern.columns)

@@ -129,8 +129,8 @@ def pattern_cost(pattern: SparsePattern, heads: int, n: int) -> PatternCost:
 def attention_with_lse(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(N, 1, q, d)`` x ``(N, 1, k, d)`` -> output ``(N, 1, q, d)`` and float32 log-sum-exp ``(N, 1, q)``.
-    ``mask`` is additive and broadcastable to ``(N, 1, q, k)``."""
+    """``(N, M, q, d)`` x ``(N, M, k, d)`` -> output ``(N, M, q, d)`` and float32 log-sum-exp ``(N, M, q)``.
+    ``mask`` is additive and broadcastable to ``(N, M, q, k)``; inputs may be strided views."""
     if query.device.type == "cpu":
         return fused_cpu_attention(query, key, value, mask, scale)
     return explicit_attention(query, key, value, mask, scale)
@@ -255,18 +255,19 @@ def band_part(rows: Rows, left: int, window: int | None) -> tuple[Part, torch.Te
     if ids.numel() == 0:
         empty = rows.queries.new_empty(0, groups * size, dim)
         return Part(ids, empty, empty[..., 0].float()), prefix_out
-    # Rows qb >= left: keys of blocks qb-left..qb, as (left+1) consecutive blocks: one strided copy.
-    width = left + 1
-    band_keys = keys.unfold(1, width, 1).permute(0, 1, 4, 2, 3).reshape(-1, 1, width * size, dim)
-    band_values = values.unfold(1, width, 1).permute(0, 1, 4, 2, 3).reshape(-1, 1, width * size, dim)
+    # Rows qb >= left: keys (qb-left)*B .. (qb+1)*B-1 are one contiguous range of the key tensor, so
+    # every row's band is an overlapping strided view of it (no copy): batch = KV head, "heads" = rows.
+    width = (left + 1) * size
+    windows = (kv_heads, qb - first, width, dim)
+    strides = (qb * size * dim, size * dim, dim, 1)
     out, lse = attention_with_lse(
-        rows.queries.index_select(0, ids.to(rows.queries.device)),
-        band_keys,
-        band_values,
+        rows.queries.view(kv_heads, qb, groups * size, dim)[:, first:],
+        rows.key_blocks.as_strided(windows, strides),
+        rows.value_blocks.as_strided(windows, strides),
         band_mask(size, left, groups, window, rows.queries.dtype).to(rows.queries.device),
         rows.scale,
     )
-    return Part(ids, out.view(ids.numel(), groups * size, dim), lse.view(ids.numel(), groups * size)), prefix_out
+    return Part(ids, out.reshape(ids.numel(), groups * size, dim), lse.reshape(ids.numel(), groups * size)), prefix_out
 
 
 def block_part(rows: Rows, blocks: torch.Tensor) -> Part | None:

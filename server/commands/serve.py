@@ -16,6 +16,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--host": {"help": "address to bind (default 127.0.0.1)"},
     "--port": {"type": int, "help": "port (default 8000)"},
     "--default-method": {"help": "compression method when a request names none (default: none)"},
+    "--default-attention": {"help": "prefill attention backend when a request names none (default: dense)"},
     "--max-concurrency": {"type": int, "help": "requests generating at once (default 1)"},
     "--max-queue": {"type": int, "help": "requests waiting for a slot before 429 (default 64)"},
     "--api-key": {"help": "require 'Authorization: Bearer KEY' on every route but /health and /ready"},

@@ -475,6 +475,10 @@ def build_vllm_engine(settings: Settings) -> VLLMEngine:
 
     from server.models import resolve_model_dir
 
+    if settings.default_attention != DEFAULT_ATTENTION:
+        raise ValueError(
+            f"--default-attention {settings.default_attention}: the vllm backend prefills with vLLM's own attention"
+        )
     name, source = resolve_model_dir(settings.model, settings.cache_dir)
     model_dir = Path(source)
     options = VLLMSettings()
