@@ -29,16 +29,24 @@ from server.engine.types import CompressionSpec, GenerationRequest, RequestError
 
 SPARSE_BACKENDS = [name for name in ATTENTION_BACKENDS if name != "dense"]
 # Knobs under which each backend's pattern covers every causal pair of a prompt up to 100K tokens.
+# dense_above=1.0: the kernel itself runs (by default so dense a pattern would run as SDPA).
 COVER_ALL: dict[str, dict[str, Any]] = {
-    "streaming": {"sinks": 0, "window": 100_000},
-    "block_sparse": {"threshold": 1.0},
-    "vertical_slash": {"vertical_size": 100_000, "slash_size": 100_000},
+    "streaming": {"sinks": 0, "window": 100_000, "dense_above": 1.0},
+    "block_sparse": {"threshold": 1.0, "dense_above": 1.0},
+    "vertical_slash": {"vertical_size": 100_000, "slash_size": 100_000, "dense_above": 1.0},
 }
 # Partial patterns on short prompts: small blocks so a few hundred tokens hold many.
 PARTIAL: dict[str, dict[str, Any]] = {
-    "streaming": {"block_size": 32, "window": 64, "sinks": 4, "last_dense": 0},
-    "block_sparse": {"block_size": 32, "threshold": 0.6, "last_dense": 0},
-    "vertical_slash": {"block_size": 32, "vertical_size": 24, "slash_size": 6, "sinks": 4, "last_dense": 32},
+    "streaming": {"block_size": 32, "window": 64, "sinks": 4, "last_dense": 0, "dense_above": 1.0},
+    "block_sparse": {"block_size": 32, "threshold": 0.6, "last_dense": 0, "dense_above": 1.0},
+    "vertical_slash": {
+        "block_size": 32,
+        "vertical_size": 24,
+        "slash_size": 6,
+        "sinks": 4,
+        "last_dense": 32,
+        "dense_above": 1.0,
+    },
 }
 
 
@@ -185,11 +193,23 @@ def test_partial_pattern_equals_masked_reference_on_real_states(layer_states, na
     assert 0.0 < backend.stats.density < 0.9
 
 
+def test_a_pattern_too_dense_to_pay_runs_as_sdpa_and_is_counted_dense(layer_states) -> None:
+    module, q, k, v = layer_states
+    backend = build_attention("streaming", {"block_size": 32, "window": 512, "dense_above": 0.6})
+    out, _ = backend.attend(module, q, k, v, None, scaling=module.scaling)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=module.scaling)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-6, rtol=1e-5)
+    assert backend.stats.dense_layers == 1 and backend.stats.sparse_layers == 0
+    assert backend.stats.density == 1.0
+
+
 def test_engine_reports_density_and_decode_stays_dense(engine, long_ids) -> None:
     request = GenerationRequest(
         prompt_ids=long_ids,
         sampling=SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
-        compression=CompressionSpec(attention="block_sparse", attention_knobs={"block_size": 64, "threshold": 0.8}),
+        compression=CompressionSpec(
+            attention="block_sparse", attention_knobs={"block_size": 64, "threshold": 0.8, "dense_above": 1.0}
+        ),
     )
     result = engine.generate(request)
     report = result.compression.attention
@@ -222,6 +242,7 @@ def test_dense_is_the_default_and_reports_density_one(engine, long_ids) -> None:
         ("vertical_slash", {"block_size": 8}, "compression.attention_knobs.block_size", ">= 16"),
         ("dense", {"threshold": 0.9}, "compression.attention_knobs.threshold", "its knobs: sliding_band"),
         ("streaming", {"sinks": True}, "compression.attention_knobs.sinks", "must be int"),
+        ("block_sparse", {"dense_above": 0}, "compression.attention_knobs.dense_above", "(0, 1]"),
     ],
 )
 def test_bad_backend_or_knob_is_a_request_error_naming_what_is_allowed(engine, name, knobs, param, message) -> None:

@@ -15,6 +15,7 @@ from compressors import CompressionError
 from compressors.attention import build_attention
 from compressors.gemfilter import (
     CALIBRATED_FILTER_LAYERS,
+    DEFAULT_FILTER_ATTENTION,
     GemFilter,
     default_filter_layer,
     default_payoff_ratio,
@@ -126,7 +127,7 @@ def test_prompt_too_short_for_the_budget_skips_the_filter_pass(loaded_model, eng
     forced = greedy(engine, ids, "gemfilter", max_tokens=1, budget=budget, payoff_ratio=0)
     assert forced.compression.skipped is None
     assert forced.compression.kept_tokens == budget
-    assert forced.compression.filter_attention["backend"] == "dense"
+    assert forced.compression.filter_attention["backend"] == DEFAULT_FILTER_ATTENTION == "streaming"
 
 
 def test_payoff_ratio_falls_back_to_the_cost_model_for_unknown_models() -> None:
@@ -173,9 +174,9 @@ def record_layer_calls(model) -> Iterator[tuple[list[int], list[int], list[dict]
 # Backend knobs that leave a ~300-token prompt partly uncomputed (the defaults cover it all).
 SHORT_PROMPT_KNOBS = {
     "dense": {},
-    "block_sparse": {"block_size": 32},
-    "streaming": {"block_size": 32, "window": 64},
-    "vertical_slash": {"block_size": 32, "vertical_size": 16, "slash_size": 4},
+    "block_sparse": {"block_size": 32, "dense_above": 1.0},
+    "streaming": {"block_size": 32, "window": 64, "dense_above": 1.0},
+    "vertical_slash": {"block_size": 32, "vertical_size": 16, "slash_size": 4, "dense_above": 1.0},
 }
 
 

@@ -198,7 +198,8 @@ def test_needle_answered_like_hf_backend_on_same_ids(url, vllm_engine, engine):
 def test_filter_pass_takes_the_requested_attention_backend(url, vllm_engine, engine, haystack):
     """The filter model in the API process runs the same sparse backends as the HF backend: the
     kept ids equal the HF selector's with the same backend, and the density is reported."""
-    knobs = {"filter_attention": "streaming", "filter_attention_knobs": {"block_size": 32, "window": 64}}
+    backend_knobs = {"block_size": 32, "window": 64, "dense_above": 1.0}
+    knobs = {"filter_attention": "streaming", "filter_attention_knobs": backend_knobs}
     body = body_for("chat", haystack.user_message(), "gemfilter", stream=False)
     body["compression"].update(knobs)
     _, data = post(url, "chat", body, "t-filter-attention")

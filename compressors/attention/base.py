@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -146,17 +147,25 @@ class SparseBackend(AttentionBackend):
     """A backend that estimates a pattern per layer and computes it with the shared kernel.
 
     Knobs shared by every sparse backend: ``block_size`` (tokens per query/key block; 128 as in
-    FlexPrefill) and ``last_dense`` (the query blocks within the final ``last_dense`` prompt
+    FlexPrefill), ``dense_above`` (a layer whose pattern would compute more than this fraction of
+    the causal pairs runs as dense SDPA instead: faster, and exact; 1.0 never) and
+    ``last_dense`` (the query blocks within the final ``last_dense`` prompt
     tokens attend densely: the first generated token, and GemFilter's scoring window, are read
     from them).
     """
 
     block_size: int = 128
     last_dense: int = 128
+    dense_above: float = 0.6
 
     def validate(self) -> None:
         positive_int(f"attention backend '{self.name}'", "block_size", self.block_size, minimum=16)
         positive_int(f"attention backend '{self.name}'", "last_dense", self.last_dense, minimum=0)
+        if not 0.0 < self.dense_above <= 1.0:
+            raise CompressionError(
+                f"dense_above of attention backend '{self.name}' must be in (0, 1], got {self.dense_above}",
+                param="attention.dense_above",
+            )
         if self.block_size > 4096:
             raise CompressionError(
                 f"block_size of attention backend '{self.name}' must be <= 4096, got {self.block_size}",
@@ -178,9 +187,17 @@ class SparseBackend(AttentionBackend):
         start = time.perf_counter()
         pattern = self.with_dense_tail(self.pattern(module, query, key), n, key.shape[1])
         self.stats.estimate_ms += (time.perf_counter() - start) * 1000.0
+        cost = pattern_cost(pattern, query.shape[1], n)
+        if cost.computed_pairs > self.dense_above * cost.causal_pairs:
+            # Per computed pair the sparse kernel costs 1.5-3x SDPA (bench.attention at 8K): a pattern
+            # this dense is cheaper, and exact, as dense SDPA.
+            self.stats.dense_layers += 1
+            self.stats.add(PatternCost(cost.causal_pairs, cost.causal_pairs))
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
+            return out.transpose(1, 2).contiguous()
         out = sparse_attention(query, key, value, pattern, scale)
         self.stats.sparse_layers += 1
-        self.stats.add(pattern_cost(pattern, query.shape[1], n))
+        self.stats.add(cost)
         return out.transpose(1, 2).contiguous()
 
     def with_dense_tail(self, pattern: SparsePattern, n: int, kv_heads: int) -> SparsePattern:
