@@ -319,6 +319,21 @@ def test_needle_in_3500_token_haystack_found_with_budget_1024(engine, count_toke
     assert case.needle.found_in(result.text), (case.needle, result.text)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("depth", "seed"), [(0.3, 2021), (0.7, 2022)])
+def test_needle_in_4k_haystack_answered_with_the_default_sparse_filter_pass(engine, count_tokens, depth, seed) -> None:
+    """GemFilter's defaults on ~4K tokens: the filter pass really runs sparse (streaming) in every
+    layer before r, and the needle is still answered."""
+    ids, case = haystack_ids(engine, count_tokens, 4000, depth=depth, seed=seed)
+    assert 3800 <= len(ids) <= 4100
+    result = greedy(engine, ids, "gemfilter", max_tokens=20, budget=1024)
+    report = result.compression.filter_attention
+    assert report["backend"] == "streaming"
+    assert report["sparse_layers"] == default_filter_layer(engine.model.config)
+    assert report["density"] < 0.6
+    assert case.needle.found_in(result.text), (case.needle, result.text)
+
+
 # ---- bad input -------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("knobs", "message"),

@@ -126,7 +126,7 @@ def test_sliding_layers_as_their_band_equal_sdpa_with_the_band_mask(gemma_engine
 
 def test_sparse_backend_covering_everything_matches_dense_on_gemma(gemma_engine, gemma_prompt) -> None:
     dense, _ = prefill_logits(gemma_engine, gemma_prompt, "dense")
-    sparse, backend = prefill_logits(gemma_engine, gemma_prompt, "block_sparse", threshold=1.0)
+    sparse, backend = prefill_logits(gemma_engine, gemma_prompt, "block_sparse", threshold=1.0, dense_above=1.0)
     torch.testing.assert_close(sparse, dense, atol=1e-3, rtol=1e-3)
     assert backend.stats.sparse_layers == 3  # the global layers; the sliding ones ran as their band
     assert backend.stats.sliding_layers == 15

@@ -126,7 +126,13 @@ def test_bad_attention_backend_or_knob_is_400_naming_it(server_url: str, compres
 
 
 def test_attention_backend_is_reported_per_request(server_url: str) -> None:
-    body = {**SHORT, "compression": {"attention": "block_sparse", "attention_knobs": {"threshold": 0.5}}}
+    # A prompt of its own: one another test sent may be served from the prefix cache, and a
+    # one-token prefill is a decode step (always SDPA, never counted).
+    body = {
+        **SHORT,
+        "prompt": "A short prompt of a dozen tokens or so, for the attention report.",
+        "compression": {"attention": "block_sparse", "attention_knobs": {"threshold": 0.5}},
+    }
     compression = httpx.post(f"{server_url}/v1/completions", json=body).json()["compression"]
     assert compression["attention"]["backend"] == "block_sparse"
     assert compression["attention"]["knobs"]["threshold"] == 0.5
