@@ -99,16 +99,21 @@ def default_filter_layer(config: PretrainedConfig) -> int:
 
 SCORINGS = ("fused", "inner_product", "attention")
 
-# The filter pass's attention backend when a request names none (compressors.attention).
-DEFAULT_FILTER_ATTENTION = "streaming"
+# The filter pass's attention backend when a request names none (compressors.attention). Dense:
+# in bench.attention (SmolLM2, 2K-8K, two haystack families) every sparse filter pass was faster
+# (8K TTFT ratio 0.44 streaming vs 0.72 dense) but answered fewer needles at 8K (1/4 vs 2/4), and
+# the rule keeps dense unless a backend answers at least as often. docs/benchmarks.md.
+DEFAULT_FILTER_ATTENTION = "dense"
 SKIPPED_TOO_SHORT = "prompt too short for budget"
 MAX_PAYOFF_RATIO = 1000.0
 
 # Prompt length / kept tokens below which the filter pass costs more than it saves, measured per
 # model (bench/filter_payoff.py, bench/results/filter_payoff_*.json): same keys as the layer table.
 CALIBRATED_PAYOFF_RATIOS: dict[tuple[str, int, int], float] = {
-    # SmolLM2-135M-Instruct, k=1024, streaming filter pass: gemfilter/none TTFT 1.38 at n/k 1.57,
-    # 1.05 at 1.87, 1.07 at 2.18, 0.93 at 2.48, 0.80 at 2.78 (median of 4 pairs): crossing at 2.32.
+    # SmolLM2-135M-Instruct, k=1024: gemfilter/none TTFT 1.38 at n/k 1.57, 1.05 at 1.87, 1.07 at
+    # 2.18, 0.93 at 2.48, 0.80 at 2.78 (median of 4 pairs): crossing at 2.32. Run with the streaming
+    # filter pass, which below ~2.6K tokens computes > dense_above of the pairs and so ran dense:
+    # the crossing is the dense filter pass's.
     ("llama", 30, 576): 2.3,
 }
 

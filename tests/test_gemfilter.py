@@ -127,7 +127,7 @@ def test_prompt_too_short_for_the_budget_skips_the_filter_pass(loaded_model, eng
     forced = greedy(engine, ids, "gemfilter", max_tokens=1, budget=budget, payoff_ratio=0)
     assert forced.compression.skipped is None
     assert forced.compression.kept_tokens == budget
-    assert forced.compression.filter_attention["backend"] == DEFAULT_FILTER_ATTENTION == "streaming"
+    assert forced.compression.filter_attention["backend"] == DEFAULT_FILTER_ATTENTION == "dense"
 
 
 def test_payoff_ratio_falls_back_to_the_cost_model_for_unknown_models() -> None:
@@ -320,17 +320,24 @@ def test_needle_in_3500_token_haystack_found_with_budget_1024(engine, count_toke
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("depth", "seed"), [(0.3, 2021), (0.7, 2022)])
-def test_needle_in_4k_haystack_answered_with_the_default_sparse_filter_pass(engine, count_tokens, depth, seed) -> None:
-    """GemFilter's defaults on ~4K tokens: the filter pass really runs sparse (streaming) in every
-    layer before r, and the needle is still answered."""
+@pytest.mark.parametrize(
+    ("depth", "seed", "filter_attention"), [(0.3, 2021, DEFAULT_FILTER_ATTENTION), (0.7, 2022, "streaming")]
+)
+def test_needle_in_4k_haystack_answered_by_default_and_with_a_sparse_filter_pass(
+    engine, count_tokens, depth, seed, filter_attention
+) -> None:
+    """~4K tokens, k=1024: the needle is answered with GemFilter's default filter pass, and with a
+    streaming one that really ran sparse in every layer before r."""
     ids, case = haystack_ids(engine, count_tokens, 4000, depth=depth, seed=seed)
     assert 3800 <= len(ids) <= 4100
-    result = greedy(engine, ids, "gemfilter", max_tokens=20, budget=1024)
+    result = greedy(engine, ids, "gemfilter", max_tokens=20, budget=1024, filter_attention=filter_attention)
     report = result.compression.filter_attention
-    assert report["backend"] == "streaming"
-    assert report["sparse_layers"] == default_filter_layer(engine.model.config)
-    assert report["density"] < 0.6
+    assert report["backend"] == filter_attention
+    if filter_attention == "streaming":
+        assert report["sparse_layers"] == default_filter_layer(engine.model.config)
+        assert report["density"] < 0.6
+    else:
+        assert report["density"] == 1.0
     assert case.needle.found_in(result.text), (case.needle, result.text)
 
 
