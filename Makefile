@@ -16,7 +16,7 @@ VLLM_STAMP := $(VLLM_VENV)/.gemserve-installed
 SERVE_VENV := $(if $(filter vllm,$(BACKEND)),$(VLLM_VENV),$(VENV))
 SERVE_STAMP := $(if $(filter vllm,$(BACKEND)),$(VLLM_STAMP),$(STAMP))
 
-.PHONY: venv venv-vllm serve test test-vllm lint bench bench-vllm demo clean docker-build docker-test lint-docker
+.PHONY: venv venv-vllm serve test test-schema test-vllm lint bench bench-vllm soak demo clean docker-build docker-test lint-docker
 
 venv: $(STAMP)
 
@@ -50,6 +50,10 @@ test: venv
 	$(VENV)/bin/ruff check compressors server clients tests bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Property-based fuzzing of every operation, 300 examples each (make test runs 40).
+test-schema: venv
+	GEMSERVE_SCHEMA_EXAMPLES=300 $(PY) -m pytest tests/test_schemathesis.py $(PYTEST_ARGS)
+
 test-vllm: venv-vllm
 	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm.py $(PYTEST_ARGS)
 
@@ -62,6 +66,10 @@ bench: venv
 
 bench-vllm: venv-vllm
 	$(VLLM_VENV)/bin/python -m bench.vllm_prefill
+
+# Not part of `make test`: 30 minutes of mixed traffic against a real server (bench/soak.py).
+soak: venv
+	$(PY) -m bench.soak --model $(MODEL)
 
 # Docker (README "Docker"). docker-build is the plain path an ordinary machine takes;
 # docker-test adapts to this one (no registry, proxy CA, local torch wheel) and checks the image for real.

@@ -108,6 +108,11 @@ class Method:
     def validate_for_model(self, model: PreTrainedModel) -> None:
         """Raise :class:`CompressionError` for values this model cannot take."""
 
+    def validate_for_prompt(self, prompt_tokens: int, default_budget: int) -> None:
+        """Raise :class:`CompressionError` for knobs at odds with the budget this prompt resolves
+        to (a ``ratio`` or the server's default is only a number of tokens once the prompt is
+        known). The engine calls it at admission, before any compute and before any response byte."""
+
 
 @dataclass
 class BudgetedMethod(Method):

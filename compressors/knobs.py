@@ -5,6 +5,7 @@ One definition for the method registry and the attention-backend registry.
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from typing import Any
@@ -35,11 +36,25 @@ def type_names(annotation: Any) -> str:
     return " or ".join("object" if name == "dict" else name for name in names)
 
 
+# Every integer knob is a count of tokens, blocks or layers (or a pool width): none means
+# anything past 32 bits, and torch overflows on some past 63.
+MAX_KNOB_INT = 2**31 - 1
+
+
 def check_knob_type(owner: str, knob: str, value: Any, annotation: Any, param_prefix: str = "compression") -> None:
     if not accepts(annotation, value):
         raise CompressionError(
             f"knob '{knob}' of {owner} must be {type_names(annotation)}, got {short_repr(value)}",
             param=f"{param_prefix}.{knob}",
+        )
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_KNOB_INT:
+        raise CompressionError(
+            f"knob '{knob}' of {owner} must be between -{MAX_KNOB_INT} and {MAX_KNOB_INT}, got {short_repr(value)}",
+            param=f"{param_prefix}.{knob}",
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CompressionError(
+            f"knob '{knob}' of {owner} must be a finite number, got {value}", param=f"{param_prefix}.{knob}"
         )
 
 

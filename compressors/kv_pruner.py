@@ -122,6 +122,10 @@ class ScoredKVPruner(KVCompressor):
         score_ms = self._collected.elapsed_ms if self._collected is not None else 0.0
         return prune_selection(self.name, prompt_tokens, self._positions, started, extra_ms=score_ms)
 
+    def validate_for_prompt(self, prompt_tokens: int, default_budget: int) -> None:
+        # The same check compress() makes after the prefill, made before it.
+        self.prepare_budget(self.target_budget(prompt_tokens, default_budget))
+
     def prepare_budget(self, budget: int) -> None:
         """Check the knobs against the resolved budget (raise :class:`CompressionError`) and derive
         any per-request sizes from it."""

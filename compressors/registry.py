@@ -8,7 +8,7 @@ from compressors.base import CompressionError, Method
 from compressors.full import FullAttention
 from compressors.gemfilter import GemFilter
 from compressors.h2o import H2O
-from compressors.knobs import check_knob_type
+from compressors.knobs import check_knob_type, short_repr
 from compressors.pyramidkv import PyramidKV
 from compressors.snapkv import SnapKV
 from compressors.streaming_llm import StreamingLLM
@@ -36,7 +36,8 @@ def build_method(name: str, knobs: dict[str, Any] | None = None) -> Method:
     cls = METHODS.get(name)
     if cls is None:
         raise CompressionError(
-            f"unknown compression method '{name}'; allowed: {', '.join(METHODS)}", param="compression.method"
+            f"unknown compression method {short_repr(name, 200)}; allowed: {', '.join(METHODS)}",
+            param="compression.method",
         )
     knobs = {key: value for key, value in (knobs or {}).items() if value is not None}
     allowed = cls.knobs()
@@ -44,8 +45,9 @@ def build_method(name: str, knobs: dict[str, Any] | None = None) -> Method:
     if unknown:
         allowed_text = ", ".join(allowed) if allowed else "none"
         raise CompressionError(
-            f"method '{name}' has no knob {', '.join(repr(k) for k in unknown)}; its knobs: {allowed_text}",
-            param=f"compression.{unknown[0]}",
+            f"method '{name}' has no knob {', '.join(short_repr(k, 100) for k in unknown[:5])}; "
+            f"its knobs: {allowed_text}",
+            param=f"compression.{unknown[0][:100]}",
         )
     hints = get_type_hints(cls)
     for key, value in knobs.items():

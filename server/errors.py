@@ -8,6 +8,7 @@ handlers are registered once in :func:`register_error_handlers`; the request-id 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -47,6 +48,20 @@ class UnknownModelError(APIError):
     error_type = "not_found_error"
 
 
+class RequestTooLargeError(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+# An error quotes the client's input cut to this many characters: a 1 MB method name must not
+# come back as a 1 MB error body. (Sources quote with ``short_repr``; this caps whatever slips by.)
+MAX_MESSAGE_CHARS = 1000
+
+
+def truncated(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 15] + "... (truncated)"
+
+
 @dataclass
 class ErrorSpec:
     """What an exception becomes on the wire."""
@@ -59,7 +74,8 @@ class ErrorSpec:
     headers: dict[str, str] = field(default_factory=dict)
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        param = truncated(self.param, 200) if self.param else self.param
+        return {"error": {"message": truncated(self.message), "type": self.type, "param": param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers or None)
@@ -81,7 +97,10 @@ def error_for_exception(exc: BaseException) -> ErrorSpec:
         return ErrorSpec(400, "invalid_request_error", str(exc), exc.param)
     if isinstance(exc, StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return ErrorSpec(exc.status_code, http_error_type(exc.status_code), message, headers=dict(exc.headers or {}))
+        code = "request_too_large" if exc.status_code == 413 else None  # server/guards.py
+        return ErrorSpec(
+            exc.status_code, http_error_type(exc.status_code), message, code=code, headers=dict(exc.headers or {})
+        )
     if isinstance(exc, ValueError):
         return ErrorSpec(400, "invalid_request_error", str(exc))
     # Never leak internals: the log has the traceback, keyed by the request id.
@@ -90,15 +109,23 @@ def error_for_exception(exc: BaseException) -> ErrorSpec:
 
 def validation_error(errors: Sequence[Any]) -> ErrorSpec:
     """400 naming the field(s): ``messages: Field required``."""
-    parts = []
+    parts: list[str] = []
     first_param = None
     for error in errors:
         loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "header", "path")]
-        param = ".".join(loc) or None
+        # Drop pydantic's union-member tags ("constrained-str", "list[int]"): not field names.
+        loc = [p for p in loc if not UNION_TAG.search(p)]
+        # A model-level check names its field itself (protocol.FieldError).
+        param = ".".join(loc) or getattr((error.get("ctx") or {}).get("error"), "param", None)
         first_param = first_param or param
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-        parts.append(f"{param}: {message}" if param else message)
+        part = f"{param}: {message}" if param else message
+        if part not in parts:
+            parts.append(part)
     return ErrorSpec(400, "invalid_request_error", "; ".join(parts) or "invalid request", first_param)
+
+
+UNION_TAG = re.compile(r"[\[\-]")
 
 
 def http_error_type(status: int) -> str:
@@ -132,6 +159,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request (field, context length, method or knob)"},
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "Unknown model"},
+    413: {"model": ErrorResponse, "description": "Request body larger than the server's limit"},
     429: {"model": ErrorResponse, "description": "Queue full; see Retry-After"},
+    500: {"model": ErrorResponse, "description": "Internal error; the server log has it under the X-Request-Id"},
     503: {"model": ErrorResponse, "description": "Model still loading or server shutting down"},
 }

@@ -94,7 +94,10 @@ class ServerMetrics:
         self.prompt_tokens.labels(*labels).observe(result.compression.prompt_tokens)
         self.kept_tokens.labels(*labels).observe(result.compression.kept_tokens)
         self.kv_cache_bytes.labels(*labels).observe(m.kv_cache_bytes)
-        self.generation_tokens.labels(*labels).inc(result.completion_tokens)
+
+    def count_generated_tokens(self, model: str, backend: str, method: str, tokens: int) -> None:
+        """Every decoded token, also those of a request the client left (the engine counts them)."""
+        self.generation_tokens.labels(model, backend, method).inc(tokens)
 
     def count_request(self, model: str, backend: str, method: str, status: int) -> None:
         self.requests.labels(model, backend, method, str(status)).inc()

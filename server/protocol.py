@@ -6,19 +6,80 @@ only: never torch, never the engine. Fields follow OpenAI's order, extensions la
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
 
 METHOD_NAMES_HINT = "none | gemfilter | snapkv | h2o | streamingllm | pyramidkv"
 ATTENTION_NAMES_HINT = "dense | streaming | vertical_slash | block_sparse"
 
 
+# OpenAI's seed is a 64-bit integer; torch's generator takes no more.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 class OpenAIBaseModel(BaseModel):
-    # OpenAI clients send fields we may not know yet; ignore them rather than fail.
-    model_config = ConfigDict(extra="ignore")
+    # OpenAI clients send fields we may not know yet: ignore them (the request model logs their
+    # names) rather than fail. Strict types: ``true`` is not 1, ``"yes"`` is not true, 1.0 is
+    # not a token id (an int is still a float).
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class FieldError(ValueError):
+    """A request field the server refuses; ``param`` names it in the 400 (a model-level
+    validator has no field location of its own)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _is_default(value: Any, *harmless: Any) -> bool:
+    return value is None or any(value == h for h in harmless)
+
+
+# OpenAI fields that change what a response means and that GemServe does not implement: a
+# request that sets one to anything but its neutral value is a 400 naming it, never answered as
+# if it were absent (a client asking for JSON mode must learn it did not get it). Name ->
+# predicate "this value is neutral".
+UNSUPPORTED_FIELDS: dict[str, Any] = {
+    "tools": lambda v: _is_default(v, []),
+    "tool_choice": lambda v: _is_default(v, "none"),
+    "functions": lambda v: _is_default(v, []),
+    "function_call": lambda v: _is_default(v, "none"),
+    "response_format": lambda v: _is_default(v, {"type": "text"}),
+    "top_logprobs": lambda v: _is_default(v, 0),
+    "best_of": lambda v: _is_default(v, 1),
+    "audio": lambda v: _is_default(v),
+    "modalities": lambda v: _is_default(v, ["text"]),
+    "prediction": lambda v: _is_default(v),
+    "guided_json": lambda v: _is_default(v),
+    "guided_regex": lambda v: _is_default(v),
+    "guided_choice": lambda v: _is_default(v),
+    "guided_grammar": lambda v: _is_default(v),
+    "min_tokens": lambda v: _is_default(v, 0),
+    "stop_token_ids": lambda v: _is_default(v, []),
+}
+
+
+def check_extra_fields(model: type[BaseModel], data: Any) -> None:
+    """400 for an unsupported field that would change the answer; log the harmless unknown ones
+    (as vLLM does) so an operator sees what clients send."""
+    if not isinstance(data, dict):
+        return
+    unknown = [key for key in data if key not in model.model_fields]
+    for key in unknown:
+        neutral = UNSUPPORTED_FIELDS.get(key)
+        if neutral is not None and not neutral(data[key]):
+            raise FieldError(f"{key} is not supported by this server; leave it out or unset", param=key)
+    ignored = [key[:64] for key in unknown if key not in UNSUPPORTED_FIELDS]
+    if ignored:
+        logger.info("ignoring request fields the server does not know: %s", ", ".join(ignored[:20]))
 
 
 # ---- the compression extension --------------------------------------------------------------
@@ -29,7 +90,7 @@ class CompressionParams(BaseModel):
     accepted here and checked by the method registry, which names the allowed ones on error.
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     method: str | None = Field(None, description=f"Compression method ({METHOD_NAMES_HINT}); default: server's")
     budget: int | None = Field(None, description="Tokens to keep (prompt tokens or KV entries per head)")
@@ -67,7 +128,7 @@ class CommonSamplingFields(OpenAIBaseModel):
     logprobs: Any = Field(None, description="Not supported")
     n: int | None = Field(1, description="Number of choices; only 1 is supported")
     presence_penalty: float | None = Field(0.0, description="Not supported: must be 0")
-    seed: int | None = Field(None, description="Seed for sampled decoding")
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="Seed for sampled decoding (64-bit)")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end generation")
     stream: bool | None = Field(False, description="Stream tokens as server-sent events")
     stream_options: StreamOptions | None = Field(None, description="include_usage: usage on the last chunk")
@@ -77,6 +138,12 @@ class CommonSamplingFields(OpenAIBaseModel):
     # ---- extensions ----
     compression: CompressionParams | None = Field(None, description="GemServe: prompt/KV compression")
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (benchmarks)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_unsupported_fields(cls, data: Any) -> Any:
+        check_extra_fields(cls, data)
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -88,15 +155,15 @@ class CommonSamplingFields(OpenAIBaseModel):
     @model_validator(mode="after")
     def reject_unsupported(self) -> CommonSamplingFields:
         if self.n not in (None, 1):
-            raise ValueError("n: only n=1 is supported")
+            raise FieldError("only n=1 is supported", param="n")
         if self.frequency_penalty not in (None, 0, 0.0):
-            raise ValueError("frequency_penalty is not supported (must be 0)")
+            raise FieldError("frequency_penalty is not supported (must be 0)", param="frequency_penalty")
         if self.presence_penalty not in (None, 0, 0.0):
-            raise ValueError("presence_penalty is not supported (must be 0)")
+            raise FieldError("presence_penalty is not supported (must be 0)", param="presence_penalty")
         if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+            raise FieldError("logit_bias is not supported", param="logit_bias")
         if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs is not supported")
+            raise FieldError("logprobs is not supported", param="logprobs")
         return self
 
     def stop_list(self) -> list[str]:
@@ -108,9 +175,17 @@ class CommonSamplingFields(OpenAIBaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+# A prompt is never empty (the schema says so, so a client's validator agrees with the server);
+# token ids are non-negative ints (the vocabulary's upper end is the engine's to check).
+PromptText = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+OneText = Annotated[list[PromptText], Field(min_length=1, max_length=1)]
+OneTokenIds = Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
+
+
 class CompletionRequest(CommonSamplingFields):
     model: str | None = Field(None, description="Model name (see /v1/models); default: the served model")
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: PromptText | OneText | TokenIds | OneTokenIds = Field(
         ..., description="Text or token ids; a list must hold exactly one prompt"
     )
     echo: bool | None = Field(False, description="Not supported")
@@ -120,12 +195,12 @@ class CompletionRequest(CommonSamplingFields):
     @model_validator(mode="after")
     def single_prompt(self) -> CompletionRequest:
         if self.echo:
-            raise ValueError("echo is not supported")
+            raise FieldError("echo is not supported", param="echo")
         if self.suffix:
-            raise ValueError("suffix is not supported")
+            raise FieldError("suffix is not supported", param="suffix")
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str) and len(prompt) != 1:
-            raise ValueError("prompt: exactly one prompt per request is supported")
+            raise FieldError("exactly one prompt per request is supported", param="prompt")
         return self
 
     def prompt_text_or_ids(self) -> str | list[int]:
@@ -340,9 +415,16 @@ class ModelList(BaseModel):
 
 
 class TokenizeRequest(OpenAIBaseModel):
+    # Exactly one of prompt / messages, as the schema's oneOf says; neither is nullable.
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]},
+    )
+
     model: str | None = None
-    prompt: str | None = Field(None, description="Plain text, tokenised without a chat template")
-    messages: list[ChatMessage] | None = Field(None, description="Chat turns, tokenised with the chat template")
+    prompt: str = Field(None, description="Plain text, tokenised without a chat template")  # type: ignore[assignment]
+    messages: list[ChatMessage] = Field(  # type: ignore[assignment]
+        None, min_length=1, description="Chat turns, tokenised with the chat template"
+    )
 
     @model_validator(mode="after")
     def exactly_one_input(self) -> TokenizeRequest:

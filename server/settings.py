@@ -29,7 +29,27 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(1, ge=1, description="Requests generating at once (hf: one forward at a time)")
     max_queue: int = Field(64, ge=0, description="Requests waiting for a slot; beyond this -> 429")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with a 429")
-    api_key: str | None = Field(None, description="When set, every route but /health and /ready needs this bearer key")
+    api_key: str | None = Field(
+        None,
+        description="When set, every route but /health and /ready needs this bearer key "
+        "(prefer GEMSERVE_API_KEY or api_key_file: a --api-key flag is visible to every user in ps)",
+    )
+    api_key_file: Path | None = Field(None, description="Read the API key from this file (its first line)")
+    max_request_bytes: int | None = Field(
+        None, ge=1, description="Largest request body; beyond it -> 413 (default: 64 bytes per context token, >= 1 MiB)"
+    )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that give none")
     served_model_name: str | None = Field(None, description="Name reported by /v1/models (default: the model's)")
     log_level: str = Field("info", description="Logging level of the server")
+
+    def resolved_api_key(self) -> str | None:
+        """The key from ``api_key`` or the first line of ``api_key_file`` (not both)."""
+        if self.api_key_file is None:
+            return self.api_key or None
+        if self.api_key:
+            raise ValueError("give either an API key or an API key file, not both")
+        lines = self.api_key_file.read_text(encoding="utf-8").splitlines()
+        key = lines[0] if lines else ""
+        if not key:
+            raise ValueError(f"API key file {self.api_key_file} is empty")
+        return key

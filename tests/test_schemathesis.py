@@ -7,6 +7,7 @@ knob checks, the engine's context-length checks and the scheduler.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +22,8 @@ from server.measure import RequestMetrics
 from server.settings import Settings
 from tests.conftest import serve_app
 
-MAX_EXAMPLES = 40
+# `make test-schema` runs 300 per operation (GEMSERVE_SCHEMA_EXAMPLES); `make test` a quick 40.
+MAX_EXAMPLES = int(os.environ.get("GEMSERVE_SCHEMA_EXAMPLES", "40"))
 
 
 class StubGenerationEngine:

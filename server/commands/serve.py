@@ -19,7 +19,12 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--default-attention": {"help": "prefill attention backend when a request names none (default: dense)"},
     "--max-concurrency": {"type": int, "help": "requests generating at once (default 1)"},
     "--max-queue": {"type": int, "help": "requests waiting for a slot before 429 (default 64)"},
-    "--api-key": {"help": "require 'Authorization: Bearer KEY' on every route but /health and /ready"},
+    "--api-key": {
+        "help": "require 'Authorization: Bearer KEY' on every route but /health and /ready; visible to every "
+        "user in `ps`: prefer GEMSERVE_API_KEY or --api-key-file"
+    },
+    "--api-key-file": {"type": Path, "help": "read the API key from the first line of this file"},
+    "--max-request-bytes": {"type": int, "help": "largest request body before 413 (default: 64 B per context token)"},
     "--served-model-name": {"help": "model name reported by /v1/models"},
     "--default-max-tokens": {"type": int, "help": "max_tokens for chat requests that give none (default 256)"},
 }

@@ -22,9 +22,9 @@ from compressors.attention import DEFAULT_ATTENTION, AttentionBackend, build_att
 from compressors.base import cache_bytes
 from compressors.probe import use_attention
 from server.engine.detokenize import IncrementalDetokenizer
-from server.engine.plan import check_context_length, compression_report
+from server.engine.plan import check_context_length, check_method_for_prompt, compression_report
 from server.engine.sampling import choose_token, make_generator
-from server.engine.tokenize import encode_chat, encode_prompt
+from server.engine.tokenize import PromptEncoder
 from server.engine.types import (
     CompressionSpec,
     GenerationRequest,
@@ -60,6 +60,7 @@ class HFEngine:
         self.default_budget = default_budget
         self.default_attention = default_attention
         self.eos_token_ids = collect_eos_ids(loaded)
+        self.encoder = PromptEncoder(self.tokenizer, loaded.max_model_len)
         build_method(default_method).validate_for_model(self.model)
         build_attention(default_attention)
 
@@ -73,10 +74,10 @@ class HFEngine:
 
     # ---- tokenisation -------------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
-        return encode_prompt(self.tokenizer, text)
+        return self.encoder.encode_prompt(text)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        return encode_chat(self.tokenizer, messages)
+        return self.encoder.encode_chat(messages)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=False)
@@ -84,7 +85,7 @@ class HFEngine:
     # ---- validation, before a request is queued ------------------------------------------
     def resolve_method(self, spec: CompressionSpec) -> Method:
         try:
-            method = build_method(spec.method or self.default_method, spec.knobs)
+            method = build_method(self.default_method if spec.method is None else spec.method, spec.knobs)
             method.validate_for_model(self.model)
         except CompressionError as exc:
             raise RequestError(str(exc), param=exc.param) from exc
@@ -93,7 +94,8 @@ class HFEngine:
     def resolve_attention(self, spec: CompressionSpec) -> AttentionBackend:
         """A fresh backend for this request's prefill (it counts the pairs it computes)."""
         try:
-            return build_attention(spec.attention or self.default_attention, spec.attention_knobs)
+            name = self.default_attention if spec.attention is None else spec.attention
+            return build_attention(name, spec.attention_knobs)
         except CompressionError as exc:
             raise RequestError(str(exc), param=exc.param) from exc
 
@@ -107,6 +109,7 @@ class HFEngine:
         check_context_length(
             len(request.prompt_ids), method, request.sampling.max_tokens, self.max_model_len, self.default_budget
         )
+        check_method_for_prompt(method, len(request.prompt_ids), self.default_budget)
         return method
 
     # ---- the request path -----------------------------------------------------------------

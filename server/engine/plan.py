@@ -5,19 +5,31 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from compressors import Method, PromptSelector, Selection
+from compressors import CompressionError, Method, PromptSelector, Selection
 from server.engine.types import CompressionReport, RequestError
+
+
+def check_method_for_prompt(method: Method, prompt_tokens: int, default_budget: int) -> None:
+    """The method's knobs against the budget this prompt resolves to, at admission."""
+    try:
+        method.validate_for_prompt(prompt_tokens, default_budget)
+    except CompressionError as exc:
+        raise RequestError(str(exc), param=exc.param) from exc
+
+
+def check_prompt_fits(prompt_tokens: int, max_model_len: int, param: str = "prompt") -> None:
+    if prompt_tokens > max_model_len:
+        raise RequestError(
+            f"prompt is {prompt_tokens} tokens, longer than the model's context of {max_model_len} tokens",
+            param=param,
+        )
 
 
 def check_context_length(
     prompt_tokens: int, method: Method, max_tokens: int, max_model_len: int, default_budget: int
 ) -> None:
     """Refuse a prompt beyond the context, or one that leaves no room for ``max_tokens``."""
-    if prompt_tokens > max_model_len:
-        raise RequestError(
-            f"prompt is {prompt_tokens} tokens, longer than the model's context of {max_model_len} tokens",
-            param="prompt",
-        )
+    check_prompt_fits(prompt_tokens, max_model_len)
     # Positions used: a prompt selector restarts them at 0 for the kept tokens.
     used = method.resolve_budget(prompt_tokens, default_budget) if isinstance(method, PromptSelector) else prompt_tokens
     if used + max_tokens > max_model_len:

@@ -25,7 +25,7 @@ from typing import Any
 
 from server.engine.base import EngineEvent, EngineNotReadyError, QueueFullError
 from server.engine.hf import HFEngine
-from server.engine.types import GenerationRequest, GenerationResult, RequestError
+from server.engine.types import GenerationRequest, GenerationResult, RequestError, TokenDelta
 from server.measure import elapsed_ms
 
 logger = logging.getLogger(__name__)
@@ -200,6 +200,7 @@ class HFAsyncEngine:
         finally:
             if not left_queue:
                 self._waiting -= 1
+            request.finish()
 
     def _run_in_thread(
         self, request: GenerationRequest, events: asyncio.Queue[_Item], loop: asyncio.AbstractEventLoop
@@ -209,6 +210,10 @@ class HFAsyncEngine:
 
         try:
             for event in self.engine.stream(request):
+                if isinstance(event, TokenDelta):
+                    request.generated_tokens += 1
+                else:  # the result: count before the route can answer with it
+                    request.finish()
                 emit(event)
         except Exception as exc:  # reported to the reader, which turns it into a 500 / error event
             emit(_Failure(exc))

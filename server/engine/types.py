@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,15 @@ class GenerationRequest:
     arrival_time: float = field(default_factory=time.perf_counter)  # TTFT counts from here
     queue_ms: float = 0.0  # set by the scheduler when the request leaves the queue
     cancelled: threading.Event = field(default_factory=threading.Event)
+    generated_tokens: int = 0  # counted by the engine as it decodes, also for a request cut short
+    # Called once by the engine when it is done with the request (finished, failed or cancelled):
+    # the server counts generated tokens here, so those decoded before a disconnect count too.
+    on_finish: Callable[[GenerationRequest], None] | None = None
+
+    def finish(self) -> None:
+        hook, self.on_finish = self.on_finish, None
+        if hook is not None:
+            hook(self)
 
 
 @dataclass

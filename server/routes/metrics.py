@@ -6,15 +6,19 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.routes.deps import API_KEY_GUARD, StateDep
+from server.errors import ERROR_RESPONSES
+from server.routes.deps import StateDep
 
-router = APIRouter(tags=["metrics"], dependencies=API_KEY_GUARD)
+router = APIRouter(tags=["metrics"])
 
 
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
+        401: ERROR_RESPONSES[401],
+    },
     summary="Prometheus metrics",
 )
 async def metrics(state: StateDep) -> Response:

@@ -6,9 +6,9 @@ from fastapi import APIRouter
 
 from server.errors import ERROR_RESPONSES
 from server.protocol import ModelCard, ModelList
-from server.routes.deps import API_KEY_GUARD, EngineDep, StateDep
+from server.routes.deps import EngineDep, StateDep
 
-router = APIRouter(tags=["models"], dependencies=API_KEY_GUARD)
+router = APIRouter(tags=["models"])
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="List served models")

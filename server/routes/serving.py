@@ -66,7 +66,7 @@ def to_generation_request(
 
 def method_label(request: GenerationRequest, engine: AsyncEngine) -> str:
     """The ``method`` metric label; unknown names collapse to one value (bounded cardinality)."""
-    name = request.compression.method or engine.default_method
+    name = engine.default_method if request.compression.method is None else request.compression.method
     return name if name in method_names() else "invalid"
 
 
@@ -153,6 +153,9 @@ async def generate_response(
     state = http_request.state
     request = to_generation_request(body, prompt_ids, max_tokens, state.request_id, state.arrival_time)
     state.method_label = method_label(request, engine)
+    metrics = http_request.app.state.gemserve.metrics
+    labels = (engine.model_name, engine.backend, state.method_label)
+    request.on_finish = lambda done: metrics.count_generated_tokens(*labels, done.generated_tokens)
     events = engine.stream(request)
     generation = Generation(http_request, engine, request, events, fmt, body.include_usage())
     return await respond(generation, bool(body.stream))

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 
+from server.engine.plan import check_prompt_fits
 from server.errors import ERROR_RESPONSES
 from server.protocol import TokenizeRequest, TokenizeResponse
-from server.routes.deps import API_KEY_GUARD, EngineDep, StateDep
+from server.routes.deps import EngineDep, StateDep
 
-router = APIRouter(tags=["tokenize"], dependencies=API_KEY_GUARD)
+router = APIRouter(tags=["tokenize"])
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES, summary="Tokenize a prompt")
 async def tokenize(body: TokenizeRequest, engine: EngineDep, state: StateDep) -> TokenizeResponse:
     state.check_model(body.model)
+    # In a worker thread (a long prompt takes a while); both encoders refuse text that cannot fit.
     if body.messages is not None:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        tokens = engine.encode_chat(messages)
+        tokens = await asyncio.to_thread(engine.encode_chat, messages)
     else:
-        tokens = engine.encode_prompt(body.prompt or "")
+        tokens = await asyncio.to_thread(engine.encode_prompt, body.prompt)
+    check_prompt_fits(len(tokens), engine.max_model_len, param="messages" if body.messages is not None else "prompt")
     return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
