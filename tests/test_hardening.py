@@ -206,8 +206,8 @@ def test_errors_do_not_echo_huge_input(server_url: str, body: dict) -> None:
 @pytest.mark.parametrize(
     "authorization",
     [
-        f"Bearer {TEST_API_KEY} ".encode(),
-        f"Bearer \xa0{TEST_API_KEY}".encode("latin-1"),  # NBSP: str.strip() removed it
+        f"Bearer {TEST_API_KEY}\xa0".encode("latin-1"),  # NBSP: str.strip() removed it
+        f"Bearer \xa0{TEST_API_KEY}".encode("latin-1"),
         f"Bearer  {TEST_API_KEY}".encode(),
         f"Bearer{TEST_API_KEY}".encode(),
         TEST_API_KEY.encode(),

@@ -21,7 +21,7 @@ from compressors.kv_pruner import ScoredKVPruner
 from compressors.probe import active_probe, install_probe_attention
 from compressors.pyramidkv import pyramid_budgets
 from server.engine.hf import HFEngine
-from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
+from server.engine.types import CompressionSpec, GenerationRequest, RequestError, SamplingParams
 from server.models import LoadedModel
 
 TINY_VOCAB = 128
@@ -310,7 +310,8 @@ def test_bad_knobs_raise_clear_errors(name, knobs, param, message):
 def test_ratio_budget_smaller_than_window_fails_before_any_token(engine):
     ids = engine.encode_chat([{"role": "user", "content": "Short question: what is two plus two?"}])
     request = GenerationRequest(ids, SamplingParams(max_tokens=4), CompressionSpec("snapkv", {"ratio": 0.1}))
-    with pytest.raises(CompressionError, match=r"window \(32\) must be smaller than the resolved budget") as info:
+    # Refused at admission (a 400 before the prefill), not after it.
+    with pytest.raises(RequestError, match=r"window \(32\) must be smaller than the resolved budget") as info:
         engine.generate(request)
     assert info.value.param == "compression.window"
 
