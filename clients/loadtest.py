@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -296,6 +297,35 @@ async def run_all(
                 await run_method(client, items, run, settings, progress)
 
 
+async def until_interrupted(work: Any) -> bool:
+    """Run ``work``; Ctrl-C (SIGINT) stops it and this returns True.
+
+    asyncio.run's own SIGINT handling only cancels the main task, and a run whose main task
+    outlived that cancellation went on to send every request and exit 0 (seen in
+    tests/test_loadtest.py). Here SIGINT cancels every task, the requests in flight too.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    interrupted = False
+
+    def on_sigint() -> None:
+        nonlocal interrupted
+        interrupted = True
+        for other in asyncio.all_tasks(loop):
+            if other is not asyncio.current_task(loop):
+                other.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    return interrupted
+
+
 # ---- CLI ---------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("target")
@@ -433,12 +463,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     runs = [MethodRun(method) for method in methods]
-    interrupted = False
-    try:
-        factory = lambda: AsyncGemServe(base_url, args.api_key, timeout=args.timeout, max_retries=args.max_retries)  # noqa: E731
-        asyncio.run(run_all(factory, items, runs, settings, show_progress=not args.no_progress))
-    except KeyboardInterrupt:
-        interrupted = True
+    factory = lambda: AsyncGemServe(base_url, args.api_key, timeout=args.timeout, max_retries=args.max_retries)  # noqa: E731
+    interrupted = asyncio.run(
+        until_interrupted(run_all(factory, items, runs, settings, show_progress=not args.no_progress))
+    )
+    if interrupted:
         print("\ninterrupted: summary of the requests that finished", file=sys.stderr)
     summaries = {r.method.label: summarize(r.records, slo) for r in runs if r.records or not interrupted}
     config = {

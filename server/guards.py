@@ -8,7 +8,7 @@ other route, and nothing is read past the body limit.
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from collections.abc import Callable
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -76,9 +76,9 @@ class BodyLimitMiddleware:
     """413 for a body over ``limit()`` bytes: at once from ``Content-Length``, or as soon as a
     chunked body passes the limit (the rest is never read)."""
 
-    def __init__(self, app: ASGIApp, limit: Any) -> None:
+    def __init__(self, app: ASGIApp, limit: Callable[[], int]) -> None:
         self.app = app
-        self.limit = limit  # () -> int: the engine's context is known only once it has loaded
+        self.limit = limit  # a callable: the engine's context is known only once it has loaded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -47,7 +48,7 @@ def _is_default(value: Any, *harmless: Any) -> bool:
 # request that sets one to anything but its neutral value is a 400 naming it, never answered as
 # if it were absent (a client asking for JSON mode must learn it did not get it). Name ->
 # predicate "this value is neutral".
-UNSUPPORTED_FIELDS: dict[str, Any] = {
+UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "tools": lambda v: _is_default(v, []),
     "tool_choice": lambda v: _is_default(v, "none"),
     "functions": lambda v: _is_default(v, []),
