@@ -30,7 +30,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from bench.common import RESULTS_DIR, machine_description, model_slug, replace_doc_section, write_json
+from bench.common import RESULTS_DIR, model_slug, replace_doc_section, result_header, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -213,10 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     slug = model_slug(engine.model_name)
     out_path = Path(args.out) if args.out else RESULTS_DIR / f"attention_{slug}.json"
     result: dict[str, Any] = {
-        "model": engine.model_name,
-        "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
-        "machine": machine_description(),
+        **result_header(engine.model_name),
         "budget": args.budget,
         "max_tokens": args.max_tokens,
         "prompt_style": "chat" if chat else "completion",

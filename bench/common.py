@@ -15,6 +15,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,16 @@ def cpu_was_shared(loadavg_before: list[float]) -> bool:
     """Did other work share the CPU? Judged by the 1-minute load average BEFORE a run: at its end
     the load is mostly the benchmark's own threads. This idle VM sits near 1.0 (kernel threads)."""
     return loadavg_before[0] > 1.5
+
+
+def result_header(model_name: str) -> dict[str, Any]:
+    """The fields every benchmark's result JSON opens with: model, start time, load and machine."""
+    return {
+        "model": model_name,
+        "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+        "machine": machine_description(),
+    }
 
 
 def machine_description() -> dict[str, Any]:

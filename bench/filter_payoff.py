@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import time
 from statistics import median
 from typing import Any
 
 from bench.attention import needle_cases
-from bench.common import RESULTS_DIR, machine_description, model_slug, write_json
+from bench.common import RESULTS_DIR, model_slug, result_header, write_json
 
 
 def ttft(engine: Any, ids: list[int], method: str, knobs: dict[str, Any]) -> float:
@@ -54,10 +53,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     chat = engine.tokenizer.chat_template is not None
     knobs = {"budget": args.budget, "payoff_ratio": 0, "filter_attention": args.filter_attention}
     result: dict[str, Any] = {
-        "model": engine.model_name,
-        "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
-        "machine": machine_description(),
+        **result_header(engine.model_name),
         "budget": args.budget,
         "filter_attention": args.filter_attention,
         "rows": [],

@@ -633,17 +633,22 @@ def endpoint(chat: bool) -> str:
     return "/v1/chat/completions" if chat else "/v1/completions"
 
 
+def random_generation(
+    run: SoakRun, rng: random.Random, *, chat: bool, stream: bool, max_tokens: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A random compression and a generation body using it (``max_tokens`` None: 4-32 at random)."""
+    compression = rng.choice(COMPRESSIONS)
+    target_tokens = rng.choice(run.prompt_targets)
+    tokens = rng.randint(4, 32) if max_tokens is None else max_tokens
+    body = generation_body(
+        rng, chat=chat, stream=stream, compression=compression, target_tokens=target_tokens, max_tokens=tokens
+    )
+    return compression, body
+
+
 async def generate(run: SoakRun, client: httpx.AsyncClient, rng: random.Random) -> Attempt:
     chat, stream = rng.random() < 0.5, rng.random() < 0.5
-    compression = rng.choice(COMPRESSIONS)
-    body = generation_body(
-        rng,
-        chat=chat,
-        stream=stream,
-        compression=compression,
-        target_tokens=rng.choice(run.prompt_targets),
-        max_tokens=rng.randint(4, 32),
-    )
+    compression, body = random_generation(run, rng, chat=chat, stream=stream)
     timeout_s = run.args.request_timeout
     if stream:
         outcome = await streamed_generation(client, endpoint(chat), body, timeout_s)
@@ -655,15 +660,7 @@ async def generate(run: SoakRun, client: httpx.AsyncClient, rng: random.Random) 
 
 async def stream_then_disconnect(run: SoakRun, client: httpx.AsyncClient, rng: random.Random) -> Attempt:
     chat = rng.random() < 0.5
-    compression = rng.choice(COMPRESSIONS)
-    body = generation_body(
-        rng,
-        chat=chat,
-        stream=True,
-        compression=compression,
-        target_tokens=rng.choice(run.prompt_targets),
-        max_tokens=32,
-    )
+    compression, body = random_generation(run, rng, chat=chat, stream=True, max_tokens=32)
     outcome = await streamed_generation(
         client, endpoint(chat), body, run.args.request_timeout, close_after=rng.randint(1, 2)
     )
@@ -673,15 +670,7 @@ async def stream_then_disconnect(run: SoakRun, client: httpx.AsyncClient, rng: r
 async def abandon_request(run: SoakRun, client: httpx.AsyncClient, rng: random.Random) -> Attempt:
     """A non-streamed request given up after --abandon-s: the client leaves while it queues or prefills."""
     chat = rng.random() < 0.5
-    compression = rng.choice(COMPRESSIONS)
-    body = generation_body(
-        rng,
-        chat=chat,
-        stream=False,
-        compression=compression,
-        target_tokens=rng.choice(run.prompt_targets),
-        max_tokens=32,
-    )
+    compression, body = random_generation(run, rng, chat=chat, stream=False, max_tokens=32)
     label = f"disconnect: abandoned after {run.args.abandon_s:g} s"
     request = client.build_request("POST", endpoint(chat), json=body, timeout=httpx.Timeout(run.args.abandon_s))
     try:
