@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 
@@ -143,8 +143,15 @@ class PromptSelector(BudgetedMethod):
 
     kind: ClassVar[str] = "prompt"
 
-    def select(self, model: PreTrainedModel, input_ids: torch.Tensor, default_budget: int) -> Selection:
-        """``input_ids``: ``(1, n)`` -> :class:`Selection` with sorted unique kept indices."""
+    def select(
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor,
+        default_budget: int,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> Selection:
+        """``input_ids``: ``(1, n)`` -> :class:`Selection` with sorted unique kept indices
+        (``tokenizer``: the prompt's, for selectors that keep whole words)."""
         raise NotImplementedError
 
 

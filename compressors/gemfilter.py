@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from compressors.attention import AttentionBackend, build_attention
 from compressors.base import CompressionError, PromptSelector, Selection
@@ -51,30 +51,13 @@ from compressors.probe import (
     use_attention,
     uses_probe_attention,
 )
-
-# Filter layers measured on our own needle prompts (bench/calibrate_layer.py, results in
-# bench/results/filter_layer_*.json). Keyed by architecture shape, since a converted model dir
-# carries no hub name. The paper's Llama-3.1-8B layer (13 of 32) does not transfer.
-CALIBRATED_FILTER_LAYERS: dict[tuple[str, int, int], int] = {
-    # SmolLM2-135M-Instruct: (model_type, layers, hidden size). bench/results/filter_layer_smollm2.json:
-    # mean needle-answer recall in the top-512 over 12 needles at ~4K tokens is best at layer 18 (0.68;
-    # layer 15: 0.61, 14: 0.47, every layer <= 13: <= 0.3), and at ~8K layer 18 keeps 0.57 where
-    # layer 15 keeps 0.33 (3 needles). Both reach 1.0 at ~2K. Earliest layer within 0.03 of the best: 18.
-    # That calibration used the paper's last-query scoring. Re-checked with a 32-query inner-product window on
-    # two haystack families (bench/results/experiments/, answer recall in the top 1024 at 2K-8K): layer 18
-    # averages 0.92 (1.00 1.00 1.00 0.90 0.72); layer 17 0.68, layer 15 0.75, every layer <= 13 <= 0.49.
-    ("llama", 30, 576): 18,
-}
-
-
-def architecture_key(config: PretrainedConfig) -> tuple[str, int, int]:
-    """(model_type, layers, hidden size): what the calibration tables are keyed by."""
-    text_config = config.get_text_config()
-    return (str(text_config.model_type), int(text_config.num_hidden_layers), int(text_config.hidden_size))
+from compressors.profile import attached_profile
+from compressors.units import chunk_starts, pick_whole_units, word_starts
 
 
 def default_filter_layer(config: PretrainedConfig) -> int:
-    """The calibrated layer for known models; otherwise about half depth.
+    """The layer of the model's profile (:mod:`compressors.profile`, from ``gemserve calibrate``;
+    shipped for the embedded models); otherwise about half depth.
 
     Fallback rule: layer ``L // 2``. For models mixing sliding-window and global layers (Gemma
     3), the first global-attention layer at or after half depth, since a sliding layer is
@@ -82,9 +65,9 @@ def default_filter_layer(config: PretrainedConfig) -> int:
     """
     text_config = config.get_text_config()
     num_layers = int(text_config.num_hidden_layers)
-    key = architecture_key(config)
-    if key in CALIBRATED_FILTER_LAYERS:
-        return CALIBRATED_FILTER_LAYERS[key]
+    profile = attached_profile(config)
+    if profile is not None:
+        return profile.filter_layer
     half = num_layers // 2
     layer_types = getattr(text_config, "layer_types", None)
     if layer_types:
@@ -98,6 +81,9 @@ def default_filter_layer(config: PretrainedConfig) -> int:
 
 
 SCORINGS = ("fused", "inner_product", "attention")
+# What the top-k keeps a unit at a time (compressors/units.py): single tokens (the paper),
+# whitespace-delimited words (a number is never split), or fixed chunks of ``chunk_size`` tokens.
+SPANS = ("token", "word", "chunk")
 
 # The filter pass's attention backend when a request names none (compressors.attention). Dense:
 # in bench.attention (SmolLM2, 2K-8K, two haystack families) every sparse filter pass was faster
@@ -107,25 +93,16 @@ DEFAULT_FILTER_ATTENTION = "dense"
 SKIPPED_TOO_SHORT = "prompt too short for budget"
 MAX_PAYOFF_RATIO = 1000.0
 
-# Prompt length / kept tokens below which the filter pass costs more than it saves, measured per
-# model (bench/filter_payoff.py, bench/results/filter_payoff_*.json): same keys as the layer table.
-CALIBRATED_PAYOFF_RATIOS: dict[tuple[str, int, int], float] = {
-    # SmolLM2-135M-Instruct, k=1024: gemfilter/none TTFT 1.38 at n/k 1.57, 1.05 at 1.87, 1.07 at
-    # 2.18, 0.93 at 2.48, 0.80 at 2.78 (median of 4 pairs): crossing at 2.32. Run with the streaming
-    # filter pass, which below ~2.6K tokens computes > dense_above of the pairs and so ran dense:
-    # the crossing is the dense filter pass's.
-    ("llama", 30, 576): 2.3,
-}
-
 
 def default_payoff_ratio(config: PretrainedConfig) -> float:
-    """The measured ratio for known models; otherwise the cost model's ``L / (L - r - 1)``: with
-    prefill cost roughly linear in length, a filter pass over ``n`` tokens costs ``(r + 1) / L`` of
-    a full prefill, and the kept ``k`` tokens cost ``k / n`` of it."""
-    key = architecture_key(config)
-    if key in CALIBRATED_PAYOFF_RATIOS:
-        return CALIBRATED_PAYOFF_RATIOS[key]
-    num_layers = int(config.get_text_config().num_hidden_layers)
+    """The profile's measured ratio (bench/filter_payoff.py); otherwise the cost model's
+    ``L / (L - r - 1)``: with prefill cost roughly linear in length, a filter pass over ``n``
+    tokens costs ``(r + 1) / L`` of a full prefill, and the kept ``k`` tokens cost ``k / n`` of it."""
+    profile = attached_profile(config)
+    if profile is not None and profile.payoff_ratio is not None:
+        return profile.payoff_ratio
+    # A profile knows the full depth; a truncated filter model's own config does not.
+    num_layers = int(profile.architecture[1]) if profile else int(config.get_text_config().num_hidden_layers)
     layer = default_filter_layer(config)
     return num_layers / max(1, num_layers - layer - 1)
 
@@ -161,17 +138,29 @@ def token_scores(module: nn.Module, query: torch.Tensor, key: torch.Tensor, scor
     return torch.stack([window_inner_products(query, key, window), attention])  # fused: pick_indices merges
 
 
-def pick_indices(scores: torch.Tensor, keep: int, kernel_size: int, tail: int) -> list[int]:
-    """Pool, force the protected tail in, take the top ``keep`` and sort them ascending.
-
-    ``scores`` is ``(n,)``, or ``(m, n)`` for m scorings to fuse: each row is pooled and turned
-    into ranks (0..1), and a token's score is its best rank over the rows."""
+def pooled_scores(scores: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """``(n,)`` or ``(m, n)`` scores -> ``(n,)``: each row average-pooled; m rows to fuse are
+    turned into ranks (0..1) and a token takes its best rank over the rows."""
     n = scores.shape[-1]
     rows = scores.reshape(-1, 1, n).to(torch.float32)
     pooled = F.avg_pool1d(rows, kernel_size=kernel_size, padding=kernel_size // 2, stride=1).view(-1, n)
     if pooled.shape[0] > 1:
         pooled = (pooled.argsort(dim=-1).argsort(dim=-1).to(torch.float32) / n).amax(dim=0)
-    pooled = pooled.view(n).clone()
+    return pooled.view(n).clone()
+
+
+def pick_indices(
+    scores: torch.Tensor, keep: int, kernel_size: int, tail: int, unit_begins: torch.Tensor | None = None
+) -> list[int]:
+    """Pool, force the protected tail in, take the top ``keep`` and sort them ascending.
+
+    ``scores`` is ``(n,)``, or ``(m, n)`` for m scorings to fuse (:func:`pooled_scores`). With
+    ``unit_begins`` (``(n,)`` bool, where each word or chunk starts) whole units are kept
+    instead of single tokens (:func:`compressors.units.pick_whole_units`)."""
+    pooled = pooled_scores(scores, kernel_size)
+    n = pooled.numel()
+    if unit_begins is not None:
+        return pick_whole_units(pooled, keep, tail, unit_begins)
     protected = min(tail, keep, n)
     if protected:
         pooled[n - protected :] = float("inf")
@@ -189,7 +178,8 @@ class GemFilter(PromptSelector):
     ``filter_attention_knobs`` (the attention backend of layers ``< r`` in the filter pass, see
     :mod:`compressors.attention`), ``payoff_ratio`` (filter only prompts of at least this many
     times the kept tokens, since a shorter one costs more filtered than whole; None: measured
-    per model, 0: always filter)."""
+    per model, 0: always filter), ``span`` (``token``, ``word`` or ``chunk``: what the top-k keeps
+    whole, :mod:`compressors.units`) and ``chunk_size`` (tokens per chunk for ``span="chunk"``)."""
 
     name: ClassVar[str] = "gemfilter"
 
@@ -201,9 +191,19 @@ class GemFilter(PromptSelector):
     filter_attention: str = DEFAULT_FILTER_ATTENTION
     filter_attention_knobs: dict[str, Any] | None = None
     payoff_ratio: float | None = None
+    span: str = "token"
+    chunk_size: int = 8
 
     def validate(self) -> None:
         super().validate()
+        if self.span not in SPANS:
+            raise CompressionError(
+                f"span must be one of {', '.join(SPANS)}, got {self.span!r}", param="compression.span"
+            )
+        if not 1 <= self.chunk_size <= 256:
+            raise CompressionError(
+                f"chunk_size must be in [1, 256], got {self.chunk_size}", param="compression.chunk_size"
+            )
         self.filter_backend()  # unknown backend or knob -> CompressionError naming the allowed ones
         if self.payoff_ratio is not None and not 0.0 <= self.payoff_ratio <= MAX_PAYOFF_RATIO:
             raise CompressionError(
@@ -248,13 +248,19 @@ class GemFilter(PromptSelector):
                 param="compression.layer",
             )
 
-    def select(self, model: PreTrainedModel, input_ids: torch.Tensor, default_budget: int) -> Selection:
+    def select(
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor,
+        default_budget: int,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> Selection:
+        """``tokenizer`` tells where words start (``span="word"``); other spans need none."""
         self.validate()
         self.validate_for_model(model)
         start = time.perf_counter()
         n = int(input_ids.shape[-1])
         keep = self.resolve_budget(n, default_budget)
-        layer = self.filter_layer(model)
         skipped = None
         filter_report = None
         if keep >= n:  # k >= n keeps everything: no filter pass, identical to `none`
@@ -262,18 +268,49 @@ class GemFilter(PromptSelector):
         elif not self.pays_off(model, n, keep):
             kept, skipped = list(range(n)), SKIPPED_TOO_SHORT
         else:
-            backend = self.filter_backend()
-            scores = filter_pass_scores(model, input_ids, layer, self.scoring, self.window, backend)
-            kept = pick_indices(scores, keep, self.kernel_size, self.tail)
-            filter_report = backend.report()
-        details: dict[str, object] = {"scoring": self.scoring, "window": min(self.window, n)}
+            scores, filter_report = self.filter_scores(model, input_ids)
+            kept = self.choose(scores, keep, input_ids, tokenizer)
+        return self.selection(model, n, kept, start, skipped, filter_report)
+
+    def filter_scores(self, model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The filter pass: this method's scores of every prompt token and its attention report."""
+        backend = self.filter_backend()
+        scores = filter_pass_scores(model, input_ids, self.filter_layer(model), self.scoring, self.window, backend)
+        return scores, backend.report()
+
+    def choose(
+        self, scores: torch.Tensor, keep: int, input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase | None
+    ) -> list[int]:
+        """The ``keep`` kept positions from the filter pass's scores, whole units per ``span``."""
+        return pick_indices(scores, keep, self.kernel_size, self.tail, self.unit_begins(input_ids, tokenizer))
+
+    def unit_begins(self, input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase | None) -> torch.Tensor | None:
+        if self.span == "chunk":
+            return chunk_starts(int(input_ids.shape[-1]), self.chunk_size)
+        if self.span == "word":
+            if tokenizer is None:
+                raise RuntimeError("GemFilter span='word' needs the tokenizer to find where words start")
+            return word_starts(tokenizer, input_ids)
+        return None
+
+    def selection(
+        self,
+        model: PreTrainedModel,
+        n: int,
+        kept: list[int],
+        start: float,
+        skipped: str | None = None,
+        filter_report: dict[str, Any] | None = None,
+    ) -> Selection:
+        keep = len(kept)
+        details: dict[str, object] = {"scoring": self.scoring, "window": min(self.window, n), "span": self.span}
         return Selection(
             method=self.name,
             prompt_tokens=n,
             kept_indices=kept,
             select_ms=(time.perf_counter() - start) * 1000.0,
             protected_tail=min(self.tail, keep, n),
-            layer=layer,
+            layer=self.filter_layer(model),
             details=details,
             skipped=skipped,
             filter_attention=filter_report,

@@ -14,7 +14,6 @@ from clients.haystack import build_case
 from compressors import CompressionError
 from compressors.attention import build_attention
 from compressors.gemfilter import (
-    CALIBRATED_FILTER_LAYERS,
     DEFAULT_FILTER_ATTENTION,
     GemFilter,
     default_filter_layer,
@@ -295,8 +294,8 @@ def test_selection_reports_its_scoring(loaded_model, engine, count_tokens) -> No
     input_ids = torch.tensor([ids])
     default = GemFilter(budget=64).select(loaded_model.model, input_ids, 1024)
     paper = GemFilter(budget=64, scoring="inner_product", window=1).select(loaded_model.model, input_ids, 1024)
-    assert default.details == {"scoring": "fused", "window": 32}
-    assert paper.details == {"scoring": "inner_product", "window": 1}
+    assert default.details == {"scoring": "fused", "window": 32, "span": "token"}
+    assert paper.details == {"scoring": "inner_product", "window": 1, "span": "token"}
     assert len(default.kept_indices) == len(paper.kept_indices) == 64
     assert default.kept_indices != paper.kept_indices  # the window changes what is kept
 
@@ -368,8 +367,12 @@ def test_layer_out_of_range_names_the_model_layers(loaded_model) -> None:
 
 
 # ---- the default layer ------------------------------------------------------------------------
-def test_smollm2_uses_the_calibrated_layer(loaded_model) -> None:
-    assert default_filter_layer(loaded_model.model.config) == CALIBRATED_FILTER_LAYERS[("llama", 30, 576)]
+def test_smollm2_uses_the_layer_of_its_shipped_profile(loaded_model) -> None:
+    from server.model_profiles import SHIPPED_DIR
+
+    assert loaded_model.profile_source == str(SHIPPED_DIR / "smollm2-135m-instruct.json")
+    assert default_filter_layer(loaded_model.model.config) == loaded_model.profile.filter_layer == 18
+    assert default_payoff_ratio(loaded_model.model.config) == loaded_model.profile.payoff_ratio == 2.3
 
 
 def test_fallback_layer_is_a_global_attention_layer_for_sliding_window_models() -> None:
