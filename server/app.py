@@ -46,7 +46,11 @@ def build_engine(settings: Settings) -> AsyncEngine:
         from server.models import load_model
 
         loaded = load_model(
-            settings.model, device=settings.device, cache_dir=settings.cache_dir, max_model_len=settings.max_model_len
+            settings.model,
+            device=settings.device,
+            cache_dir=settings.cache_dir,
+            max_model_len=settings.max_model_len,
+            profile=settings.profile,
         )
         engine = HFEngine(loaded, default_method=settings.default_method, default_attention=settings.default_attention)
         return HFAsyncEngine(engine, settings.max_concurrency, settings.max_queue, settings.retry_after_s)

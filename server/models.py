@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from compressors.profile import ModelProfile
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -90,6 +92,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     max_model_len: int
     device: torch.device
+    profile: ModelProfile | None = None  # GemFilter's calibrated layer etc. (server/model_profiles.py)
+    profile_source: str | None = None
 
 
 def resolve_model_dir(spec: str | None, cache_dir: Path | None = None) -> tuple[str, Path | str]:
@@ -161,11 +165,20 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def load_model(
-    spec: str | None = None, device: str = "auto", cache_dir: Path | None = None, max_model_len: int | None = None
+    spec: str | None = None,
+    device: str = "auto",
+    cache_dir: Path | None = None,
+    max_model_len: int | None = None,
+    profile: Path | None = None,
 ) -> LoadedModel:
-    """Resolve, convert if needed, and load model + tokenizer ready for GemServe's engine."""
+    """Resolve, convert if needed, and load model + tokenizer ready for GemServe's engine, with
+    its GemFilter profile (``profile``: a file from ``gemserve calibrate``; None: looked up)."""
     from compressors.probe import install_probe_attention
+    from compressors.profile import attach_profile, read_profile
+    from server.model_profiles import find_profile
 
+    if profile is not None:
+        read_profile(profile)  # a missing or broken file fails before the weights load
     name, source = resolve_model_dir(spec, cache_dir)
     torch_device = pick_device(device)
     dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
@@ -181,11 +194,17 @@ def load_model(
         if context and max_model_len > context:
             raise ValueError(f"--max-model-len {max_model_len} exceeds the model's context of {context} tokens")
         context = max_model_len
+    path = Path(source) if isinstance(source, Path) else Path(str(source))
+    found, found_at = find_profile(name, path, model.config, cache_dir or default_cache_dir(), profile)
+    if found is not None:
+        attach_profile(model.config, found)
     return LoadedModel(
         name=name,
-        path=Path(source) if isinstance(source, Path) else Path(str(source)),
+        path=path,
         model=model,
         tokenizer=tokenizer,
         max_model_len=context,
         device=torch_device,
+        profile=found,
+        profile_source=found_at,
     )

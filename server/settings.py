@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda")
     cache_dir: Path | None = Field(None, description="Where converted models are cached")
     max_model_len: int | None = Field(None, ge=1, description="Cap the context length (default: the model's)")
+    profile: Path | None = Field(None, description="GemFilter profile from `gemserve calibrate` (default: looked up)")
     host: str = Field("127.0.0.1", description="Address to bind")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port)")
     default_method: str = Field("none", description="Compression method when a request names none")

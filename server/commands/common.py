@@ -20,13 +20,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--cache-dir", type=Path, help="where converted models live (env GEMSERVE_CACHE_DIR)")
     parser.add_argument("--max-model-len", type=int, help="cap the context length (default: the model's)")
+    parser.add_argument("--profile", type=Path, help="GemFilter profile from `gemserve calibrate` (default: looked up)")
 
 
 def load_engine(args: argparse.Namespace, default_method: str = "none") -> HFEngine:
     from server.engine.hf import HFEngine
     from server.models import load_model
 
-    loaded = load_model(args.model, device=args.device, cache_dir=args.cache_dir, max_model_len=args.max_model_len)
+    loaded = load_model(
+        args.model,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        max_model_len=args.max_model_len,
+        profile=getattr(args, "profile", None),
+    )
     return HFEngine(loaded, default_method=default_method)
 
 

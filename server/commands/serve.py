@@ -13,6 +13,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--device": {"help": "auto | cpu | cuda"},
     "--cache-dir": {"type": Path, "help": "where converted models live"},
     "--max-model-len": {"type": int, "help": "cap the context length (default: the model's)"},
+    "--profile": {"type": Path, "help": "GemFilter profile from `gemserve calibrate` (default: cache, then shipped)"},
     "--host": {"help": "address to bind (default 127.0.0.1)"},
     "--port": {"type": int, "help": "port (default 8000)"},
     "--default-method": {"help": "compression method when a request names none (default: none)"},

@@ -20,6 +20,9 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from compressors.gemfilter import default_filter_layer
 from compressors.probe import decoder_layers, install_probe_attention
+from compressors.profile import attach_profile
+from server.model_profiles import find_profile
+from server.models import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -80,16 +83,26 @@ def quiet_transformers_load_report() -> Iterator[None]:
 
 
 def load_filter_model(
-    model_dir: Path | str, layer: int | None = None, dtype: torch.dtype = torch.float32
+    model_dir: Path | str,
+    layer: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    profile: Path | None = None,
+    name: str | None = None,
 ) -> FilterModel:
-    """Load layers ``0..layer`` of the model in ``model_dir`` (``layer`` None: calibrated default)."""
+    """Load layers ``0..layer`` of the model in ``model_dir`` (``layer`` None: the profile's layer,
+    see :mod:`server.model_profiles`; ``profile`` names a file, else it is looked up by ``name``)."""
     full_config = AutoConfig.from_pretrained(model_dir)
+    found, _ = find_profile(name or Path(model_dir).name, Path(model_dir), full_config, default_cache_dir(), profile)
+    if found is not None:
+        attach_profile(full_config, found)
     full_num_layers = int(full_config.get_text_config().num_hidden_layers)
     default_layer = default_filter_layer(full_config)
     max_layer = default_layer if layer is None else layer
     if not 0 <= max_layer < full_num_layers:
         raise ValueError(f"filter layer {max_layer} is out of range: the model has layers 0..{full_num_layers - 1}")
     config = truncated_config(AutoConfig.from_pretrained(model_dir), max_layer + 1)
+    if found is not None:  # the truncated model asks its own config for the layer and payoff ratio
+        attach_profile(config, found)
     # AutoModel = the decoder stack without the LM head; the filter pass never computes logits.
     with quiet_transformers_load_report():
         model = AutoModel.from_pretrained(model_dir, config=config, dtype=dtype)

@@ -356,7 +356,7 @@ class VLLMEngine:
                 # Per pass and in this worker thread: OpenMP's thread count is a per-thread setting.
                 torch.set_num_threads(self.filter_threads())
                 ids = torch.tensor([request.prompt_ids], dtype=torch.long)
-                return method.select(self.filter_model.model, ids, self.default_budget)
+                return method.select(self.filter_model.model, ids, self.default_budget, self.tokenizer)
             return Selection(method=method.name, prompt_tokens=n, kept_indices=list(range(n)))
 
         selection = await loop.run_in_executor(self._filter_executor, run)
@@ -497,7 +497,7 @@ def build_vllm_engine(settings: Settings) -> VLLMEngine:
         name=name,
         model_dir=model_dir,
         tokenizer=AutoTokenizer.from_pretrained(model_dir),
-        filter_model=load_filter_model(model_dir, options.filter_layer),
+        filter_model=load_filter_model(model_dir, options.filter_layer, profile=settings.profile, name=name),
         max_model_len=context,
         default_method=settings.default_method,
         max_queue=settings.max_queue,
