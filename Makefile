@@ -47,7 +47,7 @@ demo: venv
 	$(VENV)/bin/gemserve generate --method gemfilter --budget 1024
 
 test: venv
-	$(VENV)/bin/ruff check compressors server clients tests bench
+	$(VENV)/bin/ruff check compressors server clients evals tests bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Property-based fuzzing of every operation, 300 examples each (make test runs 40).
@@ -58,8 +58,8 @@ test-vllm: venv-vllm
 	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm.py $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check compressors server clients tests bench
-	$(VENV)/bin/ruff format --check compressors server clients tests bench
+	$(VENV)/bin/ruff check compressors server clients evals tests bench
+	$(VENV)/bin/ruff format --check compressors server clients evals tests bench
 
 bench: venv
 	$(PY) -m bench.prefill

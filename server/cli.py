@@ -1,4 +1,4 @@
-"""``gemserve``: serve | generate | bench | calibrate | loadtest."""
+"""``gemserve``: serve | generate | eval | calibrate | bench | loadtest."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.commands.serve", "serve the OpenAI-compatible HTTP API with per-request compression"),
     "loadtest": ("clients.loadtest", "load-test an OpenAI-compatible server (GemServe or vLLM), compare methods"),
     "bench": ("server.commands.bench", "prefill benchmark: none vs GemFilter at 1K-8K tokens (bench/prefill.py)"),
-    "calibrate": ("server.commands.calibrate", "measure GemFilter's needle recall per filter layer, pick the layer"),
+    "eval": ("evals.runner", "long-context eval suite: RULER-style tasks x lengths x depths x methods, scored"),
+    "calibrate": ("evals.calibrate", "pick GemFilter's filter layer for a model from needle probes, write its profile"),
 }
 
 

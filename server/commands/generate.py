@@ -14,6 +14,7 @@ from server.commands.common import add_model_arguments, parse_knobs
 DEMO_TOKENS = 3500
 DEMO_DEPTH = 0.6
 DEMO_SEED = 2024
+DEMO_ANSWER_PREFIX = "The special magic number for Tallinn is"
 DEMO_NEEDLE = Needle(
     "The special magic number for Tallinn is 4817263.", "What is the special magic number for Tallinn?", "4817263"
 )
@@ -44,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--completion", action="store_true", help="plain completion prompt, no chat template")
+    parser.add_argument(
+        "--answer-prefix",
+        help="with --completion: the start of the answer sentence the prompt ends with, as RULER does for base "
+        "models (default for the demo: its needle's; otherwise none)",
+    )
     parser.add_argument("--show-selection", action="store_true", help="print the kept text spans")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -54,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 
     # Check the user's input before the (slow) model load, so mistakes fail at once.
+    if args.answer_prefix is not None and not args.completion:
+        raise ValueError("--answer-prefix needs --completion (a chat template starts the answer itself)")
     context = read_context(args)
     engine = load_engine(args)
     expected = None
@@ -70,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
         expected = case.needle
         user_text = case.user_message() if not args.question else f"{case.document}\n\nQuestion: {args.question}"
     if args.completion:
-        prompt_ids = engine.encode_prompt(user_text + "\nAnswer:")
+        prefix = args.answer_prefix
+        if prefix is None and expected is not None and not args.question:
+            prefix = DEMO_ANSWER_PREFIX
+        prompt_ids = engine.encode_prompt(user_text + "\nAnswer:" + (f" {prefix}" if prefix else ""))
     else:
         prompt_ids = engine.encode_chat([{"role": "user", "content": user_text}])
 

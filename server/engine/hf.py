@@ -26,6 +26,7 @@ from server.engine.plan import check_context_length, check_method_for_prompt, co
 from server.engine.sampling import choose_token, make_generator
 from server.engine.tokenize import PromptEncoder
 from server.engine.types import (
+    CompressionReport,
     CompressionSpec,
     GenerationRequest,
     GenerationResult,
@@ -148,18 +149,44 @@ class HFEngine:
         sync(self.device)
         meter.sample_now()
         metrics.prefill_ms = elapsed_ms(start)
-        metrics.kv_cache_bytes = cache_bytes(cache)
+        report = self.report(request, method, selection, cache, kv_before, attention)
+        position = int(prefill_ids.shape[1]) if not isinstance(method, KVCompressor) else n
+        return (yield from self.decode_from(request, method, cache, logits, position, report, metrics))
+
+    def report(
+        self,
+        request: GenerationRequest,
+        method: Method,
+        selection: Selection,
+        cache: DynamicCache,
+        kv_before: int,
+        attention: AttentionBackend,
+    ) -> CompressionReport:
+        """The response's ``compression`` once the cache is final (pruned, for KV methods)."""
         report = compression_report(
             method, selection, self.tokenizer, request.prompt_ids, request.compression.return_selection
         )
         if isinstance(method, KVCompressor):
-            report.kv_bytes_before, report.kv_bytes_after = kv_before, metrics.kv_cache_bytes
+            report.kv_bytes_before, report.kv_bytes_after = kv_before, cache_bytes(cache)
         report.attention = attention.report()
+        return report
 
+    def decode_from(
+        self,
+        request: GenerationRequest,
+        method: Method,
+        cache: DynamicCache,
+        logits: torch.Tensor,
+        position: int,
+        report: CompressionReport,
+        metrics: RequestMetrics,
+    ) -> Generator[TokenDelta, None, GenerationResult]:
+        """From the prefill's last logits to the result: sample, yield, decode one token at a time.
+        ``position`` is the next token's position (a pruned cache is shorter than the sequence)."""
+        metrics.kv_cache_bytes = cache_bytes(cache)
         sampling = request.sampling
         generator = make_generator(sampling, self.device)
         detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
-        position = int(prefill_ids.shape[1]) if not isinstance(method, KVCompressor) else n
         finish_reason = "length"
         decode_start = time.perf_counter()
         token = choose_token(logits, sampling, generator)
@@ -196,7 +223,7 @@ class HFEngine:
             text=detok.text,
             token_ids=list(detok.token_ids),
             finish_reason=finish_reason,
-            prompt_tokens=n,
+            prompt_tokens=len(request.prompt_ids),
             compression=report,
             metrics=metrics,
         )
@@ -205,7 +232,7 @@ class HFEngine:
         """Run a prompt selector (GemFilter); other methods keep every prompt token here."""
         n = int(prompt.shape[1])
         if isinstance(method, PromptSelector):
-            selection = method.select(self.model, prompt, self.default_budget)
+            selection = method.select(self.model, prompt, self.default_budget, self.tokenizer)
             sync(self.device)
             if selection.kept_tokens == n:
                 return selection, prompt

@@ -1,0 +1,185 @@
+"""Many methods on one prompt, paying each expensive pass once (in-process eval only).
+
+A budget curve runs every method at five budgets; on 2 CPU cores a 16K-token prefill of Gemma 3
+takes over a minute, so running each (method, budget) alone would spend most of an eval on the
+same work. What does not depend on the budget is done once per prompt here:
+
+- GemFilter's filter pass: the scores are the same for every budget (and every ``span``) with the
+  same layer, scoring, window and filter attention; each budget only picks its top-k from them.
+- The full prefill of ``none`` and every KV method with the same attention backend: the KV
+  methods prune after it, so one prefill feeds them all. Each KV method's scorer observes that
+  one prefill; methods differing only in budget share one observer's scores.
+
+Then each method gets its own copy of the cache and decodes through the engine's own decode
+loop. The answers are the ones :meth:`HFEngine.generate` gives (tests/test_eval_runner.py checks
+this token for token); timings of shared work are not per-method timings, so the eval reports
+accuracy from here and leaves speed to the benchmarks.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from compressors import KVCompressor, Method, PromptSelector
+from compressors.base import Selection
+from compressors.full import FullAttention
+from compressors.gemfilter import SKIPPED_TOO_SHORT, GemFilter
+from compressors.probe import active_probe, attention_probe
+from server.engine.hf import HFEngine
+from server.engine.types import GenerationRequest, GenerationResult
+from server.measure import RequestMetrics
+
+BUDGET_KNOBS = ("budget", "ratio")
+
+
+def run_many(engine: HFEngine, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    """``requests`` share ``prompt_ids`` and differ in ``compression``; results in their order."""
+    if len({tuple(r.prompt_ids) for r in requests}) > 1:
+        raise ValueError("run_many takes requests for one prompt")
+    methods = [engine.check_request(request) for request in requests]
+    results: dict[int, GenerationResult] = {}
+    with torch.inference_mode():
+        selectors = [i for i, m in enumerate(methods) if isinstance(m, PromptSelector)]
+        for group in group_by(selectors, lambda i: filter_key(engine, methods[i])):
+            results.update(run_selector_group(engine, [requests[i] for i in group], [methods[i] for i in group], group))
+        full = [i for i, m in enumerate(methods) if not isinstance(m, PromptSelector)]
+        for group in group_by(full, lambda i: attention_key(requests[i])):
+            results.update(run_prefill_group(engine, [requests[i] for i in group], [methods[i] for i in group], group))
+    return [results[i] for i in range(len(requests))]
+
+
+def group_by(indices: list[int], key: Any) -> list[list[int]]:
+    groups: dict[Any, list[int]] = {}
+    for index in indices:
+        groups.setdefault(key(index), []).append(index)
+    return list(groups.values())
+
+
+def attention_key(request: GenerationRequest) -> str:
+    return repr((request.compression.attention, sorted(request.compression.attention_knobs.items())))
+
+
+def filter_key(engine: HFEngine, method: Method) -> str:
+    """What a GemFilter's scores depend on (not its budget, pooling or span)."""
+    assert isinstance(method, GemFilter)
+    return repr(
+        (
+            method.filter_layer(engine.model),
+            method.scoring,
+            method.window,
+            method.filter_attention,
+            sorted((method.filter_attention_knobs or {}).items()),
+        )
+    )
+
+
+def run_selector_group(
+    engine: HFEngine, requests: list[GenerationRequest], methods: list[Method], indices: list[int]
+) -> dict[int, GenerationResult]:
+    prompt = torch.tensor([requests[0].prompt_ids], dtype=torch.long, device=engine.device)
+    n = int(prompt.shape[1])
+    scores: tuple[torch.Tensor, dict[str, Any]] | None = None
+    out: dict[int, GenerationResult] = {}
+    for index, request, method in zip(indices, requests, methods, strict=True):
+        assert isinstance(method, GemFilter)
+        started = time.perf_counter()
+        keep = method.resolve_budget(n, engine.default_budget)
+        if keep >= n:
+            selection = method.selection(engine.model, n, list(range(n)), started)
+        elif not method.pays_off(engine.model, n, keep):
+            selection = method.selection(engine.model, n, list(range(n)), started, SKIPPED_TOO_SHORT)
+        else:
+            if scores is None:
+                scores = method.filter_scores(engine.model, prompt)
+            kept = method.choose(scores[0], keep, prompt, engine.tokenizer)
+            selection = method.selection(engine.model, n, kept, started, None, scores[1])
+        kept_ids = prompt.index_select(1, torch.tensor(selection.kept_indices, device=engine.device))
+        out[index] = prefill_and_decode(engine, request, method, selection, kept_ids)
+    return out
+
+
+def prefill_and_decode(
+    engine: HFEngine, request: GenerationRequest, method: Method, selection: Selection, ids: torch.Tensor
+) -> GenerationResult:
+    metrics = RequestMetrics(select_ms=selection.select_ms)
+    cache = DynamicCache(config=engine.model.config)
+    attention = engine.resolve_attention(request.compression)
+    logits, kv_before = engine.prefill(ids, cache, method, attention)
+    report = engine.report(request, method, selection, cache, kv_before, attention)
+    return drain(engine.decode_from(request, method, cache, logits, int(ids.shape[1]), report, metrics))
+
+
+def run_prefill_group(
+    engine: HFEngine, requests: list[GenerationRequest], methods: list[Method], indices: list[int]
+) -> dict[int, GenerationResult]:
+    """One full prefill for ``none`` and every KV method of one attention backend."""
+    prompt = torch.tensor([requests[0].prompt_ids], dtype=torch.long, device=engine.device)
+    n = int(prompt.shape[1])
+    kv = [m for m in methods if isinstance(m, KVCompressor)]
+    leaders = observer_leaders(kv, n)
+    cache = DynamicCache(config=engine.model.config)
+    attention = engine.resolve_attention(requests[0].compression)
+    with observe_all(engine, leaders, n):  # the observers run here, so prefill gets a plain method
+        logits, kv_before = engine.prefill(prompt, cache, FullAttention(), attention)
+    collected = {id(m): copy.deepcopy(getattr(leaders.get(observer_key(m)), "_collected", None)) for m in kv}
+    out: dict[int, GenerationResult] = {}
+    for index, request, method in zip(indices, requests, methods, strict=True):
+        own = copy.deepcopy(cache)
+        selection = Selection(method=method.name, prompt_tokens=n, kept_indices=list(range(n)))
+        if isinstance(method, KVCompressor):
+            method._collected = collected[id(method)]  # the shared prefill's scores, own copy
+            selection = method.compress(own, n, engine.default_budget)
+        report = engine.report(request, method, selection, own, kv_before, attention)
+        metrics = RequestMetrics()
+        out[index] = drain(engine.decode_from(request, method, own, logits.clone(), n, report, metrics))
+    return out
+
+
+def observer_key(method: KVCompressor) -> str:
+    knobs = {k: v for k, v in vars(method).items() if not k.startswith("_") and k not in BUDGET_KNOBS}
+    return repr((type(method).__name__, sorted(knobs.items())))
+
+
+def observer_leaders(methods: list[KVCompressor], prompt_tokens: int) -> dict[str, KVCompressor]:
+    """One method per scorer configuration observes the prefill: the one with the smallest
+    budget, since a budget holding the whole prompt may skip scoring."""
+    leaders: dict[str, KVCompressor] = {}
+    for method in sorted(methods, key=lambda m: m.target_budget(prompt_tokens, 1 << 30)):
+        leaders.setdefault(observer_key(method), method)
+    return leaders
+
+
+@contextmanager
+def observe_all(engine: HFEngine, leaders: dict[str, KVCompressor], prompt_tokens: int) -> Iterator[None]:
+    """Every leader's prefill observer at once: each sets its probe in turn, and one probe that
+    calls them all is active during the forward."""
+    with ExitStack() as stack:
+        probes = []
+        for method in leaders.values():
+            before = active_probe()
+            stack.enter_context(method.prefill_observer(engine.model, prompt_tokens))
+            if active_probe() is not before:
+                probes.append(active_probe())
+
+        def fan_out(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+            for probe in probes:
+                probe(module, query, key, value)
+
+        stack.enter_context(attention_probe(fan_out))
+        yield
+
+
+def drain(events: Any) -> GenerationResult:
+    """Run a decode generator to its end and return its result."""
+    while True:
+        try:
+            next(events)
+        except StopIteration as stop:
+            return stop.value
