@@ -4,8 +4,8 @@ pass plus the prefill of the kept tokens costs as much as prefilling the whole p
 One process; per prompt length, ``none`` and GemFilter (``payoff_ratio=0``: always filter) answer
 the same prompt alternately (``--repeats`` times each, order swapped each time); the TTFT ratio
 gemfilter / none is the median over the pairs. The break-even ratio is where that curve crosses 1
-(linear interpolation in n/k), and is what ``CALIBRATED_PAYOFF_RATIOS`` in compressors/gemfilter.py
-holds for the model. Writes bench/results/filter_payoff_<model>.json.
+(linear interpolation in n/k), and is what the model's profile records as ``payoff_ratio``
+(``gemserve calibrate --payoff-ratio``, server/profiles/). Writes bench/results/filter_payoff_<model>.json.
 
     python -m bench.filter_payoff --budget 1024 --ratios 1.2,1.6,2.0,2.4,2.8,3.2
 """

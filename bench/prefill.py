@@ -261,7 +261,8 @@ def calibration_lines(path: Path = RESULTS_DIR / "filter_layer_smollm2.json") ->
     recall = main["mean_recall"]["answer@512"]
     lines = [
         "",
-        f"Filter layer: `python -m bench.calibrate_layer` (`gemserve calibrate`) measured GemFilter's needle recall "
+        f"Filter layer (an earlier calibration; `gemserve calibrate` now writes the model's profile, docs/eval.md) "
+        f"measured GemFilter's needle recall "
         f"(answer tokens kept in the top-k after pooling and the protected tail) at every layer over "
         f"{len(main['cases'])} needles at ~{main['target_tokens']} tokens"
         + ("" if cal.get("complete") else " (run cut short: partial result)")

@@ -426,6 +426,29 @@ def _header(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
+def budget_tables(records: Sequence[Record]) -> list[str]:
+    """Per length: one row per variant, one column per budget (the budget curves as numbers);
+    methods without a budget (``none``) in the last column."""
+    ok = _ok(records)
+    budgets = sorted({r["budget"] for r in ok if r.get("budget") is not None})
+    variants = _first_seen(ok, "variant")
+    lines = ["## Mean score by budget", "", "Cells: mean score (n); `unbudgeted`: methods without a budget.", ""]
+    for length in _lengths(ok):
+        rows = []
+        for variant in variants:
+            cells = []
+            for budget in [*budgets, None]:
+                scores = [
+                    r["score"]
+                    for r in ok
+                    if r["variant"] == variant and r["target_tokens"] == length and r.get("budget") == budget
+                ]
+                cells.append(f"{_fmt(_mean(scores))} ({len(scores)})" if scores else "")
+            rows.append([str(variant), *cells])
+        lines += [f"{length} tokens:", "", *_table(["variant", *map(str, budgets), "unbudgeted"], rows), ""]
+    return lines
+
+
 def markdown_summary(records: Sequence[Record], meta: dict[str, Any]) -> str:
     """The run as markdown: meta header, method x length, task x method, answer kept, failed rows."""
     s = summary(records)
@@ -452,6 +475,9 @@ def markdown_summary(records: Sequence[Record], meta: dict[str, Any]) -> str:
         for t in s["tasks"]
     ]
     lines += [*_table(["task", *(str(m) for m in s["methods"])], rows), ""]
+
+    if _has_curves(records):
+        lines += budget_tables(records)
 
     measured = [m for m in s["per_method"] if m["answer_kept_n_measured"] or m["answer_token_recall_n_measured"]]
     if measured:

@@ -22,6 +22,14 @@ if TYPE_CHECKING:
     from server.engine.hf import HFEngine
 
 STYLES = ("chat", "completion")
+# A completion prompt ends in the start of the answer sentence, so the answer is that line: a base
+# model then goes on with a new "Question: ..." that only costs decode time (lm-eval-harness
+# stops such tasks at a newline too). Chat models end their turn with EOS.
+COMPLETION_STOP = ["\n"]
+
+
+def stop_strings(style: str) -> list[str]:
+    return list(COMPLETION_STOP) if style == "completion" else []
 
 
 @dataclass
@@ -77,7 +85,7 @@ class InProcessTarget:
         requests = [
             GenerationRequest(
                 prompt_ids=prompt_ids,
-                sampling=SamplingParams(max_tokens=sample.max_tokens, temperature=0.0),
+                sampling=SamplingParams(max_tokens=sample.max_tokens, temperature=0.0, stop=stop_strings(style)),
                 compression=CompressionSpec(
                     method=spec.name,
                     knobs=spec.method_knobs(),
@@ -181,6 +189,8 @@ class HTTPTarget:
 
     def run_one(self, sample: Sample, style: str, spec: MethodSpec) -> Outcome:
         body: dict[str, Any] = {"model": self.model_name, "max_tokens": sample.max_tokens, "temperature": 0.0}
+        if stop_strings(style):
+            body["stop"] = stop_strings(style)
         compression = spec.compression()
         if compression is not None:
             body["compression"] = {**compression, "return_selection": spec.name != "none"}

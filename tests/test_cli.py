@@ -116,8 +116,8 @@ def test_missing_context_file_is_a_one_line_error(shared_engine, capsys, tmp_pat
     assert err == f"gemserve generate: error: context file '{tmp_path / 'nope.txt'}' does not exist\n"
 
 
-def test_bench_and_calibrate_are_registered(capsys) -> None:
-    for command, flag in (("bench", "--lengths"), ("calibrate", "--check-tokens")):
+def test_bench_eval_and_calibrate_are_registered(capsys) -> None:
+    for command, flag in (("bench", "--lengths"), ("calibrate", "--metric-budget"), ("eval", "--base-url")):
         with pytest.raises(SystemExit) as info:
             main([command, "--help"])
         assert info.value.code == 0

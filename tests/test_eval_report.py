@@ -206,3 +206,12 @@ def test_import_does_not_load_matplotlib():
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_budget_tables_give_the_curves_as_numbers(records):
+    from evals.report import budget_tables
+
+    text = "\n".join(budget_tables(records))
+    # snapkv at 1024 tokens, depths 0/0.5/1: budget 256 -> 0,0,1; 1024 -> 1,0,1; 4096 -> 1,1,1.
+    assert "| snapkv | 0.33 (3) | 0.67 (3) | 1.00 (3) |  |" in text
+    assert "4096 tokens:" in text
