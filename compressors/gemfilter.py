@@ -84,6 +84,11 @@ SCORINGS = ("fused", "inner_product", "attention")
 # What the top-k keeps a unit at a time (compressors/units.py): single tokens (the paper),
 # whitespace-delimited words (a number is never split), or fixed chunks of ``chunk_size`` tokens.
 SPANS = ("token", "word", "chunk")
+# Words, measured with `gemserve eval` on SmolLM2 (bench/results/eval_smollm2_spans, k=256 at 1K-4K,
+# three tasks x three haystack kinds x three depths, 81 prompts): the needle's answer was kept whole
+# in all 54 needle prompts with `word`, in 44-89% per cell with `token`; mean score 0.63 (word) vs
+# 0.47 (token), 0.52 (chunk), 0.59 (none). docs/benchmarks.md, "Whole-span selection".
+DEFAULT_SPAN = "word"
 
 # The filter pass's attention backend when a request names none (compressors.attention). Dense:
 # in bench.attention (SmolLM2, 2K-8K, two haystack families) every sparse filter pass was faster
@@ -191,7 +196,7 @@ class GemFilter(PromptSelector):
     filter_attention: str = DEFAULT_FILTER_ATTENTION
     filter_attention_knobs: dict[str, Any] | None = None
     payoff_ratio: float | None = None
-    span: str = "token"
+    span: str = DEFAULT_SPAN
     chunk_size: int = 8
 
     def validate(self) -> None:

@@ -52,8 +52,8 @@ def test_float32_picks_exactly_what_the_full_model_picks(filter_model, loaded_mo
     assert filter_model.dtype == torch.float32
     # The layer is explicit: the truncated model's own config would give a different default.
     method = GemFilter(budget=BUDGET, layer=filter_model.max_layer)
-    on_full = method.select(loaded_model.model, prompt_ids, BUDGET).kept_indices
-    on_filter = method.select(filter_model.model, prompt_ids, BUDGET).kept_indices
+    on_full = method.select(loaded_model.model, prompt_ids, BUDGET, loaded_model.tokenizer).kept_indices
+    on_filter = method.select(filter_model.model, prompt_ids, BUDGET, loaded_model.tokenizer).kept_indices
     assert len(on_full) == BUDGET
     assert on_filter == on_full
 
@@ -65,10 +65,10 @@ def test_cast_to_bfloat16_picks_what_the_full_model_in_bfloat16_picks(loaded_mod
     assert all(p.dtype == torch.bfloat16 for p in filter_model.model.parameters())
     full_bf16 = copy.deepcopy(loaded_model.model).to(torch.bfloat16)
     method = GemFilter(budget=BUDGET, layer=filter_model.max_layer)
-    on_full = method.select(full_bf16, prompt_ids, BUDGET).kept_indices
-    assert method.select(filter_model.model, prompt_ids, BUDGET).kept_indices == on_full
+    on_full = method.select(full_bf16, prompt_ids, BUDGET, loaded_model.tokenizer).kept_indices
+    assert method.select(filter_model.model, prompt_ids, BUDGET, loaded_model.tokenizer).kept_indices == on_full
     # bf16 changes the scores a little, not the method: most kept tokens are the float32 ones.
-    on_full_fp32 = set(method.select(loaded_model.model, prompt_ids, BUDGET).kept_indices)
+    on_full_fp32 = set(method.select(loaded_model.model, prompt_ids, BUDGET, loaded_model.tokenizer).kept_indices)
     assert len(on_full_fp32 & set(on_full)) >= 0.8 * BUDGET
 
 

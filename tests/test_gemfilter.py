@@ -71,7 +71,7 @@ def test_kept_indices_sorted_unique_exactly_k_with_tail(loaded_model, engine, co
     n = len(ids)
     # payoff_ratio=0: filter even where a full prefill would be cheaper (this tests the selection).
     selection = GemFilter(budget=budget, tail=tail, payoff_ratio=0).select(
-        loaded_model.model, torch.tensor([ids]), 1024
+        loaded_model.model, torch.tensor([ids]), 1024, engine.tokenizer
     )
     kept = selection.kept_indices
     assert len(kept) == budget == selection.kept_tokens
@@ -84,7 +84,7 @@ def test_kept_indices_sorted_unique_exactly_k_with_tail(loaded_model, engine, co
 
 def test_ratio_resolves_to_a_budget(loaded_model, engine, count_tokens) -> None:
     ids, _ = haystack_ids(engine, count_tokens, 400, depth=0.3, seed=12)
-    selection = GemFilter(ratio=0.25).select(loaded_model.model, torch.tensor([ids]), 1024)
+    selection = GemFilter(ratio=0.25).select(loaded_model.model, torch.tensor([ids]), 1024, engine.tokenizer)
     assert selection.kept_tokens == -(-len(ids) // 4)  # ceil
 
 
@@ -292,9 +292,11 @@ def test_fused_scores_keep_the_tokens_either_scoring_ranks_best() -> None:
 def test_selection_reports_its_scoring(loaded_model, engine, count_tokens) -> None:
     ids, _ = haystack_ids(engine, count_tokens, 200, depth=0.5, seed=17)
     input_ids = torch.tensor([ids])
-    default = GemFilter(budget=64).select(loaded_model.model, input_ids, 1024)
-    paper = GemFilter(budget=64, scoring="inner_product", window=1).select(loaded_model.model, input_ids, 1024)
-    assert default.details == {"scoring": "fused", "window": 32, "span": "token"}
+    default = GemFilter(budget=64).select(loaded_model.model, input_ids, 1024, engine.tokenizer)
+    paper = GemFilter(budget=64, scoring="inner_product", window=1, span="token").select(
+        loaded_model.model, input_ids, 1024
+    )
+    assert default.details == {"scoring": "fused", "window": 32, "span": "word"}
     assert paper.details == {"scoring": "inner_product", "window": 1, "span": "token"}
     assert len(default.kept_indices) == len(paper.kept_indices) == 64
     assert default.kept_indices != paper.kept_indices  # the window changes what is kept

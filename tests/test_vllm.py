@@ -150,7 +150,7 @@ def test_generation_through_http(url, vllm_engine, engine, haystack, route, stre
     ids = engine.encode_chat([user(prompt)]) if route == "chat" else engine.encode_prompt(prompt)
     if method == "gemfilter":
         # The HF backend's selector on the full model picks exactly the ids vLLM was given.
-        selection = GemFilter(budget=BUDGET).select(engine.model, torch.tensor([ids]), 1024)
+        selection = GemFilter(budget=BUDGET).select(engine.model, torch.tensor([ids]), 1024, engine.tokenizer)
         expected = [ids[i] for i in selection.kept_indices]
         assert len(expected) == BUDGET
     else:
@@ -208,7 +208,7 @@ def test_filter_pass_takes_the_requested_attention_backend(url, vllm_engine, eng
     assert 0.0 < report["density"] < 1.0
     assert report["sparse_layers"] == vllm_engine.filter_model.default_layer  # layers 0..r-1
     ids = engine.encode_chat([user(haystack.user_message())])
-    selection = GemFilter(budget=BUDGET, **knobs).select(engine.model, torch.tensor([ids]), 1024)
+    selection = GemFilter(budget=BUDGET, **knobs).select(engine.model, torch.tensor([ids]), 1024, engine.tokenizer)
     assert vllm_prompt_for(vllm_engine, "t-filter-attention") == [ids[i] for i in selection.kept_indices]
 
 
