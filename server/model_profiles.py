@@ -3,7 +3,10 @@
 In order: the file named by ``--profile`` / ``GEMSERVE_PROFILE`` (an error if it does not fit the
 model); the profile ``gemserve calibrate`` wrote into the cache for these very model files
 (``<cache>/profiles/<fingerprint>.json``); the profile shipped for an embedded model
-(``server/profiles/<alias>.json``). With none, GemFilter falls back to its half-depth rule.
+(``server/profiles/<alias>.json``), or else the shipped profile of the same architecture shape (a
+converted model dir or a truncated filter model carries no alias; the same shape is the same
+model family, as the old per-architecture table assumed). With none, GemFilter falls back to its
+half-depth rule.
 """
 
 from __future__ import annotations
@@ -47,14 +50,16 @@ def find_profile(
         profile = read_profile(explicit)
         check_fits(profile, config, f"profile '{explicit}'")
         return profile, str(explicit)
-    for path in (cached_profile_path(cache_dir, model_dir), SHIPPED_DIR / f"{name}.json"):
+    same_shape = sorted(SHIPPED_DIR.glob("*.json")) if SHIPPED_DIR.is_dir() else []
+    for path in (cached_profile_path(cache_dir, model_dir), SHIPPED_DIR / f"{name}.json", *same_shape):
         if not path.is_file():
             continue
         try:
             profile = read_profile(path)
             check_fits(profile, config, f"profile '{path}'")
         except ValueError as exc:
-            logger.warning("ignoring %s", exc)
+            if path.parent != SHIPPED_DIR or path.stem == name:  # other shipped shapes are not a surprise
+                logger.warning("ignoring %s", exc)
             continue
         return profile, str(path)
     return None, None

@@ -68,6 +68,8 @@ def test_lookup_order_explicit_then_cache_then_shipped(loaded_model, tmp_path: P
     config, path = loaded_model.model.config, loaded_model.path
     shipped, source = find_profile("smollm2-135m-instruct", path, config, tmp_path)
     assert source == str(SHIPPED_DIR / "smollm2-135m-instruct.json") and shipped is not None
+    # A converted dir or a truncated filter model has no alias: the shipped profile of its shape applies.
+    assert find_profile("some-local-dir", path, config, tmp_path)[1] == source
     cached = ModelProfile(model="mine", architecture=architecture_key(config), filter_layer=7)
     write_profile(cached, cached_profile_path(tmp_path, path))
     assert find_profile("smollm2-135m-instruct", path, config, tmp_path)[0].filter_layer == 7
