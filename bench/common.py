@@ -117,6 +117,7 @@ class NeedlePrompt:
 def needle_prompt(engine: HFEngine, target_tokens: int, depth: float, seed: int) -> NeedlePrompt:
     """Build a needle case of about ``target_tokens`` chat tokens and locate its tokens."""
     from clients.haystack import build_case
+    from evals.targets import tokens_overlapping
 
     case = build_case(target_tokens, depth=depth, seed=seed, count_tokens=lambda s: len(engine.encode_prompt(s)))
     messages = [{"role": "user", "content": case.user_message()}]
@@ -138,11 +139,6 @@ def needle_prompt(engine: HFEngine, target_tokens: int, depth: float, seed: int)
         answer_token_positions=tokens_overlapping(offsets, answer_start, answer_end),
         tail_tokens=len(prompt_ids) - len(tokens_overlapping(offsets, 0, document_end)),
     )
-
-
-def tokens_overlapping(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
-    """Token positions whose character span overlaps ``[start, end)``."""
-    return [i for i, (a, b) in enumerate(offsets) if a < end and b > start and b > a]
 
 
 def model_slug(name: str) -> str:

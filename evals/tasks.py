@@ -230,24 +230,14 @@ def niah(haystack: str, depth: float, seed: int, variant: str) -> TaskPlan:
     )
 
 
-def niah_single(haystack: str, depth: float | None, seed: int, target_tokens: int) -> TaskPlan:
-    assert depth is not None
-    return niah(haystack, depth, seed, "single")
+def niah_task(variant: str) -> TaskBuilder:
+    """The builder of one needle variant (single, multikey, multivalue, multiquery)."""
 
+    def build(haystack: str, depth: float | None, seed: int, target_tokens: int) -> TaskPlan:
+        assert depth is not None
+        return niah(haystack, depth, seed, variant)
 
-def niah_multikey(haystack: str, depth: float | None, seed: int, target_tokens: int) -> TaskPlan:
-    assert depth is not None
-    return niah(haystack, depth, seed, "multikey")
-
-
-def niah_multivalue(haystack: str, depth: float | None, seed: int, target_tokens: int) -> TaskPlan:
-    assert depth is not None
-    return niah(haystack, depth, seed, "multivalue")
-
-
-def niah_multiquery(haystack: str, depth: float | None, seed: int, target_tokens: int) -> TaskPlan:
-    assert depth is not None
-    return niah(haystack, depth, seed, "multiquery")
+    return build
 
 
 # ---- variable tracking --------------------------------------------------------------------------
@@ -450,10 +440,10 @@ def qa(haystack: str, depth: float | None, seed: int, target_tokens: int) -> Tas
 
 
 TASKS: dict[str, TaskBuilder] = {
-    "niah_single": niah_single,
-    "niah_multikey": niah_multikey,
-    "niah_multivalue": niah_multivalue,
-    "niah_multiquery": niah_multiquery,
+    "niah_single": niah_task("single"),
+    "niah_multikey": niah_task("multikey"),
+    "niah_multivalue": niah_task("multivalue"),
+    "niah_multiquery": niah_task("multiquery"),
     "vt": vt,
     "cwe": cwe,
     "qa": qa,
