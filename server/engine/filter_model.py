@@ -88,11 +88,13 @@ def load_filter_model(
     dtype: torch.dtype = torch.float32,
     profile: Path | None = None,
     name: str | None = None,
+    cache_dir: Path | None = None,
 ) -> FilterModel:
     """Load layers ``0..layer`` of the model in ``model_dir`` (``layer`` None: the profile's layer,
     see :mod:`server.model_profiles`; ``profile`` names a file, else it is looked up by ``name``)."""
     full_config = AutoConfig.from_pretrained(model_dir)
-    found, _ = find_profile(name or Path(model_dir).name, Path(model_dir), full_config, default_cache_dir(), profile)
+    cache = cache_dir or default_cache_dir()
+    found, _ = find_profile(name or Path(model_dir).name, Path(model_dir), full_config, cache, profile)
     if found is not None:
         attach_profile(full_config, found)
     full_num_layers = int(full_config.get_text_config().num_hidden_layers)

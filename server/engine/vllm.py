@@ -497,7 +497,9 @@ def build_vllm_engine(settings: Settings) -> VLLMEngine:
         name=name,
         model_dir=model_dir,
         tokenizer=AutoTokenizer.from_pretrained(model_dir),
-        filter_model=load_filter_model(model_dir, options.filter_layer, profile=settings.profile, name=name),
+        filter_model=load_filter_model(
+            model_dir, options.filter_layer, profile=settings.profile, name=name, cache_dir=settings.cache_dir
+        ),
         max_model_len=context,
         default_method=settings.default_method,
         max_queue=settings.max_queue,
