@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,12 @@ def hadolint_binary() -> str:
     if found is None:
         pytest.fail("hadolint not found: it comes with the test extra (pip install -e '.[test]')")
     return found
+
+
+def shipped_packages() -> list[str]:
+    """The packages pyproject.toml installs; the images must install the same ones."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return [pattern.rstrip("*") for pattern in config["tool"]["setuptools"]["packages"]["find"]["include"]]
 
 
 def dashboard_exprs() -> list[str]:
@@ -84,17 +91,16 @@ def test_cpu_dockerfile_defaults_need_no_local_workarounds() -> None:
         assert leak not in text, leak
 
 
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_dockerfile_copies_every_shipped_package(dockerfile: str) -> None:
+    copied = re.findall(r"^COPY (\w+) /opt/gemserve/\1$", (DOCKER / dockerfile).read_text(), re.M)
+    assert set(shipped_packages()) <= set(copied)
+
+
 def test_dockerignore_keeps_context_small_but_sends_the_sources() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
-    sources = (
-        "!pyproject.toml",
-        "!README.md",
-        "!compressors/**",
-        "!server/**",
-        "!clients/**",
-        "!bench/**",
-        "!docker/wheels/**",
-    )
+    packages = tuple(f"!{package}/**" for package in shipped_packages())
+    sources = ("!pyproject.toml", "!README.md", *packages, "!bench/**", "!docker/wheels/**")
     for needed in sources:
         assert needed in lines, needed
         assert lines.index("**") < lines.index(needed)  # deny everything first, then allow
