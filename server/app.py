@@ -133,8 +133,8 @@ async def load_and_start(state: ServerState, engine: AsyncEngine | None) -> None
         state.load_error = str(exc)
         logger.exception("engine failed to start")
         return
-    state.metrics.bind_engine(engine)
-    state.engine = engine
+    state.engine = engine  # first: the served name falls back to the engine's model name
+    state.metrics.bind_engine(engine, state.served_model_name())
     logger.info("ready: model %s on backend %s", engine.model_name, engine.backend)
 
 

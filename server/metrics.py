@@ -2,9 +2,10 @@
 
 Each app gets its own :class:`CollectorRegistry` (tests run several apps in one process).
 Labels: ``model``, ``backend``, ``method``; ``gemserve_requests_total`` adds ``status`` (the
-HTTP status, or the status of the error event when a stream fails midway). The two gauges
-are read from the engine at scrape time and carry ``model`` and ``backend`` only: a queue
-slot belongs to no method.
+HTTP status, or the status of the error event when a stream fails midway). ``model`` is
+always the served model name (``--served-model-name``, else the engine's: what /v1/models
+lists), so every series joins with every other. The two gauges are read from the engine at
+scrape time and carry ``model`` and ``backend`` only: a queue slot belongs to no method.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ class EngineLoadCollector(Collector):
 
     def __init__(self) -> None:
         self.engine: AsyncEngine | None = None
+        self.model = ""  # the served model name, set with the engine
 
     def collect(self) -> Iterator[Metric]:
         running = GaugeMetricFamily("gemserve_requests_running", "Requests generating now", labels=LABELS[:2])
         waiting = GaugeMetricFamily("gemserve_requests_waiting", "Requests queued for a slot", labels=LABELS[:2])
         if self.engine is not None:
-            labels = [self.engine.model_name, self.engine.backend]
+            labels = [self.model, self.engine.backend]
             running.add_metric(labels, self.engine.num_running)
             waiting.add_metric(labels, self.engine.num_waiting)
         yield running
@@ -82,10 +84,13 @@ class ServerMetrics:
         self.engine_load = EngineLoadCollector()
         reg.register(self.engine_load)
 
-    def bind_engine(self, engine: AsyncEngine) -> None:
+    def bind_engine(self, engine: AsyncEngine, model: str) -> None:
+        """``model``: the served model name, the gauges' label, as every other series'."""
         self.engine_load.engine = engine
+        self.engine_load.model = model
 
     def observe_result(self, model: str, backend: str, result: GenerationResult) -> None:
+        """``model``: the served model name (``ServerState.served_model_name()``), as everywhere."""
         labels = (model, backend, result.compression.method)
         m = result.metrics
         self.ttft.labels(*labels).observe(m.ttft_ms / 1000.0)

@@ -138,7 +138,7 @@ class Generation:
             state.outcome_status = status
         if result is not None:
             gemserve = self.http_request.app.state.gemserve
-            gemserve.metrics.observe_result(self.engine.model_name, self.engine.backend, result)
+            gemserve.metrics.observe_result(gemserve.served_model_name(), self.engine.backend, result)
 
 
 async def generate_response(
@@ -153,8 +153,9 @@ async def generate_response(
     state = http_request.state
     request = to_generation_request(body, prompt_ids, max_tokens, state.request_id, state.arrival_time)
     state.method_label = method_label(request, engine)
-    metrics = http_request.app.state.gemserve.metrics
-    labels = (engine.model_name, engine.backend, state.method_label)
+    gemserve = http_request.app.state.gemserve
+    metrics = gemserve.metrics
+    labels = (gemserve.served_model_name(), engine.backend, state.method_label)
     request.on_finish = lambda done: metrics.count_generated_tokens(*labels, done.generated_tokens)
     events = engine.stream(request)
     generation = Generation(http_request, engine, request, events, fmt, body.include_usage())
