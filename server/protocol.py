@@ -229,6 +229,12 @@ class ChatMessage(OpenAIBaseModel):
         return "".join(part.text for part in self.content)
 
 
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The turns as the chat template gets them, for generation and ``/tokenize`` alike.
+    "developer" is OpenAI's new name for "system"; chat templates know "system"."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
 class ChatCompletionRequest(CommonSamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation so far")
     model: str | None = Field(None, description="Model name (see /v1/models); default: the served model")
@@ -239,8 +245,7 @@ class ChatCompletionRequest(CommonSamplingFields):
         return self.max_completion_tokens or self.max_tokens or default
 
     def template_messages(self) -> list[dict[str, str]]:
-        # "developer" is OpenAI's new name for "system"; chat templates know "system".
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return template_messages(self.messages)
 
 
 # ---- responses ----------------------------------------------------------------------------

@@ -240,3 +240,11 @@ def test_metrics_parse_and_move_per_request(server_url: str, engine) -> None:
 @pytest.mark.parametrize("path", ["/docs", "/openapi.json"])
 def test_openapi_docs_served(server_url: str, path: str) -> None:
     assert httpx.get(f"{server_url}{path}").status_code == 200
+
+
+def test_tokenize_maps_developer_to_system_like_chat(server_url: str) -> None:
+    messages = [{"role": "developer", "content": "Answer in one word."}, {"role": "user", "content": "Hi"}]
+    counted = httpx.post(f"{server_url}/tokenize", json={"messages": messages}).json()["count"]
+    chat = {"messages": messages, "max_tokens": 1, "temperature": 0}
+    prefilled = httpx.post(f"{server_url}/v1/chat/completions", json=chat, timeout=120).json()["usage"]
+    assert counted == prefilled["prompt_tokens"], f"/tokenize counted {counted}, chat prefilled {prefilled}"

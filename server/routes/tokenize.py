@@ -8,7 +8,7 @@ from fastapi import APIRouter
 
 from server.engine.plan import check_prompt_fits
 from server.errors import ERROR_RESPONSES
-from server.protocol import TokenizeRequest, TokenizeResponse
+from server.protocol import TokenizeRequest, TokenizeResponse, template_messages
 from server.routes.deps import EngineDep, StateDep
 
 router = APIRouter(tags=["tokenize"])
@@ -19,8 +19,7 @@ async def tokenize(body: TokenizeRequest, engine: EngineDep, state: StateDep) ->
     state.check_model(body.model)
     # In a worker thread (a long prompt takes a while); both encoders refuse text that cannot fit.
     if body.messages is not None:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        tokens = await asyncio.to_thread(engine.encode_chat, messages)
+        tokens = await asyncio.to_thread(engine.encode_chat, template_messages(body.messages))
     else:
         tokens = await asyncio.to_thread(engine.encode_prompt, body.prompt)
     check_prompt_fits(len(tokens), engine.max_model_len, param="messages" if body.messages is not None else "prompt")
