@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from clients.haystack import HaystackCase
+    from evals.needles import HaystackCase
     from server.engine.hf import HFEngine
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -116,7 +116,7 @@ class NeedlePrompt:
 
 def needle_prompt(engine: HFEngine, target_tokens: int, depth: float, seed: int) -> NeedlePrompt:
     """Build a needle case of about ``target_tokens`` chat tokens and locate its tokens."""
-    from clients.haystack import build_case
+    from evals.needles import build_case
     from evals.targets import tokens_overlapping
 
     case = build_case(target_tokens, depth=depth, seed=seed, count_tokens=lambda s: len(engine.encode_prompt(s)))

@@ -63,7 +63,7 @@ from typing import Any, NamedTuple
 import httpx
 
 from bench.common import REPO_ROOT, RESULTS_DIR, machine_description, model_slug, replace_doc_section, write_json
-from clients.haystack import filler_sentences
+from evals.needles import filler_sentences
 
 logger = logging.getLogger("bench.soak")
 

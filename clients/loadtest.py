@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from clients._base import BASE_URL_ENV, DEFAULT_BASE_URL, resolve_base_url
-from clients.haystack import Needle, approx_tokens, build_case, depths
 from clients.loadtest_report import RequestRecord, format_table, parse_slo, summarize, write_results
+from evals.needles import Needle, approx_tokens, build_case, depths
 
 if TYPE_CHECKING:
     from clients.sdk import AsyncGemServe, GemServe

@@ -2,12 +2,12 @@
 
 A haystack is a stream of short "units" (sentences or lines) joined by the kind's separator:
 - ``noise``: RULER's repeated synthetic noise, one sentence per unit;
-- ``prose``: varied topical prose from ``clients.haystack.filler_sentences``;
+- ``prose``: varied topical prose from ``evals.needles.filler_sentences``;
 - ``records``: log lines and small tables, so the model must read past numbers and structure.
 
 Records are shaped so that no needle value can hide in them: no digit run (with or without
 separators) is 7 or 16 digits long, no group of 4 digits reads as a year from 1900 to 2019,
-and their cities are disjoint from ``clients.haystack.PLACES`` (the needle keys).
+and their cities are disjoint from ``evals.needles.PLACES`` (the needle keys).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import random
 import re
 from datetime import datetime, timedelta
 
-from clients.haystack import CONNECTIVES, TOPICS, filler_sentences
+from evals.needles import CONNECTIVES, TOPICS, filler_sentences
 
 HAYSTACKS = ("noise", "prose", "records")
 NOISE_SENTENCES = (

@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import pytest
 
-from clients.haystack import PLACES, TOPICS
 from evals.haystacks import (
     HAYSTACKS,
     NOISE_SENTENCES,
@@ -23,6 +22,7 @@ from evals.haystacks import (
     records,
     vocabulary,
 )
+from evals.needles import PLACES, TOPICS
 from evals.scoring import answers_kept_whole, count_occurrences, item_found, normalize, score
 from evals.tasks import TASKS, TASKS_WITHOUT_DEPTH, VALUE_WORDS, Sample, build_sample, sample_seed
 

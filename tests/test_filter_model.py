@@ -12,9 +12,9 @@ import copy
 import pytest
 import torch
 
-from clients.haystack import build_case
 from compressors.gemfilter import GemFilter
 from compressors.probe import decoder_layers
+from evals.needles import build_case
 from server.engine.filter_model import load_filter_model
 
 BUDGET = 64

@@ -10,7 +10,6 @@ import torch
 from transformers import Gemma3TextConfig
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from clients.haystack import build_case
 from compressors import CompressionError
 from compressors.attention import build_attention
 from compressors.gemfilter import (
@@ -23,6 +22,7 @@ from compressors.gemfilter import (
     pick_indices,
 )
 from compressors.probe import active_probe, decoder_layers, repeat_kv_heads
+from evals.needles import build_case
 from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clients.haystack import build_case
 from compressors.gemfilter import GemFilter, default_filter_layer, filter_pass_scores
 from compressors.probe import decoder_layers
+from evals.needles import build_case
 from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from clients.haystack import Needle, approx_tokens, build_case, depths, make_needle
+from evals.needles import Needle, approx_tokens, build_case, depths, make_needle
 
 
 def test_case_lands_at_or_just_under_the_target(count_tokens) -> None:

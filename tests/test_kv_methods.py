@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 
-from clients.haystack import build_case
 from compressors import CompressionError, build_method
 from compressors.kv_pruner import ScoredKVPruner
 from compressors.probe import active_probe, install_probe_attention
 from compressors.pyramidkv import pyramid_budgets
+from evals.needles import build_case
 from server.engine.hf import HFEngine
 from server.engine.types import CompressionSpec, GenerationRequest, RequestError, SamplingParams
 from server.models import LoadedModel

@@ -20,10 +20,10 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this venv: run `make test-vllm` (.venv-vllm)")
 
-from clients.haystack import build_case
 from compressors.gemfilter import GemFilter
 from compressors.probe import decoder_layers
 from compressors.registry import METHODS
+from evals.needles import build_case
 
 BUDGET = 48
 MAX_MODEL_LEN = 2048

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clients.haystack import Needle
+from evals.needles import Needle
 from server.commands.common import add_model_arguments, parse_knobs
 
 DEMO_TOKENS = 3500
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients.haystack import build_case
+    from evals.needles import build_case
     from server.commands.common import load_engine
     from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 

@@ -1,4 +1,5 @@
-"""Needle-in-a-haystack prompts with checkable answers (stdlib only: the SDK side uses it too).
+"""Needle-in-a-haystack prompts with checkable answers (stdlib only: the server, the evals, the
+benchmarks and the load tester all build their prompts here).
 
 Haystacks are varied prose drawn from several topics so a method cannot win by spotting the
 one sentence that differs in style; needles come in several shapes (numbers, words, codes)
