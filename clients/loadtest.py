@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from clients._base import BASE_URL_ENV, DEFAULT_BASE_URL, resolve_base_url
+from clients.config import BASE_URL_ENV, DEFAULT_BASE_URL, resolve_base_url
 from clients.loadtest_report import RequestRecord, format_table, parse_slo, summarize, write_results
 from evals.needles import Needle, approx_tokens, build_case, depths
 
@@ -424,7 +424,7 @@ def prepare(args: argparse.Namespace, base_url: str) -> tuple[str | None, list[W
 
     with GemServe(base_url, args.api_key, timeout=args.timeout, max_retries=1) as client:
         try:
-            client.health(max_retries=2)  # fail fast, with one clear line, if nothing listens there
+            client.with_options(max_retries=2).health()  # fail fast, with one clear line, if nothing listens there
         except APIConnectionError as exc:
             raise ConnectionError(f"cannot reach {base_url}: {exc}") from exc
         wait_until_ready(client, args.timeout)

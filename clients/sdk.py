@@ -1,4 +1,5 @@
-"""The GemServe Python SDK: ``GemServe`` (sync) and ``AsyncGemServe`` on httpx.
+"""The GemServe Python SDK: ``GemServe`` and ``AsyncGemServe``, the official ``openai`` clients with
+GemServe's extensions.
 
     with GemServe() as client:                      # GEMSERVE_BASE_URL / GEMSERVE_API_KEY or args
         reply = client.chat.completions.create(
@@ -7,353 +8,335 @@
         )
         print(reply.choices[0].message.content, reply.compression.kept_tokens)
 
-Responses are the server's own pydantic models (``server/protocol.py``), so they never drift
-from what the server sends. Errors come from ``clients/errors.py``; retries follow ``_base.py``.
+Transport, retries, timeouts, errors and server-sent events are openai's. GemServe adds:
+``compression=`` (validated, then sent in the body) and ``ignore_eos=`` on ``create()``; a ``model``
+that may be left out; typed ``compression`` / ``metrics`` (``server/protocol.py``'s models) on
+responses and on a stream's final chunk, which ``stream_options.include_usage`` asks for by
+default; one ``X-Request-Id`` for every attempt of a call; and the routes outside ``/v1``:
+``tokenize``, ``health``, ``ready``, ``metrics``, plus ``models()`` as GemServe's typed list.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Literal, overload
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property, partial
+from typing import Any, ClassVar, TypeVar
 
-import httpx
+import httpx2
+import openai
+from openai import resources
+from openai.types import Completion as OpenAICompletion
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletion as OpenAIChatCompletion
+from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, ValidationError
 
-from clients._base import (
-    DEFAULT_MAX_RETRIES,
-    REQUEST_ID_HEADER,
-    CallOptions,
-    ChatParams,
-    ClientCore,
-    MessageLike,
-    MetricsSnapshot,
-    ModelT,
-    RequestOptions,
-    SamplingParams,
-    TimeoutLike,
-    json_or_status,
-    message_body,
-    new_request_id,
-    parse_model,
-    request_body,
-    retry_delay,
-    should_retry,
-    split_params,
-)
-from clients.errors import InternalServerError, connection_error, status_error
-from clients.streaming import AsyncStream, Stream
-from server.protocol import (
-    ChatCompletionChunk,
-    ChatCompletionResponse,
-    CompletionChunk,
-    CompletionResponse,
-    ModelList,
-    TokenizeResponse,
-)
+from clients.config import resolve_api_key, resolve_base_url
+from server.protocol import CompressionInfo, CompressionParams, MetricsInfo, ModelList, TokenizeResponse
 
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
+__all__ = [
+    "AsyncGemServe",
+    "AsyncStream",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "Completion",
+    "GemServe",
+    "MetricsSnapshot",
+    "Stream",
+]
 
-__all__ = ["AsyncGemServe", "ChatParams", "GemServe", "MetricsSnapshot", "SamplingParams"]
-
-PromptLike = str | list[str] | list[int] | list[list[int]]
-COMPLETIONS_PATH = "/v1/completions"
-CHAT_PATH = "/v1/chat/completions"
-COMPLETION_KEYS = SamplingParams.__optional_keys__
-CHAT_KEYS = ChatParams.__optional_keys__
+REQUEST_ID_HEADER = "X-Request-Id"
+CompressionLike = CompressionParams | Mapping[str, Any] | None
+MessageLike = Mapping[str, Any]
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-# ---- sync -------------------------------------------------------------------------------------
-class GemServe(ClientCore):
-    """Synchronous client. ``timeout``/``max_retries`` here are defaults every call may override."""
+# ---- response types: openai's, with GemServe's fields typed -----------------------------------
+class GemServeFields(openai.BaseModel):
+    """GemServe's fields on a response and on a stream's final chunk (``None`` from other servers)."""
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        *,
-        timeout: TimeoutLike = None,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        http_client: httpx.Client | None = None,
-    ) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries)
-        self._http = http_client or httpx.Client(timeout=self.timeout)
-        self.completions = Completions(self)
-        self.chat = Chat(self)
+    compression: CompressionInfo | None = None
+    metrics: MetricsInfo | None = None
 
-    def _send(
-        self, method: str, path: str, body: Mapping[str, Any] | None, options: CallOptions, stream: bool = False
-    ) -> tuple[httpx.Response, str]:
-        """Send with retries (one request id for every attempt); the successful response."""
-        request_id, retries = new_request_id(), self._retries(options)
-        for attempt in range(retries + 1):
-            request = self._http.build_request(**self._request_kwargs(method, path, body, options, request_id))
-            try:
-                response = self._http.send(request, stream=stream)
-            except httpx.TransportError as exc:
-                if attempt >= retries:
-                    raise connection_error(exc, request_id) from exc
-                delay = retry_delay(attempt)
-                self._log_retry(request_id, attempt, delay, type(exc).__name__)
-                time.sleep(delay)
-                continue
-            if response.is_success:
-                return response, response.headers.get(REQUEST_ID_HEADER, request_id)
-            response.read()
-            response.close()
-            if attempt >= retries or not should_retry(response.status_code):
-                raise status_error(response, request_id)
-            delay = retry_delay(attempt, response.headers)
-            self._log_retry(request_id, attempt, delay, f"HTTP {response.status_code}")
-            time.sleep(delay)
-        raise AssertionError("unreachable: the loop returns or raises")
 
-    def _call(self, method: str, path: str, model_type: type[ModelT], body: Any, options: CallOptions) -> ModelT:
-        response, request_id = self._send(method, path, body, options)
-        return parse_model(model_type, response, request_id)
+class Completion(OpenAICompletion, GemServeFields):
+    """The answer of ``completions.create()``, and each chunk of its stream."""
 
-    def _stream(self, path: str, body: Mapping[str, Any], chunk_type: type[Any], options: CallOptions) -> Stream[Any]:
-        response, request_id = self._send("POST", path, body, options, stream=True)
-        return Stream(response, chunk_type, request_id)
 
-    def models(self, **options: Unpack[RequestOptions]) -> ModelList:
-        return self._call("GET", "/v1/models", ModelList, None, CallOptions(**options))
+class ChatCompletion(OpenAIChatCompletion, GemServeFields):
+    """The answer of ``chat.completions.create()``."""
+
+
+class ChatCompletionChunk(OpenAIChatCompletionChunk, GemServeFields):
+    """One chunk of a chat stream."""
+
+
+ChunkT = TypeVar("ChunkT", Completion, ChatCompletionChunk)
+
+
+class StreamTail:
+    """What a stream remembers as it is read: the text so far, the last finish reason, and the final
+    chunk's ``usage`` / ``compression`` / ``metrics``."""
+
+    response: httpx2.Response
+    text = ""
+    finish_reason: str | None = None
+    usage: CompletionUsage | None = None
+    compression: CompressionInfo | None = None
+    metrics: MetricsInfo | None = None
+
+    @property
+    def request_id(self) -> str | None:
+        return self.response.headers.get(REQUEST_ID_HEADER)
+
+    def _remember(self, chunk: ChunkT) -> ChunkT:
+        self.usage = chunk.usage or self.usage
+        self.compression = chunk.compression or self.compression
+        self.metrics = chunk.metrics or self.metrics
+        for choice in chunk.choices:
+            self.text += (choice.text if isinstance(chunk, Completion) else choice.delta.content) or ""
+            self.finish_reason = choice.finish_reason or self.finish_reason
+        return chunk
+
+
+class Stream(openai.Stream[ChunkT], StreamTail):
+    """openai's ``Stream`` of typed chunks; ``text``, ``usage``, ``compression``... fill in as it is read."""
+
+    def __stream__(self) -> Iterator[ChunkT]:
+        return map(self._remember, super().__stream__())
+
+
+class AsyncStream(openai.AsyncStream[ChunkT], StreamTail):
+    """The async twin of ``Stream``: ``async for chunk in stream``, ``async with stream``."""
+
+    async def __stream__(self) -> AsyncIterator[ChunkT]:
+        async for chunk in super().__stream__():
+            yield self._remember(chunk)
+
+
+# ---- create(): GemServe's keywords and types on openai's resources ----------------------------
+def compression_body(compression: CompressionLike) -> dict[str, Any] | None:
+    """Validate ``compression`` (model or dict) against the server's schema; the dict to send."""
+    if compression is None:
+        return None
+    if not isinstance(compression, CompressionParams):
+        compression = CompressionParams.model_validate(compression)
+    return compression.model_dump(exclude_unset=True, exclude_none=True)  # only what the caller set
+
+
+def gemserve_params(params: dict[str, Any], compression: CompressionLike, ignore_eos: bool | None) -> dict[str, Any]:
+    """openai's ``create()`` keywords for a GemServe call: the extensions go in ``extra_body``."""
+    extensions = {"compression": compression_body(compression), "ignore_eos": ignore_eos}
+    extra_body = {k: v for k, v in extensions.items() if v is not None} | dict(params.get("extra_body") or {})
+    params = {**params, "extra_body": extra_body or None}
+    if params.get("model") is None:
+        params["model"] = openai.omit  # the server's model answers
+    if params.get("stream"):
+        # GemServe sends usage, compression and metrics on a final chunk only when usage is asked for.
+        params.setdefault("stream_options", {"include_usage": True})
+    return params
+
+
+class GemServeCreate:
+    """``create()`` with GemServe's keywords, answered in GemServe's types; the rest is openai's resource."""
+
+    response_type: ClassVar[type]
+    stream_type: ClassVar[type]
+
+    def __init__(self, client: Any) -> None:
+        super().__init__(client)  # type: ignore[call-arg]
+        post = client.post
+
+        def typed_post(path: str, *, cast_to: type, stream_cls: type | None = None, **kwargs: Any) -> Any:
+            return post(path, cast_to=self.response_type, stream_cls=self.stream_type, **kwargs)
+
+        self._post = typed_post  # openai's create() names its own types; the request is unchanged
+
+    def create(self, *, compression: CompressionLike = None, ignore_eos: bool | None = None, **params: Any) -> Any:
+        """openai's ``create()`` (same keywords; ``model`` optional) plus ``compression`` (a
+        ``CompressionParams`` or a dict, validated before sending) and ``ignore_eos``."""
+        return super().create(**gemserve_params(params, compression, ignore_eos))  # type: ignore[misc]
+
+
+class Completions(GemServeCreate, resources.Completions):
+    response_type, stream_type = Completion, Stream[Completion]
+
+
+class AsyncCompletions(GemServeCreate, resources.AsyncCompletions):
+    response_type, stream_type = Completion, AsyncStream[Completion]
+
+
+class ChatCompletions(GemServeCreate, resources.chat.Completions):
+    response_type, stream_type = ChatCompletion, Stream[ChatCompletionChunk]
+
+
+class AsyncChatCompletions(GemServeCreate, resources.chat.AsyncCompletions):
+    response_type, stream_type = ChatCompletion, AsyncStream[ChatCompletionChunk]
+
+
+class Chat(resources.Chat):
+    completions = cached_property(lambda chat: ChatCompletions(chat._client))
+
+
+class AsyncChat(resources.AsyncChat):
+    completions = cached_property(lambda chat: AsyncChatCompletions(chat._client))
+
+
+class ModelsCall:
+    def __call__(self) -> ModelList:
+        """``GET /v1/models`` as GemServe's ``ModelList`` (``max_model_len`` typed); ``.list()`` is openai's."""
+        return self._client._route(Route("/v1/models", partial(parse_model, ModelList)))  # type: ignore[attr-defined]
+
+
+class Models(ModelsCall, resources.Models):
+    pass
+
+
+class AsyncModels(ModelsCall, resources.AsyncModels):
+    pass
+
+
+# ---- GemServe's routes outside /v1 -------------------------------------------------------------
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex}"
+
+
+def parse_model(model_type: type[ModelT], response: httpx2.Response) -> ModelT:
+    try:
+        return model_type.model_validate_json(response.content)
+    except ValidationError as exc:
+        message = f"unexpected {model_type.__name__} body: {exc}"
+        raise openai.APIResponseValidationError(response, response.text, message=message) from exc
+
+
+def json_or_status(response: httpx2.Response) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError:
+        return {"status": response.text.strip()}
+    return data if isinstance(data, dict) else {"status": data}
+
+
+class MetricsSnapshot:
+    """``GET /metrics`` parsed with prometheus_client's own text parser."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.families: dict[str, Metric] = {family.name: family for family in text_string_to_metric_families(text)}
+
+    def value(self, sample_name: str, **labels: str) -> float | None:
+        """The value of the sample named ``sample_name`` whose labels include ``labels``."""
+        for family in self.families.values():
+            for sample in family.samples:
+                if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return None
+
+    def __contains__(self, family_name: object) -> bool:
+        return family_name in self.families
+
+
+@dataclass(frozen=True)
+class Route:
+    """One call to a route by its path from the server root, through openai's ``get``/``post`` (so
+    retries, timeouts, auth and errors are openai's)."""
+
+    path: str
+    parse: Callable[[httpx2.Response], Any]
+    body: Mapping[str, Any] | None = None  # POST when given, else GET
+    max_retries: int | None = None
+    answers: Mapping[int, Any] = field(default_factory=dict)  # error statuses that are an answer, not an error
+
+    def send(self, client: GemServeClient) -> Any:
+        options: dict[str, Any] = {"idempotency_key": new_request_id()}  # the X-Request-Id of every attempt
+        if self.max_retries is not None:
+            options["max_retries"] = self.max_retries
+        url = client.root_url + self.path
+        if self.body is None:
+            return client.get(url, cast_to=httpx2.Response, options=options)  # type: ignore[attr-defined]
+        return client.post(url, cast_to=httpx2.Response, body=self.body, options=options)  # type: ignore[attr-defined]
+
+    def answer(self, error: openai.APIStatusError) -> Any:
+        if error.status_code in self.answers:
+            return self.answers[error.status_code]
+        raise error
+
+
+class GemServeClient:
+    """What both clients add to openai's: GemServe's defaults, one request id per call, the extra routes."""
+
+    def __init__(self, base_url: str | httpx2.URL | None = None, api_key: str | None = None, **kwargs: Any) -> None:
+        """``base_url``: the server root or its ``/v1`` (default ``$GEMSERVE_BASE_URL``, else loopback);
+        ``api_key`` (default ``$GEMSERVE_API_KEY``, else none). Other keywords are openai's
+        (``timeout``, ``max_retries``, ``http_client``, ``default_headers``...)."""
+        self.root_url = resolve_base_url(str(base_url) if base_url else None)
+        kwargs["_enforce_credentials"] = False  # a GemServe without --api-key takes no key
+        super().__init__(base_url=self.root_url + "/v1", api_key=resolve_api_key(api_key), **kwargs)  # type: ignore[call-arg]
+        self._idempotency_header = REQUEST_ID_HEADER  # openai keeps one key for all attempts of a call
+
+    def _idempotency_key(self) -> str:
+        return new_request_id()
+
+    def _validate_headers(self, headers: Any, custom_headers: Any) -> None:
+        """No key, no Authorization header (openai would refuse to send): what a keyless server takes."""
+
+    @property
+    def _admin_api_key_auth(self) -> dict[str, str]:
+        return {}  # an OPENAI_ADMIN_KEY in the environment is never sent to GemServe
+
+    def _route(self, route: Route) -> Any:
+        raise NotImplementedError
 
     def tokenize(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Iterable[MessageLike] | None = None,
-        model: str | None = None,
-        **options: Unpack[RequestOptions],
+        self, prompt: str | None = None, *, messages: Iterable[MessageLike] | None = None, model: str | None = None
     ) -> TokenizeResponse:
-        """Token ids of ``prompt`` (no chat template) or of ``messages`` (with it): exactly one of them."""
-        body = request_body({"model": model, "prompt": prompt}, None)
-        if messages is not None:
-            body["messages"] = message_body(messages)
-        return self._call("POST", "/tokenize", TokenizeResponse, body, CallOptions(**options))
+        """``POST /tokenize``: the ids of ``prompt`` (no chat template) or of ``messages`` (with it)."""
+        body = {"model": model, "prompt": prompt, "messages": None if messages is None else list(messages)}
+        body = {key: value for key, value in body.items() if value is not None}
+        return self._route(Route("/tokenize", partial(parse_model, TokenizeResponse), body=body))
 
-    def health(self, **options: Unpack[RequestOptions]) -> dict[str, Any]:
-        response, _ = self._send("GET", "/health", None, CallOptions(**options))
-        return json_or_status(response)
+    def health(self) -> dict[str, Any]:
+        """``GET /health``: the JSON body, e.g. ``{"status": "ok"}``."""
+        return self._route(Route("/health", json_or_status))
 
-    def ready(self, **options: Unpack[RequestOptions]) -> bool:
-        """True once the model is loaded; False while the server answers 503 (not retried)."""
-        options.setdefault("max_retries", 0)
+    def ready(self) -> bool:
+        """``GET /ready``: True once the model is loaded; False while the server answers 503 (not retried)."""
+        return self._route(Route("/ready", lambda response: True, max_retries=0, answers={503: False}))
+
+    def metrics(self) -> MetricsSnapshot:
+        """``GET /metrics``, parsed."""
+        return self._route(Route("/metrics", lambda response: MetricsSnapshot(response.text)))
+
+
+class GemServe(GemServeClient, openai.OpenAI):
+    """The synchronous client: ``openai.OpenAI`` pointed at GemServe, with its extensions."""
+
+    completions = cached_property(Completions)
+    chat = cached_property(Chat)
+    models = cached_property(Models)
+
+    def _route(self, route: Route) -> Any:
         try:
-            self._send("GET", "/ready", None, CallOptions(**options))
-        except InternalServerError as exc:
-            if exc.status_code != 503:
-                raise
-            return False
-        return True
-
-    def metrics(self, **options: Unpack[RequestOptions]) -> MetricsSnapshot:
-        response, _ = self._send("GET", "/metrics", None, CallOptions(**options))
-        return MetricsSnapshot(response.text)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> GemServe:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+            response = route.send(self)
+        except openai.APIStatusError as error:
+            return route.answer(error)
+        return route.parse(response)
 
 
-class Completions:
-    def __init__(self, client: GemServe) -> None:
-        self._client = client
+class AsyncGemServe(GemServeClient, openai.AsyncOpenAI):
+    """The asynchronous client (``openai.AsyncOpenAI``): the same calls, awaited."""
 
-    @overload
-    def create(
-        self, *, prompt: PromptLike, stream: Literal[False] = False, **params: Unpack[SamplingParams]
-    ) -> CompletionResponse: ...
-    @overload
-    def create(
-        self, *, prompt: PromptLike, stream: Literal[True], **params: Unpack[SamplingParams]
-    ) -> Stream[CompletionChunk]: ...
-    def create(
-        self, *, prompt: PromptLike, stream: bool = False, **params: Unpack[SamplingParams]
-    ) -> CompletionResponse | Stream[CompletionChunk]:
-        """``POST /v1/completions``; with ``stream=True`` a ``Stream`` of ``CompletionChunk``.
-        Keywords: see ``SamplingParams`` (OpenAI's fields, ``compression``, per-call options)."""
-        body, options = split_params({"prompt": prompt, "stream": stream}, params, COMPLETION_KEYS)
-        if stream:
-            return self._client._stream(COMPLETIONS_PATH, body, CompletionChunk, options)
-        return self._client._call("POST", COMPLETIONS_PATH, CompletionResponse, body, options)
+    completions = cached_property(AsyncCompletions)
+    chat = cached_property(AsyncChat)
+    models = cached_property(AsyncModels)
 
-
-class ChatCompletions:
-    def __init__(self, client: GemServe) -> None:
-        self._client = client
-
-    @overload
-    def create(
-        self, *, messages: Iterable[MessageLike], stream: Literal[False] = False, **params: Unpack[ChatParams]
-    ) -> ChatCompletionResponse: ...
-    @overload
-    def create(
-        self, *, messages: Iterable[MessageLike], stream: Literal[True], **params: Unpack[ChatParams]
-    ) -> Stream[ChatCompletionChunk]: ...
-    def create(
-        self, *, messages: Iterable[MessageLike], stream: bool = False, **params: Unpack[ChatParams]
-    ) -> ChatCompletionResponse | Stream[ChatCompletionChunk]:
-        """``POST /v1/chat/completions``; with ``stream=True`` a ``Stream`` of ``ChatCompletionChunk``.
-        Keywords: see ``ChatParams`` (OpenAI's fields, ``compression``, per-call options)."""
-        body, options = split_params({"messages": message_body(messages), "stream": stream}, params, CHAT_KEYS)
-        if stream:
-            return self._client._stream(CHAT_PATH, body, ChatCompletionChunk, options)
-        return self._client._call("POST", CHAT_PATH, ChatCompletionResponse, body, options)
-
-
-class Chat:
-    def __init__(self, client: GemServe) -> None:
-        self.completions = ChatCompletions(client)
-
-
-# ---- async ------------------------------------------------------------------------------------
-class AsyncGemServe(ClientCore):
-    """Asynchronous client: the same calls as ``GemServe``, awaited."""
-
-    def __init__(
-        self,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        *,
-        timeout: TimeoutLike = None,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        http_client: httpx.AsyncClient | None = None,
-    ) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries)
-        self._http = http_client or httpx.AsyncClient(timeout=self.timeout)
-        self.completions = AsyncCompletions(self)
-        self.chat = AsyncChat(self)
-
-    async def _send(
-        self, method: str, path: str, body: Mapping[str, Any] | None, options: CallOptions, stream: bool = False
-    ) -> tuple[httpx.Response, str]:
-        request_id, retries = new_request_id(), self._retries(options)
-        for attempt in range(retries + 1):
-            request = self._http.build_request(**self._request_kwargs(method, path, body, options, request_id))
-            try:
-                response = await self._http.send(request, stream=stream)
-            except httpx.TransportError as exc:
-                if attempt >= retries:
-                    raise connection_error(exc, request_id) from exc
-                delay = retry_delay(attempt)
-                self._log_retry(request_id, attempt, delay, type(exc).__name__)
-                await asyncio.sleep(delay)
-                continue
-            if response.is_success:
-                return response, response.headers.get(REQUEST_ID_HEADER, request_id)
-            await response.aread()
-            await response.aclose()
-            if attempt >= retries or not should_retry(response.status_code):
-                raise status_error(response, request_id)
-            delay = retry_delay(attempt, response.headers)
-            self._log_retry(request_id, attempt, delay, f"HTTP {response.status_code}")
-            await asyncio.sleep(delay)
-        raise AssertionError("unreachable: the loop returns or raises")
-
-    async def _call(self, method: str, path: str, model_type: type[ModelT], body: Any, options: CallOptions) -> ModelT:
-        response, request_id = await self._send(method, path, body, options)
-        return parse_model(model_type, response, request_id)
-
-    async def _stream(
-        self, path: str, body: Mapping[str, Any], chunk_type: type[Any], options: CallOptions
-    ) -> AsyncStream[Any]:
-        response, request_id = await self._send("POST", path, body, options, stream=True)
-        return AsyncStream(response, chunk_type, request_id)
-
-    async def models(self, **options: Unpack[RequestOptions]) -> ModelList:
-        return await self._call("GET", "/v1/models", ModelList, None, CallOptions(**options))
-
-    async def tokenize(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Iterable[MessageLike] | None = None,
-        model: str | None = None,
-        **options: Unpack[RequestOptions],
-    ) -> TokenizeResponse:
-        body = request_body({"model": model, "prompt": prompt}, None)
-        if messages is not None:
-            body["messages"] = message_body(messages)
-        return await self._call("POST", "/tokenize", TokenizeResponse, body, CallOptions(**options))
-
-    async def health(self, **options: Unpack[RequestOptions]) -> dict[str, Any]:
-        response, _ = await self._send("GET", "/health", None, CallOptions(**options))
-        return json_or_status(response)
-
-    async def ready(self, **options: Unpack[RequestOptions]) -> bool:
-        options.setdefault("max_retries", 0)
+    async def _route(self, route: Route) -> Any:
         try:
-            await self._send("GET", "/ready", None, CallOptions(**options))
-        except InternalServerError as exc:
-            if exc.status_code != 503:
-                raise
-            return False
-        return True
-
-    async def metrics(self, **options: Unpack[RequestOptions]) -> MetricsSnapshot:
-        response, _ = await self._send("GET", "/metrics", None, CallOptions(**options))
-        return MetricsSnapshot(response.text)
-
-    async def close(self) -> None:
-        await self._http.aclose()
-
-    async def __aenter__(self) -> AsyncGemServe:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-
-class AsyncCompletions:
-    def __init__(self, client: AsyncGemServe) -> None:
-        self._client = client
-
-    @overload
-    async def create(
-        self, *, prompt: PromptLike, stream: Literal[False] = False, **params: Unpack[SamplingParams]
-    ) -> CompletionResponse: ...
-    @overload
-    async def create(
-        self, *, prompt: PromptLike, stream: Literal[True], **params: Unpack[SamplingParams]
-    ) -> AsyncStream[CompletionChunk]: ...
-    async def create(
-        self, *, prompt: PromptLike, stream: bool = False, **params: Unpack[SamplingParams]
-    ) -> CompletionResponse | AsyncStream[CompletionChunk]:
-        body, options = split_params({"prompt": prompt, "stream": stream}, params, COMPLETION_KEYS)
-        if stream:
-            return await self._client._stream(COMPLETIONS_PATH, body, CompletionChunk, options)
-        return await self._client._call("POST", COMPLETIONS_PATH, CompletionResponse, body, options)
-
-
-class AsyncChatCompletions:
-    def __init__(self, client: AsyncGemServe) -> None:
-        self._client = client
-
-    @overload
-    async def create(
-        self, *, messages: Iterable[MessageLike], stream: Literal[False] = False, **params: Unpack[ChatParams]
-    ) -> ChatCompletionResponse: ...
-    @overload
-    async def create(
-        self, *, messages: Iterable[MessageLike], stream: Literal[True], **params: Unpack[ChatParams]
-    ) -> AsyncStream[ChatCompletionChunk]: ...
-    async def create(
-        self, *, messages: Iterable[MessageLike], stream: bool = False, **params: Unpack[ChatParams]
-    ) -> ChatCompletionResponse | AsyncStream[ChatCompletionChunk]:
-        body, options = split_params({"messages": message_body(messages), "stream": stream}, params, CHAT_KEYS)
-        if stream:
-            return await self._client._stream(CHAT_PATH, body, ChatCompletionChunk, options)
-        return await self._client._call("POST", CHAT_PATH, ChatCompletionResponse, body, options)
-
-
-class AsyncChat:
-    def __init__(self, client: AsyncGemServe) -> None:
-        self.completions = AsyncChatCompletions(client)
+            response = await route.send(self)
+        except openai.APIStatusError as error:
+            return route.answer(error)
+        return route.parse(response)

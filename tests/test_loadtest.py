@@ -176,7 +176,8 @@ def test_compare_run_writes_every_output(stub: tuple[str, Any], tmp_path: Path, 
     assert results["summary"]["gemfilter:64"]["kept_tokens"]["mean"] == 64
     assert len(results["requests"]) == 12 and all(set(r) == RECORD_FIELDS for r in results["requests"])
     # Same workload per method: the stub tokenises by words, so prompts land at or under 200 "tokens".
-    prompts = {m: [r["prompt_tokens"] for r in results["requests"] if r["method"] == m] for m in results["summary"]}
+    by_index = sorted(results["requests"], key=lambda r: r["index"])  # records come in finishing order
+    prompts = {m: [r["prompt_tokens"] for r in by_index if r["method"] == m] for m in results["summary"]}
     assert prompts["none"] == prompts["gemfilter:64"] == prompts["default"] and max(prompts["none"]) <= 200
     # 3 methods x (1 warmup + 4) requests; "default" sends no compression field at all.
     compressions = [body.get("compression") for body in state.bodies]

@@ -1,4 +1,5 @@
-"""The SDK against a stub OpenAI-style server (exact control over statuses, Retry-After, streams)."""
+"""The SDK against a stub OpenAI-style server (exact control over statuses, Retry-After, streams) and
+httpx mock transports (exact bytes on the wire), then against the real server."""
 
 from __future__ import annotations
 
@@ -7,18 +8,17 @@ import itertools
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
+import openai
 import pytest
 from fixtures.stub_app import API_KEY, RETRY_AFTER_S, create_stub_app, serve_in_thread
 from pydantic import ValidationError
 
 from clients import errors
-from clients._base import MAX_RETRY_AFTER_S, MAX_RETRY_DELAY_S, RETRY_JITTER, retry_delay
-from clients.sdk import AsyncGemServe, GemServe
-from clients.streaming import SSEDecoder, Stream
-from server.protocol import ChatCompletionChunk, CompletionChunk, CompletionResponse, CompressionParams
+from clients.sdk import AsyncGemServe, ChatCompletion, ChatCompletionChunk, Completion, GemServe, Stream
+from server.protocol import CompressionInfo, CompressionParams, MetricsInfo, ModelList
 
 WORDS_8 = "".join(f" w{i}" for i in range(8))
 
@@ -36,48 +36,63 @@ def client(stub: tuple[str, object]) -> Iterator[GemServe]:
         yield c
 
 
-def test_completion_is_typed_and_carries_compression(client: GemServe, stub: tuple[str, object]) -> None:
+def mock_client(handler: Callable[[httpx.Request], httpx.Response], **kwargs: object) -> GemServe:
+    """A client whose every request goes to ``handler`` (an httpx client: openai takes those too)."""
+    return GemServe("http://127.0.0.1:1", http_client=httpx.Client(transport=httpx.MockTransport(handler)), **kwargs)
+
+
+def test_completion_is_openais_type_with_typed_compression(client: GemServe, stub: tuple[str, object]) -> None:
     reply = client.completions.create(
         prompt="one two three four", max_tokens=8, compression=CompressionParams(method="gemfilter", budget=2)
     )
-    assert isinstance(reply, CompletionResponse)
+    assert isinstance(reply, Completion) and isinstance(reply, openai.types.Completion)
     assert reply.choices[0].text == WORDS_8
     assert reply.usage is not None and reply.usage.prompt_tokens == 4 and reply.usage.completion_tokens == 8
-    assert reply.compression is not None and reply.compression.kept_tokens == 2 and reply.compression.ratio == 0.5
-    assert reply.metrics is not None and reply.metrics.memory_source == "stub"
+    assert isinstance(reply.compression, CompressionInfo) and isinstance(reply.metrics, MetricsInfo)
+    assert reply.compression.kept_tokens == 2 and reply.compression.ratio == 0.5
+    assert reply.metrics.memory_source == "stub"
     sent = stub[1].state.stub.bodies[-1]
     assert sent["compression"] == {"method": "gemfilter", "budget": 2}  # only what the caller set
-    assert "stream" not in sent  # server defaults are not overridden by the SDK
+    assert "stream" not in sent and "model" not in sent  # server defaults are not overridden by the SDK
 
 
-def test_chat_accepts_compression_dict(client: GemServe, stub: tuple[str, object]) -> None:
+def test_chat_accepts_compression_dict_and_extra_body(client: GemServe, stub: tuple[str, object]) -> None:
     reply = client.chat.completions.create(
-        messages=[{"role": "user", "content": "a b c"}], max_completion_tokens=3, compression={"method": "snapkv"}
+        messages=[{"role": "user", "content": "a b c"}],
+        max_completion_tokens=3,
+        compression={"method": "snapkv"},
+        ignore_eos=True,
+        extra_body={"seed": 7},
     )
+    assert isinstance(reply, ChatCompletion) and isinstance(reply, openai.types.chat.ChatCompletion)
     assert reply.choices[0].message.content == " w0 w1 w2"
     assert reply.compression.method == "snapkv"
-    assert stub[1].state.stub.bodies[-1]["messages"] == [{"role": "user", "content": "a b c"}]
+    sent = stub[1].state.stub.bodies[-1]
+    assert sent["messages"] == [{"role": "user", "content": "a b c"}]
+    assert sent["compression"] == {"method": "snapkv"} and sent["ignore_eos"] is True and sent["seed"] == 7
 
 
 def test_bad_compression_or_keyword_is_rejected_before_sending(client: GemServe) -> None:
     with pytest.raises(ValidationError, match="budget"):
         client.completions.create(prompt="x", compression={"method": "gemfilter", "budget": "lots"})
     with pytest.raises(TypeError, match="max_token"):
-        client.completions.create(prompt="x", max_token=3)  # type: ignore[call-overload]
+        client.completions.create(prompt="x", max_token=3)
 
 
-def test_chat_stream_yields_typed_chunks_and_final_extensions(client: GemServe) -> None:
+def test_chat_stream_yields_typed_chunks_and_final_extensions(client: GemServe, stub: tuple[str, object]) -> None:
     with client.chat.completions.create(
         messages=[{"role": "user", "content": "a b c d e"}], max_tokens=8, stream=True, compression={"budget": 3}
     ) as stream:
-        assert isinstance(stream, Stream)
+        assert isinstance(stream, Stream) and isinstance(stream, openai.Stream)
         chunks = list(stream)
     assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
     assert "".join(c.choices[0].delta.content for c in chunks if c.choices) == WORDS_8
     assert stream.text == WORDS_8 and stream.finish_reason == "length"
     assert stream.usage.completion_tokens == 8 and stream.usage.prompt_tokens == 5
+    assert isinstance(chunks[-1].compression, CompressionInfo)  # typed on the final chunk itself, too
     assert stream.compression.kept_tokens == 3 and stream.metrics.ttft_ms == 3.0
-    assert stream.done and stream.response.is_closed
+    assert stream.response.is_closed and stream.request_id.startswith("req-")
+    assert stub[1].state.stub.bodies[-1]["stream_options"] == {"include_usage": True}  # asked for by default
 
 
 def test_completion_stream(client: GemServe) -> None:
@@ -88,7 +103,9 @@ def test_completion_stream(client: GemServe) -> None:
 
 
 def test_models_health_ready_tokenize_metrics(client: GemServe, stub: tuple[str, object]) -> None:
-    assert [m.id for m in client.models().data] == ["stub-model"]
+    models = client.models()
+    assert isinstance(models, ModelList) and models.data[0].max_model_len == 8192
+    assert [m.id for m in client.models.list()] == ["stub-model"]  # openai's own call still works
     assert client.health() == {"status": "ok"}
     assert client.ready() is True
     stub[1].state.stub.not_ready = True
@@ -120,12 +137,19 @@ def test_models_health_ready_tokenize_metrics(client: GemServe, stub: tuple[str,
 )
 def test_status_maps_to_error_class(client: GemServe, status: int, error_class: type) -> None:
     with pytest.raises(error_class) as caught:
-        client.completions.create(prompt=f"status:{status}", max_retries=0, extra_headers={"X-Request-Id": "r-1"})
+        client.with_options(max_retries=0).completions.create(
+            prompt=f"status:{status}", extra_headers={"X-Request-Id": "r-1"}
+        )
     error = caught.value
     assert isinstance(error, errors.APIStatusError) and isinstance(error, errors.GemServeError)
-    assert error.status_code == status and error.message == f"stub says {status}"
+    assert error.status_code == status and error.message == f"Error code: {status} - stub says {status}"
     assert error.request_id == "r-1"
-    assert error.body["error"]["type"] == "stub_error"
+    assert error.body["type"] == "stub_error" == error.type  # body: the server's "error" object
+
+
+def test_error_names_are_openais_classes() -> None:
+    assert errors.GemServeError is openai.OpenAIError and errors.RateLimitError is openai.RateLimitError
+    assert errors.StreamError is openai.APIError and errors.APITimeoutError is openai.APITimeoutError
 
 
 def test_wrong_api_key_is_authentication_error(stub: tuple[str, object]) -> None:
@@ -144,7 +168,9 @@ def test_retries_honour_retry_after_with_one_request_id(client: GemServe, stub: 
 
 def test_retries_give_up_after_max_retries(client: GemServe, stub: tuple[str, object]) -> None:
     with pytest.raises(errors.RateLimitError):
-        client.completions.create(prompt="flaky:5", max_retries=1, extra_headers={"X-Request-Id": "flaky-no"})
+        client.with_options(max_retries=1).completions.create(
+            prompt="flaky:5", extra_headers={"X-Request-Id": "flaky-no"}
+        )
     assert stub[1].state.stub.attempts["flaky-no"] == 2
 
 
@@ -158,24 +184,42 @@ def test_connection_and_timeout_errors(client: GemServe) -> None:
     with GemServe("http://127.0.0.1:9", max_retries=0) as dead, pytest.raises(errors.APIConnectionError):
         dead.health()
     with pytest.raises(errors.APITimeoutError):
-        client.completions.create(prompt="sleep:2", timeout=0.2, max_retries=0)
+        client.with_options(max_retries=0).completions.create(prompt="sleep:2", timeout=0.2)
 
 
 def test_base_url_and_key_from_env(monkeypatch: pytest.MonkeyPatch, stub: tuple[str, object]) -> None:
     monkeypatch.setenv("GEMSERVE_BASE_URL", stub[0] + "/v1/")
     monkeypatch.setenv("GEMSERVE_API_KEY", API_KEY)
     with GemServe() as c:
-        assert c.base_url == stub[0]
+        assert c.root_url == stub[0] and str(c.base_url) == stub[0] + "/v1/"
         assert c.models().data[0].id == "stub-model"
+        assert c.with_options(timeout=5).root_url == stub[0]  # openai's copy keeps GemServe's target
     with pytest.raises(ValueError, match="http"):
         GemServe("localhost:8000")
+
+
+def test_without_a_key_no_authorization_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyless client works (openai's would refuse), and never sends $OPENAI_API_KEY / $OPENAI_ADMIN_KEY."""
+    monkeypatch.delenv("GEMSERVE_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-secret")
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", "sk-admin-secret")
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"status": "ok"})
+
+    with mock_client(handler) as c:
+        assert c.health() == {"status": "ok"}
+        c.completions.create(prompt="x")
+    assert all("authorization" not in request.headers for request in seen) and len(seen) == 2
 
 
 def test_async_client_calls_streams_and_retries(stub: tuple[str, object]) -> None:
     async def scenario() -> None:
         async with AsyncGemServe(stub[0], api_key=API_KEY) as c:
             reply = await c.chat.completions.create(messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-            assert reply.choices[0].message.content == " w0 w1"
+            assert isinstance(reply, ChatCompletion) and reply.choices[0].message.content == " w0 w1"
             stream = await c.completions.create(prompt="a b c", max_tokens=3, stream=True, compression={"budget": 1})
             async with stream:
                 texts = [chunk.choices[0].text async for chunk in stream if chunk.choices]
@@ -185,86 +229,90 @@ def test_async_client_calls_streams_and_retries(stub: tuple[str, object]) -> Non
             with pytest.raises(errors.NotFoundError):
                 await c.completions.create(prompt="status:404")
             assert (await c.tokenize("a b")).count == 2 and await c.ready()
+            assert (await c.models()).data[0].id == "stub-model"
             assert (await c.metrics()).value("gemserve_queue_depth") == 0.0
 
     asyncio.run(scenario())
     assert stub[1].state.stub.attempts["a1"] == 2
 
 
-def test_sse_decoder_joins_data_lines_and_skips_comments() -> None:
-    decoder = SSEDecoder()
-    lines = [": keep-alive", "event: message", 'data: {"a":', "data: 1}", "", "data: [DONE]", ""]
-    events = [event for line in lines if (event := decoder.feed(line)) is not None]
-    assert [(e.event, e.data) for e in events] == [("message", '{"a":\n1}'), (None, "[DONE]")]
+# ---- the wire, through a mock transport ----------------------------------------------------------
+CHUNK = {"id": "c", "object": "text_completion", "created": 0, "model": "m", "choices": [{"index": 0, "text": "hi"}]}
+
+
+def sse_client(body: bytes | httpx.SyncByteStream) -> GemServe:
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {"content-type": "text/event-stream", "x-request-id": "r-sse"}
+        if isinstance(body, bytes):
+            return httpx.Response(200, content=body, headers=headers)
+        return httpx.Response(200, stream=body, headers=headers)
+
+    return mock_client(handler, max_retries=0)
+
+
+def test_sse_joins_data_lines_and_skips_comments() -> None:
+    first, second = json.dumps(CHUNK)[:20], json.dumps(CHUNK)[20:]
+    body = f": keep-alive\n\nevent: message\ndata: {first}\ndata: {second}\n\ndata: [DONE]\n\n".encode()
+    with sse_client(body) as c:
+        stream = c.completions.create(prompt="x", stream=True)
+        assert [chunk.choices[0].text for chunk in stream] == ["hi"] and stream.request_id == "r-sse"
 
 
 def test_error_event_inside_stream_raises() -> None:
-    body = b'data: {"error": {"message": "engine died", "type": "internal"}}\n\n'
-    response = httpx.Response(200, content=body, request=httpx.Request("POST", "http://x"))
-    with pytest.raises(errors.StreamError, match="engine died"):
-        list(Stream(response, ChatCompletionChunk, "r"))
+    body = b'data: {"error": {"message": "engine died", "type": "internal"}}\n\ndata: [DONE]\n\n'
+    with sse_client(body) as c, pytest.raises(errors.StreamError, match="engine died"):
+        list(c.chat.completions.create(messages=[{"role": "user", "content": "x"}], stream=True))
 
 
-def test_stream_without_done_or_trailing_blank_line_still_ends() -> None:
-    chunk = {"id": "c", "object": "text_completion", "created": 0, "model": "m", "choices": [{"text": "hi"}]}
-    body = f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(chunk)}".encode()
-    response = httpx.Response(200, content=body, request=httpx.Request("POST", "http://x"))
-    stream = Stream(response, CompletionChunk, "r")
-    assert [c.choices[0].text for c in stream] == ["hi", "hi"] and stream.text == "hihi" and not stream.done
+def test_stream_without_done_still_ends() -> None:
+    """The server closed without ``[DONE]``: the stream ends; an event cut off before its blank line is
+    dropped, as the SSE spec says."""
+    body = f"data: {json.dumps(CHUNK)}\n\ndata: {json.dumps(CHUNK)}\n\ndata: {json.dumps(CHUNK)}".encode()
+    with sse_client(body) as c:
+        stream = c.completions.create(prompt="x", stream=True)
+        assert [chunk.choices[0].text for chunk in stream] == ["hi", "hi"] and stream.text == "hihi"
+        assert stream.response.is_closed
 
 
 class StallingBody(httpx.SyncByteStream):
     """One event, then the read times out: a server that stalls mid-stream."""
 
     def __iter__(self) -> Iterator[bytes]:
-        chunk = {"id": "c", "object": "text_completion", "created": 0, "model": "m", "choices": [{"text": "hi"}]}
-        yield f"data: {json.dumps(chunk)}\n\n".encode()
+        yield f"data: {json.dumps(CHUNK)}\n\n".encode()
         raise httpx.ReadTimeout("stalled")
 
 
 def test_a_stream_that_stalls_raises_the_sdk_timeout_error() -> None:
-    response = httpx.Response(200, stream=StallingBody(), request=httpx.Request("POST", "http://x"))
-    stream = Stream(response, CompletionChunk, "r-stall")
-    assert next(stream).choices[0].text == "hi"
-    with pytest.raises(errors.APITimeoutError) as caught:
-        next(stream)
-    assert caught.value.request_id == "r-stall"
+    with sse_client(StallingBody()) as c:
+        stream = c.completions.create(prompt="x", stream=True)
+        assert next(stream).choices[0].text == "hi"
+        with pytest.raises(errors.APITimeoutError):
+            next(stream)
 
 
-def test_connection_errors_are_retried_with_one_request_id(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_connection_errors_are_retried_with_one_request_id() -> None:
     seen: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request.headers["x-request-id"])
-        if len(seen) <= 2:
+        if len(seen) % 3:  # the first two attempts of each call fail
             raise httpx.ConnectError("refused", request=request)
-        return httpx.Response(200, json={"status": "ok"})
+        return httpx.Response(200, json={"status": "ok", **CHUNK})
 
-    monkeypatch.setattr("clients.sdk.retry_delay", lambda attempt, headers=None: 0.0)
-    with GemServe("http://127.0.0.1:1", http_client=httpx.Client(transport=httpx.MockTransport(handler))) as c:
-        assert c.health() == {"status": "ok"}
-        assert len(seen) == 3 and len(set(seen)) == 1
+    with mock_client(handler) as c:
+        assert c.health()["status"] == "ok"  # a GET route
+        assert c.completions.create(prompt="x").choices[0].text == "hi"  # openai's POST
+        assert len(seen) == 6 and len(set(seen[:3])) == len(set(seen[3:])) == 1 and seen[0] != seen[3]
         seen.clear()
         with pytest.raises(errors.APIConnectionError):
-            c.health(max_retries=1)
+            c.with_options(max_retries=1).health()
         assert len(seen) == 2
 
 
 def test_malformed_success_body_is_a_validation_error() -> None:
-    transport = httpx.MockTransport(lambda request: httpx.Response(200, json={"object": "list"}))
-    client = GemServe("http://127.0.0.1:1", http_client=httpx.Client(transport=transport))
+    client = mock_client(lambda request: httpx.Response(200, json={"object": "list"}))
     with client, pytest.raises(errors.APIResponseValidationError, match="ModelList"):
         client.models()
-
-
-def test_retry_delay_policy() -> None:
-    assert retry_delay(0, {"Retry-After": "3"}) == 3.0
-    assert retry_delay(0, {"retry-after-ms": "250"}) == 0.25
-    # A Retry-After beyond the ceiling falls back to capped, jittered exponential backoff.
-    too_long = str(MAX_RETRY_AFTER_S + 1)
-    assert MAX_RETRY_DELAY_S * (1 - RETRY_JITTER) <= retry_delay(10, {"Retry-After": too_long}) <= MAX_RETRY_DELAY_S
-    first = [retry_delay(0) for _ in range(50)]
-    assert all(0.5 * (1 - RETRY_JITTER) <= d <= 0.5 for d in first) and len(set(first)) > 1
 
 
 def test_importing_the_clients_does_not_import_torch() -> None:
@@ -321,7 +369,7 @@ def test_live_completion_and_errors(server_url: str, server_url_with_key: str) -
         with pytest.raises(errors.BadRequestError, match="allowed: none, gemfilter") as caught:
             c.completions.create(prompt="x", max_tokens=1, compression={"method": "bogus"})
         assert caught.value.status_code == 400 and caught.value.request_id
-        assert caught.value.body["error"]["message"] == caught.value.message
+        assert caught.value.message == f"Error code: 400 - {caught.value.body['message']}"
     with GemServe(server_url_with_key, api_key="wrong") as c, pytest.raises(errors.AuthenticationError):
         c.models()
     with GemServe(server_url_with_key, api_key=TEST_API_KEY) as c:
