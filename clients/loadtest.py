@@ -1,11 +1,12 @@
 """``gemserve loadtest`` / ``python -m clients.loadtest``: load-test any OpenAI-compatible server.
 
 Sends a workload (synthetic needle-in-a-haystack prompts of a chosen token length, or a JSONL
-file) as streamed requests, either Poisson arrivals at ``--request-rate`` (gamma-distributed
-gaps with ``--burstiness``, as vLLM's ``benchmark_serving``) or closed-loop ``--concurrency``,
-and measures each request as the client sees it. ``--compare`` repeats the same workload per
-compression method. GemServe-only fields (``compression``, ``metrics``) are used when present,
-never required, so a plain vLLM server can be measured the same way.
+file: ``loadtest_workload``) as streamed requests, either Poisson arrivals at ``--request-rate``
+(gamma-distributed gaps with ``--burstiness``, as vLLM's ``benchmark_serving``) or closed-loop
+``--concurrency``, and measures each request as the client sees it (``loadtest_runner``).
+``--compare`` repeats the same workload per compression method; ``loadtest_report`` summarises.
+GemServe-only fields (``compression``, ``metrics``) are used when present, never required, so a
+plain vLLM server can be measured the same way. This module is the command line.
 """
 
 from __future__ import annotations
@@ -13,317 +14,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import itertools
-import json
 import logging
 import math
-import random
-import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from clients.config import BASE_URL_ENV, DEFAULT_BASE_URL, resolve_base_url
-from clients.loadtest_report import RequestRecord, format_table, parse_slo, summarize, write_results
-from evals.needles import Needle, approx_tokens, build_case, depths
+from clients.loadtest_report import format_table, parse_slo, summarize, write_results
+from clients.loadtest_runner import MethodRun, RunSettings, run_all, until_interrupted
+from clients.loadtest_workload import (
+    DEFAULT_METHOD_LABEL,
+    MethodSpec,
+    WorkItem,
+    jsonl_workload,
+    synthetic_workload,
+    token_counter,
+)
 
 if TYPE_CHECKING:
-    from clients.sdk import AsyncGemServe, GemServe
-
-logger = logging.getLogger(__name__)
+    from clients.sdk import GemServe
 
 DEFAULT_OUTPUT_DIR = Path("loadtest-results")
 MAX_DISTINCT_PROMPTS = 256  # building a case costs ~15 /tokenize calls; longer runs reuse prompts in turn
-DEPTH_COUNT = 5  # synthetic needles cycle through 5 depths, start to end of the document
 DESCRIPTION = "Load-test an OpenAI-compatible server (GemServe or vLLM) and compare compression methods."
 READY_POLL_S = 0.5
-DEFAULT_METHOD_LABEL = "default"  # no compression field sent: the server's own default
-
-
-# ---- workload ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class WorkItem:
-    """One request to send: chat ``messages`` or a completion ``prompt``, and what a right answer contains."""
-
-    messages: list[dict[str, str]] | None = None
-    prompt: str | None = None
-    max_tokens: int = 32
-    expected: str | None = None
-    prompt_tokens: int | None = None  # as counted when the workload was built
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A ``--compare`` entry: ``none``, ``gemfilter:1024`` (budget) or ``snapkv:0.25`` (ratio)."""
-
-    label: str
-    compression: dict[str, Any] | None
-
-    @classmethod
-    def parse(cls, text: str) -> MethodSpec:
-        name, _, amount = text.strip().partition(":")
-        if not name:
-            raise ValueError(f"empty method in {text!r}; use e.g. none,gemfilter:1024,snapkv:0.25")
-        if name == DEFAULT_METHOD_LABEL:
-            return cls(DEFAULT_METHOD_LABEL, None)
-        compression: dict[str, Any] = {"method": name}
-        if amount:
-            try:
-                value = float(amount)
-            except ValueError:
-                raise ValueError(f"method {text!r}: budget must be tokens (1024) or a ratio (0.25)") from None
-            if value <= 0:
-                raise ValueError(f"method {text!r}: budget must be positive")
-            compression["ratio" if value < 1 else "budget"] = value if value < 1 else int(value)
-        return cls(text.strip(), compression)
-
-
-def token_counter(client: GemServe, model: str | None, chat: bool) -> Callable[[str], int]:
-    """Count a user message's tokens with the server's ``/tokenize`` (chat template included for chat),
-    falling back to ~4 characters per token when the server has no such route."""
-    from clients.errors import GemServeError
-
-    def count(text: str) -> int:
-        if chat:
-            return client.tokenize(messages=[{"role": "user", "content": text}], model=model).count
-        return client.tokenize(text, model=model).count
-
-    try:
-        count("hello")
-    except GemServeError as exc:
-        logger.warning("no usable /tokenize (%s); approximating 4 characters per token", exc)
-        return approx_tokens
-    return count
-
-
-def synthetic_workload(
-    count: int, input_len: int, output_len: int, seed: int, chat: bool, count_tokens: Callable[[str], int]
-) -> list[WorkItem]:
-    """``count`` distinct needle cases (distinct prefixes, so prefix caching cannot skew results)."""
-    items = []
-    for i, depth in zip(range(count), itertools.cycle(depths(DEPTH_COUNT)), strict=False):
-        case = build_case(input_len, depth, seed + i, count_tokens)
-        if chat:
-            text = case.user_message()
-            items.append(
-                WorkItem(
-                    messages=[{"role": "user", "content": text}],
-                    max_tokens=output_len,
-                    expected=case.needle.answer,
-                    prompt_tokens=count_tokens(text),
-                )
-            )
-        else:
-            text = case.completion_prompt()
-            items.append(
-                WorkItem(
-                    prompt=text, max_tokens=output_len, expected=case.needle.answer, prompt_tokens=count_tokens(text)
-                )
-            )
-    return items
-
-
-def jsonl_workload(path: Path, output_len: int) -> list[WorkItem]:
-    """Lines of ``{"messages": [...]}`` or ``{"prompt": "..."}``, optional ``max_tokens`` and ``expected``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"workload file '{path}' does not exist")
-    items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or ("messages" in row) == ("prompt" in row):
-            raise ValueError(f"{path}:{number}: each line needs exactly one of 'messages' or 'prompt'")
-        items.append(
-            WorkItem(
-                messages=row.get("messages"),
-                prompt=row.get("prompt"),
-                max_tokens=int(row.get("max_tokens", output_len)),
-                expected=row.get("expected"),
-            )
-        )
-    if not items:
-        raise ValueError(f"workload file '{path}' holds no requests")
-    return items
-
-
-# ---- one request -------------------------------------------------------------------------------
-@dataclass
-class RunSettings:
-    model: str | None
-    temperature: float = 0.0
-    ignore_eos: bool = False
-    request_rate: float = math.inf
-    burstiness: float = 1.0
-    concurrency: int | None = None
-    num_requests: int = 20
-    duration_s: float = 600.0
-    warmup: int = 1
-    seed: int = 0
-
-
-async def send_one(
-    client: AsyncGemServe, item: WorkItem, method: MethodSpec, settings: RunSettings, index: int, run_start: float
-) -> RequestRecord:
-    """Stream one request and time it: TTFT to the first non-empty chunk, ITL between later ones."""
-    from clients.errors import GemServeError
-
-    record = RequestRecord(
-        method=method.label,
-        index=index,
-        start_s=time.perf_counter() - run_start,
-        expected=item.expected,
-        prompt_tokens=item.prompt_tokens,
-    )
-    common: dict[str, Any] = {
-        "model": settings.model,
-        "max_tokens": item.max_tokens,
-        "stream": True,
-        "temperature": settings.temperature,
-        "compression": method.compression,
-        "ignore_eos": settings.ignore_eos or None,
-    }
-    sent = time.perf_counter()
-    last, chunks = sent, 0
-    try:
-        if item.messages is not None:
-            stream = await client.chat.completions.create(messages=item.messages, **common)
-        else:
-            stream = await client.completions.create(prompt=item.prompt or "", **common)
-        record.request_id = stream.request_id
-        async with stream:
-            async for _chunk in stream:
-                now = time.perf_counter()
-                if len(stream.text) == len(record.output_text):
-                    continue  # a role-only or usage-only chunk: no new text, not a token
-                record.output_text = stream.text
-                chunks += 1
-                if record.ttft_ms is None:
-                    record.ttft_ms = (now - sent) * 1000
-                else:
-                    record.itl_ms.append((now - last) * 1000)
-                last = now
-        record.e2e_ms = (time.perf_counter() - sent) * 1000
-        record.ok = True
-        record.output_tokens = stream.usage.completion_tokens if stream.usage else chunks
-        if stream.usage and stream.usage.prompt_tokens:
-            record.prompt_tokens = stream.usage.prompt_tokens
-        record.kept_tokens = stream.compression.kept_tokens if stream.compression else None
-        record.server_metrics = stream.metrics.model_dump(exclude_unset=True) if stream.metrics else None
-        record.correct = _found(item.expected, record.output_text)
-    except (GemServeError, ValueError) as exc:
-        record.error_type = type(exc).__name__
-        record.error_message = str(exc)[:500]
-    return record
-
-
-def _found(expected: str | None, text: str) -> bool | None:
-    if expected is None:
-        return None
-    # The needle's own comparison (digits without separators, words without case), also for JSONL answers.
-    return Needle("", "", expected).found_in(text)
-
-
-# ---- arrivals ----------------------------------------------------------------------------------
-def inter_arrival_s(rng: random.Random, rate: float, burstiness: float) -> float:
-    """Gamma-distributed gap with mean ``1/rate``; burstiness 1 = Poisson, < 1 burstier, > 1 steadier."""
-    if math.isinf(rate):
-        return 0.0
-    return rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
-
-
-@dataclass
-class MethodRun:
-    """The records of one method's run, filled as requests finish (so Ctrl-C keeps them)."""
-
-    method: MethodSpec
-    records: list[RequestRecord] = field(default_factory=list)
-
-
-async def run_method(
-    client: AsyncGemServe, items: Sequence[WorkItem], run: MethodRun, settings: RunSettings, progress: Any
-) -> None:
-    """Warm up, then send requests until ``num_requests`` are sent or ``duration_s`` has passed."""
-    for i in range(settings.warmup):
-        await send_one(client, items[i % len(items)], run.method, settings, -1 - i, time.perf_counter())
-    rng = random.Random(settings.seed)
-    start = time.perf_counter()
-    limit = asyncio.Semaphore(settings.concurrency) if settings.concurrency else None
-    tasks: list[asyncio.Task[None]] = []
-
-    async def one(index: int) -> None:
-        try:
-            record = await send_one(client, items[index % len(items)], run.method, settings, index, start)
-        finally:
-            if limit is not None:
-                limit.release()
-        run.records.append(record)
-        progress.update(1)
-
-    try:
-        for index in range(settings.num_requests):
-            if limit is not None:
-                await limit.acquire()  # at most --concurrency in flight: the next waits for a free slot
-            if time.perf_counter() - start >= settings.duration_s:
-                logger.info("%s: --duration reached after %d requests", run.method.label, index)
-                break
-            tasks.append(asyncio.create_task(one(index)))
-            await asyncio.sleep(inter_arrival_s(rng, settings.request_rate, settings.burstiness))
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-async def run_all(
-    client_factory: Callable[[], AsyncGemServe],
-    items: Sequence[WorkItem],
-    runs: Sequence[MethodRun],
-    settings: RunSettings,
-    show_progress: bool = True,
-) -> None:
-    from tqdm import tqdm
-
-    async with client_factory() as client:
-        for run in runs:
-            with tqdm(total=settings.num_requests, desc=run.method.label, disable=not show_progress) as progress:
-                await run_method(client, items, run, settings, progress)
-
-
-async def until_interrupted(work: Any) -> bool:
-    """Run ``work``; Ctrl-C (SIGINT) stops it and this returns True.
-
-    asyncio.run's own SIGINT handling only cancels the main task, and a run whose main task
-    outlived that cancellation went on to send every request and exit 0 (seen in
-    tests/test_loadtest.py). Here SIGINT cancels every task, the requests in flight too.
-    """
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(work)
-    interrupted = False
-
-    def on_sigint() -> None:
-        nonlocal interrupted
-        interrupted = True
-        for other in asyncio.all_tasks(loop):
-            if other is not asyncio.current_task(loop):
-                other.cancel()
-
-    loop.add_signal_handler(signal.SIGINT, on_sigint)
-    try:
-        await task
-    except asyncio.CancelledError:
-        if not interrupted:
-            raise
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
-    return interrupted
 
 
 # ---- CLI ---------------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ import pytest
 from fixtures.stub_app import API_KEY, create_stub_app, serve_in_thread
 
 from clients import loadtest
-from clients.loadtest import MethodSpec, check_target, inter_arrival_s, jsonl_workload
+from clients.loadtest import check_target
 from clients.loadtest_report import RequestRecord, describe, parse_slo, percentile, summarize
+from clients.loadtest_runner import inter_arrival_s
+from clients.loadtest_workload import MethodSpec, jsonl_workload
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
