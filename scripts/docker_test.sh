@@ -11,13 +11,16 @@
 #   - base image: $BASE_IMAGE, else python:3.11-slim when pullable, else a debootstrap'd bookworm
 #   - pip trust: the host pip's CA bundle (PIP_CERT / pip config `cert`) as build secret pip_ca
 #   - torch: a local torch==2.13.0+cpu wheel the host pip can find, copied into docker/wheels/
+#   - package sources: this machine's own, never a host written here (scripts/host_sources.py):
+#     the debootstrap mirror from its apt sources ($DEBIAN_MIRROR overrides), torch's deps from
+#     the index its pip installs from ($PIP_INDEX_URL, pip config, else that pip's own default).
+#     Where none can be found the script fails, saying what it looked at.
 # Every wait has a timeout (*_TIMEOUT_S below); the script prints how long each stage took.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 IMAGE="${IMAGE:-gemserve:cpu-test}"
 BASE_FALLBACK_TAG="gemserve-base:bookworm"
-DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 BUILD_TIMEOUT_S="${BUILD_TIMEOUT_S:-2400}"
 READY_TIMEOUT_S="${READY_TIMEOUT_S:-300}"
 REQUEST_TIMEOUT_S="${REQUEST_TIMEOUT_S:-600}"
@@ -133,17 +136,22 @@ pick_base_image() {
         return 0
     fi
     command -v debootstrap >/dev/null || apt_install debootstrap || skip "no registry and no debootstrap"
-    log "no registry: building $BASE_IMAGE with debootstrap (bookworm minbase + python3)"
+    local mirror="${DEBIAN_MIRROR:-}"
+    if [ -z "$mirror" ]; then
+        mirror="$(python3 "$ROOT/scripts/host_sources.py" apt-mirror --suite bookworm)" \
+            || { echo "FAIL no Debian mirror for debootstrap (see above)" >&2; exit 1; }
+    fi
+    log "no registry: building $BASE_IMAGE with debootstrap (bookworm minbase + python3) from $mirror"
     timeout 900 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-        bookworm "$WORK/rootfs" "$DEBIAN_MIRROR" >"$WORK/debootstrap.log" 2>&1 \
+        bookworm "$WORK/rootfs" "$mirror" >"$WORK/debootstrap.log" 2>&1 \
         || { tail -n 20 "$WORK/debootstrap.log"; echo "debootstrap failed" >&2; exit 1; }
     tar -C "$WORK/rootfs" -c . | docker import - "$BASE_IMAGE" >/dev/null
     rm -rf "$WORK/rootfs"
 }
 
-host_pip() {
-    if [ -x "$ROOT/.venv/bin/python" ]; then "$ROOT/.venv/bin/python" -m pip "$@"; else python3 -m pip "$@"; fi
-}
+host_python() { if [ -x "$ROOT/.venv/bin/python" ]; then echo "$ROOT/.venv/bin/python"; else command -v python3; fi; }
+
+host_pip() { "$(host_python)" -m pip "$@"; }
 
 # Build args/secrets for this machine; none of them is needed on an ordinary one.
 collect_build_options() {
@@ -161,7 +169,8 @@ collect_build_options() {
         if [ ! -e "$ROOT/docker/wheels/$(basename "$wheel")" ]; then
             cp "$wheel" "$ROOT/docker/wheels/" && COPIED_WHEEL="$ROOT/docker/wheels/$(basename "$wheel")"
         fi
-        index="${PIP_INDEX_URL:-$(host_pip config get global.index-url 2>/dev/null || echo https://pypi.org/simple)}"
+        index="$(python3 "$ROOT/scripts/host_sources.py" pip-index --python "$(host_python)")" \
+            || { echo "FAIL no package index for torch's dependencies (see above)" >&2; exit 1; }
         log "local torch wheel $(basename "$wheel"); torch's own deps from $index"
         BUILD_OPTS+=(--build-arg "TORCH_INDEX_URL=$index")
     fi
