@@ -1,1 +1,1 @@
-"""GemServe clients: the Python SDK, the load tester and needle workloads (no torch here)."""
+"""GemServe clients: the Python SDK (the openai client plus GemServe's extensions) and the load tester; no torch."""
