@@ -42,6 +42,7 @@ from bench.common import (
 )
 from bench.kv_methods import tokens_before_eos
 from compressors import build_method
+from compressors.base import Attachment, cache_bytes, keep_everything
 from compressors.kv_pruner import ScoredKVPruner
 from compressors.kv_scoring import LayerScores, collect_layer_scores
 from compressors.probe import attention_probe
@@ -79,21 +80,16 @@ def all_scorers(methods: list[ScoredKVPruner]) -> Iterator[list[LayerScores | No
             yield collected
 
 
-def decode(engine: HFEngine, cache: DynamicCache, method: Any, logits: torch.Tensor, n: int, steps: int):
+def decode(engine: HFEngine, cache: DynamicCache, hooks: Attachment, logits: torch.Tensor, n: int, steps: int):
     tokens = [int(logits.argmax())]
     started = time.perf_counter()
     for step in range(steps - 1):
-        if method is None:
-            logits = engine.forward(torch.tensor([[tokens[-1]]]), cache, n + step)
-        else:
-            logits = engine.decode_one_token(tokens[-1], cache, n + step, method)
+        logits = engine.decode_one_token(tokens[-1], cache, n + step, hooks)
         tokens.append(int(logits.argmax()))
     return tokens, time.perf_counter() - started
 
 
 def run_prompt(engine: HFEngine, prompt, budgets: list[int], steps: int) -> list[dict[str, Any]]:
-    from compressors.base import cache_bytes
-
     ids = torch.tensor([prompt.prompt_ids])
     n = ids.shape[1]
     methods = {(name, b): build_method(name, {"budget": b}) for name in KV_METHODS for b in budgets}
@@ -127,13 +123,14 @@ def run_prompt(engine: HFEngine, prompt, budgets: list[int], steps: int) -> list
 
     with torch.inference_mode():
         work = copy.deepcopy(cache)
-        tokens, seconds = decode(engine, work, None, logits, n, steps)
+        tokens, seconds = decode(engine, work, Attachment(ids, keep_everything("none", n)), logits, n, steps)
         record("none", None, tokens, seconds, full_bytes)
         for (name, budget), method in methods.items():
             work = copy.deepcopy(cache)
-            method.compress(work, n, engine.default_budget)
-            kv = cache_bytes(work)
-            tokens, seconds = decode(engine, work, method, logits, n, steps)
+            with method.attach(engine.model, ids, work, engine.default_budget) as hooks:
+                hooks.adopt_prefill(full_bytes)  # prune the shared prefill's copy, as the engine would have
+                kv = cache_bytes(work)
+                tokens, seconds = decode(engine, work, hooks, logits, n, steps)
             record(name, budget, tokens, seconds, kv)
             del work
         for budget in budgets:

@@ -81,22 +81,22 @@ class StubGeneration:
         return getattr(self.inner, name)
 
     def stream(self, request: Any) -> Iterator[Any]:
-        from server.engine.types import CompressionReport, GenerationResult, TokenDelta
-        from server.measure import RequestMetrics
+        from server.engine.types import GenerationResult, TokenDelta
+        from server.protocol import CompressionInfo, MetricsInfo
 
         method = self.inner.check_request(request)
         tokens = [42] * request.sampling.max_tokens
         for token in tokens:
             yield TokenDelta(token_id=token, text="x")
         n = len(request.prompt_ids)
-        report = CompressionReport(method=method.name, prompt_tokens=n, kept_tokens=n, ratio=1.0, select_ms=0.0)
-        yield GenerationResult("x" * len(tokens), tokens, "length", n, report, RequestMetrics())
+        report = CompressionInfo(method=method.name, prompt_tokens=n, kept_tokens=n, ratio=1.0, select_ms=0.0)
+        yield GenerationResult("x" * len(tokens), tokens, "length", n, report, MetricsInfo())
 
 
 def measure(runs: int, warmup: int) -> dict[str, Any]:
     from server.app import create_app, serve_in_background
     from server.engine.hf import HFEngine
-    from server.engine.scheduler import HFAsyncEngine
+    from server.engine.hf_async import HFAsyncEngine
     from server.models import load_model
     from server.settings import Settings
 

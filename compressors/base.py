@@ -1,11 +1,25 @@
-"""The method contract: what a compression method is, what it returns.
+"""The method contract: what a compression method is, what it returns, how the engine drives it.
 
 Two kinds of method (shared DESIGN.md, "The request path"):
 
 * a :class:`PromptSelector` maps the prompt's token ids to the kept token ids before any KV
   cache exists (GemFilter); the model then prefills only the kept ids with fresh positions;
-* a :class:`KVCompressor` prefills the whole prompt and prunes the real cache tensors
-  afterwards (SnapKV, StreamingLLM), and may keep pruning while decoding (H2O).
+* a :class:`KVCompressor` prefills the whole prompt and shrinks the real cache tensors (SnapKV,
+  StreamingLLM: each layer as soon as its attention is done), and may keep pruning while decoding
+  (H2O).
+
+Every method is driven through one lifecycle, in the spirit of kvpress's ``with press(model):``::
+
+    with method.attach(model, prompt_ids, cache, default_budget, tokenizer) as hooks:
+        with hooks.prefill():
+            forward(hooks.prefill_ids, positions 0 .. len - 1)
+        hooks.selection               # what was kept, final once prefill() has exited
+        for each generated token:     # positions go on at hooks.next_position
+            with hooks.decode_step():
+                forward(token)
+
+The HF engine, the vLLM engine (whose methods are prompt selectors only) and the tests all drive
+this protocol; none of them asks a method what kind it is.
 
 Methods take a model and token ids, never a request or a backend: this package knows torch
 and transformers, nothing of HTTP.
@@ -79,12 +93,16 @@ def cache_bytes(cache: Cache | None) -> int:
     """Bytes of every key and value tensor the cache holds right now (not an estimate)."""
     if cache is None:
         return 0
-    total = 0
-    for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+    return sum(layer_bytes(layer) for layer in cache.layers)
+
+
+def layer_bytes(layer: object) -> int:
+    """Bytes of one cache layer's key and value tensors (0 before it holds any)."""
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        if isinstance(tensor, torch.Tensor)
+    )
 
 
 @dataclass
@@ -112,6 +130,61 @@ class Method:
         """Raise :class:`CompressionError` for knobs at odds with the budget this prompt resolves
         to (a ``ratio`` or the server's default is only a number of tokens once the prompt is
         known). The engine calls it at admission, before any compute and before any response byte."""
+
+    def prefill_positions(self, prompt_tokens: int, default_budget: int) -> int:
+        """Positions the prefill takes (the context check at admission): the whole prompt here."""
+        return prompt_tokens
+
+    @contextmanager
+    def attach(
+        self,
+        model: PreTrainedModel,
+        prompt_ids: torch.Tensor,
+        cache: Cache | None,
+        default_budget: int,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> Iterator[Attachment]:
+        """Attach this method to one request on ``model``: ``prompt_ids (1, n)``, the request's
+        empty ``cache`` (None where the caller owns no cache, e.g. in front of vLLM). This base
+        keeps everything and hooks nothing (``none``)."""
+        yield Attachment(prompt_ids, keep_everything(self.name, int(prompt_ids.shape[-1])))
+
+
+class Attachment:
+    """One request's method on one model: the ids to prefill and the hooks around the forwards.
+
+    ``selection`` is final once :meth:`prefill` has exited. ``kv_bytes_before`` is the bytes the
+    unpruned cache held (KV methods only; None where nothing is pruned).
+    """
+
+    def __init__(self, prefill_ids: torch.Tensor, selection: Selection) -> None:
+        self.prefill_ids = prefill_ids
+        self.selection = selection
+        self.kv_bytes_before: int | None = None
+
+    @property
+    def next_position(self) -> int:
+        """The first generated token's position: decode goes on after the prefilled ids."""
+        return int(self.prefill_ids.shape[-1])
+
+    @contextmanager
+    def prefill(self) -> Iterator[None]:
+        """Around the prefill forward."""
+        yield
+
+    @contextmanager
+    def decode_step(self) -> Iterator[None]:
+        """Around each decode forward."""
+        yield
+
+    def adopt_prefill(self, kv_bytes_before: int) -> None:
+        """The cache was filled by a prefill shared with other methods, while this method's
+        observer watched (``gemserve eval`` runs one prefill for many methods): finish the method
+        on it now, as :meth:`prefill` would have."""
+
+
+def keep_everything(name: str, prompt_tokens: int) -> Selection:
+    return Selection(method=name, prompt_tokens=prompt_tokens, kept_indices=list(range(prompt_tokens)))
 
 
 @dataclass
@@ -154,18 +227,63 @@ class PromptSelector(BudgetedMethod):
         (``tokenizer``: the prompt's, for selectors that keep whole words)."""
         raise NotImplementedError
 
+    def prefill_positions(self, prompt_tokens: int, default_budget: int) -> int:
+        # The kept tokens restart at position 0.
+        return self.resolve_budget(prompt_tokens, default_budget)
+
+    @contextmanager
+    def attach(
+        self,
+        model: PreTrainedModel,
+        prompt_ids: torch.Tensor,
+        cache: Cache | None,
+        default_budget: int,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> Iterator[Attachment]:
+        """Select at attach time: the prefill sees only the kept ids."""
+        selection = self.select(model, prompt_ids, default_budget, tokenizer)
+        yield Attachment(kept_ids(prompt_ids, selection), selection)
+
+
+def kept_ids(prompt_ids: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """``(1, n)`` prompt ids -> ``(1, k)`` ids at the selection's kept indices."""
+    if selection.kept_tokens == int(prompt_ids.shape[-1]):
+        return prompt_ids
+    kept = torch.tensor(selection.kept_indices, dtype=torch.long, device=prompt_ids.device)
+    return prompt_ids.index_select(-1, kept)
+
 
 @dataclass
 class KVCompressor(BudgetedMethod):
-    """Prefills the whole prompt, then shrinks the real cache tensors.
+    """Prefills the whole prompt and shrinks the real cache tensors.
 
-    The engine calls, in order: ``prefill_observer`` around the prefill forward (a context in
-    which the method may read attention through :mod:`compressors.probe`), ``compress`` once
-    after prefill, then ``decode_observer`` around each decode forward followed by
-    ``after_decode_step`` (for methods that keep evicting, like H2O).
+    A subclass may implement only the after-prefill contract: ``prefill_observer`` around the
+    prefill forward (a context in which it may read attention through :mod:`compressors.probe`),
+    ``compress`` once the cache is full, then ``decode_observer`` around each decode forward
+    followed by ``after_decode_step`` (methods that keep evicting, like H2O). :meth:`attach`
+    drives them in that order; :class:`compressors.kv_pruner.ScoredKVPruner` attaches its own
+    hooks instead, which prune each layer during the prefill.
     """
 
     kind: ClassVar[str] = "kv"
+
+    @contextmanager
+    def attach(
+        self,
+        model: PreTrainedModel,
+        prompt_ids: torch.Tensor,
+        cache: Cache | None,
+        default_budget: int,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> Iterator[Attachment]:
+        if cache is None:
+            raise CompressionError(f"method '{self.name}' prunes the KV cache: it needs the request's cache")
+        yield self.attachment(model, prompt_ids, cache, default_budget)
+
+    def attachment(
+        self, model: PreTrainedModel, prompt_ids: torch.Tensor, cache: Cache, default_budget: int
+    ) -> KVAttachment:
+        return KVAttachment(self, model, prompt_ids, cache, default_budget)
 
     @contextmanager
     def prefill_observer(self, model: PreTrainedModel, prompt_tokens: int) -> Iterator[None]:
@@ -180,3 +298,36 @@ class KVCompressor(BudgetedMethod):
 
     def after_decode_step(self, cache: Cache) -> None:
         """Called after every decode forward; the default keeps the cache as it is."""
+
+
+class KVAttachment(Attachment):
+    """A KV method on one request: observe the prefill, compress the full cache, then the decode hooks."""
+
+    def __init__(
+        self, method: KVCompressor, model: PreTrainedModel, prompt_ids: torch.Tensor, cache: Cache, default_budget: int
+    ) -> None:
+        super().__init__(prompt_ids, keep_everything(method.name, int(prompt_ids.shape[-1])))
+        self.method = method
+        self.model = model
+        self.cache = cache
+        self.default_budget = default_budget
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.prefill_ids.shape[-1])
+
+    @contextmanager
+    def prefill(self) -> Iterator[None]:
+        with self.method.prefill_observer(self.model, self.prompt_tokens):
+            yield
+        self.adopt_prefill(cache_bytes(self.cache))
+
+    def adopt_prefill(self, kv_bytes_before: int) -> None:
+        self.kv_bytes_before = kv_bytes_before
+        self.selection = self.method.compress(self.cache, self.prompt_tokens, self.default_budget)
+
+    @contextmanager
+    def decode_step(self) -> Iterator[None]:
+        with self.method.decode_observer(self.model):
+            yield
+        self.method.after_decode_step(self.cache)

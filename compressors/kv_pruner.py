@@ -7,6 +7,14 @@ and, for methods that keep evicting while decoding, the eviction scores. Everyth
 the probe, the gather of the real ``DynamicCache`` tensors, the bookkeeping of which original
 positions each KV head still holds, the selection report — lives here, once.
 
+Pruning happens inside the prefill (:class:`PruningAttachment`, what the engine attaches): each
+layer's scores are computed from its probed query/key states just before its attention, and its
+cache is cut to the layer's budget just after it (:func:`compressors.probe.after_attention`), so
+only one layer's full K/V is alive at a time, as with kvpress's forward hooks. The kept entries
+are exactly those of pruning the full cache after the prefill (:meth:`ScoredKVPruner.compress`,
+kept for callers that share one prefill between methods): a layer's cache is only read by that
+layer's attention, which has run by the time it is cut.
+
 Positions: the engine keeps each token's original position (prefill ``0..n-1``, decode goes
 on at ``n``), and cached keys carry the RoPE rotation of their original position, so pruning
 changes which keys a query sees, never the relative distances it sees them at.
@@ -22,9 +30,9 @@ from typing import ClassVar
 
 import torch
 from transformers import PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
-from compressors.base import KVCompressor, Selection
+from compressors.base import KVAttachment, KVCompressor, Selection, layer_bytes
 from compressors.kv_scoring import (
     LayerScorer,
     LayerScores,
@@ -35,6 +43,7 @@ from compressors.kv_scoring import (
     prune_selection,
     top_indices,
 )
+from compressors.probe import after_attention
 
 
 @dataclass
@@ -106,21 +115,34 @@ class ScoredKVPruner(KVCompressor):
             self._collected = collected
             yield
 
+    def attachment(
+        self, model: PreTrainedModel, prompt_ids: torch.Tensor, cache: Cache, default_budget: int
+    ) -> KVAttachment:
+        return PruningAttachment(self, model, prompt_ids, cache, default_budget)
+
     def compress(self, cache: Cache, prompt_tokens: int, default_budget: int) -> Selection:
-        self.validate()
+        """Prune a cache the whole prompt has been prefilled into (scores from ``prefill_observer``)."""
         started = time.perf_counter()
+        budgets = self.begin(prunable_layers(cache), prompt_tokens, default_budget)
+        for layer_idx, keep in budgets.items():
+            self.prune_layer(cache, layer_idx, prompt_tokens, keep)
+        return self.finish(prompt_tokens, started)
+
+    def begin(self, layers: list[int], prompt_tokens: int, default_budget: int) -> dict[int, int]:
+        """Check the knobs, set up the decode bookkeeping; return the entries each layer keeps."""
+        self.validate()
         target = self.target_budget(prompt_tokens, default_budget)
         self.prepare_budget(target)
-        layers = prunable_layers(cache)
         # A budget that holds the whole prompt keeps it everywhere (PyramidKV's uneven split too).
         uniform = target >= prompt_tokens
         budgets = dict.fromkeys(layers, target) if uniform else self.layer_budgets(layers, target)
         self._caps = budgets
         self._next_position = prompt_tokens
-        for layer_idx in layers:
-            self.prune_layer(cache, layer_idx, prompt_tokens, min(budgets[layer_idx], prompt_tokens))
+        return {layer_idx: min(budget, prompt_tokens) for layer_idx, budget in budgets.items()}
+
+    def finish(self, prompt_tokens: int, started: float, extra_ms: float = 0.0) -> Selection:
         score_ms = self._collected.elapsed_ms if self._collected is not None else 0.0
-        return prune_selection(self.name, prompt_tokens, self._positions, started, extra_ms=score_ms)
+        return prune_selection(self.name, prompt_tokens, self._positions, started, extra_ms=score_ms + extra_ms)
 
     def validate_for_prompt(self, prompt_tokens: int, default_budget: int) -> None:
         # The same check compress() makes after the prefill, made before it.
@@ -181,3 +203,60 @@ class ScoredKVPruner(KVCompressor):
     def kv_positions(self) -> dict[int, torch.Tensor]:
         """Original positions each prunable layer's KV heads hold now: ``(kv_heads, len)``."""
         return dict(self._positions)
+
+
+class PruningAttachment(KVAttachment):
+    """A :class:`ScoredKVPruner` on one request: each full-attention layer's cache is scored and
+    cut to its budget right after that layer's prefill attention."""
+
+    method: ScoredKVPruner
+
+    def __init__(
+        self,
+        method: ScoredKVPruner,
+        model: PreTrainedModel,
+        prompt_ids: torch.Tensor,
+        cache: Cache,
+        default_budget: int,
+    ) -> None:
+        super().__init__(method, model, prompt_ids, cache, default_budget)
+        self._budgets: dict[int, int] = {}
+        self._prune_ms = 0.0
+
+    @contextmanager
+    def prefill(self) -> Iterator[None]:
+        n = self.prompt_tokens
+        self._budgets = self.method.begin(full_attention_layers(self.cache), n, self.default_budget)
+        self.kv_bytes_before = 0
+        with self.method.prefill_observer(self.model, n), after_attention(self.prune_after_attention):
+            yield
+        for layer_idx in list(self._budgets):  # layers the forward never reached (none, normally)
+            self.prune(layer_idx)
+        self.kv_bytes_before += sum(layer_bytes(self.cache.layers[i]) for i in sliding_layers(self.cache))
+        self.selection = self.method.finish(n, time.perf_counter(), extra_ms=self._prune_ms)
+
+    def prune_after_attention(self, module: torch.nn.Module, query_len: int) -> None:
+        layer_idx = getattr(module, "layer_idx", None)
+        if query_len == self.prompt_tokens and layer_idx in self._budgets:
+            self.prune(int(layer_idx))
+
+    def prune(self, layer_idx: int) -> None:
+        started = time.perf_counter()
+        self.kv_bytes_before = (self.kv_bytes_before or 0) + layer_bytes(self.cache.layers[layer_idx])
+        self.method.prune_layer(self.cache, layer_idx, self.prompt_tokens, self._budgets.pop(layer_idx))
+        collected = self.method._collected
+        if collected is not None:  # consumed: the scores need not outlive their layer
+            collected.scores.pop(layer_idx, None)
+        self._prune_ms += (time.perf_counter() - started) * 1000.0
+
+
+def full_attention_layers(cache: Cache) -> list[int]:
+    """Indices of the cache layers the pruners may shrink, known before the cache holds anything
+    (a cache built from the model's config has one layer object per decoder layer)."""
+    if not cache.layers:
+        raise ValueError("build the cache from the model's config (DynamicCache(config=...)) to prune it per layer")
+    return [i for i, layer in enumerate(cache.layers) if not isinstance(layer, DynamicSlidingWindowLayer)]
+
+
+def sliding_layers(cache: Cache) -> list[int]:
+    return [i for i, layer in enumerate(cache.layers) if isinstance(layer, DynamicSlidingWindowLayer)]

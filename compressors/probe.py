@@ -9,6 +9,10 @@ Methods read attention through it instead of copying per-architecture attention 
 
 A probe may raise :class:`StopForward` to end the forward pass at that layer: GemFilter
 uses this so the filter pass never runs the attention output of layer r or any later layer.
+
+An :func:`after_attention` hook runs once a layer's attention output is computed, when the
+layer's cache entries have done their work for this forward: the KV pruners shrink that layer's
+cache there, so a prefill never holds more than one layer's unpruned K/V.
 """
 
 from __future__ import annotations
@@ -33,8 +37,12 @@ ATTENTION_NAME = "gemserve"
 # (batch, kv_heads, kv_len, head_dim), keys including whatever the cache held before.
 AttentionProbe = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
+# hook(module, query_len): after the attention of ``module`` over a block of ``query_len`` queries.
+AfterAttentionHook = Callable[[nn.Module, int], None]
+
 _active_probe: ContextVar[AttentionProbe | None] = ContextVar("gemserve_attention_probe", default=None)
 _active_backend: ContextVar[AttentionBackend | None] = ContextVar("gemserve_attention_backend", default=None)
+_after_attention: ContextVar[AfterAttentionHook | None] = ContextVar("gemserve_after_attention", default=None)
 
 
 class StopForward(Exception):
@@ -58,8 +66,13 @@ def probed_attention(
         probe(module, query, key, value)
     backend = _active_backend.get()
     if backend is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    return backend.attend(module, query, key, value, attention_mask, **kwargs)
+        output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    else:
+        output = backend.attend(module, query, key, value, attention_mask, **kwargs)
+    after = _after_attention.get()
+    if after is not None:
+        after(module, int(query.shape[-2]))
+    return output
 
 
 def install_probe_attention(model: PreTrainedModel) -> None:
@@ -93,6 +106,16 @@ def use_attention(backend: AttentionBackend | None) -> Iterator[None]:
         yield
     finally:
         _active_backend.reset(token)
+
+
+@contextmanager
+def after_attention(hook: AfterAttentionHook) -> Iterator[None]:
+    """Call ``hook`` after every attention computed in this context; always removed on exit."""
+    token = _after_attention.set(hook)
+    try:
+        yield
+    finally:
+        _after_attention.reset(token)
 
 
 def active_probe() -> AttentionProbe | None:

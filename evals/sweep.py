@@ -28,13 +28,12 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from compressors import KVCompressor, Method, PromptSelector
-from compressors.base import Selection
-from compressors.full import FullAttention
+from compressors.base import Attachment, cache_bytes, keep_everything, kept_ids
 from compressors.gemfilter import SKIPPED_TOO_SHORT, GemFilter
 from compressors.probe import active_probe, attention_probe
 from server.engine.hf import HFEngine
 from server.engine.types import GenerationRequest, GenerationResult
-from server.measure import RequestMetrics
+from server.protocol import MetricsInfo
 
 BUDGET_KNOBS = ("budget", "ratio")
 
@@ -100,20 +99,20 @@ def run_selector_group(
                 scores = method.filter_scores(engine.model, prompt)
             kept = method.choose(scores[0], keep, prompt, engine.tokenizer)
             selection = method.selection(engine.model, n, kept, started, None, scores[1])
-        kept_ids = prompt.index_select(1, torch.tensor(selection.kept_indices, device=engine.device))
-        out[index] = prefill_and_decode(engine, request, method, selection, kept_ids)
+        # What GemFilter's attach() would yield, from the shared scores.
+        out[index] = prefill_and_decode(engine, request, method, Attachment(kept_ids(prompt, selection), selection))
     return out
 
 
 def prefill_and_decode(
-    engine: HFEngine, request: GenerationRequest, method: Method, selection: Selection, ids: torch.Tensor
+    engine: HFEngine, request: GenerationRequest, method: Method, hooks: Attachment
 ) -> GenerationResult:
-    metrics = RequestMetrics(select_ms=selection.select_ms)
+    metrics = MetricsInfo(select_ms=hooks.selection.select_ms)
     cache = DynamicCache(config=engine.model.config)
     attention = engine.resolve_attention(request.compression)
-    logits, kv_before = engine.prefill(ids, cache, method, attention)
-    report = engine.report(request, method, selection, cache, kv_before, attention)
-    return drain(engine.decode_from(request, method, cache, logits, int(ids.shape[1]), report, metrics))
+    logits = engine.prefill(hooks, cache, attention)
+    report = engine.report(request, method, hooks, cache, attention)
+    return drain(engine.decode_from(request, hooks, cache, logits, report, metrics))
 
 
 def run_prefill_group(
@@ -127,18 +126,18 @@ def run_prefill_group(
     cache = DynamicCache(config=engine.model.config)
     attention = engine.resolve_attention(requests[0].compression)
     with observe_all(engine, leaders, n):  # the observers run here, so prefill gets a plain method
-        logits, kv_before = engine.prefill(prompt, cache, FullAttention(), attention)
+        logits = engine.prefill(Attachment(prompt, keep_everything("none", n)), cache, attention)
+    kv_before = cache_bytes(cache)
     collected = {id(m): copy.deepcopy(getattr(leaders.get(observer_key(m)), "_collected", None)) for m in kv}
     out: dict[int, GenerationResult] = {}
     for index, request, method in zip(indices, requests, methods, strict=True):
         own = copy.deepcopy(cache)
-        selection = Selection(method=method.name, prompt_tokens=n, kept_indices=list(range(n)))
         if isinstance(method, KVCompressor):
             method._collected = collected[id(method)]  # the shared prefill's scores, own copy
-            selection = method.compress(own, n, engine.default_budget)
-        report = engine.report(request, method, selection, own, kv_before, attention)
-        metrics = RequestMetrics()
-        out[index] = drain(engine.decode_from(request, method, own, logits.clone(), n, report, metrics))
+        with method.attach(engine.model, prompt, own, engine.default_budget, engine.tokenizer) as hooks:
+            hooks.adopt_prefill(kv_before)
+            report = engine.report(request, method, hooks, own, attention)
+            out[index] = drain(engine.decode_from(request, hooks, own, logits.clone(), report, MetricsInfo()))
     return out
 
 

@@ -102,7 +102,7 @@ class InProcessTarget:
         for result in results:
             report = result.compression
             selection = report.selection
-            kept = set(selection["kept_indices"]) if selection else None
+            kept = set(selection.kept_indices) if selection else None
             recall = None
             if kept is not None and answer_tokens:
                 recall = sum(p in kept for p in answer_tokens) / len(answer_tokens)
@@ -113,9 +113,9 @@ class InProcessTarget:
                     kept_tokens=report.kept_tokens,
                     layer=report.layer,
                     ttft_ms=None if self.share else result.metrics.ttft_ms,
-                    span_texts=[span["text"] for span in selection["spans"]] if selection else None,
+                    span_texts=[span.text for span in selection.spans] if selection else None,
                     answer_token_recall=recall,
-                    compression={k: v for k, v in report.to_dict().items() if k != "selection"},
+                    compression=report.model_dump(exclude_none=True, exclude={"selection"}),
                     shared_prefill=self.share,
                 )
             )

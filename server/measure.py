@@ -11,9 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -79,26 +77,6 @@ class PeakMemoryMeter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-
-
-@dataclass
-class RequestMetrics:
-    """What one request cost. Times in milliseconds from ``time.perf_counter``."""
-
-    queue_ms: float = 0.0
-    select_ms: float = 0.0
-    prefill_ms: float = 0.0
-    ttft_ms: float = 0.0
-    decode_ms: float = 0.0
-    e2e_ms: float = 0.0
-    output_tokens_per_s: float = 0.0
-    kv_cache_bytes: int = 0
-    peak_memory_bytes: int = 0
-    memory_baseline_bytes: int = 0
-    memory_source: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def sync(device: torch.device) -> None:

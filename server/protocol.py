@@ -304,10 +304,15 @@ class CompressionInfo(BaseModel):
 
 
 class MetricsInfo(BaseModel):
-    """What the request cost, measured (times in ms; memory named by its source)."""
+    """What the request cost, measured (times in ms; memory named by its source). The engine fills
+    this model itself as the request runs."""
 
     queue_ms: float = 0.0
-    select_ms: float = 0.0
+    select_ms: float = Field(
+        0.0,
+        description="Choosing what to keep: GemFilter's filter pass (before prefill_ms), or a KV method's "
+        "scoring and pruning (inside prefill_ms, which it runs during); equals compression.select_ms",
+    )
     prefill_ms: float = 0.0
     ttft_ms: float = 0.0
     decode_ms: float = 0.0
@@ -334,15 +339,21 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class CompletionResponse(BaseModel):
+class GemServeFields(BaseModel):
+    """What every GemServe response and final stream chunk adds to OpenAI's: usage (OpenAI's own),
+    what compression kept and what the request cost."""
+
+    usage: UsageInfo | None = None
+    compression: CompressionInfo | None = None
+    metrics: MetricsInfo | None = None
+
+
+class CompletionResponse(GemServeFields):
     id: str = Field(default_factory=lambda: new_id("cmpl"))
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=now)
     model: str
     choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-    compression: CompressionInfo | None = None
-    metrics: MetricsInfo | None = None
 
 
 class ChatResponseMessage(BaseModel):
@@ -357,15 +368,12 @@ class ChatCompletionChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(GemServeFields):
     id: str = Field(default_factory=lambda: new_id("chatcmpl"))
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=now)
     model: str
     choices: list[ChatCompletionChoice]
-    usage: UsageInfo | None = None
-    compression: CompressionInfo | None = None
-    metrics: MetricsInfo | None = None
 
 
 class ChatDelta(BaseModel):
@@ -380,7 +388,7 @@ class ChatCompletionChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(GemServeFields):
     """One SSE event of a streamed chat completion; the last carries usage/compression/metrics."""
 
     id: str
@@ -388,12 +396,9 @@ class ChatCompletionChunk(BaseModel):
     created: int = Field(default_factory=now)
     model: str
     choices: list[ChatCompletionChunkChoice]
-    usage: UsageInfo | None = None
-    compression: CompressionInfo | None = None
-    metrics: MetricsInfo | None = None
 
 
-class CompletionChunk(BaseModel):
+class CompletionChunk(GemServeFields):
     """One SSE event of a streamed completion (OpenAI uses the ``text_completion`` object)."""
 
     id: str
@@ -401,9 +406,6 @@ class CompletionChunk(BaseModel):
     created: int = Field(default_factory=now)
     model: str
     choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-    compression: CompressionInfo | None = None
-    metrics: MetricsInfo | None = None
 
 
 class ModelCard(BaseModel):

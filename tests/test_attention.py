@@ -160,9 +160,10 @@ def prefill_logits(engine, ids: list[int], attention: str, knobs: dict[str, Any]
     from transformers.cache_utils import DynamicCache
 
     backend = build_attention(attention, knobs)
-    method = build_method("none")
-    with torch.inference_mode():
-        logits, _ = engine.prefill(torch.tensor([ids]), DynamicCache(config=engine.model.config), method, backend)
+    cache = DynamicCache(config=engine.model.config)
+    prompt = torch.tensor([ids])
+    with torch.inference_mode(), build_method("none").attach(engine.model, prompt, cache, 1024) as hooks:
+        logits = engine.prefill(hooks, cache, backend)
     return logits, backend
 
 
@@ -213,21 +214,21 @@ def test_engine_reports_density_and_decode_stays_dense(engine, long_ids) -> None
     )
     result = engine.generate(request)
     report = result.compression.attention
-    assert report["backend"] == "block_sparse"
-    assert 0.0 < report["density"] < 1.0
+    assert report.backend == "block_sparse"
+    assert 0.0 < report.density < 1.0
     # One prefill forward: each layer computed once; the 3 decode steps did not reach the backend.
-    assert report["sparse_layers"] == engine.model.config.num_hidden_layers
-    assert report["dense_layers"] == 0
-    assert report["knobs"]["threshold"] == 0.8
+    assert report.sparse_layers == engine.model.config.num_hidden_layers
+    assert report.dense_layers == 0
+    assert report.knobs["threshold"] == 0.8
     assert result.completion_tokens == 4
 
 
 def test_dense_is_the_default_and_reports_density_one(engine, long_ids) -> None:
     request = GenerationRequest(prompt_ids=long_ids, sampling=SamplingParams(max_tokens=1, temperature=0.0))
     report = engine.generate(request).compression.attention
-    assert report["backend"] == "dense"
-    assert report["density"] == 1.0
-    assert report["dense_layers"] == engine.model.config.num_hidden_layers
+    assert report.backend == "dense"
+    assert report.density == 1.0
+    assert report.dense_layers == engine.model.config.num_hidden_layers
 
 
 # ---- bad input -------------------------------------------------------------------------------

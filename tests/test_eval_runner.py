@@ -70,7 +70,7 @@ def test_shared_sweep_answers_like_generate_token_for_token(engine) -> None:
     for (name, knobs), got in zip(SWEEP_METHODS, shared, strict=True):
         alone = engine.generate(request(name, knobs))
         assert got.token_ids == alone.token_ids, (name, knobs)
-        assert got.compression.selection["kept_indices"] == alone.compression.selection["kept_indices"], name
+        assert got.compression.selection.kept_indices == alone.compression.selection.kept_indices, name
         assert got.compression.kept_tokens == alone.compression.kept_tokens
         assert got.compression.kv_bytes_after == alone.compression.kv_bytes_after
     assert shared[3].compression.kept_tokens == len(prompt_ids)

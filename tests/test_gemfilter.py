@@ -93,11 +93,11 @@ def test_selection_spans_are_the_kept_text(engine, count_tokens) -> None:
     result = greedy(engine, ids, "gemfilter", max_tokens=1, budget=96)
     selection = result.compression.selection
     assert result.compression.kept_tokens == 96
-    assert sum(span["end"] - span["start"] for span in selection["spans"]) == 96
-    kept = selection["kept_indices"]
-    assert [i for span in selection["spans"] for i in range(span["start"], span["end"])] == kept
-    for span in selection["spans"]:
-        assert span["text"] == engine.decode(ids[span["start"] : span["end"]])
+    assert sum(span.end - span.start for span in selection.spans) == 96
+    kept = selection.kept_indices
+    assert [i for span in selection.spans for i in range(span.start, span.end)] == kept
+    for span in selection.spans:
+        assert span.text == engine.decode(ids[span.start : span.end])
 
 
 # ---- k >= n is a no-op ---------------------------------------------------------------------
@@ -126,7 +126,7 @@ def test_prompt_too_short_for_the_budget_skips_the_filter_pass(loaded_model, eng
     forced = greedy(engine, ids, "gemfilter", max_tokens=1, budget=budget, payoff_ratio=0)
     assert forced.compression.skipped is None
     assert forced.compression.kept_tokens == budget
-    assert forced.compression.filter_attention["backend"] == DEFAULT_FILTER_ATTENTION == "dense"
+    assert forced.compression.filter_attention.backend == DEFAULT_FILTER_ATTENTION == "dense"
 
 
 def test_payoff_ratio_falls_back_to_the_cost_model_for_unknown_models() -> None:
@@ -333,12 +333,12 @@ def test_needle_in_4k_haystack_answered_by_default_and_with_a_sparse_filter_pass
     assert 3800 <= len(ids) <= 4100
     result = greedy(engine, ids, "gemfilter", max_tokens=20, budget=1024, filter_attention=filter_attention)
     report = result.compression.filter_attention
-    assert report["backend"] == filter_attention
+    assert report.backend == filter_attention
     if filter_attention == "streaming":
-        assert report["sparse_layers"] == default_filter_layer(engine.model.config)
-        assert report["density"] < 0.6
+        assert report.sparse_layers == default_filter_layer(engine.model.config)
+        assert report.density < 0.6
     else:
-        assert report["density"] == 1.0
+        assert report.density == 1.0
     assert case.needle.found_in(result.text), (case.needle, result.text)
 
 

@@ -59,7 +59,7 @@ def test_default_filter_layer_is_a_global_attention_layer(gemma_engine) -> None:
 def test_gemfilter_selects_and_generates(gemma_engine, gemma_prompt) -> None:
     n = len(gemma_prompt)
     result = greedy(gemma_engine, gemma_prompt, "gemfilter", budget=256)
-    kept = result.compression.selection["kept_indices"]
+    kept = result.compression.selection.kept_indices
     assert result.compression.layer == 11
     assert len(kept) == 256 == result.compression.kept_tokens
     assert kept == sorted(set(kept))
@@ -105,9 +105,10 @@ def prefill_logits(engine, ids: list[int], attention: str, **knobs):
     from compressors.attention import build_attention
 
     backend = build_attention(attention, knobs)
-    with torch.inference_mode():
-        cache = DynamicCache(config=engine.model.config)
-        logits, _ = engine.prefill(torch.tensor([ids]), cache, build_method("none"), backend)
+    cache = DynamicCache(config=engine.model.config)
+    prompt = torch.tensor([ids])
+    with torch.inference_mode(), build_method("none").attach(engine.model, prompt, cache, 1024) as hooks:
+        logits = engine.prefill(hooks, cache, backend)
     return logits, backend
 
 

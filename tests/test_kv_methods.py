@@ -16,8 +16,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 
 from compressors import CompressionError, build_method
+from compressors.base import KVAttachment, cache_bytes
 from compressors.kv_pruner import ScoredKVPruner
-from compressors.probe import active_probe, install_probe_attention
+from compressors.probe import active_probe, decoder_layers, install_probe_attention
 from compressors.pyramidkv import pyramid_budgets
 from evals.needles import build_case
 from server.engine.hf import HFEngine
@@ -58,15 +59,13 @@ def eager_attentions(model: LlamaForCausalLM, ids: torch.Tensor) -> list[torch.T
 
 
 def prefill_and_compress(model, ids: torch.Tensor, method: ScoredKVPruner, default_budget: int = 1024):
-    """The engine's order of hook calls (server/engine/hf.py), on any model."""
+    """The method attached to one prefill of any model, as the engine attaches it."""
     install_probe_attention(model)
     cache = DynamicCache(config=model.config)
     n = int(ids.shape[1])
-    with torch.inference_mode():
-        with method.prefill_observer(model, n):
-            model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(n).unsqueeze(0), use_cache=True)
-        selection = method.compress(cache, n, default_budget)
-    return cache, selection
+    with torch.inference_mode(), method.attach(model, ids, cache, default_budget) as hooks, hooks.prefill():
+        model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(n).unsqueeze(0), use_cache=True)
+    return cache, hooks.selection
 
 
 def full_cache(model, ids: torch.Tensor) -> DynamicCache:
@@ -191,17 +190,16 @@ def tiny_engine(tiny_model, loaded_model) -> HFEngine:
 
 
 def decode_and_watch(engine: HFEngine, ids: list[int], method: ScoredKVPruner, steps: int) -> list[list[int]]:
-    """prefill -> compress -> ``steps`` decode steps via the engine; cache length per layer per step."""
+    """prefill (pruning) -> ``steps`` decode steps via the engine; cache length per layer per step."""
     prompt = torch.tensor([ids])
     cache = DynamicCache(config=engine.model.config)
     lengths = []
-    with torch.inference_mode():
-        logits, _ = engine.prefill(prompt, cache, method)
-        method.compress(cache, len(ids), engine.default_budget)
+    with torch.inference_mode(), method.attach(engine.model, prompt, cache, engine.default_budget) as hooks:
+        logits = engine.prefill(hooks, cache, None)
         lengths.append([layer.keys.shape[-2] for layer in cache.layers])
         for step in range(steps):
             token = int(logits.argmax()) % TINY_VOCAB
-            logits = engine.decode_one_token(token, cache, len(ids) + step, method)
+            logits = engine.decode_one_token(token, cache, hooks.next_position + step, hooks)
             lengths.append([layer.keys.shape[-2] for layer in cache.layers])
     assert active_probe() is None
     return lengths
@@ -249,11 +247,10 @@ def decode_and_watch_real(engine: HFEngine, ids: list[int], method: ScoredKVPrun
     prompt = torch.tensor([ids])
     cache = DynamicCache(config=engine.model.config)
     lengths = []
-    with torch.inference_mode():
-        logits, _ = engine.prefill(prompt, cache, method)
-        method.compress(cache, len(ids), engine.default_budget)
+    with torch.inference_mode(), method.attach(engine.model, prompt, cache, engine.default_budget) as hooks:
+        logits = engine.prefill(hooks, cache, None)
         for step in range(steps):
-            logits = engine.decode_one_token(int(logits.argmax()), cache, len(ids) + step, method)
+            logits = engine.decode_one_token(int(logits.argmax()), cache, hooks.next_position + step, hooks)
             lengths.append([layer.keys.shape[-2] for layer in cache.layers])
     return lengths
 
@@ -280,6 +277,93 @@ def test_real_cache_shapes_equal_the_budget(engine, loaded_model, story_ids, nam
         assert layer.values.shape == layer.keys.shape
     assert selection.details["kv_tokens_per_layer"] == {str(i): b for i, b in expected.items()}
     assert len(story_ids) > 300
+
+
+# ---- pruning during the prefill (issue 14) ------------------------------------------------------
+def prefill_then_prune(model, ids: torch.Tensor, method: ScoredKVPruner, default_budget: int = 1024):
+    """The reference: prefill the whole prompt, then prune the full cache (the after-prefill path,
+    what ``gemserve eval``'s shared prefill uses); logits, cache and selection."""
+    install_probe_attention(model)
+    cache = DynamicCache(config=model.config)
+    n = int(ids.shape[1])
+    attachment = KVAttachment(method, model, ids, cache, default_budget)
+    with torch.inference_mode(), attachment.prefill():
+        logits = model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(n).unsqueeze(0)).logits
+    return logits, cache, attachment
+
+
+def prefill_pruning(model, ids: torch.Tensor, method: ScoredKVPruner, default_budget: int = 1024):
+    """What the engine attaches: each layer pruned right after its attention."""
+    install_probe_attention(model)
+    cache = DynamicCache(config=model.config)
+    n = int(ids.shape[1])
+    with torch.inference_mode(), method.attach(model, ids, cache, default_budget) as hooks, hooks.prefill():
+        logits = model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(n).unsqueeze(0)).logits
+    return logits, cache, hooks
+
+
+@pytest.mark.parametrize(
+    ("name", "knobs"),
+    [
+        ("snapkv", {"budget": 40, "window": 8}),
+        ("pyramidkv", {"budget": 40, "window": 8}),
+        ("h2o", {"budget": 40}),
+        ("streamingllm", {"budget": 40}),
+        ("snapkv", {"budget": 500}),  # a budget over the prompt keeps everything
+    ],
+)
+@pytest.mark.parametrize("which", ["tiny", "real"])
+def test_pruning_during_prefill_keeps_exactly_what_pruning_after_it_keeps(
+    tiny_model, tiny_ids, loaded_model, story_ids, which, name, knobs
+):
+    model, ids = (tiny_model, tiny_ids) if which == "tiny" else (loaded_model.model, torch.tensor([story_ids]))
+    ref_logits, ref_cache, ref = prefill_then_prune(model, ids, build_method(name, knobs))
+    logits, cache, hooks = prefill_pruning(model, ids, method := build_method(name, knobs))
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    assert hooks.selection.kept_indices == ref.selection.kept_indices
+    assert hooks.selection.details == ref.selection.details
+    assert hooks.kv_bytes_before == ref.kv_bytes_before == cache_bytes(full_cache(model, ids))
+    for layer, positions in method.kv_positions().items():
+        assert torch.equal(positions, ref.method.kv_positions()[layer]), layer
+    for got, want in zip(cache.layers, ref_cache.layers, strict=True):
+        assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "streamingllm", "pyramidkv"])
+def test_prefill_holds_at_most_one_unpruned_layer(loaded_model, story_ids, name):
+    """When each decoder layer starts, every earlier layer's cache is already cut to its budget."""
+    model = loaded_model.model
+    budget, n = 64, len(story_ids)
+    seen: list[list[int]] = []
+    cache = DynamicCache(config=model.config)
+
+    def record(module, args) -> None:
+        seen.append([layer.keys.shape[-2] if layer.is_initialized else 0 for layer in cache.layers])
+
+    handles = [layer.register_forward_pre_hook(record) for layer in decoder_layers(model)]
+    try:
+        ids = torch.tensor([story_ids])
+        method = build_method(name, {"budget": budget})
+        with torch.inference_mode(), method.attach(model, ids, cache, 1024) as hooks, hooks.prefill():
+            model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(n).unsqueeze(0))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(seen) == model.config.num_hidden_layers
+    for index, lengths in enumerate(seen):
+        assert all(0 < length < n for length in lengths[:index]), (index, lengths)
+        assert all(length == 0 for length in lengths[index:]), (index, lengths)
+    assert max(layer.keys.shape[-2] for layer in cache.layers) < n
+
+
+def test_kv_method_metrics_select_ms_is_the_compression_select_ms(engine, story_ids):
+    """It was 0 in ``metrics`` while ``compression`` reported the pruning time."""
+    request = GenerationRequest(
+        story_ids, SamplingParams(max_tokens=1, temperature=0.0), CompressionSpec("snapkv", {"budget": 64})
+    )
+    result = engine.generate(request)
+    assert result.metrics.select_ms == result.compression.select_ms > 0
+    assert result.metrics.select_ms <= result.metrics.prefill_ms  # scoring and pruning run inside the prefill
 
 
 # ---- bad knobs -----------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ import pytest
 import schemathesis
 
 from server.app import create_app
-from server.engine.scheduler import HFAsyncEngine
-from server.engine.types import CompressionReport, GenerationRequest, GenerationResult, TokenDelta
-from server.measure import RequestMetrics
+from server.engine.hf_async import HFAsyncEngine
+from server.engine.types import GenerationRequest, GenerationResult, TokenDelta
+from server.protocol import CompressionInfo, MetricsInfo
 from server.settings import Settings
 from tests.conftest import serve_app
 
@@ -41,8 +41,8 @@ class StubGenerationEngine:
         for token in tokens:
             yield TokenDelta(token_id=token, text="x")
         n = len(request.prompt_ids)
-        report = CompressionReport(method=method.name, prompt_tokens=n, kept_tokens=n, ratio=1.0, select_ms=0.0)
-        yield GenerationResult("x" * len(tokens), tokens, "length", n, report, RequestMetrics(ttft_ms=1, e2e_ms=1))
+        report = CompressionInfo(method=method.name, prompt_tokens=n, kept_tokens=n, ratio=1.0, select_ms=0.0)
+        yield GenerationResult("x" * len(tokens), tokens, "length", n, report, MetricsInfo(ttft_ms=1, e2e_ms=1))
 
 
 # The schema comes from an app built without a model (building the OpenAPI needs none).

@@ -184,7 +184,7 @@ def test_needle_answered_like_hf_backend_on_same_ids(url, vllm_engine, engine):
     ids = engine.encode_chat([user(case.user_message())])
     compression = CompressionSpec(method="gemfilter", knobs={"budget": 128}, return_selection=True)
     hf = engine.generate(GenerationRequest(ids, SamplingParams(max_tokens=16, temperature=0.0), compression))
-    kept = [ids[i] for i in hf.compression.selection["kept_indices"]]
+    kept = [ids[i] for i in hf.compression.selection.kept_indices]
 
     body = body_for("chat", case.user_message(), "gemfilter", stream=False, max_tokens=16)
     body["compression"]["budget"] = 128

@@ -6,10 +6,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evals.needles import Needle
 from server.commands.common import add_model_arguments, parse_knobs
+
+if TYPE_CHECKING:
+    from server.engine.types import GenerationResult
+    from server.protocol import CompressionInfo
 
 DEMO_TOKENS = 3500
 DEMO_DEPTH = 0.6
@@ -113,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
             "text": result.text,
             "finish_reason": result.finish_reason,
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-            "compression": result.compression.to_dict(),
-            "metrics": result.metrics.to_dict(),
+            "compression": result.compression.model_dump(exclude_none=True),
+            "metrics": result.metrics.model_dump(),
         }
         if expected:
             out["demo"] = {"question": expected.question, "answer": expected.answer, "found": found}
@@ -128,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_cost_table(result))
     if args.show_selection and result.compression.selection:
         print("\nkept spans:")
-        for span in result.compression.selection["spans"]:
-            print(f"  [{span['start']}:{span['end']}] {span['text']!r}")
+        for span in result.compression.selection.spans:
+            print(f"  [{span.start}:{span.end}] {span.text!r}")
     if expected:
         print(f"\nneedle answer {'FOUND' if found else 'NOT found'} in the output")
     return 0
@@ -145,15 +149,15 @@ def read_context(args: argparse.Namespace) -> str | None:
     return args.context_file.read_text(encoding="utf-8", errors="replace")
 
 
-def attention_rows(report: Any) -> list[tuple[str, str]]:
+def attention_rows(report: CompressionInfo) -> list[tuple[str, str]]:
     rows = []
     for label, info in (("filter attention", report.filter_attention), ("attention", report.attention)):
         if info:
-            rows.append((label, f"{info['backend']}, density {info['density']:.3f} of causal pairs"))
+            rows.append((label, f"{info.backend}, density {info.density:.3f} of causal pairs"))
     return rows
 
 
-def format_cost_table(result: Any) -> str:
+def format_cost_table(result: GenerationResult) -> str:
     c, m = result.compression, result.metrics
     rows = [
         ("method", c.method + (f" (layer {c.layer})" if c.layer is not None else "")),

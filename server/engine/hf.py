@@ -11,30 +11,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Generator, Iterator
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache
 
-from compressors import CompressionError, KVCompressor, Method, PromptSelector, Selection, build_method
+from compressors import CompressionError, Method, build_method
 from compressors.attention import DEFAULT_ATTENTION, AttentionBackend, build_attention
-from compressors.base import cache_bytes
+from compressors.base import Attachment, cache_bytes
 from compressors.probe import use_attention
 from server.engine.detokenize import IncrementalDetokenizer
-from server.engine.plan import check_context_length, check_method_for_prompt, compression_report
+from server.engine.plan import check_method_fits, check_prompt_and_sampling, compression_report
 from server.engine.sampling import choose_token, make_generator
 from server.engine.tokenize import PromptEncoder
-from server.engine.types import (
-    CompressionReport,
-    CompressionSpec,
-    GenerationRequest,
-    GenerationResult,
-    RequestError,
-    TokenDelta,
-)
-from server.measure import PeakMemoryMeter, RequestMetrics, elapsed_ms, sync
+from server.engine.types import CompressionSpec, GenerationRequest, GenerationResult, RequestError, TokenDelta
+from server.measure import PeakMemoryMeter, elapsed_ms, sync
 from server.models import LoadedModel
+from server.protocol import AttentionInfo, CompressionInfo, MetricsInfo
 
 logger = logging.getLogger(__name__)
 
@@ -101,16 +94,13 @@ class HFEngine:
             raise RequestError(str(exc), param=exc.param) from exc
 
     def check_request(self, request: GenerationRequest) -> Method:
-        """Raise :class:`RequestError` for anything that would fail later; return the method."""
-        if not request.prompt_ids:
-            raise RequestError("prompt must not be empty", param="prompt")
-        request.sampling.validate()
+        """Raise :class:`RequestError` for anything that would fail later. Builds the request's
+        method and attention backend once and carries them on the request."""
+        check_prompt_and_sampling(request, len(self.tokenizer))
         method = self.resolve_method(request.compression)
-        self.resolve_attention(request.compression)
-        check_context_length(
-            len(request.prompt_ids), method, request.sampling.max_tokens, self.max_model_len, self.default_budget
-        )
-        check_method_for_prompt(method, len(request.prompt_ids), self.default_budget)
+        attention = self.resolve_attention(request.compression)
+        check_method_fits(request, method, self.max_model_len, self.default_budget)
+        request.method, request.attention = method, attention
         return method
 
     # ---- the request path -----------------------------------------------------------------
@@ -122,72 +112,69 @@ class HFEngine:
 
     def stream(self, request: GenerationRequest) -> Iterator[TokenDelta | GenerationResult]:
         """Yield a :class:`TokenDelta` per generated token, then one :class:`GenerationResult`."""
-        method = self.check_request(request)
-        metrics = RequestMetrics(queue_ms=request.queue_ms)
+        if request.method is None:  # not admitted through the async engine (CLI, tests)
+            self.check_request(request)
+        metrics = MetricsInfo(queue_ms=request.queue_ms)
         meter = PeakMemoryMeter(self.device)
         with meter, torch.inference_mode():
-            result = yield from self._run(request, method, metrics, meter)
+            result = yield from self._run(request, metrics, meter)
         metrics.peak_memory_bytes = meter.peak_bytes
         metrics.memory_baseline_bytes = meter.baseline_bytes
         metrics.memory_source = meter.source
         yield result
 
     def _run(
-        self, request: GenerationRequest, method: Method, metrics: RequestMetrics, meter: PeakMemoryMeter
+        self, request: GenerationRequest, metrics: MetricsInfo, meter: PeakMemoryMeter
     ) -> Generator[TokenDelta, None, GenerationResult]:
+        method, attention = request.method, request.attention
+        assert method is not None and attention is not None  # set at admission
         prompt = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
-        n = prompt.shape[1]
-        selection, prefill_ids = self.select_prompt(method, prompt)
-        metrics.select_ms = selection.select_ms
-
         cache = DynamicCache(config=self.model.config)
-        attention = self.resolve_attention(request.compression)
-        start = time.perf_counter()
-        logits, kv_before = self.prefill(prefill_ids, cache, method, attention)
-        if isinstance(method, KVCompressor):
-            selection = method.compress(cache, n, self.default_budget)
-        sync(self.device)
-        meter.sample_now()
-        metrics.prefill_ms = elapsed_ms(start)
-        report = self.report(request, method, selection, cache, kv_before, attention)
-        position = int(prefill_ids.shape[1]) if not isinstance(method, KVCompressor) else n
-        return (yield from self.decode_from(request, method, cache, logits, position, report, metrics))
+        with method.attach(self.model, prompt, cache, self.default_budget, self.tokenizer) as hooks:
+            sync(self.device)
+            start = time.perf_counter()
+            logits = self.prefill(hooks, cache, attention)
+            sync(self.device)
+            meter.sample_now()
+            metrics.prefill_ms = elapsed_ms(start)
+            metrics.select_ms = hooks.selection.select_ms
+            report = self.report(request, method, hooks, cache, attention)
+            return (yield from self.decode_from(request, hooks, cache, logits, report, metrics))
 
     def report(
         self,
         request: GenerationRequest,
         method: Method,
-        selection: Selection,
+        hooks: Attachment,
         cache: DynamicCache,
-        kv_before: int,
         attention: AttentionBackend,
-    ) -> CompressionReport:
+    ) -> CompressionInfo:
         """The response's ``compression`` once the cache is final (pruned, for KV methods)."""
         report = compression_report(
-            method, selection, self.tokenizer, request.prompt_ids, request.compression.return_selection
+            method, hooks.selection, self.tokenizer, request.prompt_ids, request.compression.return_selection
         )
-        if isinstance(method, KVCompressor):
-            report.kv_bytes_before, report.kv_bytes_after = kv_before, cache_bytes(cache)
-        report.attention = attention.report()
+        if hooks.kv_bytes_before is not None:
+            report.kv_bytes_before, report.kv_bytes_after = hooks.kv_bytes_before, cache_bytes(cache)
+        report.attention = AttentionInfo.model_validate(attention.report())
         return report
 
     def decode_from(
         self,
         request: GenerationRequest,
-        method: Method,
+        hooks: Attachment,
         cache: DynamicCache,
         logits: torch.Tensor,
-        position: int,
-        report: CompressionReport,
-        metrics: RequestMetrics,
+        report: CompressionInfo,
+        metrics: MetricsInfo,
     ) -> Generator[TokenDelta, None, GenerationResult]:
-        """From the prefill's last logits to the result: sample, yield, decode one token at a time.
-        ``position`` is the next token's position (a pruned cache is shorter than the sequence)."""
+        """From the prefill's last logits to the result: sample, yield, decode one token at a time
+        at positions from ``hooks.next_position`` (a pruned cache is shorter than the sequence)."""
         metrics.kv_cache_bytes = cache_bytes(cache)
         sampling = request.sampling
         generator = make_generator(sampling, self.device)
         detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
         finish_reason = "length"
+        position = hooks.next_position
         decode_start = time.perf_counter()
         token = choose_token(logits, sampling, generator)
         metrics.ttft_ms = elapsed_ms(request.arrival_time)
@@ -205,7 +192,7 @@ class HFEngine:
             if request.cancelled.is_set():
                 finish_reason = "cancelled"
                 break
-            logits = self.decode_one_token(token, cache, position, method)
+            logits = self.decode_one_token(token, cache, position, hooks)
             position += 1
             token = choose_token(logits, sampling, generator)
         tail = detok.flush()
@@ -228,40 +215,18 @@ class HFEngine:
             metrics=metrics,
         )
 
-    def select_prompt(self, method: Method, prompt: torch.Tensor) -> tuple[Selection, torch.Tensor]:
-        """Run a prompt selector (GemFilter); other methods keep every prompt token here."""
-        n = int(prompt.shape[1])
-        if isinstance(method, PromptSelector):
-            selection = method.select(self.model, prompt, self.default_budget, self.tokenizer)
-            sync(self.device)
-            if selection.kept_tokens == n:
-                return selection, prompt
-            kept = torch.tensor(selection.kept_indices, dtype=torch.long, device=self.device)
-            return selection, prompt.index_select(1, kept)
-        return Selection(method=method.name, prompt_tokens=n, kept_indices=list(range(n))), prompt
-
     def prefill(
-        self, ids: torch.Tensor, cache: DynamicCache, method: Method, attention: AttentionBackend | None = None
-    ) -> tuple[torch.Tensor, int]:
-        """Fill the cache with ``ids`` at positions ``0..len-1`` with ``attention`` computing the
-        attention (None: dense); return last-token logits and the cache bytes before any pruning."""
-        observe = (
-            method.prefill_observer(self.model, int(ids.shape[1]))
-            if isinstance(method, KVCompressor)
-            else nullcontext()
-        )
-        with observe, use_attention(attention):
-            logits = self.forward(ids, cache, start_position=0)
-        return logits, cache_bytes(cache)
+        self, hooks: Attachment, cache: DynamicCache, attention: AttentionBackend | None = None
+    ) -> torch.Tensor:
+        """Fill the cache with ``hooks.prefill_ids`` at positions ``0..len-1``, the method's prefill
+        hooks around it and ``attention`` computing the attention (None: dense); last-token logits."""
+        with hooks.prefill(), use_attention(attention):
+            return self.forward(hooks.prefill_ids, cache, start_position=0)
 
-    def decode_one_token(self, token: int, cache: DynamicCache, position: int, method: Method) -> torch.Tensor:
+    def decode_one_token(self, token: int, cache: DynamicCache, position: int, hooks: Attachment) -> torch.Tensor:
         ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
-        if isinstance(method, KVCompressor):
-            with method.decode_observer(self.model):
-                logits = self.forward(ids, cache, start_position=position)
-            method.after_decode_step(cache)
-            return logits
-        return self.forward(ids, cache, start_position=position)
+        with hooks.decode_step():
+            return self.forward(ids, cache, start_position=position)
 
     def forward(self, ids: torch.Tensor, cache: DynamicCache, start_position: int) -> torch.Tensor:
         """One forward; positions are explicit because a pruned cache is shorter than the

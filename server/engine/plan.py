@@ -1,12 +1,31 @@
-"""What every backend does the same way around generation: the context check before it and the
+"""What every backend does the same way around generation: the request checks before it and the
 ``compression`` report after it, so the hf and vllm backends cannot drift apart."""
 
 from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from compressors import CompressionError, Method, PromptSelector, Selection
-from server.engine.types import CompressionReport, RequestError
+from compressors import CompressionError, Method, Selection
+from server.engine.types import GenerationRequest, RequestError
+from server.protocol import AttentionInfo, CompressionInfo, SelectionInfo, SelectionSpan
+
+
+def check_prompt_and_sampling(request: GenerationRequest, vocab_size: int) -> None:
+    """What any backend refuses before looking at the method: an empty prompt, an unknown token
+    id (token-id prompts come from clients and would crash the forward), bad sampling values."""
+    if not request.prompt_ids:
+        raise RequestError("prompt must not be empty", param="prompt")
+    bad = next((i for i in request.prompt_ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise RequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})", param="prompt")
+    request.sampling.validate()
+
+
+def check_method_fits(request: GenerationRequest, method: Method, max_model_len: int, default_budget: int) -> None:
+    """The built method against this prompt: the context it takes and its knobs' budget."""
+    prompt_tokens = len(request.prompt_ids)
+    check_context_length(prompt_tokens, method, request.sampling.max_tokens, max_model_len, default_budget)
+    check_method_for_prompt(method, prompt_tokens, default_budget)
 
 
 def check_method_for_prompt(method: Method, prompt_tokens: int, default_budget: int) -> None:
@@ -30,8 +49,7 @@ def check_context_length(
 ) -> None:
     """Refuse a prompt beyond the context, or one that leaves no room for ``max_tokens``."""
     check_prompt_fits(prompt_tokens, max_model_len)
-    # Positions used: a prompt selector restarts them at 0 for the kept tokens.
-    used = method.resolve_budget(prompt_tokens, default_budget) if isinstance(method, PromptSelector) else prompt_tokens
+    used = method.prefill_positions(prompt_tokens, default_budget)
     if used + max_tokens > max_model_len:
         raise RequestError(
             f"this model's maximum context length is {max_model_len} tokens; the request needs "
@@ -46,9 +64,9 @@ def compression_report(
     tokenizer: PreTrainedTokenizerBase,
     prompt_ids: list[int],
     return_selection: bool,
-) -> CompressionReport:
+) -> CompressionInfo:
     """The response's ``compression`` field; the kept indices and text spans only when asked."""
-    report = CompressionReport(
+    return CompressionInfo(
         method=method.name,
         prompt_tokens=selection.prompt_tokens,
         kept_tokens=selection.kept_tokens,
@@ -56,16 +74,16 @@ def compression_report(
         select_ms=selection.select_ms,
         layer=selection.layer,
         skipped=selection.skipped,
-        filter_attention=selection.filter_attention,
+        filter_attention=None if selection.filter_attention is None else AttentionInfo(**selection.filter_attention),
+        selection=selection_info(selection, tokenizer, prompt_ids) if return_selection else None,
     )
-    if return_selection:
-        report.selection = {
-            "kept_indices": selection.kept_indices,
-            "protected_tail": selection.protected_tail,
-            "spans": [
-                {"start": start, "end": end, "text": tokenizer.decode(prompt_ids[start:end], skip_special_tokens=False)}
-                for start, end in selection.spans
-            ],
-            **selection.details,
-        }
-    return report
+
+
+def selection_info(selection: Selection, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int]) -> SelectionInfo:
+    spans = [
+        SelectionSpan(start=start, end=end, text=tokenizer.decode(prompt_ids[start:end], skip_special_tokens=False))
+        for start, end in selection.spans
+    ]
+    return SelectionInfo(
+        kept_indices=selection.kept_indices, protected_tail=selection.protected_tail, spans=spans, **selection.details
+    )

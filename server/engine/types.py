@@ -1,4 +1,9 @@
-"""What goes into an engine and what comes out: plain dataclasses, no web types."""
+"""What goes into an engine and what comes out.
+
+Requests are plain dataclasses; results carry the response's own ``compression`` and ``metrics``
+models (server/protocol.py, torch-free), which the engine fills directly: one definition of
+each, from the engine to the SDK.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from server.measure import RequestMetrics
+from server.protocol import CompressionInfo, MetricsInfo
+
+if TYPE_CHECKING:
+    from compressors import Method
+    from compressors.attention import AttentionBackend
 
 
 class RequestError(ValueError):
@@ -61,6 +70,9 @@ class GenerationRequest:
     queue_ms: float = 0.0  # set by the scheduler when the request leaves the queue
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated_tokens: int = 0  # counted by the engine as it decodes, also for a request cut short
+    # Built and validated once, at admission (the engine's check_request), then carried here.
+    method: Method | None = None
+    attention: AttentionBackend | None = None
     # Called once by the engine when it is done with the request (finished, failed or cancelled):
     # the server counts generated tokens here, so those decoded before a disconnect count too.
     on_finish: Callable[[GenerationRequest], None] | None = None
@@ -80,51 +92,13 @@ class TokenDelta:
 
 
 @dataclass
-class CompressionReport:
-    method: str
-    prompt_tokens: int
-    kept_tokens: int
-    ratio: float
-    select_ms: float
-    layer: int | None = None
-    kv_bytes_before: int | None = None
-    kv_bytes_after: int | None = None
-    skipped: str | None = None  # why the method kept everything without running
-    attention: dict[str, Any] | None = None  # the prefill's attention backend and its density
-    filter_attention: dict[str, Any] | None = None  # GemFilter's filter-pass backend and its density
-    selection: dict[str, Any] | None = None  # kept indices and text spans, when asked
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {
-            "method": self.method,
-            "prompt_tokens": self.prompt_tokens,
-            "kept_tokens": self.kept_tokens,
-            "ratio": round(self.ratio, 6),
-            "select_ms": round(self.select_ms, 3),
-        }
-        for key in (
-            "layer",
-            "kv_bytes_before",
-            "kv_bytes_after",
-            "skipped",
-            "attention",
-            "filter_attention",
-            "selection",
-        ):
-            value = getattr(self, key)
-            if value is not None:
-                out[key] = value
-        return out
-
-
-@dataclass
 class GenerationResult:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_tokens: int
-    compression: CompressionReport
-    metrics: RequestMetrics
+    compression: CompressionInfo
+    metrics: MetricsInfo
 
     @property
     def completion_tokens(self) -> int:

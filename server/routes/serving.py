@@ -21,7 +21,7 @@ from compressors.registry import method_names
 from server.engine.base import AsyncEngine, EventStream
 from server.engine.types import CompressionSpec, GenerationRequest, GenerationResult, SamplingParams, TokenDelta
 from server.errors import error_for_exception
-from server.protocol import CommonSamplingFields, CompressionInfo, MetricsInfo, UsageInfo
+from server.protocol import CommonSamplingFields, UsageInfo
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +92,6 @@ def usage_of(result: GenerationResult) -> UsageInfo:
         completion_tokens=result.completion_tokens,
         total_tokens=result.prompt_tokens + result.completion_tokens,
     )
-
-
-def compression_of(result: GenerationResult) -> CompressionInfo:
-    return CompressionInfo.model_validate(result.compression.to_dict())
-
-
-def metrics_of(result: GenerationResult) -> MetricsInfo:
-    return MetricsInfo.model_validate(result.metrics.to_dict())
 
 
 def finish_reason_of(result: GenerationResult) -> str:
@@ -196,7 +188,7 @@ async def sse_stream(generation: Generation) -> AsyncIterator[str]:
         generation.record(None, CLIENT_CLOSED_REQUEST)
         raise
     except Exception as exc:  # the status line is gone: report the error in-band, then [DONE]
-        spec = error_for_exception(exc)
+        spec = error_for_exception(exc, generation.request.request_id)
         logger.error("request %s failed mid-stream", generation.request.request_id, exc_info=exc)
         generation.record(None, spec.status)
         yield sse_event(json.dumps(spec.body()))
@@ -239,4 +231,4 @@ async def wait_for_disconnect(request: Request) -> None:
 
 
 def dump_extensions(result: GenerationResult) -> dict[str, Any]:
-    return {"usage": usage_of(result), "compression": compression_of(result), "metrics": metrics_of(result)}
+    return {"usage": usage_of(result), "compression": result.compression, "metrics": result.metrics}
