@@ -99,7 +99,7 @@ async def measure_needles(engine: Any, hf_engine: Any, tokens: int, budget: int,
             compression=CompressionSpec(method="gemfilter", knobs={"budget": budget}, return_selection=True),
         )
         hf_result = hf_engine.generate(hf_request)
-        hf_kept = [prompt.prompt_ids[j] for j in hf_result.compression.selection["kept_indices"]]
+        hf_kept = [prompt.prompt_ids[j] for j in hf_result.compression.selection.kept_indices]
         records.append(
             {
                 "depth": round(depth, 3),
@@ -125,8 +125,9 @@ async def measure_needles(engine: Any, hf_engine: Any, tokens: int, budget: int,
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from server.engine.filter_model import available_cores
     from server.engine.hf import HFEngine
-    from server.engine.vllm import VLLMSettings, available_cores, build_vllm_engine
+    from server.engine.vllm_setup import VLLMSettings, build_vllm_engine
     from server.models import load_model
     from server.settings import Settings
 

@@ -42,7 +42,7 @@ def build_engine(settings: Settings) -> AsyncEngine:
     """Load the model and wrap it in the backend's async engine (blocking: run it in a thread)."""
     if settings.backend == "hf":
         from server.engine.hf import HFEngine
-        from server.engine.scheduler import HFAsyncEngine
+        from server.engine.hf_async import HFAsyncEngine
         from server.models import load_model
 
         loaded = load_model(
@@ -55,7 +55,7 @@ def build_engine(settings: Settings) -> AsyncEngine:
         engine = HFEngine(loaded, default_method=settings.default_method, default_attention=settings.default_attention)
         return HFAsyncEngine(engine, settings.max_concurrency, settings.max_queue, settings.retry_after_s)
     if settings.backend == "vllm":  # GemFilter on a truncated HF model in front of vLLM (issue 5)
-        from server.engine.vllm import build_vllm_engine
+        from server.engine.vllm_setup import build_vllm_engine
 
         return build_vllm_engine(settings)
     raise ValueError(f"unknown backend '{settings.backend}'; available: {', '.join(BACKENDS)}")
@@ -168,7 +168,7 @@ class RequestContextMiddleware:
             logger.error("request %s failed", request_id, exc_info=exc)
             sent["status"] = 500
             if not sent["started"]:
-                await error_for_exception(exc).response()(scope, receive, send_with_id)
+                await error_for_exception(exc, request_id).response()(scope, receive, send_with_id)
         finally:
             self.finish(scope, request_state, int(request_state.get("outcome_status", sent["status"])), start)
 

@@ -48,7 +48,7 @@ def serve_app(app) -> AbstractContextManager[str]:
 def make_test_app(engine, **settings):
     """An app around the session's model: a fresh scheduler per app, no model reload."""
     from server.app import create_app
-    from server.engine.scheduler import HFAsyncEngine
+    from server.engine.hf_async import HFAsyncEngine
     from server.settings import Settings
 
     config = Settings(**settings)

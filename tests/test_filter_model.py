@@ -77,6 +77,6 @@ def test_cast_to_bfloat16_picks_what_the_full_model_in_bfloat16_picks(loaded_mod
     [(None, 0, 2, 2), (None, 1, 2, 1), (None, 3, 16, 1), (4, 0, 2, 4), (1, 0, 16, 1)],
 )
 def test_filter_pass_threads_take_every_core_only_while_vllm_is_idle(setting, running, cores, expected):
-    from server.engine.vllm import filter_thread_count
+    from server.engine.filter_model import filter_thread_count
 
     assert filter_thread_count(setting, running, cores) == expected

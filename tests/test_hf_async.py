@@ -16,7 +16,7 @@ import pytest
 
 from server.app import create_app
 from server.engine.base import EngineNotReadyError, QueueFullError
-from server.engine.scheduler import HFAsyncEngine
+from server.engine.hf_async import HFAsyncEngine
 from server.engine.types import GenerationRequest, GenerationResult, SamplingParams, TokenDelta
 from server.settings import Settings
 from tests.conftest import serve_app

@@ -42,7 +42,7 @@ def test_calibrate_writes_a_profile_with_its_recall_table(calibrated: Path, caps
 def test_the_server_filters_at_the_layer_the_profile_names(calibrated: Path) -> None:
     from server.app import create_app
     from server.engine.hf import HFEngine
-    from server.engine.scheduler import HFAsyncEngine
+    from server.engine.hf_async import HFAsyncEngine
     from server.models import load_model
     from server.settings import Settings
 

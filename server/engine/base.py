@@ -1,6 +1,6 @@
 """The backend-agnostic async engine the HTTP routes talk to.
 
-Every backend (``hf`` through :class:`server.engine.scheduler.HFAsyncEngine`, ``vllm``)
+Every backend (``hf`` through :class:`server.engine.hf_async.HFAsyncEngine`, ``vllm``)
 implements :class:`AsyncEngine`. The routes never see a backend's internals: they encode,
 check, and iterate ``stream()``, whose last item is the :class:`GenerationResult`.
 

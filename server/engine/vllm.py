@@ -11,8 +11,10 @@ Methods that prune the KV cache (SnapKV, H2O, StreamingLLM...) would have to rea
 vLLM's paged cache, which this backend does not do: they are refused with a 400 naming the
 methods it supports.
 
-vLLM spawns its engine in separate processes, so programs that build this engine need an
-``if __name__ == "__main__":`` guard (the ``gemserve`` console script has one).
+Its settings and its construction from the server's settings live in
+:mod:`server.engine.vllm_setup`. vLLM spawns its engine in separate processes, so programs that
+build this engine need an ``if __name__ == "__main__":`` guard (the ``gemserve`` console script
+has one).
 """
 
 from __future__ import annotations
@@ -20,29 +22,27 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from compressors import CompressionError, Method, PromptSelector, Selection, build_method
+from compressors import CompressionError, Method, Selection, build_method
 from compressors.attention import DEFAULT_ATTENTION, build_attention
+from compressors.base import keep_everything
 from compressors.gemfilter import GemFilter
 from compressors.registry import METHODS
-from server.engine.base import EngineEvent, EngineNotReadyError, QueueFullError
-from server.engine.filter_model import FilterModel, load_filter_model
+from server.engine.admission import Admission, Ticket
+from server.engine.base import EngineEvent
+from server.engine.filter_model import FilterModel, available_cores, filter_thread_count
 from server.engine.hf import DEFAULT_BUDGET
-from server.engine.plan import check_context_length, check_method_for_prompt, compression_report
-from server.engine.scheduler import check_token_ids
+from server.engine.plan import check_method_fits, check_prompt_and_sampling, compression_report
 from server.engine.tokenize import PromptEncoder
 from server.engine.types import (
     CompressionSpec,
@@ -57,12 +57,13 @@ from server.engine.vllm_measure import (
     config_kv_bytes_per_token,
     kv_bytes_per_token,
 )
-from server.measure import RequestMetrics, elapsed_ms
+from server.measure import elapsed_ms
+from server.protocol import MetricsInfo
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from server.settings import Settings
+    from server.engine.vllm_setup import VLLMSettings
 
 logger = logging.getLogger(__name__)
 
@@ -74,63 +75,8 @@ SUPPORTED_KINDS = ("none", "prompt")
 VLLM_PAYOFF_RATIO = 3.0
 
 
-class VLLMSettings(BaseSettings):
-    """Knobs of the vLLM engine itself, from ``GEMSERVE_VLLM_*`` env vars (e.g.
-    ``GEMSERVE_VLLM_ENFORCE_EAGER=1``). The served model, context cap and default method come
-    from the server's own settings."""
-
-    model_config = SettingsConfigDict(env_prefix="GEMSERVE_VLLM_", extra="ignore")
-
-    dtype: str = Field(
-        "auto",
-        description="vLLM's dtype ('auto': vLLM's own choice, bfloat16 for a float32 checkpoint on x86). The "
-        "filter model is cast to whatever vLLM resolves, so both halves of a request run the same dtype",
-    )
-    enforce_eager: bool = Field(False, description="Skip torch.compile: faster start, slower steps")
-    enable_prefix_caching: bool = Field(False, description="Off by default so every TTFT measures a real prefill")
-    kv_cache_gib: float | None = Field(
-        None, gt=0, description="KV cache vLLM preallocates; default: 1 GiB, more if one full-context request needs it"
-    )
-    max_num_seqs: int = Field(16, ge=1, description="Sequences vLLM batches at once")
-    filter_layer: int | None = Field(None, ge=0, description="Deepest GemFilter layer served (default: calibrated)")
-    filter_threads: int | None = Field(
-        None,
-        ge=1,
-        description="torch threads of the filter pass in the API process. None (auto): every core this process "
-        "may use while vLLM runs no request (its CPU worker then sleeps), 1 while it runs one, so the filter "
-        "pass does not fight vLLM's worker for its core",
-    )
-    recorded_prompts: int = Field(64, ge=0, description="Recent vLLM prompt ids kept for inspection (tests)")
-
-
 def supported_methods() -> list[str]:
     return [name for name, cls in METHODS.items() if cls.kind in SUPPORTED_KINDS]
-
-
-class _Ticket:
-    """One admitted request in the engine's waiting/running counts. Released exactly once: by
-    the stream's ``finally``, or when a stream closed before it ever started is collected."""
-
-    def __init__(self, engine: VLLMEngine) -> None:
-        self.engine = engine
-        self.state = "waiting"
-        engine._waiting += 1
-
-    def start_running(self) -> None:
-        if self.state == "waiting":
-            self.engine._waiting -= 1
-            self.engine._running += 1
-            self.state = "running"
-
-    def release(self) -> None:
-        if self.state == "waiting":
-            self.engine._waiting -= 1
-        elif self.state == "running":
-            self.engine._running -= 1
-        self.state = "done"
-
-    def __del__(self) -> None:
-        self.release()
 
 
 class VLLMEngine:
@@ -145,11 +91,11 @@ class VLLMEngine:
         tokenizer: PreTrainedTokenizerBase,
         filter_model: FilterModel,
         max_model_len: int,
+        options: VLLMSettings,
         default_method: str = "none",
         default_budget: int = DEFAULT_BUDGET,
         max_queue: int = 64,
         retry_after_s: int = 1,
-        options: VLLMSettings | None = None,
     ) -> None:
         self.name = name
         self.model_dir = model_dir
@@ -159,18 +105,16 @@ class VLLMEngine:
         self.encoder = PromptEncoder(tokenizer, max_model_len)
         self.default_method = default_method
         self.default_budget = default_budget
-        self.max_queue = max_queue
-        self.retry_after_s = retry_after_s
-        self.options = options or VLLMSettings()
+        self.options = options
+        self.admission = Admission(self.options.max_num_seqs, "max_num_seqs", max_queue, retry_after_s)
         self.llm: AsyncLLM | None = None
         self.kv_bytes_per_token = 0
-        self.aborted_request_ids: list[str] = []
+        # The most recent aborted vLLM request ids (tests and logs read them): bounded, as a
+        # long-running server aborts one per client disconnect.
+        self.aborted_request_ids: deque[str] = deque(maxlen=self.options.recorded_prompts)
         # vLLM request id -> the prompt token ids vLLM reported it generated from (bounded).
         self.vllm_prompts: OrderedDict[str, list[int]] = OrderedDict()
         self._filter_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemfilter")
-        self._waiting = 0
-        self._running = 0
-        self._accepting = False
         self.resolve_method(default_method)
 
     # ---- what the routes read --------------------------------------------------------------
@@ -184,11 +128,11 @@ class VLLMEngine:
 
     @property
     def num_running(self) -> int:
-        return self._running
+        return self.admission.running
 
     @property
     def num_waiting(self) -> int:
-        return self._waiting
+        return self.admission.waiting
 
     # Tokenisation follows the same rules as HFEngine, so both backends see the same ids.
     def encode_prompt(self, text: str) -> list[int]:
@@ -240,16 +184,11 @@ class VLLMEngine:
             )
 
     def check_request(self, request: GenerationRequest) -> Method:
-        if not request.prompt_ids:
-            raise RequestError("prompt must not be empty", param="prompt")
-        check_token_ids(request.prompt_ids, len(self.tokenizer))
-        request.sampling.validate()
+        check_prompt_and_sampling(request, len(self.tokenizer))
         method = self.resolve_method(request.compression.method, request.compression.knobs)
         self.check_attention(request.compression)
-        check_context_length(
-            len(request.prompt_ids), method, request.sampling.max_tokens, self.max_model_len, self.default_budget
-        )
-        check_method_for_prompt(method, len(request.prompt_ids), self.default_budget)
+        check_method_fits(request, method, self.max_model_len, self.default_budget)
+        request.method = method
         return method
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -280,7 +219,7 @@ class VLLMEngine:
             self.llm.model_config.dtype,
             self.kv_bytes_per_token,
         )
-        self._accepting = True
+        self.admission.accepting = True
 
     def kv_cache_budget_bytes(self) -> int:
         """vLLM on CPU would otherwise reserve 92% of RAM (and refuse to start when less is free);
@@ -291,10 +230,7 @@ class VLLMEngine:
         return max(1 << 30, 2 * per_token * self.max_model_len)
 
     async def shutdown(self) -> None:
-        self._accepting = False
-        deadline = time.monotonic() + 60.0
-        while (self._running or self._waiting) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await self.admission.drain(timeout_s=60.0)
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
@@ -309,21 +245,12 @@ class VLLMEngine:
     # ---- the request path ------------------------------------------------------------------
     def stream(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         """Admit now (errors raise here, before any response byte), generate in the iterator."""
-        if not self._accepting or self.llm is None:
-            raise EngineNotReadyError("the engine is not accepting requests (starting or shutting down)")
-        method = self.check_request(request)
-        if self._running + self._waiting >= self.options.max_num_seqs + self.max_queue:
-            raise QueueFullError(
-                f"server is busy: {self._running} running and {self._waiting} waiting "
-                f"(max_num_seqs={self.options.max_num_seqs}, max_queue={self.max_queue}); retry later",
-                retry_after_s=self.retry_after_s,
-            )
-        return self._generate(request, method, _Ticket(self))
+        ticket = self.admission.admit(lambda: self.check_request(request))
+        assert request.method is not None and self.llm is not None  # set by check_request; accepting after start
+        return self._generate(request, request.method, ticket)
 
-    async def _generate(
-        self, request: GenerationRequest, method: Method, ticket: _Ticket
-    ) -> AsyncIterator[EngineEvent]:
-        metrics = RequestMetrics()
+    async def _generate(self, request: GenerationRequest, method: Method, ticket: Ticket) -> AsyncIterator[EngineEvent]:
+        metrics = MetricsInfo()
         try:
             with ProcessTreeMemoryMeter() as meter:
                 selection = await self._select(request, method, metrics)
@@ -345,29 +272,33 @@ class VLLMEngine:
             ticket.release()
             request.finish()
 
-    async def _select(self, request: GenerationRequest, method: Method, metrics: RequestMetrics) -> Selection:
-        """GemFilter on the filter model, one pass at a time; the wait before it is queue time."""
+    async def _select(self, request: GenerationRequest, method: Method, metrics: MetricsInfo) -> Selection:
+        """The method (a prompt selector, or ``none``) attached to the filter model, one request at a
+        time; the wait before it is queue time. vLLM owns the cache, so none is attached."""
         loop = asyncio.get_running_loop()
-        n = len(request.prompt_ids)
 
         def run() -> Selection:
             metrics.queue_ms = elapsed_ms(request.arrival_time)
-            if isinstance(method, PromptSelector) and not request.cancelled.is_set():
-                # Per pass and in this worker thread: OpenMP's thread count is a per-thread setting.
-                torch.set_num_threads(self.filter_threads())
-                ids = torch.tensor([request.prompt_ids], dtype=torch.long)
-                return method.select(self.filter_model.model, ids, self.default_budget, self.tokenizer)
-            return Selection(method=method.name, prompt_tokens=n, kept_indices=list(range(n)))
+            if request.cancelled.is_set():  # the client left while waiting: skip the filter pass
+                return keep_everything(method.name, len(request.prompt_ids))
+            # Per pass and in this worker thread: OpenMP's thread count is a per-thread setting.
+            torch.set_num_threads(self.filter_threads())
+            ids = torch.tensor([request.prompt_ids], dtype=torch.long)
+            with (
+                torch.inference_mode(),
+                method.attach(self.filter_model.model, ids, None, self.default_budget, self.tokenizer) as hooks,
+            ):
+                return hooks.selection
 
         selection = await loop.run_in_executor(self._filter_executor, run)
         metrics.select_ms = selection.select_ms
         return selection
 
     def filter_threads(self) -> int:
-        return filter_thread_count(self.options.filter_threads, self._running, available_cores())
+        return filter_thread_count(self.options.filter_threads, self.admission.running, available_cores())
 
     async def _decode(
-        self, request: GenerationRequest, method: Method, selection: Selection, metrics: RequestMetrics
+        self, request: GenerationRequest, method: Method, selection: Selection, metrics: MetricsInfo
     ) -> AsyncIterator[EngineEvent]:
         """Hand the kept ids to vLLM and relay its deltas; abort it if we stop early."""
         from vllm import SamplingParams as VLLMSamplingParams
@@ -449,60 +380,8 @@ class VLLMEngine:
             self.vllm_prompts.popitem(last=False)
 
 
-def filter_thread_count(setting: int | None, vllm_running: int, cores: int) -> int:
-    """Threads for the next filter pass (``setting`` None: auto).
-
-    Filter passes run one at a time and a request reaches vLLM only after its own pass, so while
-    vLLM runs nothing, no vLLM work can start during this pass: every core is ours (4K tokens,
-    bf16, 2 cores: 1.6 s vs 2.9 s on 1, measured). Otherwise 1: with vLLM's worker busy, 2
-    threads were no faster (3.1-3.7 s either way) and would take cycles from its decode steps.
-    """
-    if setting is not None:
-        return setting
-    return cores if vllm_running == 0 else 1
-
-
-def available_cores() -> int:
-    """CPUs this process may run on (its affinity mask, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def map_finish_reason(reason: str | None) -> str:
     """vLLM's ``stop``/``length``/``abort`` -> the engine's ``stop``/``length``/``cancelled``."""
     if reason == "abort":
         return "cancelled"
     return reason if reason in ("stop", "length") else "stop"
-
-
-def build_vllm_engine(settings: Settings) -> VLLMEngine:
-    """Resolve the model dir (converting GGUF once), load tokenizer + filter model; vLLM starts
-    in :meth:`VLLMEngine.start`. vLLM does not read GGUF on CPU, so it gets the converted dir."""
-    from transformers import AutoConfig
-
-    from server.models import resolve_model_dir
-
-    if settings.default_attention != DEFAULT_ATTENTION:
-        raise ValueError(
-            f"--default-attention {settings.default_attention}: the vllm backend prefills with vLLM's own attention"
-        )
-    name, source = resolve_model_dir(settings.model, settings.cache_dir)
-    model_dir = Path(source)
-    options = VLLMSettings()
-    context = int(getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "max_position_embeddings", 0))
-    if settings.max_model_len is not None:
-        if context and settings.max_model_len > context:
-            raise ValueError(f"--max-model-len {settings.max_model_len} exceeds the model's context of {context}")
-        context = settings.max_model_len
-    return VLLMEngine(
-        name=name,
-        model_dir=model_dir,
-        tokenizer=AutoTokenizer.from_pretrained(model_dir),
-        filter_model=load_filter_model(
-            model_dir, options.filter_layer, profile=settings.profile, name=name, cache_dir=settings.cache_dir
-        ),
-        max_model_len=context,
-        default_method=settings.default_method,
-        max_queue=settings.max_queue,
-        retry_after_s=settings.retry_after_s,
-        options=options,
-    )

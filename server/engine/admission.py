@@ -1,0 +1,79 @@
+"""Who gets in, once for every backend: the accepting flag, the running / waiting counts, the
+429 when they are full, and the drain at shutdown.
+
+A backend admits a request in its (synchronous) ``stream()`` call, so every refusal is raised
+before any response byte: :class:`EngineNotReadyError` (503) while starting or draining, the
+request's own check (400), then :class:`QueueFullError` (429 + ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from server.engine.base import EngineNotReadyError, QueueFullError
+
+
+class Admission:
+    """``slots`` requests run at once (``slots_name`` is the setting that says so, for the 429's
+    message); up to ``max_queue`` more wait."""
+
+    def __init__(self, slots: int, slots_name: str, max_queue: int, retry_after_s: int = 1) -> None:
+        if slots < 1:
+            raise ValueError(f"{slots_name} must be >= 1, got {slots}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.slots = slots
+        self.slots_name = slots_name
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        self.accepting = False
+        self.running = 0
+        self.waiting = 0
+
+    def admit(self, check: Callable[[], None]) -> Ticket:
+        """Refuse (503, the check's 400, 429) or count the request as waiting."""
+        if not self.accepting:
+            raise EngineNotReadyError("the engine is not accepting requests (starting or shutting down)")
+        check()
+        if self.running + self.waiting >= self.slots + self.max_queue:
+            raise QueueFullError(
+                f"server is busy: {self.running} running and {self.waiting} waiting "
+                f"({self.slots_name}={self.slots}, max_queue={self.max_queue}); retry later",
+                retry_after_s=self.retry_after_s,
+            )
+        return Ticket(self)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting; wait (at most ``timeout_s``) for every admitted request to finish."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout_s
+        while (self.running or self.waiting) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+
+class Ticket:
+    """One admitted request in the counts. Released exactly once: by the request's ``finally``, or
+    when a stream closed before it ever started is garbage-collected."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.state = "waiting"
+        admission.waiting += 1
+
+    def start_running(self) -> None:
+        if self.state == "waiting":
+            self.admission.waiting -= 1
+            self.admission.running += 1
+            self.state = "running"
+
+    def release(self) -> None:
+        if self.state == "waiting":
+            self.admission.waiting -= 1
+        elif self.state == "running":
+            self.admission.running -= 1
+        self.state = "done"
+
+    def __del__(self) -> None:
+        self.release()
