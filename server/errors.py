@@ -81,8 +81,10 @@ class ErrorSpec:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers or None)
 
 
-def error_for_exception(exc: BaseException) -> ErrorSpec:
-    """The single exception -> status table."""
+def error_for_exception(exc: BaseException, request_id: str | None = None) -> ErrorSpec:
+    """The single exception -> status table. Only errors that say the client is at fault are 4xx;
+    anything else (a plain ``ValueError`` from an invariant broken inside the engine included) is a
+    500 naming the request id its logged traceback is filed under."""
     if isinstance(exc, APIError):
         return ErrorSpec(exc.status_code, exc.error_type, str(exc), exc.param, exc.code)
     if isinstance(exc, RequestValidationError):
@@ -101,10 +103,9 @@ def error_for_exception(exc: BaseException) -> ErrorSpec:
         return ErrorSpec(
             exc.status_code, http_error_type(exc.status_code), message, code=code, headers=dict(exc.headers or {})
         )
-    if isinstance(exc, ValueError):
-        return ErrorSpec(400, "invalid_request_error", str(exc))
     # Never leak internals: the log has the traceback, keyed by the request id.
-    return ErrorSpec(500, "internal_error", "internal server error; the server log has the details")
+    where = f" under request id {request_id}" if request_id else ""
+    return ErrorSpec(500, "internal_error", f"internal server error; the server log has the details{where}")
 
 
 def validation_error(errors: Sequence[Any]) -> ErrorSpec:
@@ -135,7 +136,7 @@ def http_error_type(status: int) -> str:
 
 
 async def handle_exception(request: Request, exc: Exception) -> JSONResponse:
-    spec = error_for_exception(exc)
+    spec = error_for_exception(exc, getattr(request.state, "request_id", None))
     if spec.status >= 500 and spec.status != 503:
         logger.error("request %s failed", getattr(request.state, "request_id", "-"), exc_info=exc)
     return spec.response()
@@ -149,7 +150,6 @@ def register_error_handlers(app: FastAPI) -> None:
         EngineNotReadyError,
         RequestError,
         StarletteHTTPException,
-        ValueError,
     ):
         app.add_exception_handler(exc_type, handle_exception)
 

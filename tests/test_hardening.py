@@ -289,3 +289,27 @@ def test_generation_tokens_counted_when_the_client_leaves(server_url: str, engin
         assert time.monotonic() < deadline, f"counted {counted} of at least {received} tokens"
         time.sleep(0.2)
     assert received <= counted < 200
+
+
+# ---- issue 14: an invariant broken inside the engine is the server's fault ---------------------
+@pytest.mark.parametrize("stream", [False, True])
+def test_internal_value_error_is_500_with_the_request_id(server_url: str, engine, monkeypatch, caplog, stream) -> None:
+    """A plain ``ValueError`` raised inside the engine was answered as a 400 invalid_request_error."""
+
+    def broken_invariant(*args, **kwargs):
+        raise ValueError("every KV head must keep the same number of entries")
+
+    monkeypatch.setattr(engine, "decode_from", broken_invariant)
+    with caplog.at_level(logging.ERROR):
+        response = httpx.post(f"{server_url}/v1/completions", json={**SHORT, "stream": stream}, timeout=60)
+    request_id = response.headers["X-Request-Id"]
+    if stream:
+        assert response.status_code == 200  # the status line went out before the engine ran
+        payloads = [json.loads(p) for p in sse_events(response.text) if p != "[DONE]"]
+        error = next(payload["error"] for payload in payloads if "error" in payload)
+    else:
+        error = error_of(response, 500)
+    assert error["type"] == "internal_error"
+    assert request_id in error["message"] and "KV head" not in error["message"]  # no internals leak
+    failures = [r for r in caplog.records if request_id in r.getMessage()]
+    assert failures and failures[0].exc_info and "KV head" in str(failures[0].exc_info[1])
