@@ -60,11 +60,7 @@ def run_config(payload: dict[str, Any]) -> dict[str, Any]:
 
     name = payload["config"]
     if name.endswith(AFTER_PREFILL):  # the reference: prune the full cache once the prefill is done
-
-        def after_prefill(self, model, prompt_ids, cache, default_budget):  # type: ignore[no-untyped-def]
-            return KVAttachment(self, model, prompt_ids, cache, default_budget)
-
-        ScoredKVPruner.attachment = after_prefill  # type: ignore[method-assign]
+        ScoredKVPruner.kv_attachment = lambda self, target: KVAttachment(self, target)  # type: ignore[method-assign]
         name = name.removesuffix(AFTER_PREFILL)
     engine = HFEngine(load_model(payload["model"], device="cpu"))
     spec = CompressionSpec(name, {} if name == "none" else {"budget": payload["budget"]})

@@ -145,9 +145,28 @@ class Method:
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> Iterator[Attachment]:
         """Attach this method to one request on ``model``: ``prompt_ids (1, n)``, the request's
-        empty ``cache`` (None where the caller owns no cache, e.g. in front of vLLM). This base
-        keeps everything and hooks nothing (``none``)."""
-        yield Attachment(prompt_ids, keep_everything(self.name, int(prompt_ids.shape[-1])))
+        empty ``cache`` (None where the caller owns no cache, e.g. in front of vLLM), the server's
+        default budget, the prompt's tokenizer (for selectors that keep whole words)."""
+        yield self.attachment(Target(model, prompt_ids, cache, default_budget, tokenizer))
+
+    def attachment(self, target: Target) -> Attachment:
+        """This method's hooks for one request; the base keeps everything and hooks nothing."""
+        return Attachment(target.prompt_ids, keep_everything(self.name, target.prompt_tokens))
+
+
+@dataclass
+class Target:
+    """What a method is attached to (see :meth:`Method.attach`)."""
+
+    model: PreTrainedModel
+    prompt_ids: torch.Tensor
+    cache: Cache | None
+    default_budget: int
+    tokenizer: PreTrainedTokenizerBase | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.prompt_ids.shape[-1])
 
 
 class Attachment:
@@ -231,18 +250,10 @@ class PromptSelector(BudgetedMethod):
         # The kept tokens restart at position 0.
         return self.resolve_budget(prompt_tokens, default_budget)
 
-    @contextmanager
-    def attach(
-        self,
-        model: PreTrainedModel,
-        prompt_ids: torch.Tensor,
-        cache: Cache | None,
-        default_budget: int,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-    ) -> Iterator[Attachment]:
-        """Select at attach time: the prefill sees only the kept ids."""
-        selection = self.select(model, prompt_ids, default_budget, tokenizer)
-        yield Attachment(kept_ids(prompt_ids, selection), selection)
+    def attachment(self, target: Target) -> Attachment:
+        """Select now: the prefill sees only the kept ids."""
+        selection = self.select(target.model, target.prompt_ids, target.default_budget, target.tokenizer)
+        return Attachment(kept_ids(target.prompt_ids, selection), selection)
 
 
 def kept_ids(prompt_ids: torch.Tensor, selection: Selection) -> torch.Tensor:
@@ -267,23 +278,13 @@ class KVCompressor(BudgetedMethod):
 
     kind: ClassVar[str] = "kv"
 
-    @contextmanager
-    def attach(
-        self,
-        model: PreTrainedModel,
-        prompt_ids: torch.Tensor,
-        cache: Cache | None,
-        default_budget: int,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-    ) -> Iterator[Attachment]:
-        if cache is None:
+    def attachment(self, target: Target) -> Attachment:
+        if target.cache is None:
             raise CompressionError(f"method '{self.name}' prunes the KV cache: it needs the request's cache")
-        yield self.attachment(model, prompt_ids, cache, default_budget)
+        return self.kv_attachment(target)
 
-    def attachment(
-        self, model: PreTrainedModel, prompt_ids: torch.Tensor, cache: Cache, default_budget: int
-    ) -> KVAttachment:
-        return KVAttachment(self, model, prompt_ids, cache, default_budget)
+    def kv_attachment(self, target: Target) -> KVAttachment:
+        return KVAttachment(self, target)
 
     @contextmanager
     def prefill_observer(self, model: PreTrainedModel, prompt_tokens: int) -> Iterator[None]:
@@ -303,14 +304,13 @@ class KVCompressor(BudgetedMethod):
 class KVAttachment(Attachment):
     """A KV method on one request: observe the prefill, compress the full cache, then the decode hooks."""
 
-    def __init__(
-        self, method: KVCompressor, model: PreTrainedModel, prompt_ids: torch.Tensor, cache: Cache, default_budget: int
-    ) -> None:
-        super().__init__(prompt_ids, keep_everything(method.name, int(prompt_ids.shape[-1])))
+    def __init__(self, method: KVCompressor, target: Target) -> None:
+        assert target.cache is not None  # checked by KVCompressor.attachment
+        super().__init__(target.prompt_ids, keep_everything(method.name, target.prompt_tokens))
         self.method = method
-        self.model = model
-        self.cache = cache
-        self.default_budget = default_budget
+        self.model = target.model
+        self.cache: Cache = target.cache
+        self.default_budget = target.default_budget
 
     @property
     def prompt_tokens(self) -> int:

@@ -32,7 +32,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
-from compressors.base import KVAttachment, KVCompressor, Selection, layer_bytes
+from compressors.base import KVAttachment, KVCompressor, Selection, Target, layer_bytes
 from compressors.kv_scoring import (
     LayerScorer,
     LayerScores,
@@ -115,10 +115,8 @@ class ScoredKVPruner(KVCompressor):
             self._collected = collected
             yield
 
-    def attachment(
-        self, model: PreTrainedModel, prompt_ids: torch.Tensor, cache: Cache, default_budget: int
-    ) -> KVAttachment:
-        return PruningAttachment(self, model, prompt_ids, cache, default_budget)
+    def kv_attachment(self, target: Target) -> KVAttachment:
+        return PruningAttachment(self, target)
 
     def compress(self, cache: Cache, prompt_tokens: int, default_budget: int) -> Selection:
         """Prune a cache the whole prompt has been prefilled into (scores from ``prefill_observer``)."""
@@ -211,15 +209,8 @@ class PruningAttachment(KVAttachment):
 
     method: ScoredKVPruner
 
-    def __init__(
-        self,
-        method: ScoredKVPruner,
-        model: PreTrainedModel,
-        prompt_ids: torch.Tensor,
-        cache: Cache,
-        default_budget: int,
-    ) -> None:
-        super().__init__(method, model, prompt_ids, cache, default_budget)
+    def __init__(self, method: ScoredKVPruner, target: Target) -> None:
+        super().__init__(method, target)
         self._budgets: dict[int, int] = {}
         self._prune_ms = 0.0
 

@@ -332,17 +332,22 @@ def now() -> int:
     return int(time.time())
 
 
-class CompletionChoice(BaseModel):
+class ChoiceFields(BaseModel):
     index: int = 0
-    text: str
     logprobs: None = None
     finish_reason: str | None = None
 
 
-class GemServeFields(BaseModel):
-    """What every GemServe response and final stream chunk adds to OpenAI's: usage (OpenAI's own),
-    what compression kept and what the request cost."""
+class CompletionChoice(ChoiceFields):
+    text: str
 
+
+class GemServeFields(BaseModel):
+    """The fields every response and stream chunk shares, with what GemServe adds to OpenAI's:
+    what compression kept and what the request cost (on responses and the final chunk)."""
+
+    created: int = Field(default_factory=now)
+    model: str
     usage: UsageInfo | None = None
     compression: CompressionInfo | None = None
     metrics: MetricsInfo | None = None
@@ -351,8 +356,6 @@ class GemServeFields(BaseModel):
 class CompletionResponse(GemServeFields):
     id: str = Field(default_factory=lambda: new_id("cmpl"))
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=now)
-    model: str
     choices: list[CompletionChoice]
 
 
@@ -361,18 +364,13 @@ class ChatResponseMessage(BaseModel):
     content: str | None = None
 
 
-class ChatCompletionChoice(BaseModel):
-    index: int = 0
+class ChatCompletionChoice(ChoiceFields):
     message: ChatResponseMessage
-    logprobs: None = None
-    finish_reason: str | None = None
 
 
 class ChatCompletionResponse(GemServeFields):
     id: str = Field(default_factory=lambda: new_id("chatcmpl"))
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=now)
-    model: str
     choices: list[ChatCompletionChoice]
 
 
@@ -381,11 +379,8 @@ class ChatDelta(BaseModel):
     content: str | None = None
 
 
-class ChatCompletionChunkChoice(BaseModel):
-    index: int = 0
+class ChatCompletionChunkChoice(ChoiceFields):
     delta: ChatDelta
-    logprobs: None = None
-    finish_reason: str | None = None
 
 
 class ChatCompletionChunk(GemServeFields):
@@ -393,8 +388,6 @@ class ChatCompletionChunk(GemServeFields):
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=now)
-    model: str
     choices: list[ChatCompletionChunkChoice]
 
 
@@ -403,8 +396,6 @@ class CompletionChunk(GemServeFields):
 
     id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=now)
-    model: str
     choices: list[CompletionChoice]
 
 

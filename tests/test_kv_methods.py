@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 
 from compressors import CompressionError, build_method
-from compressors.base import KVAttachment, cache_bytes
+from compressors.base import KVAttachment, Target, cache_bytes
 from compressors.kv_pruner import ScoredKVPruner
 from compressors.probe import active_probe, decoder_layers, install_probe_attention
 from compressors.pyramidkv import pyramid_budgets
@@ -286,7 +286,7 @@ def prefill_then_prune(model, ids: torch.Tensor, method: ScoredKVPruner, default
     install_probe_attention(model)
     cache = DynamicCache(config=model.config)
     n = int(ids.shape[1])
-    attachment = KVAttachment(method, model, ids, cache, default_budget)
+    attachment = KVAttachment(method, Target(model, ids, cache, default_budget))
     with torch.inference_mode(), attachment.prefill():
         logits = model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(n).unsqueeze(0)).logits
     return logits, cache, attachment

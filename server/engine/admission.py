@@ -53,6 +53,22 @@ class Admission:
             await asyncio.sleep(0.05)
 
 
+class AdmittedCounts:
+    """The engine properties the routes and /metrics read, from the engine's :class:`Admission`."""
+
+    admission: Admission
+
+    @property
+    def num_running(self) -> int:
+        """Requests generating right now."""
+        return self.admission.running
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests admitted but waiting for a free slot."""
+        return self.admission.waiting
+
+
 class Ticket:
     """One admitted request in the counts. Released exactly once: by the request's ``finally``, or
     when a stream closed before it ever started is garbage-collected."""

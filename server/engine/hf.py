@@ -112,22 +112,30 @@ class HFEngine:
 
     def stream(self, request: GenerationRequest) -> Iterator[TokenDelta | GenerationResult]:
         """Yield a :class:`TokenDelta` per generated token, then one :class:`GenerationResult`."""
-        if request.method is None:  # not admitted through the async engine (CLI, tests)
+        if request.method is None or request.attention is None:  # not admitted by the async engine
             self.check_request(request)
+        method, attention = request.method, request.attention
+        assert method is not None and attention is not None  # set by check_request
+        # Both hold this run's state (kept positions, counted pairs): a request object run again
+        # is checked again and gets fresh ones.
+        request.method = request.attention = None
         metrics = MetricsInfo(queue_ms=request.queue_ms)
         meter = PeakMemoryMeter(self.device)
         with meter, torch.inference_mode():
-            result = yield from self._run(request, metrics, meter)
+            result = yield from self._run(request, method, attention, metrics, meter)
         metrics.peak_memory_bytes = meter.peak_bytes
         metrics.memory_baseline_bytes = meter.baseline_bytes
         metrics.memory_source = meter.source
         yield result
 
     def _run(
-        self, request: GenerationRequest, metrics: MetricsInfo, meter: PeakMemoryMeter
+        self,
+        request: GenerationRequest,
+        method: Method,
+        attention: AttentionBackend,
+        metrics: MetricsInfo,
+        meter: PeakMemoryMeter,
     ) -> Generator[TokenDelta, None, GenerationResult]:
-        method, attention = request.method, request.attention
-        assert method is not None and attention is not None  # set at admission
         prompt = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
         cache = DynamicCache(config=self.model.config)
         with method.attach(self.model, prompt, cache, self.default_budget, self.tokenizer) as hooks:

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from server.engine.admission import Admission, Ticket
+from server.engine.admission import Admission, AdmittedCounts, Ticket
 from server.engine.base import EngineEvent
 from server.engine.hf import HFEngine
 from server.engine.types import GenerationRequest, GenerationResult, TokenDelta
@@ -87,7 +87,7 @@ class RequestStream(AsyncIterator[EngineEvent]):
         self.cancel()
 
 
-class HFAsyncEngine:
+class HFAsyncEngine(AdmittedCounts):
     """:class:`HFEngine` + a bounded queue + worker threads: the ``hf`` :class:`AsyncEngine`."""
 
     backend = "hf"
@@ -112,14 +112,6 @@ class HFAsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
-
-    @property
-    def num_running(self) -> int:
-        return self.admission.running
-
-    @property
-    def num_waiting(self) -> int:
-        return self.admission.waiting
 
     def encode_prompt(self, text: str) -> list[int]:
         return self.engine.encode_prompt(text)

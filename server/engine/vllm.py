@@ -38,7 +38,7 @@ from compressors.attention import DEFAULT_ATTENTION, build_attention
 from compressors.base import keep_everything
 from compressors.gemfilter import GemFilter
 from compressors.registry import METHODS
-from server.engine.admission import Admission, Ticket
+from server.engine.admission import Admission, AdmittedCounts, Ticket
 from server.engine.base import EngineEvent
 from server.engine.filter_model import FilterModel, available_cores, filter_thread_count
 from server.engine.hf import DEFAULT_BUDGET
@@ -79,7 +79,7 @@ def supported_methods() -> list[str]:
     return [name for name, cls in METHODS.items() if cls.kind in SUPPORTED_KINDS]
 
 
-class VLLMEngine:
+class VLLMEngine(AdmittedCounts):
     """The ``vllm`` :class:`~server.engine.base.AsyncEngine`."""
 
     backend = "vllm"
@@ -125,14 +125,6 @@ class VLLMEngine:
     @property
     def max_model_len(self) -> int:
         return self._max_model_len
-
-    @property
-    def num_running(self) -> int:
-        return self.admission.running
-
-    @property
-    def num_waiting(self) -> int:
-        return self.admission.waiting
 
     # Tokenisation follows the same rules as HFEngine, so both backends see the same ids.
     def encode_prompt(self, text: str) -> list[int]:
