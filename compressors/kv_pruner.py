@@ -124,7 +124,7 @@ class ScoredKVPruner(KVCompressor):
         budgets = self.begin(prunable_layers(cache), prompt_tokens, default_budget)
         for layer_idx, keep in budgets.items():
             self.prune_layer(cache, layer_idx, prompt_tokens, keep)
-        return self.finish(prompt_tokens, started)
+        return self.finish(prompt_tokens, (time.perf_counter() - started) * 1000.0)
 
     def begin(self, layers: list[int], prompt_tokens: int, default_budget: int) -> dict[int, int]:
         """Check the knobs, set up the decode bookkeeping; return the entries each layer keeps."""
@@ -138,9 +138,10 @@ class ScoredKVPruner(KVCompressor):
         self._next_position = prompt_tokens
         return {layer_idx: min(budget, prompt_tokens) for layer_idx, budget in budgets.items()}
 
-    def finish(self, prompt_tokens: int, started: float, extra_ms: float = 0.0) -> Selection:
+    def finish(self, prompt_tokens: int, prune_ms: float) -> Selection:
+        """The selection once every layer is pruned; select_ms = scoring + ``prune_ms``."""
         score_ms = self._collected.elapsed_ms if self._collected is not None else 0.0
-        return prune_selection(self.name, prompt_tokens, self._positions, started, extra_ms=score_ms + extra_ms)
+        return prune_selection(self.name, prompt_tokens, self._positions, score_ms + prune_ms)
 
     def validate_for_prompt(self, prompt_tokens: int, default_budget: int) -> None:
         # The same check compress() makes after the prefill, made before it.
@@ -211,20 +212,23 @@ class PruningAttachment(KVAttachment):
 
     def __init__(self, method: ScoredKVPruner, target: Target) -> None:
         super().__init__(method, target)
-        self._budgets: dict[int, int] = {}
+        self._budgets: dict[int, int] = {}  # layers still to prune -> entries they keep
+        self._unpruned_bytes = 0  # what the pruned layers held before their cut
         self._prune_ms = 0.0
 
     @contextmanager
     def prefill(self) -> Iterator[None]:
         n = self.prompt_tokens
         self._budgets = self.method.begin(full_attention_layers(self.cache), n, self.default_budget)
-        self.kv_bytes_before = 0
         with self.method.prefill_observer(self.model, n), after_attention(self.prune_after_attention):
             yield
-        for layer_idx in list(self._budgets):  # layers the forward never reached (none, normally)
-            self.prune(layer_idx)
-        self.kv_bytes_before += sum(layer_bytes(self.cache.layers[i]) for i in sliding_layers(self.cache))
-        self.selection = self.method.finish(n, time.perf_counter(), extra_ms=self._prune_ms)
+        if self._budgets:
+            raise RuntimeError(
+                f"{self.method.name}: the prefill never ran the attention of layers {sorted(self._budgets)}"
+            )
+        sliding = sum(layer_bytes(self.cache.layers[i]) for i in sliding_layers(self.cache))
+        self.kv_bytes_before = self._unpruned_bytes + sliding
+        self.selection = self.method.finish(n, self._prune_ms)
 
     def prune_after_attention(self, module: torch.nn.Module, query_len: int) -> None:
         layer_idx = getattr(module, "layer_idx", None)
@@ -233,7 +237,7 @@ class PruningAttachment(KVAttachment):
 
     def prune(self, layer_idx: int) -> None:
         started = time.perf_counter()
-        self.kv_bytes_before = (self.kv_bytes_before or 0) + layer_bytes(self.cache.layers[layer_idx])
+        self._unpruned_bytes += layer_bytes(self.cache.layers[layer_idx])
         self.method.prune_layer(self.cache, layer_idx, self.prompt_tokens, self._budgets.pop(layer_idx))
         collected = self.method._collected
         if collected is not None:  # consumed: the scores need not outlive their layer

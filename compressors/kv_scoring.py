@@ -188,8 +188,7 @@ def prune_selection(
     name: str,
     prompt_tokens: int,
     positions: dict[int, torch.Tensor],
-    started: float,
-    extra_ms: float = 0.0,
+    select_ms: float,
     **details: object,
 ) -> Selection:
     """The :class:`Selection` a KV pruner reports: union of kept positions, per-layer counts."""
@@ -197,7 +196,7 @@ def prune_selection(
         method=name,
         prompt_tokens=prompt_tokens,
         kept_indices=kept_positions(positions) if positions else list(range(prompt_tokens)),
-        select_ms=(time.perf_counter() - started) * 1000.0 + extra_ms,
+        select_ms=select_ms,
         details={
             "kv_tokens_per_layer": {str(i): int(p.shape[-1]) for i, p in sorted(positions.items())},
             **details,

@@ -109,7 +109,8 @@ def prefill_and_decode(
 ) -> GenerationResult:
     metrics = MetricsInfo(select_ms=hooks.selection.select_ms)
     cache = DynamicCache(config=engine.model.config)
-    attention = engine.resolve_attention(request.compression)
+    attention = request.attention  # built by check_request
+    assert attention is not None
     logits = engine.prefill(hooks, cache, attention)
     report = engine.report(request, method, hooks, cache, attention)
     return drain(engine.decode_from(request, hooks, cache, logits, report, metrics))
@@ -124,7 +125,8 @@ def run_prefill_group(
     kv = [m for m in methods if isinstance(m, KVCompressor)]
     leaders = observer_leaders(kv, n)
     cache = DynamicCache(config=engine.model.config)
-    attention = engine.resolve_attention(requests[0].compression)
+    attention = requests[0].attention  # built by check_request; the group shares its one prefill
+    assert attention is not None
     with observe_all(engine, leaders, n):  # the observers run here, so prefill gets a plain method
         logits = engine.prefill(Attachment(prompt, keep_everything("none", n)), cache, attention)
     kv_before = cache_bytes(cache)

@@ -7,6 +7,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import make_test_app, serve_app
+from tests.test_server_http import HISTOGRAMS
 
 SERVED = "my-served-name"
 
@@ -32,12 +33,7 @@ def test_every_series_carries_the_served_model_name(engine) -> None:
     expected = {
         "gemserve_requests",
         "gemserve_generation_tokens",
-        "gemserve_time_to_first_token_seconds",
-        "gemserve_e2e_request_latency_seconds",
-        "gemserve_selection_seconds",
-        "gemserve_prompt_tokens",
-        "gemserve_kept_tokens",
-        "gemserve_kv_cache_bytes",
+        *HISTOGRAMS,
         "gemserve_requests_running",
         "gemserve_requests_waiting",
     }

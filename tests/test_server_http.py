@@ -13,6 +13,17 @@ from tests.conftest import TEST_API_KEY
 SHORT = {"prompt": "Hello", "max_tokens": 2, "temperature": 0}
 
 
+# Every per-request histogram the server exports (tests/test_metrics_labels.py checks their labels).
+HISTOGRAMS = (
+    "gemserve_time_to_first_token_seconds",
+    "gemserve_e2e_request_latency_seconds",
+    "gemserve_selection_seconds",
+    "gemserve_prompt_tokens",
+    "gemserve_kept_tokens",
+    "gemserve_kv_cache_bytes",
+)
+
+
 def sse_events(body: str) -> list[str]:
     """Split an SSE body into event payloads, asserting the exact ``data: ...\\n\\n`` framing."""
     assert body.endswith("data: [DONE]\n\n"), body[-200:]
@@ -218,14 +229,7 @@ def test_metrics_parse_and_move_per_request(server_url: str, engine) -> None:
     assert metric(after, ok, **bad) == metric(before, ok, **bad) + 1
     tokens = "gemserve_generation_tokens_total"
     assert metric(after, tokens, **labels) - metric(before, tokens, **labels) == response["usage"]["completion_tokens"]
-    for histogram in (
-        "gemserve_time_to_first_token_seconds",
-        "gemserve_e2e_request_latency_seconds",
-        "gemserve_selection_seconds",
-        "gemserve_prompt_tokens",
-        "gemserve_kept_tokens",
-        "gemserve_kv_cache_bytes",
-    ):
+    for histogram in HISTOGRAMS:
         count = f"{histogram}_count"
         assert metric(after, count, **labels) == metric(before, count, **labels) + 1, histogram
     prompt_sum = "gemserve_prompt_tokens_sum"
