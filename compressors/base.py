@@ -21,6 +21,13 @@ Every method is driven through one lifecycle, in the spirit of kvpress's ``with 
 The HF engine, the vLLM engine (whose methods are prompt selectors only) and the tests all drive
 this protocol; none of them asks a method what kind it is.
 
+A continuous-batching engine needs three more answers, which every attachment gives:
+:meth:`Method.attach_steps` builds the attachment in steps (GemFilter's filter pass a chunk at a
+time, so other requests' decode steps run between its chunks); ``chunkable_prefill`` says whether
+``prefill()`` hooks nothing inside the forward, so the prefill may be split into chunks with other
+forwards between them; ``batched_decode`` says the same of ``decode_step()``, whose work then is
+all in :meth:`Attachment.after_decode`, run after a decode forward shared with other requests.
+
 Methods take a model and token ids, never a request or a backend: this package knows torch
 and transformers, nothing of HTTP.
 """
@@ -28,7 +35,7 @@ and transformers, nothing of HTTP.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -135,6 +142,11 @@ class Method:
         """Positions the prefill takes (the context check at admission): the whole prompt here."""
         return prompt_tokens
 
+    def cache_tokens(self, prompt_tokens: int, max_tokens: int, default_budget: int) -> int:
+        """The most entries per layer this request's KV cache holds once prefilled, to its last
+        token: what a batch's memory budget reserves for it (the whole prompt plus every output)."""
+        return prompt_tokens + max_tokens
+
     @contextmanager
     def attach(
         self,
@@ -148,6 +160,13 @@ class Method:
         empty ``cache`` (None where the caller owns no cache, e.g. in front of vLLM), the server's
         default budget, the prompt's tokenizer (for selectors that keep whole words)."""
         yield self.attachment(Target(model, prompt_ids, cache, default_budget, tokenizer))
+
+    def attach_steps(self, target: Target) -> Generator[None, None, Attachment]:
+        """:meth:`attach` in steps: yields between units of work (with ``target.chunk_tokens`` set,
+        GemFilter's filter pass yields after each chunk), returns the attachment. No step may leave
+        a hook active: the caller runs other requests' forwards at every yield."""
+        return self.attachment(target)
+        yield  # a generator that does its work at once
 
     def attachment(self, target: Target) -> Attachment:
         """This method's hooks for one request; the base keeps everything and hooks nothing."""
@@ -163,10 +182,26 @@ class Target:
     cache: Cache | None
     default_budget: int
     tokenizer: PreTrainedTokenizerBase | None = None
+    # For attach_steps(): how many tokens the next chunk of a pass over the prompt may take, given
+    # the position it starts at (None: the whole pass at once).
+    chunk_tokens: ChunkPolicy | None = None
 
     @property
     def prompt_tokens(self) -> int:
         return int(self.prompt_ids.shape[-1])
+
+
+# chunk_tokens(start, remaining) -> tokens of the next chunk, in [1, remaining].
+ChunkPolicy = Callable[[int, int], int]
+
+
+def drive(steps: Generator[None, None, Any]) -> Any:
+    """Run a generator of steps to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 class Attachment:
@@ -176,10 +211,20 @@ class Attachment:
     unpruned cache held (KV methods only; None where nothing is pruned).
     """
 
+    # prefill() sets no hook inside the forward: the prefill may run in chunks, each its own
+    # forward, with other requests' forwards between them (prefill() is then entered per chunk).
+    chunkable_prefill: ClassVar[bool] = True
+
     def __init__(self, prefill_ids: torch.Tensor, selection: Selection) -> None:
         self.prefill_ids = prefill_ids
         self.selection = selection
         self.kv_bytes_before: int | None = None
+
+    @property
+    def batched_decode(self) -> bool:
+        """decode_step() hooks nothing inside the forward: this request may decode in a forward
+        shared with other requests, followed by :meth:`after_decode`."""
+        return True
 
     @property
     def next_position(self) -> int:
@@ -195,6 +240,10 @@ class Attachment:
     def decode_step(self) -> Iterator[None]:
         """Around each decode forward."""
         yield
+        self.after_decode()
+
+    def after_decode(self) -> None:
+        """After each decode forward (alone or shared with other requests)."""
 
     def adopt_prefill(self, kv_bytes_before: int) -> None:
         """The cache was filled by a prefill shared with other methods, while this method's
@@ -246,13 +295,24 @@ class PromptSelector(BudgetedMethod):
         (``tokenizer``: the prompt's, for selectors that keep whole words)."""
         raise NotImplementedError
 
+    def select_steps(self, target: Target) -> Generator[None, None, Selection]:
+        """:meth:`select` in steps (see :meth:`Method.attach_steps`); at once unless overridden."""
+        return self.select(target.model, target.prompt_ids, target.default_budget, target.tokenizer)
+        yield  # a generator that does its work at once
+
     def prefill_positions(self, prompt_tokens: int, default_budget: int) -> int:
         # The kept tokens restart at position 0.
         return self.resolve_budget(prompt_tokens, default_budget)
 
+    def cache_tokens(self, prompt_tokens: int, max_tokens: int, default_budget: int) -> int:
+        return self.resolve_budget(prompt_tokens, default_budget) + max_tokens
+
     def attachment(self, target: Target) -> Attachment:
-        """Select now: the prefill sees only the kept ids."""
-        selection = self.select(target.model, target.prompt_ids, target.default_budget, target.tokenizer)
+        return drive(self.attach_steps(target))
+
+    def attach_steps(self, target: Target) -> Generator[None, None, Attachment]:
+        """Select (in steps): the prefill sees only the kept ids."""
+        selection = yield from self.select_steps(target)
         return Attachment(kept_ids(target.prompt_ids, selection), selection)
 
 
@@ -278,6 +338,13 @@ class KVCompressor(BudgetedMethod):
 
     kind: ClassVar[str] = "kv"
 
+    def cache_tokens(self, prompt_tokens: int, max_tokens: int, default_budget: int) -> int:
+        return self.resolve_budget(prompt_tokens, default_budget) + max_tokens
+
+    def observes_decode(self) -> bool:
+        """Whether :meth:`decode_observer` reads the decode forward (then the request decodes alone)."""
+        return type(self).decode_observer is not KVCompressor.decode_observer
+
     def attachment(self, target: Target) -> Attachment:
         if target.cache is None:
             raise CompressionError(f"method '{self.name}' prunes the KV cache: it needs the request's cache")
@@ -302,7 +369,10 @@ class KVCompressor(BudgetedMethod):
 
 
 class KVAttachment(Attachment):
-    """A KV method on one request: observe the prefill, compress the full cache, then the decode hooks."""
+    """A KV method on one request: observe the prefill, compress the full cache, then the decode hooks.
+    Its prefill is one forward: the observer and the pruning need every prompt query and key at once."""
+
+    chunkable_prefill: ClassVar[bool] = False
 
     def __init__(self, method: KVCompressor, target: Target) -> None:
         assert target.cache is not None  # checked by KVCompressor.attachment
@@ -326,8 +396,15 @@ class KVAttachment(Attachment):
         self.kv_bytes_before = kv_bytes_before
         self.selection = self.method.compress(self.cache, self.prompt_tokens, self.default_budget)
 
+    @property
+    def batched_decode(self) -> bool:
+        return not self.method.observes_decode()
+
     @contextmanager
     def decode_step(self) -> Iterator[None]:
         with self.method.decode_observer(self.model):
             yield
+        self.after_decode()
+
+    def after_decode(self) -> None:
         self.method.after_decode_step(self.cache)

@@ -31,6 +31,7 @@ nothing next to a filter pass of ``r`` full layers.
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,7 +41,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from compressors.attention import AttentionBackend, build_attention
-from compressors.base import CompressionError, PromptSelector, Selection
+from compressors.base import ChunkPolicy, CompressionError, PromptSelector, Selection, Target, drive
 from compressors.kv_scoring import causal_logits, window_attention
 from compressors.probe import (
     StopForward,
@@ -261,11 +262,16 @@ class GemFilter(PromptSelector):
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> Selection:
         """``tokenizer`` tells where words start (``span="word"``); other spans need none."""
+        return drive(self.select_steps(Target(model, input_ids, None, default_budget, tokenizer)))
+
+    def select_steps(self, target: Target) -> Generator[None, None, Selection]:
+        """The selection; with ``target.chunk_tokens`` the filter pass runs a chunk per step."""
+        model, input_ids = target.model, target.prompt_ids
         self.validate()
         self.validate_for_model(model)
         start = time.perf_counter()
         n = int(input_ids.shape[-1])
-        keep = self.resolve_budget(n, default_budget)
+        keep = self.resolve_budget(n, target.default_budget)
         skipped = None
         filter_report = None
         if keep >= n:  # k >= n keeps everything: no filter pass, identical to `none`
@@ -273,14 +279,26 @@ class GemFilter(PromptSelector):
         elif not self.pays_off(model, n, keep):
             kept, skipped = list(range(n)), SKIPPED_TOO_SHORT
         else:
-            scores, filter_report = self.filter_scores(model, input_ids)
-            kept = self.choose(scores, keep, input_ids, tokenizer)
+            scores, filter_report = yield from self.filter_scores_steps(model, input_ids, target.chunk_tokens)
+            kept = self.choose(scores, keep, input_ids, target.tokenizer)
         return self.selection(model, n, kept, start, skipped, filter_report)
 
     def filter_scores(self, model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """The filter pass: this method's scores of every prompt token and its attention report."""
+        return drive(self.filter_scores_steps(model, input_ids, None))
+
+    def filter_scores_steps(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, chunk_tokens: ChunkPolicy | None
+    ) -> Generator[None, None, tuple[torch.Tensor, dict[str, Any]]]:
         backend = self.filter_backend()
-        scores = filter_pass_scores(model, input_ids, self.filter_layer(model), self.scoring, self.window, backend)
+        layer = self.filter_layer(model)
+        if chunk_tokens is None or not backend.prefills_in_chunks:
+            scores = filter_pass_scores(model, input_ids, layer, self.scoring, self.window, backend)
+        else:
+            passes = chunked_filter_pass_scores(
+                model, input_ids, layer, self.scoring, self.window, backend, chunk_tokens
+            )
+            scores = yield from passes
         return scores, backend.report()
 
     def choose(
@@ -346,3 +364,53 @@ def filter_pass_scores(
         except StopForward as stop:
             return stop.payload
     raise RuntimeError(f"the filter pass never reached layer {layer}'s attention")
+
+
+def chunked_filter_pass_scores(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    layer: int,
+    scoring: str,
+    window: int,
+    attention: AttentionBackend,
+    chunk_tokens: ChunkPolicy,
+) -> Generator[None, None, torch.Tensor]:
+    """:func:`filter_pass_scores` a chunk of the prompt per step (yielding after each), for a
+    continuous batch that runs other requests' forwards in between. Layers ``0..layer`` keep a KV
+    cache of the prompt while the pass runs (``(layer + 1) / L`` of a full prefill's cache); each
+    chunk stops inside ``layer``'s attention after its keys are cached, and the last chunk, which
+    holds at least the ``window`` scored queries, scores every prompt token. Same math as one pass
+    (causal attention over the same keys), so the scores agree to float rounding."""
+    from transformers.cache_utils import DynamicCache  # the pass's own cache, dropped when it ends
+
+    if not uses_probe_attention(model):
+        install_probe_attention(model)
+    n = int(input_ids.shape[-1])
+    cache = DynamicCache(config=model.config)
+    start = 0
+    while start < n:
+        remaining = n - start
+        size = chunk_tokens(start, remaining)
+        if remaining - size < window:  # the scored window stays within the last chunk
+            size = remaining
+        end = start + size
+        last = end == n
+
+        def score_or_stop(
+            module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, last: bool = last
+        ) -> None:
+            if getattr(module, "layer_idx", None) == layer:
+                raise StopForward(token_scores(module, query, key, scoring, window) if last else None)
+
+        positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0)
+        with torch.inference_mode(), attention_probe(score_or_stop), use_attention(attention):
+            try:
+                model.base_model(input_ids=input_ids[:, start:end], past_key_values=cache, position_ids=positions)
+            except StopForward as stop:
+                if last:
+                    return stop.payload
+            else:
+                raise RuntimeError(f"the filter pass never reached layer {layer}'s attention")
+        start = end
+        yield
+    raise RuntimeError("the filter pass had no prompt tokens")

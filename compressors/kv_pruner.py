@@ -99,6 +99,14 @@ class ScoredKVPruner(KVCompressor):
             return self.resolve_budget(prompt_tokens, default_budget)
         return self.budget if self.budget is not None else default_budget
 
+    def cache_tokens(self, prompt_tokens: int, max_tokens: int, default_budget: int) -> int:
+        """Entries per layer on average (PyramidKV's uneven budgets average to the budget); a method
+        that evicts while decoding never grows past its budget."""
+        kept = self.resolve_budget(prompt_tokens, default_budget)
+        if not self.evicts_during_decode:
+            return kept + max_tokens
+        return min(kept + max_tokens, max(kept, self.target_budget(prompt_tokens, default_budget)))
+
     def keeps_whole_prompt(self, prompt_tokens: int) -> bool:
         """Known before prefill (without the engine's default budget) to keep every prompt token."""
         if self.ratio is not None:

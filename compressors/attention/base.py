@@ -63,6 +63,9 @@ class AttentionBackend:
     """
 
     name: ClassVar[str]
+    # A prefill split into chunks (continuous batching) computes each chunk's queries against the
+    # cached keys: exact for dense attention; a sparse pattern is estimated over the whole square.
+    prefills_in_chunks: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self.stats = AttentionStats()
@@ -103,7 +106,7 @@ class AttentionBackend:
         if one_sequence and window is None and attention_mask is None and self.sparsifies(n):
             return self.sparse_layer(module, query, key, value, scale), None
         self.stats.dense_layers += 1
-        self.stats.add(PatternCost(*(causal_pairs(query.shape[1], n),) * 2))
+        self.stats.add(PatternCost(*(chunk_pairs(query.shape[1], n, key.shape[-2]),) * 2))
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     def bands_sliding_layers(self) -> bool:
@@ -137,6 +140,13 @@ class AttentionBackend:
 BAND_BLOCK = 128
 
 
+def chunk_pairs(heads: int, queries: int, keys: int) -> int:
+    """Causal pairs of the last ``queries`` of ``keys`` positions (a prefill chunk after cached keys)."""
+    if keys <= queries:
+        return causal_pairs(heads, queries)
+    return heads * queries * (keys - queries) + causal_pairs(heads, queries)
+
+
 def positive_int(owner: str, knob: str, value: int, minimum: int = 1) -> None:
     if value < minimum:
         raise CompressionError(f"{knob} of {owner} must be >= {minimum}, got {value}", param=f"attention.{knob}")
@@ -153,6 +163,8 @@ class SparseBackend(AttentionBackend):
     tokens attend densely: the first generated token, and GemFilter's scoring window, are read
     from them).
     """
+
+    prefills_in_chunks: ClassVar[bool] = False
 
     block_size: int = 128
     last_dense: int = 128
