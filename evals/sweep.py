@@ -25,12 +25,12 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 from compressors import KVCompressor, Method, PromptSelector
 from compressors.base import Attachment, cache_bytes, keep_everything, kept_ids
 from compressors.gemfilter import SKIPPED_TOO_SHORT, GemFilter
 from compressors.probe import active_probe, attention_probe
+from server.engine.batch_forward import new_request_cache
 from server.engine.hf import HFEngine
 from server.engine.types import GenerationRequest, GenerationResult
 from server.protocol import MetricsInfo
@@ -108,12 +108,12 @@ def prefill_and_decode(
     engine: HFEngine, request: GenerationRequest, method: Method, hooks: Attachment
 ) -> GenerationResult:
     metrics = MetricsInfo(select_ms=hooks.selection.select_ms)
-    cache = DynamicCache(config=engine.model.config)
+    cache = new_request_cache(engine.model)
     attention = request.attention  # built by check_request
     assert attention is not None
     logits = engine.prefill(hooks, cache, attention)
     report = engine.report(request, method, hooks, cache, attention)
-    return drain(engine.decode_from(request, hooks, cache, logits, report, metrics))
+    return engine.decode_from(request, method, hooks, cache, logits, report, metrics)
 
 
 def run_prefill_group(
@@ -124,7 +124,7 @@ def run_prefill_group(
     n = int(prompt.shape[1])
     kv = [m for m in methods if isinstance(m, KVCompressor)]
     leaders = observer_leaders(kv, n)
-    cache = DynamicCache(config=engine.model.config)
+    cache = new_request_cache(engine.model)
     attention = requests[0].attention  # built by check_request; the group shares its one prefill
     assert attention is not None
     with observe_all(engine, leaders, n):  # the observers run here, so prefill gets a plain method
@@ -139,7 +139,7 @@ def run_prefill_group(
         with method.attach(engine.model, prompt, own, engine.default_budget, engine.tokenizer) as hooks:
             hooks.adopt_prefill(kv_before)
             report = engine.report(request, method, hooks, own, attention)
-            out[index] = drain(engine.decode_from(request, hooks, own, logits.clone(), report, MetricsInfo()))
+            out[index] = engine.decode_from(request, method, hooks, own, logits.clone(), report, MetricsInfo())
     return out
 
 
@@ -175,12 +175,3 @@ def observe_all(engine: HFEngine, leaders: dict[str, KVCompressor], prompt_token
 
         stack.enter_context(attention_probe(fan_out))
         yield
-
-
-def drain(events: Any) -> GenerationResult:
-    """Run a decode generator to its end and return its result."""
-    while True:
-        try:
-            next(events)
-        except StopIteration as stop:
-            return stop.value

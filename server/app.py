@@ -53,7 +53,14 @@ def build_engine(settings: Settings) -> AsyncEngine:
             profile=settings.profile,
         )
         engine = HFEngine(loaded, default_method=settings.default_method, default_attention=settings.default_attention)
-        return HFAsyncEngine(engine, settings.max_concurrency, settings.max_queue, settings.retry_after_s)
+        return HFAsyncEngine(
+            engine,
+            settings.max_concurrency,
+            settings.max_queue,
+            settings.retry_after_s,
+            max_batch_tokens=settings.max_batch_tokens or 4 * engine.max_model_len,
+            prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        )
     if settings.backend == "vllm":  # GemFilter on a truncated HF model in front of vLLM (issue 5)
         from server.engine.vllm_setup import build_vllm_engine
 

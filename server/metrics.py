@@ -4,7 +4,7 @@ Each app gets its own :class:`CollectorRegistry` (tests run several apps in one 
 Labels: ``model``, ``backend``, ``method``; ``gemserve_requests_total`` adds ``status`` (the
 HTTP status, or the status of the error event when a stream fails midway). ``model`` is
 always the served model name (``--served-model-name``, else the engine's: what /v1/models
-lists), so every series joins with every other. The two gauges are read from the engine at
+lists), so every series joins with every other. The gauges are read from the engine at
 scrape time and carry ``model`` and ``backend`` only: a queue slot belongs to no method.
 """
 
@@ -41,6 +41,27 @@ class EngineLoadCollector(Collector):
             waiting.add_metric(labels, self.engine.num_waiting)
         yield running
         yield waiting
+        yield from self.batch_gauges()
+
+    def batch_gauges(self) -> Iterator[Metric]:
+        """The hf batch's size and the cache tokens it reserves and its queue wants (engines
+        without a batch of their own, vllm, report none: vLLM exports its own)."""
+        families = {
+            "batch_size": GaugeMetricFamily(
+                "gemserve_batch_size", "Requests in the last batched decode step", labels=LABELS[:2]
+            ),
+            "running_tokens": GaugeMetricFamily(
+                "gemserve_batch_running_tokens", "KV-cache tokens reserved by requests in the batch", labels=LABELS[:2]
+            ),
+            "waiting_tokens": GaugeMetricFamily(
+                "gemserve_batch_waiting_tokens", "KV-cache tokens the queued requests will reserve", labels=LABELS[:2]
+            ),
+        }
+        gauges = getattr(self.engine, "batch_gauges", None)
+        if gauges is not None:
+            for key, value in gauges().items():
+                families[key].add_metric([self.model, self.engine.backend], value)  # type: ignore[union-attr]
+        yield from families.values()
 
 
 class ServerMetrics:

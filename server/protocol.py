@@ -318,10 +318,16 @@ class MetricsInfo(BaseModel):
     decode_ms: float = 0.0
     e2e_ms: float = 0.0
     output_tokens_per_s: float = 0.0
+    itl_p50_ms: float = Field(0.0, description="Median gap between this request's consecutive tokens, server side")
+    itl_max_ms: float = Field(0.0, description="Longest gap between this request's consecutive tokens")
     kv_cache_bytes: int = 0
     peak_memory_bytes: int = 0
     memory_baseline_bytes: int = 0
-    memory_source: str = ""
+    memory_source: str = Field(
+        "",
+        description="What peak_memory_bytes measures; under a shared batch it is the whole process's peak "
+        "over this request's lifetime, and the source says so ('...:whole_process_shared_with_up_to_N_...')",
+    )
 
 
 def new_id(prefix: str) -> str:

@@ -27,7 +27,20 @@ class Settings(BaseSettings):
     default_attention: str = Field(
         "dense", description="Prefill attention backend when a request names none (hf backend; vllm: dense only)"
     )
-    max_concurrency: int = Field(1, ge=1, description="Requests generating at once (hf: one forward at a time)")
+    max_concurrency: int = Field(
+        8, ge=1, description="hf: requests in the batch at once (their decode forwards shared); vllm: unused"
+    )
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="hf: KV-cache tokens the batch may reserve (each request: its prompt after compression + "
+        "max_tokens); a request beyond it alone -> 400 (default: 4 x the context length)",
+    )
+    prefill_chunk_tokens: int = Field(
+        32,
+        ge=1,
+        description="hf: prefill tokens per step while other requests decode (fewer deeper into a long prompt)",
+    )
     max_queue: int = Field(64, ge=0, description="Requests waiting for a slot; beyond this -> 429")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with a 429")
     api_key: str | None = Field(

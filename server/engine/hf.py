@@ -3,7 +3,8 @@
 Shaped after gpt-fast: ``prefill`` and ``decode_one_token`` are small and separate, and
 compression sits at the prefill boundary. Every method, ``none`` included, runs this same
 path on the same model (last-token logits only in prefill), so timings compare methods and
-nothing else.
+nothing else. The scheduler (server/engine/scheduler.py) batches the decode forwards of many
+requests and interleaves their prefills; a request served alone takes the same path.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from transformers.cache_utils import DynamicCache
 
 from compressors import CompressionError, Method, build_method
 from compressors.attention import DEFAULT_ATTENTION, AttentionBackend, build_attention
-from compressors.base import Attachment, cache_bytes
+from compressors.base import Attachment, ChunkPolicy, Target, cache_bytes
 from compressors.probe import use_attention
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.plan import check_method_fits, check_prompt_and_sampling, compression_report
-from server.engine.sampling import choose_token, make_generator
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Emit, Sequence
 from server.engine.tokenize import PromptEncoder
 from server.engine.types import CompressionSpec, GenerationRequest, GenerationResult, RequestError, TokenDelta
-from server.measure import PeakMemoryMeter, elapsed_ms, sync
+from server.measure import SharedPeakMeter, elapsed_ms, sync
 from server.models import LoadedModel
 from server.protocol import AttentionInfo, CompressionInfo, MetricsInfo
 
@@ -35,7 +37,9 @@ DEFAULT_BUDGET = 1024
 
 
 class HFEngine:
-    """Runs one request at a time on a loaded transformers model (the scheduler serialises)."""
+    """A loaded transformers model and the steps of a request on it: checks at admission, the
+    prefill (in steps), the decode forwards; :class:`~server.engine.scheduler.Scheduler` runs them
+    for a batch of requests, :meth:`stream` for one."""
 
     backend = "hf"
 
@@ -101,6 +105,9 @@ class HFEngine:
         attention = self.resolve_attention(request.compression)
         check_method_fits(request, method, self.max_model_len, self.default_budget)
         request.method, request.attention = method, attention
+        request.cache_tokens = method.cache_tokens(
+            len(request.prompt_ids), request.sampling.max_tokens, self.default_budget
+        )
         return method
 
     # ---- the request path -----------------------------------------------------------------
@@ -111,43 +118,96 @@ class HFEngine:
         raise RuntimeError("engine stream ended without a result")
 
     def stream(self, request: GenerationRequest) -> Iterator[TokenDelta | GenerationResult]:
-        """Yield a :class:`TokenDelta` per generated token, then one :class:`GenerationResult`."""
+        """Yield a :class:`TokenDelta` per generated token, then one :class:`GenerationResult`: the
+        request alone in a batch of its own (the same scheduler and forwards the server batches with)."""
         if request.method is None or request.attention is None:  # not admitted by the async engine
             self.check_request(request)
+        events: list[TokenDelta | GenerationResult | BaseException | None] = []
+        scheduler = Scheduler(self, max_running=1)
+        scheduler.add(request, events.append)
+        while scheduler.has_work():
+            scheduler.step()
+            for event in events:
+                if isinstance(event, BaseException):
+                    raise event
+                if event is not None:
+                    yield event
+            events.clear()
+
+    def new_sequence(self, request: GenerationRequest, emit: Emit, meter: SharedPeakMeter) -> Sequence:
+        """The admitted request as the scheduler's :class:`Sequence`. Its method and attention
+        backend hold this run's state (kept positions, counted pairs): they move to the sequence,
+        so a request object run again is checked again and gets fresh ones."""
         method, attention = request.method, request.attention
         assert method is not None and attention is not None  # set by check_request
-        # Both hold this run's state (kept positions, counted pairs): a request object run again
-        # is checked again and gets fresh ones.
         request.method = request.attention = None
-        metrics = MetricsInfo(queue_ms=request.queue_ms)
-        meter = PeakMemoryMeter(self.device)
-        with meter, torch.inference_mode():
-            result = yield from self._run(request, method, attention, metrics, meter)
-        metrics.peak_memory_bytes = meter.peak_bytes
-        metrics.memory_baseline_bytes = meter.baseline_bytes
-        metrics.memory_source = meter.source
-        yield result
+        detok = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
+        return Sequence(request, method, attention, emit, self.eos_token_ids, detok, meter)
 
-    def _run(
+    def decode_from(
         self,
         request: GenerationRequest,
         method: Method,
-        attention: AttentionBackend,
+        hooks: Attachment,
+        cache: DynamicCache,
+        logits: torch.Tensor,
+        report: CompressionInfo,
         metrics: MetricsInfo,
-        meter: PeakMemoryMeter,
-    ) -> Generator[TokenDelta, None, GenerationResult]:
+    ) -> GenerationResult:
+        """Decode, alone, a request whose prefill the caller ran (``gemserve eval`` shares one
+        prefill between methods): from the prefill's last ``logits`` to the result."""
+        assert request.attention is not None  # built by check_request
+        events: list[TokenDelta | GenerationResult | BaseException | None] = []
+        detok = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
+        sequence = Sequence(
+            request, method, request.attention, events.append, self.eos_token_ids, detok, SharedPeakMeter(self.device)
+        )
+        sequence.metrics, sequence.cache, sequence.hooks, sequence.report = metrics, cache, hooks, report
+        with torch.inference_mode():
+            sequence.begin_decoding(logits)
+            while not sequence.finished:
+                sequence.advance(self.decode_one_token(sequence.token, cache, sequence.position, hooks))
+        result = events[-1]
+        assert isinstance(result, GenerationResult)
+        return result
+
+    def prefill_steps(self, sequence: Sequence, chunk_tokens: ChunkPolicy) -> Generator[None, None, torch.Tensor]:
+        """Attach the method, prefill (in chunks where the method and the attention backend allow:
+        ``chunk_tokens`` sizes each; one forward otherwise), yielding between units of work; return
+        the last prompt position's logits. ``prefill_ms`` and ``select_ms`` are wall times, the
+        batch's decode steps between the chunks included."""
+        request, method, cache = sequence.request, sequence.method, sequence.cache
+        assert cache is not None  # given by the scheduler
         prompt = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
-        cache = DynamicCache(config=self.model.config)
-        with method.attach(self.model, prompt, cache, self.default_budget, self.tokenizer) as hooks:
-            sync(self.device)
-            start = time.perf_counter()
-            logits = self.prefill(hooks, cache, attention)
-            sync(self.device)
-            meter.sample_now()
-            metrics.prefill_ms = elapsed_ms(start)
-            metrics.select_ms = hooks.selection.select_ms
-            report = self.report(request, method, hooks, cache, attention)
-            return (yield from self.decode_from(request, hooks, cache, logits, report, metrics))
+        target = Target(self.model, prompt, cache, self.default_budget, self.tokenizer, chunk_tokens)
+        hooks = yield from method.attach_steps(target)
+        sequence.hooks = hooks
+        sync(self.device)
+        start = time.perf_counter()
+        logits = yield from self.prefill_chunks(hooks, cache, sequence.attention, chunk_tokens)
+        sync(self.device)
+        sequence.metrics.prefill_ms = elapsed_ms(start)
+        sequence.metrics.select_ms = hooks.selection.select_ms
+        sequence.report = self.report(request, method, hooks, cache, sequence.attention)
+        return logits
+
+    def prefill_chunks(
+        self, hooks: Attachment, cache: DynamicCache, attention: AttentionBackend, chunk_tokens: ChunkPolicy | None
+    ) -> Generator[None, None, torch.Tensor]:
+        """:meth:`prefill`, a chunk per step where the method and the backend allow it."""
+        if chunk_tokens is None or not (hooks.chunkable_prefill and attention.prefills_in_chunks):
+            return self.prefill(hooks, cache, attention)
+        ids = hooks.prefill_ids
+        total = int(ids.shape[-1])
+        start = 0
+        while True:
+            end = start + chunk_tokens(start, total - start)
+            with hooks.prefill(), use_attention(attention):
+                logits = self.forward(ids[:, start:end], cache, start_position=start)
+            if end >= total:
+                return logits
+            start = end
+            yield
 
     def report(
         self,
@@ -166,63 +226,6 @@ class HFEngine:
         report.attention = AttentionInfo.model_validate(attention.report())
         return report
 
-    def decode_from(
-        self,
-        request: GenerationRequest,
-        hooks: Attachment,
-        cache: DynamicCache,
-        logits: torch.Tensor,
-        report: CompressionInfo,
-        metrics: MetricsInfo,
-    ) -> Generator[TokenDelta, None, GenerationResult]:
-        """From the prefill's last logits to the result: sample, yield, decode one token at a time
-        at positions from ``hooks.next_position`` (a pruned cache is shorter than the sequence)."""
-        metrics.kv_cache_bytes = cache_bytes(cache)
-        sampling = request.sampling
-        generator = make_generator(sampling, self.device)
-        detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
-        finish_reason = "length"
-        position = hooks.next_position
-        decode_start = time.perf_counter()
-        token = choose_token(logits, sampling, generator)
-        metrics.ttft_ms = elapsed_ms(request.arrival_time)
-        while True:
-            if token in self.eos_token_ids and not sampling.ignore_eos:
-                finish_reason = "stop"
-                break
-            text = detok.add(token)
-            yield TokenDelta(token_id=token, text=text)
-            if detok.stopped:
-                finish_reason = "stop"
-                break
-            if len(detok.token_ids) >= sampling.max_tokens:
-                break
-            if request.cancelled.is_set():
-                finish_reason = "cancelled"
-                break
-            logits = self.decode_one_token(token, cache, position, hooks)
-            position += 1
-            token = choose_token(logits, sampling, generator)
-        tail = detok.flush()
-        if tail:
-            yield TokenDelta(token_id=-1, text=tail)
-        sync(self.device)
-        generated = len(detok.token_ids)
-        metrics.decode_ms = elapsed_ms(decode_start)
-        metrics.e2e_ms = elapsed_ms(request.arrival_time)
-        # Tokens after the first, over the time spent producing them (first token is TTFT's).
-        decode_after_first = metrics.e2e_ms - metrics.ttft_ms
-        if generated > 1 and decode_after_first > 0:
-            metrics.output_tokens_per_s = (generated - 1) / (decode_after_first / 1000.0)
-        return GenerationResult(
-            text=detok.text,
-            token_ids=list(detok.token_ids),
-            finish_reason=finish_reason,
-            prompt_tokens=len(request.prompt_ids),
-            compression=report,
-            metrics=metrics,
-        )
-
     def prefill(
         self, hooks: Attachment, cache: DynamicCache, attention: AttentionBackend | None = None
     ) -> torch.Tensor:
@@ -232,6 +235,7 @@ class HFEngine:
             return self.forward(hooks.prefill_ids, cache, start_position=0)
 
     def decode_one_token(self, token: int, cache: DynamicCache, position: int, hooks: Attachment) -> torch.Tensor:
+        """A decode forward of one request alone, its method's decode hooks around it."""
         ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
         with hooks.decode_step():
             return self.forward(ids, cache, start_position=position)

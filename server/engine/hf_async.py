@@ -1,18 +1,15 @@
-"""The ``hf`` backend behind the async API: a bounded wait queue in front of worker threads.
-
-:class:`HFEngine` is synchronous and runs one forward at a time per thread. This wrapper gives it
-the :class:`~server.engine.base.AsyncEngine` shape (it schedules nothing: each thread runs one
-request from its prefill to its last token):
+"""The ``hf`` backend behind the async API: admission in front of a continuously batched scheduler.
 
 - admission (:mod:`server.engine.admission`, shared with the vllm backend) happens in
-  :meth:`HFAsyncEngine.stream` itself: a full queue raises :class:`QueueFullError` (-> 429)
-  before any response byte is sent;
-- ``max_concurrency`` worker threads (1 by default: on a CPU one forward already uses every
-  core) each run one request's generator to the end; the rest wait, at most ``max_queue``;
+  :meth:`HFAsyncEngine.stream` itself, before any response byte is sent: a request whose cache
+  could never fit the batch's token budget is a 400, a full queue a 429 (:class:`QueueFullError`);
+- one worker thread steps the :class:`~server.engine.scheduler.Scheduler`: up to
+  ``max_concurrency`` requests in the batch (their decode forwards shared, their prefills in
+  chunks between the decode steps), the rest wait, at most ``max_queue``;
 - tokens cross from the worker thread to the event loop through an ``asyncio.Queue``
   (``call_soon_threadsafe``), so the loop never blocks on torch;
-- closing the iterator (client disconnect) sets ``request.cancelled``; the engine checks it
-  after every decode step, so at most one more token is computed;
+- closing the iterator (client disconnect) sets ``request.cancelled``; the scheduler drops the
+  request before its next forward, so at most one more token is computed;
 - :meth:`HFAsyncEngine.shutdown` stops admitting and waits for in-flight and queued requests.
 """
 
@@ -20,16 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from server.engine.admission import Admission, AdmittedCounts, Ticket
+from server.engine.admission import Admission, AdmittedCounts
 from server.engine.base import EngineEvent
 from server.engine.hf import HFEngine
-from server.engine.types import GenerationRequest, GenerationResult, TokenDelta
-from server.measure import elapsed_ms
+from server.engine.scheduler import DEFAULT_MAX_RUNNING, DEFAULT_PREFILL_CHUNK_TOKENS, Scheduler
+from server.engine.types import GenerationRequest, GenerationResult, RequestError, TokenDelta
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +75,7 @@ class RequestStream(AsyncIterator[EngineEvent]):
         self.cancel()
 
     def cancel(self) -> None:
-        # A finished request ignores this; a running one stops after its current decode step.
+        # A finished request ignores this; a running one stops before its next forward.
         if not self._done:
             self.request.cancelled.set()
             self._done = True
@@ -88,17 +85,31 @@ class RequestStream(AsyncIterator[EngineEvent]):
 
 
 class HFAsyncEngine(AdmittedCounts):
-    """:class:`HFEngine` + a bounded queue + worker threads: the ``hf`` :class:`AsyncEngine`."""
+    """:class:`HFEngine` + admission + the batch :class:`Scheduler` stepped by one worker thread:
+    the ``hf`` :class:`AsyncEngine`."""
 
     backend = "hf"
 
-    def __init__(self, engine: HFEngine, max_concurrency: int = 1, max_queue: int = 64, retry_after_s: int = 1) -> None:
+    def __init__(
+        self,
+        engine: HFEngine,
+        max_concurrency: int = DEFAULT_MAX_RUNNING,
+        max_queue: int = 64,
+        retry_after_s: int = 1,
+        max_batch_tokens: int | None = None,
+        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+    ) -> None:
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.engine = engine
         self.max_concurrency = max_concurrency
+        self.max_batch_tokens = max_batch_tokens
         self.admission = Admission(max_concurrency, "max_concurrency", max_queue, retry_after_s)
-        self._slots: asyncio.Semaphore | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.scheduler = Scheduler(engine, max_concurrency, max_batch_tokens, prefill_chunk_tokens)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._open: set[asyncio.Future[None]] = set()  # one per admitted request, done when it ends
 
     # ---- what the routes read ------------------------------------------------------------
     @property
@@ -121,64 +132,83 @@ class HFAsyncEngine(AdmittedCounts):
 
     def check_request(self, request: GenerationRequest) -> None:
         self.engine.check_request(request)
+        budget = self.max_batch_tokens
+        if budget is not None and request.cache_tokens > budget:
+            raise RequestError(
+                f"this request needs {request.cache_tokens} KV-cache tokens (its prompt after compression plus "
+                f"max_tokens), more than the batch holds (max_batch_tokens={budget}); compress the prompt "
+                "(e.g. compression.method='gemfilter') or lower max_tokens",
+                param="max_tokens",
+            )
+
+    def batch_gauges(self) -> dict[str, int]:
+        """For /metrics: requests in the last decode forward, cache tokens reserved by the batch
+        and wanted by the queue."""
+        return {
+            "batch_size": self.scheduler.batch_size if self.scheduler.has_work() else 0,
+            "running_tokens": self.scheduler.running_tokens,
+            "waiting_tokens": self.scheduler.waiting_tokens,
+        }
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        self._slots = asyncio.Semaphore(self.max_concurrency)
-        self._executor = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="hf-engine")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="hf-scheduler", daemon=True)
+        self._thread.start()
         self.admission.accepting = True
 
     async def shutdown(self) -> None:
         """Stop admitting; let every admitted request (running or queued) finish."""
         self.admission.accepting = False
-        if self._tasks:
-            logger.info("draining %d request(s) before shutdown", len(self._tasks))
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if self._open:
+            logger.info("draining %d request(s) before shutdown", len(self._open))
+            await asyncio.gather(*self._open, return_exceptions=True)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def _loop(self) -> None:
+        """The worker thread: step the batch while it has work, sleep until a request arrives."""
+        while not self._stop.is_set():
+            if not self.scheduler.has_work():
+                self._wake.wait(timeout=0.1)
+                self._wake.clear()
+                continue
+            try:
+                self.scheduler.step()
+            except Exception as exc:  # the scheduler's own bug: fail what it held, keep serving
+                logger.exception("scheduler step failed")
+                self.scheduler.fail_all(exc)
 
     # ---- the request path ----------------------------------------------------------------
     def stream(self, request: GenerationRequest) -> RequestStream:
         ticket = self.admission.admit(lambda: self.check_request(request))
-        events: asyncio.Queue[_Item] = asyncio.Queue()
-        task = asyncio.create_task(self._serve(request, ticket, events), name=f"request-{request.request_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return RequestStream(request, events)
-
-    async def _serve(self, request: GenerationRequest, ticket: Ticket, events: asyncio.Queue[_Item]) -> None:
-        """Wait for a slot, then run the request's generator in a worker thread."""
-        assert self._slots is not None and self._executor is not None  # set by start()
         loop = asyncio.get_running_loop()
-        try:
-            async with self._slots:
-                request.queue_ms = elapsed_ms(request.arrival_time)
-                if request.cancelled.is_set():  # the client left while waiting: skip the work
-                    events.put_nowait(_END)
-                    return
-                ticket.start_running()
-                await loop.run_in_executor(self._executor, self._run_in_thread, request, events, loop)
-        except Exception as exc:  # e.g. the executor shut down under us: surface it to the reader
-            events.put_nowait(_Failure(exc))
-        finally:
+        events: asyncio.Queue[_Item] = asyncio.Queue()
+        ended: asyncio.Future[None] = loop.create_future()
+        self._open.add(ended)
+        ended.add_done_callback(self._open.discard)
+
+        def end() -> None:  # on the event loop: counts and the drain see the request leave
             ticket.release()
-            request.finish()
+            if not ended.done():
+                ended.set_result(None)
 
-    def _run_in_thread(
-        self, request: GenerationRequest, events: asyncio.Queue[_Item], loop: asyncio.AbstractEventLoop
-    ) -> None:
-        def emit(item: _Item) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, item)
+        def emit(item: TokenDelta | GenerationResult | BaseException | None) -> None:  # scheduler thread
+            if isinstance(item, TokenDelta):
+                loop.call_soon_threadsafe(events.put_nowait, item)
+                return
+            request.finish()  # count generated tokens before the route can answer with the result
+            loop.call_soon_threadsafe(end)
+            if isinstance(item, GenerationResult):
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            elif isinstance(item, BaseException):
+                loop.call_soon_threadsafe(events.put_nowait, _Failure(item))
+            loop.call_soon_threadsafe(events.put_nowait, _END)
 
-        try:
-            for event in self.engine.stream(request):
-                if isinstance(event, TokenDelta):
-                    request.generated_tokens += 1
-                else:  # the result: count before the route can answer with it
-                    request.finish()
-                emit(event)
-        except Exception as exc:  # reported to the reader, which turns it into a 500 / error event
-            emit(_Failure(exc))
-            return
-        emit(_END)
+        request.on_start = lambda _: loop.call_soon_threadsafe(ticket.start_running)
+        self.scheduler.add(request, emit)
+        self._wake.set()
+        return RequestStream(request, events)

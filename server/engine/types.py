@@ -73,6 +73,11 @@ class GenerationRequest:
     # Built and validated once, at admission (the engine's check_request), then carried here.
     method: Method | None = None
     attention: AttentionBackend | None = None
+    # KV-cache entries per layer the request holds at most (compressed prompt + max_tokens): what
+    # the hf batch's token budget reserves for it; set by check_request.
+    cache_tokens: int = 0
+    # Called by the hf scheduler when the request leaves the queue and joins the batch.
+    on_start: Callable[[GenerationRequest], None] | None = None
     # Called once by the engine when it is done with the request (finished, failed or cancelled):
     # the server counts generated tokens here, so those decoded before a disconnect count too.
     on_finish: Callable[[GenerationRequest], None] | None = None
