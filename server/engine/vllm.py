@@ -2,10 +2,10 @@
 
 A request's path: tokenise here (same chat template as the ``hf`` backend) -> a prompt
 selector (GemFilter) picks the kept token ids on the :mod:`filter model
-<server.engine.filter_model>` (layers ``0..r`` only, one filter pass at a time in a worker
-thread) -> vLLM generates from the kept ids as a ``TokensPrompt`` with fresh contiguous
-positions, streamed as ``DELTA`` outputs -> a client disconnect (iterator closed, or
-``request.cancelled``) calls ``AsyncLLM.abort(request_id)``.
+<server.engine.filter_model>` (layers ``0..r`` only; one worker thread steps every pending filter
+pass a chunk at a time, :mod:`server.engine.filter_passes`) -> vLLM generates from the kept ids
+as a ``TokensPrompt`` with fresh contiguous positions, streamed as ``DELTA`` outputs -> a client
+disconnect (iterator closed, or ``request.cancelled``) calls ``AsyncLLM.abort(request_id)``.
 
 Methods that prune the KV cache (SnapKV, H2O, StreamingLLM...) would have to reach into
 vLLM's paged cache, which this backend does not do: they are refused with a 400 naming the
@@ -25,8 +25,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,12 +34,13 @@ from transformers import PreTrainedTokenizerBase
 
 from compressors import CompressionError, Method, Selection, build_method
 from compressors.attention import DEFAULT_ATTENTION, build_attention
-from compressors.base import keep_everything
+from compressors.base import Target, keep_everything
 from compressors.gemfilter import GemFilter
 from compressors.registry import METHODS
 from server.engine.admission import Admission, AdmittedCounts, Ticket
 from server.engine.base import EngineEvent
 from server.engine.filter_model import FilterModel, available_cores, filter_thread_count
+from server.engine.filter_passes import FilterPasses
 from server.engine.hf import DEFAULT_BUDGET
 from server.engine.plan import check_method_fits, check_prompt_and_sampling, compression_report
 from server.engine.tokenize import PromptEncoder
@@ -114,7 +114,7 @@ class VLLMEngine(AdmittedCounts):
         self.aborted_request_ids: deque[str] = deque(maxlen=self.options.recorded_prompts)
         # vLLM request id -> the prompt token ids vLLM reported it generated from (bounded).
         self.vllm_prompts: OrderedDict[str, list[int]] = OrderedDict()
-        self._filter_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemfilter")
+        self._filter_passes = FilterPasses(self.filter_threads, self.options.filter_chunk_tokens)
         self.resolve_method(default_method)
 
     # ---- what the routes read --------------------------------------------------------------
@@ -226,7 +226,7 @@ class VLLMEngine(AdmittedCounts):
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
-        self._filter_executor.shutdown(wait=True)
+        await asyncio.to_thread(self._filter_passes.close)  # finishes any pass still pending
 
     async def abort(self, vllm_request_id: str) -> None:
         if self.llm is not None:
@@ -265,26 +265,31 @@ class VLLMEngine(AdmittedCounts):
             request.finish()
 
     async def _select(self, request: GenerationRequest, method: Method, metrics: MetricsInfo) -> Selection:
-        """The method (a prompt selector, or ``none``) attached to the filter model, one request at a
-        time; the wait before it is queue time. vLLM owns the cache, so none is attached."""
-        loop = asyncio.get_running_loop()
+        """The method (a prompt selector, or ``none``) attached to the filter model, its pass
+        interleaved chunk by chunk with other requests' passes; the wait before its first chunk is
+        queue time. A request cancelled before its pass ends keeps everything (it never decodes).
+        vLLM owns the cache, so none is attached."""
 
-        def run() -> Selection:
-            metrics.queue_ms = elapsed_ms(request.arrival_time)
-            if request.cancelled.is_set():  # the client left while waiting: skip the filter pass
-                return keep_everything(method.name, len(request.prompt_ids))
-            # Per pass and in this worker thread: OpenMP's thread count is a per-thread setting.
-            torch.set_num_threads(self.filter_threads())
-            ids = torch.tensor([request.prompt_ids], dtype=torch.long)
-            with (
-                torch.inference_mode(),
-                method.attach(self.filter_model.model, ids, None, self.default_budget, self.tokenizer) as hooks,
-            ):
-                return hooks.selection
+        def skipped() -> Selection:  # the client left before the pass ended
+            metrics.queue_ms = metrics.queue_ms or elapsed_ms(request.arrival_time)  # left before it began
+            return keep_everything(method.name, len(request.prompt_ids))
 
-        selection = await loop.run_in_executor(self._filter_executor, run)
+        steps = self._selection_steps(request, method, metrics)
+        selection: Selection = await self._filter_passes.submit(steps, request.cancelled, skipped)
         metrics.select_ms = selection.select_ms
         return selection
+
+    def _selection_steps(
+        self, request: GenerationRequest, method: Method, metrics: MetricsInfo
+    ) -> Generator[None, None, Selection]:
+        """The pass in steps, run in the filter passes' worker thread (the first step starts it)."""
+        metrics.queue_ms = elapsed_ms(request.arrival_time)
+        ids = torch.tensor([request.prompt_ids], dtype=torch.long)
+        target = Target(
+            self.filter_model.model, ids, None, self.default_budget, self.tokenizer, self._filter_passes.chunk_tokens
+        )
+        attachment = yield from method.attach_steps(target)
+        return attachment.selection
 
     def filter_threads(self) -> int:
         return filter_thread_count(self.options.filter_threads, self.admission.running, available_cores())
