@@ -383,14 +383,18 @@ def chunked_filter_pass_scores(
     (causal attention over the same keys), so the scores agree to float rounding."""
     from transformers.cache_utils import DynamicCache  # the pass's own cache, dropped when it ends
 
+    n = int(input_ids.shape[-1])
+    size = chunk_tokens(0, n)
+    if size >= n or n - size < window:  # one chunk: the pass as always, with no cache at all
+        return filter_pass_scores(model, input_ids, layer, scoring, window, attention)
     if not uses_probe_attention(model):
         install_probe_attention(model)
-    n = int(input_ids.shape[-1])
     cache = DynamicCache(config=model.config)
     start = 0
     while start < n:
         remaining = n - start
-        size = chunk_tokens(start, remaining)
+        if start:
+            size = chunk_tokens(start, remaining)
         if remaining - size < window:  # the scored window stays within the last chunk
             size = remaining
         end = start + size

@@ -26,8 +26,8 @@ LONG_STREAM = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": T
 
 
 class RecordingEngine:
-    """Wraps the sync HFEngine and records, for every token it yields, whether the request had
-    already been cancelled at that moment; ``results`` gets each final GenerationResult."""
+    """Wraps the sync HFEngine and records, for every token the scheduler emits, whether the
+    request had already been cancelled at that moment; ``results`` gets each final GenerationResult."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -38,14 +38,16 @@ class RecordingEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def stream(self, request: GenerationRequest) -> Iterator[TokenDelta | GenerationResult]:
-        for event in self.inner.stream(request):
+    def new_sequence(self, request: GenerationRequest, emit: Any, meter: Any) -> Any:
+        def recording_emit(event: Any) -> None:
             if isinstance(event, TokenDelta):
                 self.cancelled_at_token.append(request.cancelled.is_set())
-            else:
+            elif isinstance(event, GenerationResult):
                 self.results.append(event)
                 self.finished.set()
-            yield event
+            emit(event)
+
+        return self.inner.new_sequence(request, recording_emit, meter)
 
 
 class FailingEngine:

@@ -1,24 +1,25 @@
 """Property-based API fuzzing: no request the schema allows (or nearly allows) may cause a 5xx.
 
-Generation is stubbed (at most two tokens, no forward pass) so hundreds of cases stay fast, but
-everything before it is real: the schema, validation, tokenisation, the method registry's
-knob checks, the engine's context-length checks and the scheduler.
+Generation is stubbed (one token, no forward pass) so hundreds of cases stay fast, but everything
+around it is real: the schema, validation, tokenisation, the method registry's knob checks, the
+engine's context-length checks, admission and the batch scheduler.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import hypothesis
 import pytest
 import schemathesis
+import torch
 
+from compressors.base import Attachment, keep_everything
 from server.app import create_app
 from server.engine.hf_async import HFAsyncEngine
-from server.engine.types import GenerationRequest, GenerationResult, TokenDelta
-from server.protocol import CompressionInfo, MetricsInfo
+from server.protocol import CompressionInfo
 from server.settings import Settings
 from tests.conftest import serve_app
 
@@ -27,7 +28,8 @@ MAX_EXAMPLES = int(os.environ.get("GEMSERVE_SCHEMA_EXAMPLES", "40"))
 
 
 class StubGenerationEngine:
-    """The real HFEngine for everything but generation, which returns canned tokens."""
+    """The real HFEngine for everything but generation: the prefill is skipped and the first token
+    (42) is the only one, so the real scheduler, detokenizer and result path run without a forward."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -35,14 +37,19 @@ class StubGenerationEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def stream(self, request: GenerationRequest) -> Iterator[TokenDelta | GenerationResult]:
-        method = self.inner.check_request(request)
-        tokens = [42] * min(request.sampling.max_tokens, 2)
-        for token in tokens:
-            yield TokenDelta(token_id=token, text="x")
+    def prefill_steps(self, sequence: Any, chunk_tokens: Any) -> Generator[None, None, torch.Tensor]:
+        request = sequence.request
         n = len(request.prompt_ids)
-        report = CompressionInfo(method=method.name, prompt_tokens=n, kept_tokens=n, ratio=1.0, select_ms=0.0)
-        yield GenerationResult("x" * len(tokens), tokens, "length", n, report, MetricsInfo(ttft_ms=1, e2e_ms=1))
+        prompt = torch.tensor([request.prompt_ids])
+        sequence.hooks = Attachment(prompt, keep_everything(sequence.method.name, n))
+        sequence.report = CompressionInfo(
+            method=sequence.method.name, prompt_tokens=n, kept_tokens=n, ratio=1.0, select_ms=0.0
+        )
+        request.sampling.max_tokens = 1  # the one token below ends it: no decode forward
+        logits = torch.full((len(self.inner.tokenizer),), float("-inf"))
+        logits[42] = 0.0
+        return logits
+        yield  # a generator, as the engine's
 
 
 # The schema comes from an app built without a model (building the OpenAPI needs none).

@@ -26,7 +26,7 @@ def test_flags_override_env_and_env_overrides_defaults(monkeypatch: pytest.Monke
     assert settings.max_queue == 7
     assert settings.api_key == "from-flag"
     assert settings.default_method == "gemfilter"
-    assert settings.max_concurrency == 1
+    assert settings.max_concurrency == 8 and settings.max_batch_tokens is None
 
 
 def test_bad_setting_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:

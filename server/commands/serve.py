@@ -18,7 +18,16 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--port": {"type": int, "help": "port (default 8000)"},
     "--default-method": {"help": "compression method when a request names none (default: none)"},
     "--default-attention": {"help": "prefill attention backend when a request names none (default: dense)"},
-    "--max-concurrency": {"type": int, "help": "requests generating at once (default 1)"},
+    "--max-concurrency": {"type": int, "help": "hf: requests in the batch at once (default 8)"},
+    "--max-batch-tokens": {
+        "type": int,
+        "help": "hf: KV-cache tokens the batch may reserve, each request its compressed prompt + max_tokens "
+        "(default: 4 x the context length)",
+    },
+    "--prefill-chunk-tokens": {
+        "type": int,
+        "help": "hf: prefill tokens per step while others decode, fewer deeper into a long prompt (default 32)",
+    },
     "--max-queue": {"type": int, "help": "requests waiting for a slot before 429 (default 64)"},
     "--api-key": {
         "help": "require 'Authorization: Bearer KEY' on every route but /health and /ready; visible to every "

@@ -4,8 +4,8 @@ The filter model's compute is shared (one model, one set of cores), so every pas
 thread; but a pass is a generator of chunks (:meth:`compressors.base.Method.attach_steps` with
 ``Target.chunk_tokens``), and the thread runs one chunk of each pending pass in turn. A short
 prompt's pass then ends after a few chunks even while a long one runs, instead of waiting behind
-its whole pass (head-of-line blocking). A pass alone takes the rest of its prompt in one chunk:
-chunking only pays when another pass is waiting.
+its whole pass (head-of-line blocking). A pass alone is chunked too: a request that arrives
+during it waits for one chunk, not for the rest of a long prompt.
 
 Results go back to the awaiting coroutine through an asyncio future, settled on its own loop.
 """
@@ -110,9 +110,9 @@ class FilterPasses:
         return len(self._pending)
 
     def chunk_tokens(self, start: int, remaining: int) -> int:
-        """A ``Target.chunk_tokens`` policy: the rest of the prompt while no other pass waits,
-        else one fixed chunk. Read at each chunk, so a pass that arrives shortens the next one."""
-        return remaining if not self._pending else min(remaining, self.chunk_size)
+        """A ``Target.chunk_tokens`` policy: one fixed chunk, alone or not, so a pass that arrives
+        gets its turn after at most one chunk of the running one."""
+        return min(remaining, self.chunk_size)
 
     def submit(
         self, steps: Generator[None, None, Any], cancelled: threading.Event, skipped: Callable[[], Any]
