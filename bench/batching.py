@@ -124,10 +124,10 @@ def stream_tokens(url: str, body: dict[str, Any], times: list[float], stop: thre
                 return
 
 
-def chunked_prefill(url: str, quick: bool) -> dict[str, Any]:
+def chunked_prefill(url: str, quick: bool, long_tokens: int = 8000) -> dict[str, Any]:
     from evals.needles import build_case
 
-    long_case = build_case(8000, depth=0.5, seed=815)
+    long_case = build_case(long_tokens, depth=0.5, seed=815)
     short = {"max_tokens": 4000, "ignore_eos": True, "temperature": 0}
     streams = [{"prompt": f"Story {i}: once upon a time, in a town by the sea,", **short} for i in range(3)]
     stop = threading.Event()
@@ -271,7 +271,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run, not for the docs)")
     parser.add_argument("--skip", default="", help="comma list of scenarios to skip (for debugging)")
     parser.add_argument("--chunk-sizes", default="32,128", help="--prefill-chunk-tokens values for chunked_prefill")
+    parser.add_argument("--render", type=Path, help="only redraw the PNG and the docs section from this JSON")
     args = parser.parse_args()
+    if args.render:
+        result = json.loads(args.render.read_text())
+        plot(result, args.render.with_suffix(".png"))
+        replace_doc_section(HEADING, doc_section(result))
+        return
     flags = ["--max-concurrency", "8"]
     result: dict[str, Any] = {
         "benchmark": "batching",

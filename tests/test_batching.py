@@ -14,7 +14,8 @@ from compressors import build_method
 from compressors.base import Target
 from compressors.gemfilter import chunked_filter_pass_scores, filter_pass_scores
 from evals.needles import build_case
-from server.engine.batch_forward import GrowingLayer, decode_batch, new_request_cache
+from server.engine import scheduler as scheduler_module
+from server.engine.batch_forward import GrowingLayer, Segment, decode_batch, forward_segments, new_request_cache
 from server.engine.hf_async import HFAsyncEngine
 from server.engine.scheduler import Scheduler
 from server.engine.types import CompressionSpec, GenerationRequest, GenerationResult, SamplingParams, TokenDelta
@@ -73,14 +74,13 @@ def run_batch(engine, requests: list[GenerationRequest], scheduler: Scheduler, m
 def test_batch_of_four_mixed_prompts_equals_each_alone(engine, prompts, method, knobs, monkeypatch) -> None:
     alone = [engine.generate(request(ids, method, knobs, max_tokens=40, ignore_eos=True)) for ids in prompts]
 
-    chunk_lengths: list[int] = []
-    forward = engine.forward
+    shared_chunks: list[int] = []  # prefill chunks that rode in a decode forward
 
-    def recording_forward(ids, cache, start_position):
-        chunk_lengths.append(int(ids.shape[1]))
-        return forward(ids, cache, start_position)
+    def recording_forward(model, segments):
+        shared_chunks.extend(s.length for s in segments if s.length > 1)
+        return forward_segments(model, segments)
 
-    monkeypatch.setattr(engine, "forward", recording_forward)
+    monkeypatch.setattr(scheduler_module, "forward_segments", recording_forward)
     batch_sizes: list[int] = []
     scheduler = Scheduler(engine, max_running=4, prefill_chunk_tokens=128)
     batched = run_batch(
@@ -90,7 +90,7 @@ def test_batch_of_four_mixed_prompts_equals_each_alone(engine, prompts, method, 
         monitor=lambda s, _: batch_sizes.append(s.batch_size),
     )
     assert max(batch_sizes) == 4  # all four decoded in one forward at some step
-    assert any(1 < n < 128 for n in chunk_lengths)  # later prompts were prefilled in chunks
+    assert shared_chunks and max(shared_chunks) <= 128  # later prompts prefilled in chunks, among decodes
     for solo, recorder in zip(alone, batched, strict=True):
         assert recorder.result is not None
         assert recorder.tokens == solo.token_ids  # token for token
@@ -192,24 +192,41 @@ def test_admission_400_for_a_request_that_can_never_fit_and_429_when_full(engine
 
 
 def test_chunked_prefill_logits_equal_one_forward(engine, prompts) -> None:
+    """Chunks run alone (nobody decoding) and chunks riding in a shared forward with other requests'
+    decode tokens both end in the logits of one unchunked prefill."""
     ids = torch.tensor([prompts[0]])
     method = build_method("none")
+    others = []
+    with torch.inference_mode():
+        for n in (5, 30):  # two decoding requests to share the forward with
+            cache = new_request_cache(engine.model)
+            engine.forward(torch.tensor([prompts[1][:n]]), cache, 0)
+            others.append((prompts[1][n], n, cache))
 
-    def last_logits(chunk: int | None) -> torch.Tensor:
+    def last_logits(chunk: int | None, shared: bool = False) -> torch.Tensor:
         cache = new_request_cache(engine.model)
         with torch.inference_mode(), method.attach(engine.model, ids, cache, 1024) as hooks:
             policy = None if chunk is None else (lambda start, remaining: min(chunk, remaining))
             steps = engine.prefill_chunks(hooks, cache, build_method_attention(), policy)
+            logits = None
             while True:
                 try:
-                    next(steps)
+                    segment = steps.send(logits)
                 except StopIteration as done:
                     assert cache.get_seq_length() == ids.shape[1]
                     return done.value
+                if not shared:
+                    logits = engine.run_chunk(hooks, segment)
+                    continue
+                decoders = [Segment([token], position, c) for token, position, c in others]
+                logits = forward_segments(engine.model, [*decoders, segment])[-1]
+                for layer_caches in (c for _, _, c in others):  # keep the others' caches as they were
+                    layer_caches.crop(layer_caches.get_seq_length() - 1)
 
     whole = last_logits(None)
     for chunk in (37, 256):
         torch.testing.assert_close(last_logits(chunk), whole, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last_logits(100, shared=True), whole, rtol=1e-4, atol=1e-4)
 
 
 def build_method_attention():

@@ -21,6 +21,7 @@ from compressors import CompressionError, Method, build_method
 from compressors.attention import DEFAULT_ATTENTION, AttentionBackend, build_attention
 from compressors.base import Attachment, ChunkPolicy, Target, cache_bytes
 from compressors.probe import use_attention
+from server.engine.batch_forward import Segment
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.plan import check_method_fits, check_prompt_and_sampling, compression_report
 from server.engine.scheduler import Scheduler
@@ -171,11 +172,14 @@ class HFEngine:
         assert isinstance(result, GenerationResult)
         return result
 
-    def prefill_steps(self, sequence: Sequence, chunk_tokens: ChunkPolicy) -> Generator[None, None, torch.Tensor]:
+    def prefill_steps(
+        self, sequence: Sequence, chunk_tokens: ChunkPolicy
+    ) -> Generator[Segment | None, torch.Tensor | None, torch.Tensor]:
         """Attach the method, prefill (in chunks where the method and the attention backend allow:
-        ``chunk_tokens`` sizes each; one forward otherwise), yielding between units of work; return
-        the last prompt position's logits. ``prefill_ms`` and ``select_ms`` are wall times, the
-        batch's decode steps between the chunks included."""
+        ``chunk_tokens`` sizes each; one forward otherwise), yielding between units of work (None:
+        the step did its work; a :class:`Segment`: a prefill chunk for the scheduler to run, whose
+        logits it sends back); return the last prompt position's logits. ``prefill_ms`` and
+        ``select_ms`` are wall times, the batch's decode steps between the chunks included."""
         request, method, cache = sequence.request, sequence.method, sequence.cache
         assert cache is not None  # given by the scheduler
         prompt = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
@@ -193,21 +197,27 @@ class HFEngine:
 
     def prefill_chunks(
         self, hooks: Attachment, cache: DynamicCache, attention: AttentionBackend, chunk_tokens: ChunkPolicy | None
-    ) -> Generator[None, None, torch.Tensor]:
-        """:meth:`prefill`, a chunk per step where the method and the backend allow it."""
+    ) -> Generator[Segment | None, torch.Tensor | None, torch.Tensor]:
+        """:meth:`prefill`, where the method and the backend allow it a chunk at a time: each chunk
+        is yielded as a :class:`Segment` for the caller to run (alone, :meth:`run_chunk`, or in the
+        batch's decode forward) and send its last logits back."""
         if chunk_tokens is None or not (hooks.chunkable_prefill and attention.prefills_in_chunks):
             return self.prefill(hooks, cache, attention)
-        ids = hooks.prefill_ids
-        total = int(ids.shape[-1])
+        ids = hooks.prefill_ids[0].tolist()
         start = 0
         while True:
-            end = start + chunk_tokens(start, total - start)
-            with hooks.prefill(), use_attention(attention):
-                logits = self.forward(ids[:, start:end], cache, start_position=start)
-            if end >= total:
+            end = start + chunk_tokens(start, len(ids) - start)
+            logits = yield Segment(ids[start:end], start, cache, attention)
+            if end >= len(ids):
+                assert logits is not None  # sent by whoever ran the chunk
                 return logits
             start = end
-            yield
+
+    def run_chunk(self, hooks: Attachment, chunk: Segment) -> torch.Tensor:
+        """A prefill chunk in a forward of its own (nobody else to share it with)."""
+        ids = torch.tensor([chunk.token_ids], dtype=torch.long, device=self.device)
+        with hooks.prefill(), use_attention(chunk.attention):
+            return self.forward(ids, chunk.cache, start_position=chunk.start)
 
     def report(
         self,

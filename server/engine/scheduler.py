@@ -8,14 +8,14 @@ Each :meth:`Scheduler.step`:
    than ``max_running`` requests and their reserved cache tokens fit ``max_batch_tokens`` (a
    request reserves what its cache holds at most: the prompt *after compression* plus
    ``max_tokens``; so compressed requests let more run at once);
-3. runs one decode forward for every decoding request that can share it (the batch's tokens as one
-   ragged sequence, :mod:`server.engine.batch_forward`), then one forward per request whose method
-   reads the decode forward (H2O);
-4. advances the oldest prefilling request by one step: GemFilter's filter pass and the prefill
+3. advances the oldest prefilling request by one step: GemFilter's filter pass and the prefill
    itself run in chunks while others decode, each chunk sized so its cost stays near
    ``prefill_chunk_tokens`` tokens of linear work (fewer tokens deeper into a long prompt, where
    each query attends to more keys), so a long prompt does not stall everyone's token stream.
-   With nobody decoding, a prefill runs whole.
+   With nobody decoding, a prefill runs whole;
+4. runs one forward for every decoding request that can share it plus the prefill's chunk, if it
+   has one (the tokens as one ragged sequence, :mod:`server.engine.batch_forward`), then one
+   forward per request whose method reads the decode forward (H2O).
 
 Single-threaded: the caller (a worker thread of the async engine, or the synchronous
 ``HFEngine.stream``) calls :meth:`step` in a loop; :meth:`add` and the counts are safe to call
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedModel
 
-from server.engine.batch_forward import decode_batch, new_request_cache
+from server.engine.batch_forward import Segment, forward_segments, new_request_cache
 from server.engine.sequence import Emit, Sequence
 from server.engine.types import GenerationRequest
 from server.measure import SharedPeakMeter, elapsed_ms
@@ -118,10 +118,15 @@ class Scheduler:
         with torch.inference_mode():
             self.drop_cancelled()
             self.admit()
+            head = self._prefilling[0] if self._prefilling else None
+            if head is not None:
+                self.prefill_step(head)  # may join the decoders now: it decodes in this step
+            chunk_of = head if head is not None and head.chunk is not None and not head.finished else None
             if self._decoding:
-                self.decode_step()
-            if self._prefilling:
-                self.prefill_step(self._prefilling[0])
+                self.decode_step(chunk_of)  # the chunk rides in the shared decode forward
+            elif chunk_of is not None:
+                self._run([chunk_of], lambda: self.run_chunk_alone(chunk_of))
+            self.forget_finished()
         self.meter.sample_now()
 
     def drop_cancelled(self) -> None:
@@ -172,9 +177,11 @@ class Scheduler:
         return max(1, min(remaining, scaled))
 
     def prefill_step(self, sequence: Sequence) -> None:
+        """Advance a prefill by one step; the logits of the chunk the last step ran go in."""
         assert sequence.prefill is not None  # set by start()
         try:
-            next(sequence.prefill)
+            sequence.chunk = sequence.prefill.send(sequence.sent)
+            sequence.sent = None
             return
         except StopIteration as done:
             logits = done.value
@@ -191,23 +198,36 @@ class Scheduler:
         else:
             self._decoding.append(sequence)
 
-    def decode_step(self) -> None:
+    def decode_step(self, chunk_of: Sequence | None = None) -> None:
+        """One forward for the decoders that share it (and ``chunk_of``'s prefill chunk), then one
+        per decoder whose method reads its own decode forward."""
         shared = [s for s in self._decoding if s.hooks is not None and s.hooks.batched_decode]
         alone = [s for s in self._decoding if s not in shared]
         self.batch_size = len(shared) + len(alone)
-        if shared:
-            self._run(shared, lambda: self.decode_shared(shared))
+        if shared or chunk_of is not None:
+            together = shared + ([chunk_of] if chunk_of is not None else [])
+            self._run(together, lambda: self.forward_shared(shared, chunk_of))
         for sequence in alone:
             self._run([sequence], lambda s=sequence: self.decode_alone(s))
         self.forget_finished()
 
-    def decode_shared(self, batch: list[Sequence]) -> None:
-        caches = [s.cache for s in batch]
-        logits = decode_batch(self.model, [s.token for s in batch], [s.position for s in batch], caches)  # type: ignore[arg-type]
-        for row, sequence in enumerate(batch):
+    def forward_shared(self, decoders: list[Sequence], chunk_of: Sequence | None) -> None:
+        segments = [Segment([s.token], s.position, s.cache) for s in decoders]  # type: ignore[arg-type]
+        if chunk_of is not None:
+            assert chunk_of.chunk is not None
+            segments.append(chunk_of.chunk)
+        logits = forward_segments(self.model, segments)
+        for row, sequence in enumerate(decoders):
             assert sequence.hooks is not None
             sequence.hooks.after_decode()
             sequence.advance(logits[row])
+        if chunk_of is not None:
+            chunk_of.sent, chunk_of.chunk = logits[-1], None
+
+    def run_chunk_alone(self, sequence: Sequence) -> None:
+        assert sequence.hooks is not None and sequence.chunk is not None
+        sequence.sent = self.engine.run_chunk(sequence.hooks, sequence.chunk)
+        sequence.chunk = None
 
     def decode_alone(self, sequence: Sequence) -> None:
         assert sequence.hooks is not None and sequence.cache is not None

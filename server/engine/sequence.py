@@ -18,6 +18,7 @@ from transformers.cache_utils import DynamicCache
 from compressors import Method
 from compressors.attention import AttentionBackend
 from compressors.base import Attachment, cache_bytes
+from server.engine.batch_forward import Segment
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.sampling import choose_token, make_generator
 from server.engine.types import GenerationRequest, GenerationResult, TokenDelta
@@ -54,7 +55,11 @@ class Sequence:
         self.cache: DynamicCache | None = None
         self.hooks: Attachment | None = None
         self.report: CompressionInfo | None = None
-        self.prefill: Generator[None, None, torch.Tensor] | None = None  # set when it starts
+        # The prefill's steps, set when it starts: they yield a Segment when a chunk is to run,
+        # whose logits go back in at the next step (``sent``).
+        self.prefill: Generator[Segment | None, torch.Tensor | None, torch.Tensor] | None = None
+        self.chunk: Segment | None = None
+        self.sent: torch.Tensor | None = None
         self.watch: PeakWatch | None = None
         self.position = 0
         self.token = -1  # the last sampled token: the input of its next decode step
@@ -143,7 +148,7 @@ class Sequence:
         self.release()
         self.emit(None)
 
-    def start(self, cache: DynamicCache, prefill: Generator[None, None, torch.Tensor]) -> None:
+    def start(self, cache: DynamicCache, prefill: Generator[Segment | None, torch.Tensor | None, torch.Tensor]) -> None:
         """Joins the batch: its memory is watched from here."""
         self.cache, self.prefill = cache, prefill
         self.watch = self.meter.open()
@@ -151,7 +156,7 @@ class Sequence:
     def release(self) -> None:
         self.finished = True
         self.cache = self.hooks = None
-        self.prefill = None
+        self.prefill = self.chunk = self.sent = None
         if self.watch is not None:
             self.meter.close(self.watch)
             self.metrics.peak_memory_bytes = self.watch.peak_bytes
