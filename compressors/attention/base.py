@@ -105,9 +105,13 @@ class AttentionBackend:
             return out.transpose(1, 2).contiguous(), None
         if one_sequence and window is None and attention_mask is None and self.sparsifies(n):
             return self.sparse_layer(module, query, key, value, scale), None
-        self.stats.dense_layers += 1
-        self.stats.add(PatternCost(*(chunk_pairs(query.shape[1], n, key.shape[-2]),) * 2))
+        self.count_dense(query.shape[1], n, key.shape[-2])
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    def count_dense(self, heads: int, queries: int, keys: int) -> None:
+        """A layer computed densely: ``queries`` (the last of ``keys`` positions) over their causal keys."""
+        self.stats.dense_layers += 1
+        self.stats.add(PatternCost(*(chunk_pairs(heads, queries, keys),) * 2))
 
     def bands_sliding_layers(self) -> bool:
         return True
