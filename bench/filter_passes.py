@@ -59,7 +59,7 @@ def build(long_tokens: int, short_tokens: int) -> tuple[Any, dict[str, list[int]
 
     def encode(n: int, seed: int) -> list[int]:
         case = build_case(n, depth=0.5, seed=seed, count_tokens=lambda text: len(tokenizer(text)["input_ids"]))
-        return tokenizer.apply_chat_template([{"role": "user", "content": case.user_message()}], tokenize=True)
+        return list(tokenizer(case.completion_prompt())["input_ids"])
 
     prompts = {"long": encode(long_tokens, 1), "short": encode(short_tokens, 2)}
     settings = VLLMSettings()
