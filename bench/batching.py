@@ -196,7 +196,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[1].set_title("4K prompts, concurrency 8: requests/s")
     itl = result["chunked_prefill"]
     axes[2].bar(
-        ["p50 alone", "p99 during 8K prefill"],
+        ["p50 alone", f"p99 during a {itl['long_prompt_tokens']}-token prefill"],
         [itl["itl_alone_ms"]["p50"], itl["itl_during_long_prefill_ms"]["p99"] or 0],
         color=["#888", "#a72"],
     )
