@@ -11,24 +11,17 @@ import pytest
 import torch
 
 from compressors import build_method
-from compressors.base import Target
+from compressors.attention import build_attention
+from compressors.base import Target, drive
 from compressors.gemfilter import chunked_filter_pass_scores, filter_pass_scores
 from evals.needles import build_case
 from server.engine import scheduler as scheduler_module
-from server.engine.batch_forward import GrowingLayer, Segment, decode_batch, forward_segments, new_request_cache
+from server.engine.batch_forward import GrowingLayer, Segment, forward_segments, new_request_cache
 from server.engine.hf_async import HFAsyncEngine
 from server.engine.scheduler import Scheduler
-from server.engine.types import CompressionSpec, GenerationRequest, GenerationResult, SamplingParams, TokenDelta
+from server.engine.types import GenerationRequest, GenerationResult, TokenDelta
 from tests.conftest import serve_app
-
-
-def request(ids: list[int], method: str = "none", knobs: dict[str, Any] | None = None, **sampling: Any):
-    sampling.setdefault("temperature", 0.0)
-    return GenerationRequest(
-        prompt_ids=ids,
-        sampling=SamplingParams(**sampling),
-        compression=CompressionSpec(method=method, knobs=knobs or {}),
-    )
+from tests.test_engine import request
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +200,7 @@ def test_chunked_prefill_logits_equal_one_forward(engine, prompts) -> None:
         cache = new_request_cache(engine.model)
         with torch.inference_mode(), method.attach(engine.model, ids, cache, 1024) as hooks:
             policy = None if chunk is None else (lambda start, remaining: min(chunk, remaining))
-            steps = engine.prefill_chunks(hooks, cache, build_method_attention(), policy)
+            steps = engine.prefill_chunks(hooks, cache, build_attention("dense"), policy)
             logits = None
             while True:
                 try:
@@ -227,12 +220,6 @@ def test_chunked_prefill_logits_equal_one_forward(engine, prompts) -> None:
     for chunk in (37, 256):
         torch.testing.assert_close(last_logits(chunk), whole, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(last_logits(100, shared=True), whole, rtol=1e-4, atol=1e-4)
-
-
-def build_method_attention():
-    from compressors.attention import build_attention
-
-    return build_attention("dense")
 
 
 def test_chunked_filter_pass_scores_and_keeps_what_one_pass_does(engine, prompts) -> None:
@@ -256,14 +243,8 @@ def test_chunked_filter_pass_scores_and_keeps_what_one_pass_does(engine, prompts
     torch.testing.assert_close(chunked, one, rtol=1e-4, atol=1e-4)
     target = Target(model, ids, None, 1024, engine.tokenizer, lambda start, remaining: min(100, remaining))
     with torch.inference_mode():
-        chunked_selection = drive_steps(gem.select_steps(target))
+        chunked_selection = drive(gem.select_steps(target))
     assert chunked_selection.kept_indices == gem.select(model, ids, 1024, engine.tokenizer).kept_indices
-
-
-def drive_steps(steps):
-    from compressors.base import drive
-
-    return drive(steps)
 
 
 def test_ragged_decode_equals_each_cache_alone(loaded_model) -> None:
@@ -280,7 +261,8 @@ def test_ragged_decode_equals_each_cache_alone(loaded_model) -> None:
                 logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
                 caches.append(cache)
             tokens.append(int(logits.argmax()))
-        batched = decode_batch(model, tokens, list(lengths), batch_caches)
+        decoders = [Segment([t], n, c) for t, n, c in zip(tokens, lengths, batch_caches, strict=True)]
+        batched = forward_segments(model, decoders)
         for i, (cache, n) in enumerate(zip(solo_caches, lengths, strict=True)):
             solo = model(
                 input_ids=torch.tensor([[tokens[i]]]),

@@ -237,14 +237,6 @@ def forward_segments(model: PreTrainedModel, segments: list[Segment]) -> torch.T
     return logits_of(model, out.last_hidden_state[0].index_select(0, last_rows))
 
 
-def decode_batch(
-    model: PreTrainedModel, tokens: list[int], positions: list[int], caches: list[DynamicCache]
-) -> torch.Tensor:
-    """One forward for every request's next token: ``(B, vocab)`` logits."""
-    segments = [Segment([t], p, c) for t, p, c in zip(tokens, positions, caches, strict=True)]
-    return forward_segments(model, segments)
-
-
 def logits_of(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """``(B, hidden)`` final hidden states -> ``(B, vocab)`` logits, as the model's LM head computes
     them (with Gemma's final soft-capping). Written as ``W @ h.T``: for a few rows MKL's
