@@ -82,6 +82,12 @@ class Selection:
     details: dict[str, Any] = field(default_factory=dict)
     skipped: str | None = None  # why a selector kept everything without running (e.g. prompt too short)
     filter_attention: dict[str, Any] | None = None  # the filter pass's attention report (GemFilter)
+    # What a response shows when it asks for scores (server/engine/spans.py bins both), kept as
+    # tensors so nothing is converted unless asked: a prompt selector's ``(n,)`` score of each
+    # prompt token (higher = more worth keeping), and a KV method's original positions each
+    # layer's heads hold after prefill, ``{layer: (kv_heads, len)}``.
+    token_scores: torch.Tensor | None = None
+    layer_positions: dict[int, torch.Tensor] | None = None
 
     @property
     def kept_tokens(self) -> int:

@@ -163,7 +163,12 @@ def pick_indices(
     ``scores`` is ``(n,)``, or ``(m, n)`` for m scorings to fuse (:func:`pooled_scores`). With
     ``unit_begins`` (``(n,)`` bool, where each word or chunk starts) whole units are kept
     instead of single tokens (:func:`compressors.units.pick_whole_units`)."""
-    pooled = pooled_scores(scores, kernel_size)
+    return pick_pooled(pooled_scores(scores, kernel_size), keep, tail, unit_begins)
+
+
+def pick_pooled(pooled: torch.Tensor, keep: int, tail: int, unit_begins: torch.Tensor | None = None) -> list[int]:
+    """:func:`pick_indices` on scores already pooled (``(n,)``, left unchanged)."""
+    pooled = pooled.clone()
     n = pooled.numel()
     if unit_begins is not None:
         return pick_whole_units(pooled, keep, tail, unit_begins)
@@ -274,14 +279,18 @@ class GemFilter(PromptSelector):
         keep = self.resolve_budget(n, target.default_budget)
         skipped = None
         filter_report = None
+        pooled = None
         if keep >= n:  # k >= n keeps everything: no filter pass, identical to `none`
             kept = list(range(n))
         elif not self.pays_off(model, n, keep):
             kept, skipped = list(range(n)), SKIPPED_TOO_SHORT
         else:
             scores, filter_report = yield from self.filter_scores_steps(model, input_ids, target.chunk_tokens)
-            kept = self.choose(scores, keep, input_ids, target.tokenizer)
-        return self.selection(model, n, kept, start, skipped, filter_report)
+            pooled = pooled_scores(scores, self.kernel_size)
+            kept = self.choose_pooled(pooled, keep, input_ids, target.tokenizer)
+        selection = self.selection(model, n, kept, start, skipped, filter_report)
+        selection.token_scores = pooled
+        return selection
 
     def filter_scores(self, model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """The filter pass: this method's scores of every prompt token and its attention report."""
@@ -305,7 +314,12 @@ class GemFilter(PromptSelector):
         self, scores: torch.Tensor, keep: int, input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase | None
     ) -> list[int]:
         """The ``keep`` kept positions from the filter pass's scores, whole units per ``span``."""
-        return pick_indices(scores, keep, self.kernel_size, self.tail, self.unit_begins(input_ids, tokenizer))
+        return self.choose_pooled(pooled_scores(scores, self.kernel_size), keep, input_ids, tokenizer)
+
+    def choose_pooled(
+        self, pooled: torch.Tensor, keep: int, input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase | None
+    ) -> list[int]:
+        return pick_pooled(pooled, keep, self.tail, self.unit_begins(input_ids, tokenizer))
 
     def unit_begins(self, input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase | None) -> torch.Tensor | None:
         if self.span == "chunk":

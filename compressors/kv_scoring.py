@@ -197,6 +197,7 @@ def prune_selection(
         prompt_tokens=prompt_tokens,
         kept_indices=kept_positions(positions) if positions else list(range(prompt_tokens)),
         select_ms=select_ms,
+        layer_positions=dict(positions),  # a snapshot: decode steps replace entries, never mutate them
         details={
             "kv_tokens_per_layer": {str(i): int(p.shape[-1]) for i, p in sorted(positions.items())},
             **details,

@@ -14,9 +14,11 @@ from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import ErrorSpec
+from server.viewer import VIEWER_PATHS
 
-# Open without a key: liveness and readiness probes (``/ready`` says more only with the key).
-OPEN_PATHS = frozenset({"/health", "/ready"})
+# Open without a key: liveness and readiness probes (``/ready`` says more only with the key) and
+# the viewer page, which holds no data and asks the user for the key its API calls send.
+OPEN_PATHS = frozenset({"/health", "/ready", *VIEWER_PATHS})
 # The default body limit: bytes per token of context (token-id lists, escaped non-ASCII text
 # and pretty-printed JSON all fit well within it), and never below 1 MiB.
 BODY_BYTES_PER_CONTEXT_TOKEN = 64

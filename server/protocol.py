@@ -97,7 +97,14 @@ class CompressionParams(BaseModel):
     budget: int | None = Field(None, description="Tokens to keep (prompt tokens or KV entries per head)")
     ratio: float | None = Field(None, description="Fraction of the prompt to keep, in (0, 1]; instead of budget")
     layer: int | None = Field(None, description="GemFilter's filter layer (default: calibrated per model)")
-    return_selection: bool = Field(False, description="Return the kept token indices and text spans")
+    return_selection: bool = Field(
+        False, description="Return the kept token indices, the kept text spans and the prompt as kept/dropped segments"
+    )
+    return_scores: bool = Field(
+        False,
+        description="With the selection: GemFilter's per-token scores (at most 2048 bins) or a KV method's kept "
+        "positions per layer (at most 256 bins each); implies return_selection",
+    )
     attention: str | None = Field(
         None, description=f"Attention backend of the prefill ({ATTENTION_NAMES_HINT}); default: server's (dense)"
     )
@@ -113,7 +120,8 @@ class CompressionParams(BaseModel):
         """Every method knob the request set, for the method registry to validate (the prefill's
         attention backend is not a method knob: the engine builds it)."""
         return self.model_dump(
-            exclude={"method", "return_selection", "attention", "attention_knobs"}, exclude_none=True
+            exclude={"method", "return_selection", "return_scores", "attention", "attention_knobs"},
+            exclude_none=True,
         )
 
 
@@ -261,12 +269,51 @@ class SelectionSpan(BaseModel):
     text: str
 
 
+class SelectionSegment(BaseModel):
+    """A run of prompt tokens ``[start, end)`` that was all kept or all dropped, with its text."""
+
+    start: int
+    end: int
+    kept: bool
+    text: str
+
+
+class ScoreStrip(BaseModel):
+    """A prompt selector's score of every prompt token, binned: ``values[i]`` is the highest score
+    of tokens ``[i * bin_tokens, (i + 1) * bin_tokens)``, scaled to [0, 1] over the prompt."""
+
+    bin_tokens: int
+    values: list[float]
+
+
+class LayerKept(BaseModel):
+    layer: int
+    kv_heads: int
+    kv_tokens: int = Field(description="Entries per head after prefill")
+    coverage: list[float] = Field(description="Per bin of prompt tokens: fraction of its (head, token) pairs kept")
+
+
+class LayerCoverage(BaseModel):
+    """Which prompt positions a KV method's cache holds after prefill, per layer, in bins."""
+
+    bin_tokens: int
+    layers: list[LayerKept]
+
+
 class SelectionInfo(BaseModel):
+    """What was kept (server/engine/spans.py builds it): the kept positions, the kept ``spans`` and
+    the whole prompt as kept/dropped ``segments``; with ``return_scores``, ``scores`` (prompt
+    selectors) or ``layer_coverage`` (KV methods). Method details (``scoring``, ``span``,
+    ``kv_tokens_per_layer``...) come as extra fields."""
+
     model_config = ConfigDict(extra="allow")
 
     kept_indices: list[int]
     protected_tail: int = 0
     spans: list[SelectionSpan] = Field(default_factory=list)
+    segments: list[SelectionSegment] = Field(default_factory=list)
+    scores: ScoreStrip | None = None
+    layer_coverage: LayerCoverage | None = None
 
 
 class AttentionInfo(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -75,7 +76,17 @@ def test_generate_table_with_selection_from_a_context_file(shared_engine, capsys
     for label in ("method", "prompt tokens", "kept tokens", "select", "TTFT", "KV cache", "peak memory"):
         assert label in out
     assert "gemfilter (layer" in out
-    assert "kept spans:" in out
+    # The prompt's runs as server/engine/spans.py renders them: kept [start:end] and dropped counts
+    # that tile the whole prompt, the kept ones adding up to the kept tokens in the table.
+    prompt_tokens = int(re.search(r"prompt tokens\s+(\d+)", out).group(1))
+    kept_tokens = int(re.search(r"kept tokens\s+(\d+)", out).group(1))
+    runs = out.split("what was dropped between them:\n", 1)[1].splitlines()
+    kept = [tuple(map(int, m.groups())) for m in map(re.compile(r"  \[(\d+):(\d+)\] ").match, runs) if m]
+    dropped = [int(m.group(1)) for m in map(re.compile(r"  \.\.\. (\d+) tokens? dropped").match, runs) if m]
+    assert kept and dropped
+    assert sum(end - start for start, end in kept) == kept_tokens == 24
+    assert sum(end - start for start, end in kept) + sum(dropped) == prompt_tokens
+    assert kept[-1][1] == prompt_tokens  # the protected tail: the question and the template's end
 
 
 @pytest.mark.parametrize(

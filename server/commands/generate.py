@@ -54,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --completion: the start of the answer sentence the prompt ends with, as RULER does for base "
         "models (default for the demo: its needle's; otherwise none)",
     )
-    parser.add_argument("--show-selection", action="store_true", help="print the kept text spans")
+    parser.add_argument(
+        "--show-selection", action="store_true", help="print the kept text spans and the dropped runs between them"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -131,9 +133,10 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_cost_table(result))
     if args.show_selection and result.compression.selection:
-        print("\nkept spans:")
-        for span in result.compression.selection.spans:
-            print(f"  [{span.start}:{span.end}] {span.text!r}")
+        from server.engine.spans import format_segments
+
+        print("\nthe prompt, kept spans as [start:end] and what was dropped between them:")
+        print(format_segments(result.compression.selection))
     if expected:
         print(f"\nneedle answer {'FOUND' if found else 'NOT found'} in the output")
     return 0

@@ -228,9 +228,7 @@ class HFEngine:
         attention: AttentionBackend,
     ) -> CompressionInfo:
         """The response's ``compression`` once the cache is final (pruned, for KV methods)."""
-        report = compression_report(
-            method, hooks.selection, self.tokenizer, request.prompt_ids, request.compression.return_selection
-        )
+        report = compression_report(method, hooks.selection, self.tokenizer, request.prompt_ids, request.compression)
         if hooks.kv_bytes_before is not None:
             report.kv_bytes_before, report.kv_bytes_after = hooks.kv_bytes_before, cache_bytes(cache)
         report.attention = AttentionInfo.model_validate(attention.report())

@@ -6,8 +6,9 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 from compressors import CompressionError, Method, Selection
-from server.engine.types import GenerationRequest, RequestError
-from server.protocol import AttentionInfo, CompressionInfo, SelectionInfo, SelectionSpan
+from server.engine.spans import selection_info
+from server.engine.types import CompressionSpec, GenerationRequest, RequestError
+from server.protocol import AttentionInfo, CompressionInfo
 
 
 def check_prompt_and_sampling(request: GenerationRequest, vocab_size: int) -> None:
@@ -63,9 +64,9 @@ def compression_report(
     selection: Selection,
     tokenizer: PreTrainedTokenizerBase,
     prompt_ids: list[int],
-    return_selection: bool,
+    spec: CompressionSpec,
 ) -> CompressionInfo:
-    """The response's ``compression`` field; the kept indices and text spans only when asked."""
+    """The response's ``compression`` field; the selection (server/engine/spans.py) only when asked."""
     return CompressionInfo(
         method=method.name,
         prompt_tokens=selection.prompt_tokens,
@@ -75,15 +76,7 @@ def compression_report(
         layer=selection.layer,
         skipped=selection.skipped,
         filter_attention=None if selection.filter_attention is None else AttentionInfo(**selection.filter_attention),
-        selection=selection_info(selection, tokenizer, prompt_ids) if return_selection else None,
-    )
-
-
-def selection_info(selection: Selection, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int]) -> SelectionInfo:
-    spans = [
-        SelectionSpan(start=start, end=end, text=tokenizer.decode(prompt_ids[start:end], skip_special_tokens=False))
-        for start, end in selection.spans
-    ]
-    return SelectionInfo(
-        kept_indices=selection.kept_indices, protected_tail=selection.protected_tail, spans=spans, **selection.details
+        selection=selection_info(selection, tokenizer, prompt_ids, spec.return_scores)
+        if spec.return_selection or spec.return_scores
+        else None,
     )

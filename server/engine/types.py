@@ -56,6 +56,7 @@ class CompressionSpec:
     method: str | None = None  # None: the server's default method
     knobs: dict[str, Any] = field(default_factory=dict)
     return_selection: bool = False
+    return_scores: bool = False  # implies return_selection
     attention: str | None = None  # the prefill's attention backend; None: the server's default
     attention_knobs: dict[str, Any] = field(default_factory=dict)
 

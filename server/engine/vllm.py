@@ -363,9 +363,7 @@ class VLLMEngine(AdmittedCounts):
             token_ids=token_ids,
             finish_reason=finish_reason,
             prompt_tokens=len(request.prompt_ids),
-            compression=compression_report(
-                method, selection, self.tokenizer, request.prompt_ids, request.compression.return_selection
-            ),
+            compression=compression_report(method, selection, self.tokenizer, request.prompt_ids, request.compression),
             metrics=metrics,
         )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.routes import chat, completions, docs, health, metrics, models, tokenize
+from server.routes import chat, completions, docs, health, metrics, models, tokenize, viewer
 
 ROUTERS: list[APIRouter] = [
     health.router,
@@ -14,4 +14,5 @@ ROUTERS: list[APIRouter] = [
     tokenize.router,
     metrics.router,
     docs.router,
+    viewer.router,
 ]

@@ -48,7 +48,8 @@ def to_generation_request(
         CompressionSpec(
             method=params.method,
             knobs=params.knobs(),
-            return_selection=params.return_selection,
+            return_selection=params.return_selection or params.return_scores,
+            return_scores=params.return_scores,
             attention=params.attention,
             attention_knobs=dict(params.attention_knobs or {}),
         )
