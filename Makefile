@@ -16,7 +16,7 @@ VLLM_STAMP := $(VLLM_VENV)/.gemserve-installed
 SERVE_VENV := $(if $(filter vllm,$(BACKEND)),$(VLLM_VENV),$(VENV))
 SERVE_STAMP := $(if $(filter vllm,$(BACKEND)),$(VLLM_STAMP),$(STAMP))
 
-.PHONY: venv venv-vllm serve test test-schema test-vllm lint bench bench-vllm soak demo clean docker-build docker-test lint-docker
+.PHONY: venv venv-vllm serve test test-schema test-vllm test-browser lint bench bench-vllm soak demo clean docker-build docker-test lint-docker
 
 venv: $(STAMP)
 
@@ -56,6 +56,12 @@ test-schema: venv
 
 test-vllm: venv-vllm
 	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm.py $(PYTEST_ARGS)
+
+# The viewer page in headless Chromium: Debian's chromium + chromium-driver, installed by
+# scripts/browser_deps.sh where apt-get can; otherwise the tests skip and say why.
+test-browser: venv
+	scripts/browser_deps.sh
+	$(PY) -m pytest tests/test_viewer_browser.py $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check compressors server clients evals tests bench
