@@ -1,8 +1,8 @@
 """``GET /openapi.json`` and ``GET /docs`` behind the same API-key guard as the API itself.
 
 The app disables FastAPI's built-in docs routes and serves these instead, so the key check of
-server/guards.py covers them like any route: with ``--api-key`` set, only /health and /ready are
-open.
+server/guards.py covers them like any route: with ``--api-key`` set, only /health, /ready and the
+viewer page are open.
 """
 
 from __future__ import annotations
