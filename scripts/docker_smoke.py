@@ -99,6 +99,15 @@ def check_metrics(base: str) -> None:
         raise SmokeFailure("/metrics has no gemserve_requests_total sample for the gemfilter request")
 
 
+def check_viewer(base: str) -> None:
+    """The viewer page and its script ship in the image (package data, not only the source tree)."""
+    for path, marker in (("/viewer", 'id="viewer-config"'), ("/viewer/viewer.js", "gemserveViewer")):
+        with urllib.request.urlopen(f"{base}{path}", timeout=10) as response:
+            text = response.read().decode()
+        if response.status != 200 or marker not in text:
+            raise SmokeFailure(f"{path} did not serve the viewer (status {response.status})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base_url")
@@ -118,6 +127,8 @@ def main() -> int:
         )
         check_metrics(base)
         print("ok   /metrics counted the request")
+        check_viewer(base)
+        print("ok   /viewer serves the page and its script")
     except SmokeFailure as exc:
         print(f"FAIL {exc}", file=sys.stderr)
         return 1
