@@ -258,3 +258,75 @@ def test_a_32k_character_context_renders_in_chunks(browser, server_url, count_to
     assert browser.execute_script("return 1 + 1") == 2  # the page still answers
     print(f"32K-character prompt: {len(drawn[1])} characters, {drawn[0]} elements, {render_s:.2f} s, {frames} turns")
     screenshot(browser, tmp_path / "viewer_32k.png")
+
+
+def test_a_32k_token_response_is_drawn_in_chunks(browser, server_url, tmp_path) -> None:
+    """A 32K-token prompt is past this model's 8K context, so the page's own fetch is answered with a
+    recorded-shape stream: 32768 tokens in 4096 kept and dropped runs (~150K characters), a 2048-bin
+    score strip. Everything after fetch is the page's real path: SSE parsing, metrics, strip, text.
+    Printed, not asserted: the longest gap of a 5 ms timer while the page drew."""
+    open_viewer(browser, server_url)
+    fill_prompt(browser, "stub", "stub")
+    set_compare(browser, False)
+    choose_lane(browser, "a", "gemfilter", 4096)
+    n, runs = 32768, 4096
+    browser.execute_script(
+        """
+        const [n, runs] = [arguments[0], arguments[1]];
+        const per = n / runs;
+        const segments = [];
+        for (let i = 0; i < runs; i++) {
+          const text = `run ${i} `.padEnd(i % 2 ? 50 : 24, i % 2 ? "." : "*") + "\\n";
+          segments.push({start: i * per, end: (i + 1) * per, kept: i % 2 === 0, text});
+        }
+        const kept = segments.filter((s) => s.kept);
+        const selection = {
+          kept_indices: [], protected_tail: 32, segments,
+          spans: kept.map(({start, end, text}) => ({start, end, text})),
+          scores: {bin_tokens: 16, values: Array.from({length: 2048}, (_, i) => (i % 97) / 96)},
+        };
+        const final = {
+          id: "chatcmpl-stub", object: "chat.completion.chunk", model: "stub",
+          choices: [{index: 0, delta: {}, finish_reason: "stop"}],
+          compression: {method: "gemfilter", prompt_tokens: n, kept_tokens: n / 2, ratio: 0.5, select_ms: 1,
+                        layer: 18, selection},
+          metrics: {queue_ms: 0, select_ms: 1, prefill_ms: 2, ttft_ms: 3, decode_ms: 4, e2e_ms: 5,
+                    output_tokens_per_s: 6, kv_cache_bytes: 7, peak_memory_bytes: 8, memory_source: "stub"},
+        };
+        const events = [{choices: [{index: 0, delta: {role: "assistant", content: "stub answer"}}]}, final];
+        const body = events.map((e) => `data: ${JSON.stringify(e)}\\n\\n`).join("") + "data: [DONE]\\n\\n";
+        window.fetch = async () => new Response(body, {status: 200, headers: {"Content-Type": "text/event-stream"}});
+        window.maxGap = 0;
+        let last = performance.now();
+        window.ticker = setInterval(() => {
+          const now = performance.now();
+          window.maxGap = Math.max(window.maxGap, now - last);
+          last = now;
+        }, 5);
+        """,
+        n,
+        runs,
+    )
+    run_and_wait(browser)
+    render_s = wait_rendered(browser, "a", timeout=60)
+    max_gap_ms = browser.execute_script("clearInterval(window.ticker); return window.maxGap")
+    assert not browser.find_element(By.ID, "error").is_displayed()
+    assert browser.find_element(By.CSS_SELECTOR, "#lane-a .answer").text == "stub answer"
+    selection = lane_run(browser, "a")["final"]["compression"]["selection"]
+    drawn = browser.execute_script(
+        "const els = document.querySelectorAll('#lane-a .prompt .seg');"
+        "return [els.length, [...els].map(e => e.textContent).join('')];"
+    )
+    whole = "".join(s["text"] for s in selection["segments"])
+    assert len(whole) > 140_000 and drawn[1] == whole
+    assert drawn[0] == runs  # every run is shorter than a piece: one element each
+    assert dom_spans(browser, "a", kept=True) == [s["text"] for s in selection["spans"]]
+    frames = int(browser.find_element(By.CSS_SELECTOR, "#lane-a .prompt").get_attribute("data-frames"))
+    assert frames >= math.ceil(len(whole) / 16_000)
+    heat = browser.find_element(By.CSS_SELECTOR, "#lane-a .heat-canvas")
+    assert heat.get_attribute("data-bins") == "2048"
+    print(
+        f"32K tokens: {len(whole)} characters, {drawn[0]} elements, {render_s:.2f} s, {frames} turns, "
+        f"longest timer gap {max_gap_ms:.0f} ms"
+    )
+    screenshot(browser, tmp_path / "viewer_32k_tokens.png")
