@@ -78,7 +78,7 @@ def user(text: str) -> dict[str, str]:
 
 
 def body_for(route: str, prompt: str, method: str, stream: bool, max_tokens: int = 6) -> dict[str, Any]:
-    compression: dict[str, Any] = {"method": method, "return_selection": True}
+    compression: dict[str, Any] = {"method": method, "return_scores": True}
     if method == "gemfilter":
         compression["budget"] = BUDGET
     body: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0, "stream": stream, "compression": compression}
@@ -163,6 +163,15 @@ def test_generation_through_http(url, vllm_engine, engine, haystack, route, stre
     assert compression["prompt_tokens"] == usage["prompt_tokens"] == len(ids)
     assert compression["kept_tokens"] == len(expected)
     assert [ids[i] for i in compression["selection"]["kept_indices"]] == expected
+    # The viewer's payload, from the same renderer as the hf backend's (server/engine/spans.py).
+    segments = compression["selection"]["segments"]
+    assert [i for s in segments if s["kept"] for i in range(s["start"], s["end"])] == compression["selection"][
+        "kept_indices"
+    ]
+    scores = compression["selection"]["scores"]
+    assert (scores is not None) == (method == "gemfilter")
+    if scores:
+        assert scores["bin_tokens"] == 1 and len(scores["values"]) == len(ids)
     assert 1 <= usage["completion_tokens"] <= 6
     assert metrics["ttft_ms"] > 0 and metrics["e2e_ms"] >= metrics["ttft_ms"]
     assert metrics["ttft_ms"] >= metrics["select_ms"] + metrics["prefill_ms"] - 1.0
