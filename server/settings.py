@@ -6,10 +6,12 @@ Every field below can be set as an env var with the ``GEMSERVE_`` prefix, e.g.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -55,6 +57,18 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that give none")
     served_model_name: str | None = Field(None, description="Name reported by /v1/models (default: the model's)")
     log_level: str = Field("info", description="Logging level of the server")
+    # NoDecode: the env var is a shell-like string ("tensor-parallel-size=2 enforce-eager"), not JSON.
+    vllm_args: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="vllm: vLLM's own engine arguments as KEY=VALUE (tensor-parallel-size=2, "
+        "distributed-executor-backend=ray, gpu-memory-utilization=0.85 ...), checked by vLLM's AsyncEngineArgs "
+        "before the API starts; GEMSERVE_VLLM_ARGS takes them space-separated",
+    )
+
+    @field_validator("vllm_args", mode="before")
+    @classmethod
+    def split_vllm_args(cls, value: object) -> object:
+        return shlex.split(value) if isinstance(value, str) else value
 
     def resolved_api_key(self) -> str | None:
         """The key from ``api_key`` or the first line of ``api_key_file`` (not both)."""

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +30,7 @@ from evals.needles import build_case
 
 BUDGET = 48
 MAX_MODEL_LEN = 2048
+PASSTHROUGH = ["max-num-seqs=6", "max_num_batched_tokens=3072", "enable-chunked-prefill=false"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,9 @@ def vllm_app() -> Iterator[tuple[Any, str]]:
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
-        app = create_app(Settings(backend="vllm", max_model_len=MAX_MODEL_LEN, max_queue=4))
+        # Two of vLLM's own engine arguments through the passthrough (test_engine_args_pass_through).
+        settings = Settings(backend="vllm", max_model_len=MAX_MODEL_LEN, max_queue=4, vllm_args=PASSTHROUGH)
+        app = create_app(settings)
         with serve_in_background(app, ready_timeout_s=900) as url:
             yield app, url
     finally:
@@ -288,3 +294,78 @@ def test_client_disconnect_aborts_the_vllm_request(url, vllm_engine):
     assert aborted, "the vLLM request was not aborted after the client left"
     assert vllm_engine.llm.get_num_unfinished_requests() == 0
     assert vllm_engine.num_running == 0 and vllm_engine.num_waiting == 0
+
+
+# ---- vLLM's engine arguments, passed through ---------------------------------------------------
+def test_engine_args_pass_through(vllm_engine):
+    """--vllm-arg / vllm_args reach vLLM's AsyncEngineArgs and the running engine's config, and
+    GemServe's own defaults (GEMSERVE_VLLM_* env, the context) hold where the passthrough is silent."""
+    args = vllm_engine.engine_args
+    assert (args.max_num_seqs, args.max_num_batched_tokens, args.enable_chunked_prefill) == (6, 3072, False)
+    config = vllm_engine.llm.vllm_config
+    assert config.scheduler_config.max_num_seqs == 6
+    assert config.scheduler_config.max_num_batched_tokens == 3072
+    assert vllm_engine.admission.slots == 6  # GemServe admits what vLLM batches
+    assert config.model_config.enforce_eager and str(config.model_config.dtype) == "torch.float32"
+    assert config.model_config.max_model_len == MAX_MODEL_LEN
+    assert args.kv_cache_memory_bytes == int(0.25 * (1 << 30))  # GEMSERVE_VLLM_KV_CACHE_GIB
+
+
+def test_engine_args_parse_like_vllm(tmp_path):
+    """Switches, underscores and `--no-` forms as vLLM's own parser takes them; the sizes GemServe
+    defaults yield to the user's."""
+    from server.engine.vllm_args import engine_args
+    from server.engine.vllm_setup import VLLMSettings, vllm_engine_args
+    from server.models import resolve_model_dir
+    from server.settings import Settings
+
+    _, model_dir = resolve_model_dir("smollm2-135m-instruct", None)
+    pairs = ["enforce-eager", "enable_prefix_caching=false", "seed=9", "--block-size=32"]
+    args, given = engine_args(Path(model_dir), pairs, {"enforce_eager": False, "max_num_seqs": 5})
+    assert given == {"enforce_eager", "enable_prefix_caching", "seed", "block_size"}
+    assert (args.enforce_eager, args.enable_prefix_caching, args.seed, args.block_size) == (True, False, 9, 32)
+    assert args.max_num_seqs == 5  # a default where the pairs say nothing
+    sized = vllm_engine_args(
+        Settings(backend="vllm", vllm_args=["kv-cache-memory-bytes=123456789"]), Path(model_dir), VLLMSettings()
+    )
+    assert sized.kv_cache_memory_bytes == 123456789
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("tensor-parallel-size=x", "vLLM: argument --tensor-parallel-size/-tp: invalid int value: 'x'"),
+        ("bogus-knob=1", "vLLM: unrecognized arguments: --bogus-knob 1"),
+        ("dtype=float99", "vLLM: argument --dtype: invalid choice: 'float99'"),
+        (
+            "gpu-memory-utilization=1.5",
+            "vLLM refused the engine arguments: gpu_memory_utilization: Input should be less than or equal to 1",
+        ),
+        (
+            "tensor-parallel-size=2",
+            "vLLM refused the engine arguments: Total number of attention heads (9) must be divisible by tensor "
+            "parallel size (2).",
+        ),
+        ("model=other", "--vllm-arg model: GemServe sets vLLM's model itself; use --model"),
+    ],
+)
+def test_a_bad_engine_argument_fails_before_the_api_starts(arg, message):
+    """`gemserve serve --backend vllm --vllm-arg ...` exits with vLLM's own message, one line, before
+    uvicorn binds a port (no "serving ... on http://" line) and without starting vLLM."""
+    env = {**os.environ, "GEMSERVE_VLLM_ARGS": ""}
+    command = [sys.executable, "-m", "server.cli", "serve", "--backend", "vllm", "--port", "0", "--vllm-arg", arg]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("gemserve serve: error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"gemserve serve: error: {message}"), result.stderr[-2000:]
+    assert "serving" not in result.stdout and "Uvicorn running" not in result.stderr
+
+
+def test_the_env_var_takes_the_same_arguments():
+    from server.settings import Settings
+
+    os.environ["GEMSERVE_VLLM_ARGS"] = "tensor-parallel-size=1  enforce-eager 'compilation-config={\"level\": 0}'"
+    try:
+        assert Settings().vllm_args == ["tensor-parallel-size=1", "enforce-eager", 'compilation-config={"level": 0}']
+    finally:
+        del os.environ["GEMSERVE_VLLM_ARGS"]

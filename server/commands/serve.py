@@ -37,7 +37,19 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--max-request-bytes": {"type": int, "help": "largest request body before 413 (default: 64 B per context token)"},
     "--served-model-name": {"help": "model name reported by /v1/models"},
     "--default-max-tokens": {"type": int, "help": "max_tokens for chat requests that give none (default 256)"},
+    "--vllm-arg": {
+        "dest": "vllm_args",
+        "action": "append",
+        "metavar": "KEY=VALUE",
+        "help": "vllm: one of vLLM's engine arguments (repeatable), e.g. tensor-parallel-size=2, "
+        "distributed-executor-backend=ray, max-num-seqs=64, gpu-memory-utilization=0.85, enforce-eager; checked "
+        "by vLLM before the API starts; replaces GEMSERVE_VLLM_ARGS",
+    },
 }
+
+
+def field_of(flag: str) -> str:
+    return FLAGS[flag].get("dest", flag[2:].replace("-", "_"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Any:
     from server.settings import Settings
 
-    overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in FLAGS}
+    overrides = {field_of(flag): getattr(args, field_of(flag)) for flag in FLAGS}
     return Settings(**{key: value for key, value in overrides.items() if value is not None})
 
 
@@ -64,6 +76,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown backend '{settings.backend}'; available: {', '.join(BACKENDS)}")
     for name in ("gemserve.access", "server"):
         logging.getLogger(name).setLevel(settings.log_level.upper())
+    if settings.vllm_args and settings.backend != "vllm":
+        raise ValueError(
+            f"--vllm-arg / GEMSERVE_VLLM_ARGS are vLLM's engine arguments: use --backend vllm, not {settings.backend}"
+        )
+    if settings.backend == "vllm":
+        from server.engine.vllm_setup import check_vllm_args
+
+        check_vllm_args(settings)  # a bad engine argument ends here, with vLLM's message
     app = create_app(settings)
     print(f"gemserve: serving {settings.model} ({settings.backend}) on http://{settings.host}:{settings.port}")
     # access_log off: the app writes its own one-line-per-request log with timings.

@@ -54,13 +54,13 @@ from server.engine.types import (
 from server.engine.vllm_measure import (
     KV_BYTES_FORMULA,
     ProcessTreeMemoryMeter,
-    config_kv_bytes_per_token,
     kv_bytes_per_token,
 )
 from server.measure import elapsed_ms
 from server.protocol import MetricsInfo
 
 if TYPE_CHECKING:
+    from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from server.engine.vllm_setup import VLLMSettings
@@ -96,17 +96,22 @@ class VLLMEngine(AdmittedCounts):
         default_budget: int = DEFAULT_BUDGET,
         max_queue: int = 64,
         retry_after_s: int = 1,
+        engine_args: AsyncEngineArgs | None = None,
     ) -> None:
+        """``engine_args``: vLLM's, passthrough included (server/engine/vllm_setup.py builds them); None
+        only for an engine that never starts vLLM (tests of the filter passes and admission)."""
         self.name = name
         self.model_dir = model_dir
         self.tokenizer = tokenizer
         self.filter_model = filter_model
+        self.engine_args = engine_args
         self._max_model_len = max_model_len
         self.encoder = PromptEncoder(tokenizer, max_model_len)
         self.default_method = default_method
         self.default_budget = default_budget
         self.options = options
-        self.admission = Admission(self.options.max_num_seqs, "max_num_seqs", max_queue, retry_after_s)
+        max_num_seqs = options.max_num_seqs if engine_args is None else int(engine_args.max_num_seqs)
+        self.admission = Admission(max_num_seqs, "max_num_seqs", max_queue, retry_after_s)
         self.llm: AsyncLLM | None = None
         self.kv_bytes_per_token = 0
         # The most recent aborted vLLM request ids (tests and logs read them): bounded, as a
@@ -185,41 +190,26 @@ class VLLMEngine(AdmittedCounts):
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(
-            model=str(self.model_dir),
-            tokenizer=str(self.model_dir),
-            dtype=self.options.dtype,
-            max_model_len=self.max_model_len,
-            enforce_eager=self.options.enforce_eager,
-            enable_prefix_caching=self.options.enable_prefix_caching,
-            kv_cache_memory_bytes=self.kv_cache_budget_bytes(),
-            max_num_seqs=self.options.max_num_seqs,
-            disable_log_stats=True,
-        )
+        if self.engine_args is None:
+            raise RuntimeError("this VLLMEngine was built without vLLM engine arguments: it cannot start vLLM")
         start = time.perf_counter()
         # In a thread so the event loop (health checks) keeps answering during the long start;
         # AsyncLLM starts its output tasks lazily on the first request, in the serving loop.
-        self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.engine_args)
         self.kv_bytes_per_token = kv_bytes_per_token(self.llm)
         self.filter_model.cast(self.llm.model_config.dtype)
+        parallel = self.llm.vllm_config.parallel_config
         logger.info(
-            "vLLM engine started in %.1f s (%s, %d KV bytes per token)",
+            "vLLM engine started in %.1f s (%s, %d KV bytes per token, tensor parallel %d, pipeline parallel %d)",
             time.perf_counter() - start,
             self.llm.model_config.dtype,
             self.kv_bytes_per_token,
+            parallel.tensor_parallel_size,
+            parallel.pipeline_parallel_size,
         )
         self.admission.accepting = True
-
-    def kv_cache_budget_bytes(self) -> int:
-        """vLLM on CPU would otherwise reserve 92% of RAM (and refuse to start when less is free);
-        by default, 1 GiB or room for two full-context requests, whichever is larger."""
-        if self.options.kv_cache_gib is not None:
-            return int(self.options.kv_cache_gib * (1 << 30))
-        per_token = config_kv_bytes_per_token(self.model_dir, self.options.dtype)
-        return max(1 << 30, 2 * per_token * self.max_model_len)
 
     async def shutdown(self) -> None:
         await self.admission.drain(timeout_s=60.0)

@@ -16,15 +16,22 @@ from compressors.attention import DEFAULT_ATTENTION
 from server.engine.filter_model import load_filter_model
 from server.engine.filter_passes import DEFAULT_CHUNK_TOKENS
 from server.engine.vllm import VLLMEngine
+from server.engine.vllm_args import KV_CACHE_SIZERS, VLLMArgumentError, check_config, engine_args
+from server.engine.vllm_measure import config_kv_bytes_per_token
 
 if TYPE_CHECKING:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
     from server.settings import Settings
 
 
 class VLLMSettings(BaseSettings):
-    """Knobs of the vLLM engine itself, from ``GEMSERVE_VLLM_*`` env vars (e.g.
-    ``GEMSERVE_VLLM_ENFORCE_EAGER=1``). The served model, context cap and default method come
-    from the server's own settings."""
+    """GemServe's knobs around vLLM, from ``GEMSERVE_VLLM_*`` env vars (e.g.
+    ``GEMSERVE_VLLM_ENFORCE_EAGER=1``). The engine knobs here (dtype, enforce_eager,
+    enable_prefix_caching, kv_cache_gib, max_num_seqs) are GemServe's defaults: any of vLLM's own
+    engine arguments given through ``--vllm-arg`` / ``GEMSERVE_VLLM_ARGS`` wins over them
+    (server/engine/vllm_args.py). The served model, context cap and default method come from the
+    server's own settings."""
 
     model_config = SettingsConfigDict(env_prefix="GEMSERVE_VLLM_", extra="ignore")
 
@@ -36,7 +43,10 @@ class VLLMSettings(BaseSettings):
     enforce_eager: bool = Field(False, description="Skip torch.compile: faster start, slower steps")
     enable_prefix_caching: bool = Field(False, description="Off by default so every TTFT measures a real prefill")
     kv_cache_gib: float | None = Field(
-        None, gt=0, description="KV cache vLLM preallocates; default: 1 GiB, more if one full-context request needs it"
+        None,
+        gt=0,
+        description="KV cache vLLM preallocates; default on CPU: 1 GiB, or two full-context requests if more "
+        "(on a GPU: vLLM's gpu_memory_utilization)",
     )
     max_num_seqs: int = Field(16, ge=1, description="Sequences vLLM batches at once")
     filter_layer: int | None = Field(None, ge=0, description="Deepest GemFilter layer served (default: calibrated)")
@@ -61,22 +71,9 @@ class VLLMSettings(BaseSettings):
 def build_vllm_engine(settings: Settings) -> VLLMEngine:
     """Resolve the model dir (converting GGUF once), load tokenizer + filter model; vLLM starts
     in :meth:`VLLMEngine.start`. vLLM does not read GGUF on CPU, so it gets the converted dir."""
-    from transformers import AutoConfig
-
-    from server.models import resolve_model_dir
-
-    if settings.default_attention != DEFAULT_ATTENTION:
-        raise ValueError(
-            f"--default-attention {settings.default_attention}: the vllm backend prefills with vLLM's own attention"
-        )
-    name, source = resolve_model_dir(settings.model, settings.cache_dir)
-    model_dir = Path(source)
+    name, model_dir = resolve_vllm_model(settings)
     options = VLLMSettings()
-    context = int(getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "max_position_embeddings", 0))
-    if settings.max_model_len is not None:
-        if context and settings.max_model_len > context:
-            raise ValueError(f"--max-model-len {settings.max_model_len} exceeds the model's context of {context}")
-        context = settings.max_model_len
+    args = vllm_engine_args(settings, model_dir, options)
     return VLLMEngine(
         name=name,
         model_dir=model_dir,
@@ -84,9 +81,76 @@ def build_vllm_engine(settings: Settings) -> VLLMEngine:
         filter_model=load_filter_model(
             model_dir, options.filter_layer, profile=settings.profile, name=name, cache_dir=settings.cache_dir
         ),
-        max_model_len=context,
+        max_model_len=int(args.max_model_len),
         default_method=settings.default_method,
         max_queue=settings.max_queue,
         retry_after_s=settings.retry_after_s,
         options=options,
+        engine_args=args,
     )
+
+
+def check_vllm_args(settings: Settings) -> None:
+    """What ``gemserve serve --backend vllm`` checks before the API starts: the engine arguments
+    (passthrough included) as vLLM parses them and as vLLM's config accepts them for this model."""
+    _, model_dir = resolve_vllm_model(settings)
+    check_config(vllm_engine_args(settings, model_dir, VLLMSettings()))
+
+
+def resolve_vllm_model(settings: Settings) -> tuple[str, Path]:
+    from server.models import resolve_model_dir
+
+    if settings.default_attention != DEFAULT_ATTENTION:
+        raise ValueError(
+            f"--default-attention {settings.default_attention}: the vllm backend prefills with vLLM's own attention"
+        )
+    name, source = resolve_model_dir(settings.model, settings.cache_dir)
+    return name, Path(source)
+
+
+def vllm_engine_args(settings: Settings, model_dir: Path, options: VLLMSettings) -> AsyncEngineArgs:
+    """vLLM's engine arguments: ``settings.vllm_args`` parsed by vLLM, GemServe's defaults for the rest
+    (the GEMSERVE_VLLM_* knobs above, the context, and on CPU a KV cache sized for this model)."""
+    defaults = {
+        "dtype": options.dtype,
+        "enforce_eager": options.enforce_eager,
+        "enable_prefix_caching": options.enable_prefix_caching,
+        "max_num_seqs": options.max_num_seqs,
+        "max_model_len": model_context(settings, model_dir),
+        "disable_log_stats": True,
+    }
+    args, given = engine_args(model_dir, settings.vllm_args, defaults)
+    if "max_model_len" in given and settings.max_model_len not in (None, args.max_model_len):
+        raise VLLMArgumentError(
+            f"--max-model-len {settings.max_model_len} and --vllm-arg max-model-len={args.max_model_len} disagree"
+        )
+    if not given & KV_CACHE_SIZERS and options.kv_cache_gib is not None:
+        args.kv_cache_memory_bytes = int(options.kv_cache_gib * (1 << 30))
+    elif not given & KV_CACHE_SIZERS and runs_on_cpu():
+        args.kv_cache_memory_bytes = default_cpu_kv_cache_bytes(model_dir, args.dtype, int(args.max_model_len))
+    return args
+
+
+def model_context(settings: Settings, model_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    context = int(getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "max_position_embeddings", 0))
+    if settings.max_model_len is not None:
+        if context and settings.max_model_len > context:
+            raise ValueError(f"--max-model-len {settings.max_model_len} exceeds the model's context of {context}")
+        context = settings.max_model_len
+    return context
+
+
+def runs_on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def default_cpu_kv_cache_bytes(model_dir: Path, dtype: str, max_model_len: int) -> int:
+    """vLLM on CPU would otherwise reserve 92% of RAM (and refuse to start when less is free): 1 GiB or
+    room for two full-context requests, whichever is larger. On a GPU vLLM's own gpu_memory_utilization
+    sizes the cache."""
+    per_token = config_kv_bytes_per_token(model_dir, dtype)
+    return max(1 << 30, 2 * per_token * max_model_len)
