@@ -286,7 +286,7 @@ class GemFilter(PromptSelector):
             kept, skipped = list(range(n)), SKIPPED_TOO_SHORT
         else:
             scores, filter_report = yield from self.filter_scores_steps(model, input_ids, target.chunk_tokens)
-            pooled = pooled_scores(scores, self.kernel_size)
+            pooled = pooled_scores(scores, self.kernel_size).cpu()  # n floats: the pick and the strip run here
             kept = self.choose_pooled(pooled, keep, input_ids, target.tokenizer)
         selection = self.selection(model, n, kept, start, skipped, filter_report)
         selection.token_scores = pooled
@@ -319,7 +319,9 @@ class GemFilter(PromptSelector):
     def choose_pooled(
         self, pooled: torch.Tensor, keep: int, input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase | None
     ) -> list[int]:
-        return pick_pooled(pooled, keep, self.tail, self.unit_begins(input_ids, tokenizer))
+        # On the CPU whatever device the filter pass ran on: n scores, and the units' bookkeeping.
+        begins = self.unit_begins(input_ids, tokenizer)
+        return pick_pooled(pooled.cpu(), keep, self.tail, None if begins is None else begins.cpu())
 
     def unit_begins(self, input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase | None) -> torch.Tensor | None:
         if self.span == "chunk":

@@ -60,7 +60,7 @@ def test_float32_picks_exactly_what_the_full_model_picks(filter_model, loaded_mo
 
 def test_cast_to_bfloat16_picks_what_the_full_model_in_bfloat16_picks(loaded_model, prompt_ids):
     filter_model = load_filter_model(loaded_model.path)
-    filter_model.cast(torch.bfloat16)
+    filter_model.place(torch.bfloat16)
     assert filter_model.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in filter_model.model.parameters())
     full_bf16 = copy.deepcopy(loaded_model.model).to(torch.bfloat16)

@@ -48,13 +48,29 @@ class FilterModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def cast(self, dtype: torch.dtype) -> None:
-        """Run the filter pass in ``dtype`` (the dtype the generating engine runs): bf16 on a CPU
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def place(self, dtype: torch.dtype, device: str = "cpu") -> None:
+        """Run the filter pass in ``dtype`` (the dtype the generating engine runs: bf16 on a CPU
         with AMX is ~3.4x faster than float32 for this pass, and the kept ids then match what the
-        same model in that dtype would pick."""
-        if dtype != self.dtype:
-            self.model.to(dtype)
-            logger.info("filter model cast to %s", dtype)
+        same model in that dtype would pick) on ``device`` (:func:`filter_device`)."""
+        target = torch.device(device)
+        if dtype != self.dtype or target != self.device:
+            self.model.to(device=target, dtype=dtype)
+            logger.info("filter model on %s in %s: %.1f MiB of weights", target, dtype, self.parameter_bytes() / 2**20)
+
+
+def filter_device(setting: str) -> str:
+    """Where the filter pass runs: ``auto`` is the first visible CUDA GPU when torch sees one (with
+    tensor parallelism, the GPU of vLLM's rank 0), else the CPU."""
+    if setting != "auto":
+        return setting
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 def truncated_config(config: PretrainedConfig, num_layers: int) -> PretrainedConfig:

@@ -39,7 +39,7 @@ from compressors.gemfilter import GemFilter
 from compressors.registry import METHODS
 from server.engine.admission import Admission, AdmittedCounts, Ticket
 from server.engine.base import EngineEvent
-from server.engine.filter_model import FilterModel, available_cores, filter_thread_count
+from server.engine.filter_model import FilterModel, available_cores, filter_device, filter_thread_count
 from server.engine.filter_passes import FilterPasses
 from server.engine.hf import DEFAULT_BUDGET
 from server.engine.plan import check_method_fits, check_prompt_and_sampling, compression_report
@@ -199,7 +199,9 @@ class VLLMEngine(AdmittedCounts):
         # AsyncLLM starts its output tasks lazily on the first request, in the serving loop.
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.engine_args)
         self.kv_bytes_per_token = kv_bytes_per_token(self.llm)
-        self.filter_model.cast(self.llm.model_config.dtype)
+        # After vLLM has sized its KV cache (gpu_memory_utilization of the GPU): the filter model
+        # lives in the rest, so leave it room (docs/vllm.md, "Tensor parallelism").
+        self.filter_model.place(self.llm.model_config.dtype, filter_device(self.options.filter_device))
         parallel = self.llm.vllm_config.parallel_config
         logger.info(
             "vLLM engine started in %.1f s (%s, %d KV bytes per token, tensor parallel %d, pipeline parallel %d)",
@@ -274,7 +276,7 @@ class VLLMEngine(AdmittedCounts):
     ) -> Generator[None, None, Selection]:
         """The pass in steps, run in the filter passes' worker thread (the first step starts it)."""
         metrics.queue_ms = elapsed_ms(request.arrival_time)
-        ids = torch.tensor([request.prompt_ids], dtype=torch.long)
+        ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.filter_model.device)
         target = Target(
             self.filter_model.model, ids, None, self.default_budget, self.tokenizer, self._filter_passes.chunk_tokens
         )

@@ -50,6 +50,11 @@ class VLLMSettings(BaseSettings):
     )
     max_num_seqs: int = Field(16, ge=1, description="Sequences vLLM batches at once")
     filter_layer: int | None = Field(None, ge=0, description="Deepest GemFilter layer served (default: calibrated)")
+    filter_device: str = Field(
+        "auto",
+        description="Where the filter pass runs: auto (the first visible CUDA GPU if torch sees one, the GPU of "
+        "vLLM's tensor-parallel rank 0; else the CPU), cpu, or a torch device such as cuda:1",
+    )
     filter_threads: int | None = Field(
         None,
         ge=1,
