@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build the CPU image and check it for real: /ready, a GemFilter chat answer, a non-root user,
-# a healthy HEALTHCHECK, and every Grafana dashboard query answered by a real Prometheus.
+# a healthy HEALTHCHECK, every Grafana dashboard query answered by a real Prometheus, and the
+# compose profile "replicas": 2 replicas behind HAProxy, requests reach both, a replica failing
+# /ready or hung is dropped, Prometheus scrapes each replica (docs/replicas.md).
 # Run from anywhere as root (or with a working docker daemon):
 #   scripts/docker_test.sh            (make docker-test; .ci/run calls it after make test)
 # Needs docker; as root it installs Debian's docker.io (+ debootstrap, docker-compose, prometheus) when missing
@@ -9,6 +11,8 @@
 # Everything that adapts to a restricted machine (no registry, TLS-intercepting proxy, no PyTorch
 # index) lives here, not in docker/Dockerfile:
 #   - base image: $BASE_IMAGE, else python:3.11-slim when pullable, else a debootstrap'd bookworm
+#   - balancer image: $GEMSERVE_LB_IMAGE, else haproxy:3.0 when pullable, else Debian's haproxy
+#     installed on that base image; Prometheus for the replicas: the host's Debian binary
 #   - pip trust: the host pip's CA bundle (PIP_CERT / pip config `cert`) as build secret pip_ca
 #   - torch: a local torch==2.13.0+cpu wheel the host pip can find, copied into docker/wheels/
 #   - package sources: this machine's own, never a host written here (scripts/host_sources.py):
@@ -25,11 +29,17 @@ BUILD_TIMEOUT_S="${BUILD_TIMEOUT_S:-2400}"
 READY_TIMEOUT_S="${READY_TIMEOUT_S:-300}"
 REQUEST_TIMEOUT_S="${REQUEST_TIMEOUT_S:-600}"
 HEALTHY_TIMEOUT_S="${HEALTHY_TIMEOUT_S:-300}"
+REPLICAS_TIMEOUT_S="${REPLICAS_TIMEOUT_S:-120}"
+LB_DEFAULT_IMAGE="haproxy:3.0"
+LB_FALLBACK_TAG="gemserve-haproxy:bookworm"
 WORK="$(mktemp -d /tmp/gemserve-docker-test.XXXXXX)"
 CONTAINER="gemserve-test-$$"
 STARTED_DOCKERD_PID=""
 PROMETHEUS_PID=""
 COPIED_WHEEL=""
+COMPOSE=()
+REPLICAS_PROJECT=""
+REPLICAS_ENV=()
 T0=$SECONDS
 
 log() { printf '[docker-test %4ds] %s\n' "$((SECONDS - T0))" "$*"; }
@@ -53,6 +63,7 @@ cleanup() {
         docker rm -f "$CONTAINER" >/dev/null 2>&1 || true
     fi
     [ -n "$COPIED_WHEEL" ] && rm -f "$COPIED_WHEEL"
+    [ -n "$REPLICAS_PROJECT" ] && replicas_down "$rc"
     if [ -n "$PROMETHEUS_PID" ]; then
         kill "$PROMETHEUS_PID" 2>/dev/null || true
         wait "$PROMETHEUS_PID" 2>/dev/null || true
@@ -206,19 +217,20 @@ check_dashboard_queries() {
 }
 
 # `docker compose config` (plugin) or Debian's docker-compose: both files, alone and combined.
+# Sets COMPOSE, which the replicas stage uses too.
 validate_compose() {
-    local compose=()
     if docker compose version >/dev/null 2>&1; then
-        compose=(docker compose)
+        COMPOSE=(docker compose)
     elif command -v docker-compose >/dev/null || apt_install --no-install-recommends docker-compose; then
-        compose=(docker-compose)
+        COMPOSE=(docker-compose)
     else
         echo "SKIPPED: compose validation: neither the compose plugin nor docker-compose (structure: tests/docker)"
         return 0
     fi
-    "${compose[@]}" -f "$ROOT/docker/compose.yaml" config -q
-    "${compose[@]}" -f "$ROOT/docker/compose.yaml" -f "$ROOT/docker/compose.gpu.yaml" config -q
-    log "ok   compose files validate (${compose[*]} config)"
+    "${COMPOSE[@]}" -f "$ROOT/docker/compose.yaml" config -q
+    "${COMPOSE[@]}" -f "$ROOT/docker/compose.yaml" --profile replicas config -q
+    "${COMPOSE[@]}" -f "$ROOT/docker/compose.yaml" -f "$ROOT/docker/compose.gpu.yaml" config -q
+    log "ok   compose files validate (${COMPOSE[*]} config)"
 }
 
 health_status() { docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{end}}' "$CONTAINER"; }
@@ -234,6 +246,160 @@ wait_healthy() {
     echo "FAIL healthcheck status '$status' (wanted healthy)" >&2
     docker inspect --format '{{json .State.Health}}' "$CONTAINER" >&2
     exit 1
+}
+
+# --- Replicas: the compose profile "replicas" for real (docker/haproxy/haproxy.cfg, docs/replicas.md) ---
+
+replicas_compose() {
+    env "${REPLICAS_ENV[@]}" "${COMPOSE[@]}" -p "$REPLICAS_PROJECT" -f "$ROOT/docker/compose.yaml" --profile replicas "$@"
+}
+
+replica_ip() { docker inspect --format '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$1"; }
+
+replicas_check() { python3 "$ROOT/scripts/replicas_check.py" "$@"; }
+
+# One check, logged with what it saw; its failure ends the script (a failure inside "$(...)" as an
+# argument would not: set -e sees only the outer command).
+replicas_step() {
+    local out
+    out="$(replicas_check "$@")" || exit 1
+    log "ok   $out"
+}
+
+# Also on failure (called from cleanup): logs first, then the extra containers (they hold the
+# compose network), then the project with its volumes.
+replicas_down() {
+    local rc=$1 name
+    if [ "$rc" != 0 ]; then
+        echo "--- replicas: compose logs (tail) ---"
+        replicas_compose logs --no-color --tail 15 2>&1 || true
+    fi
+    for name in $(docker ps -aq --filter "label=com.docker.compose.project=$REPLICAS_PROJECT" --filter status=paused); do
+        docker unpause "$name" >/dev/null 2>&1 || true
+    done
+    for name in "$REPLICAS_PROJECT-rogue" "$REPLICAS_PROJECT-prometheus"; do
+        docker rm -f "$name" >/dev/null 2>&1 || true
+    done
+    replicas_compose down -v --remove-orphans -t 5 >"$WORK/replicas-down.log" 2>&1 \
+        || { tail -n 5 "$WORK/replicas-down.log"; echo "WARN replicas: compose down failed" >&2; }
+    REPLICAS_PROJECT=""
+}
+
+# The official haproxy image where it can be pulled (the compose default). Without a registry,
+# Debian's haproxy on the base image this script already uses (its apt sources are this
+# machine's mirror): the same fallback as the base image's, for the same reason.
+pick_lb_image() {
+    LB_IMAGE="${GEMSERVE_LB_IMAGE:-$LB_DEFAULT_IMAGE}"
+    if docker image inspect "$LB_IMAGE" >/dev/null 2>&1 || timeout 60 docker pull -q "$LB_IMAGE" >/dev/null 2>&1; then
+        return 0
+    fi
+    [ -z "${GEMSERVE_LB_IMAGE:-}" ] || { echo "FAIL balancer image $LB_IMAGE: not local, not pullable" >&2; exit 1; }
+    LB_IMAGE="$LB_FALLBACK_TAG"
+    if docker image inspect "$LB_IMAGE" >/dev/null 2>&1; then
+        log "no registry: reusing balancer image $LB_IMAGE"
+        return 0
+    fi
+    log "no registry: building $LB_IMAGE (Debian's haproxy on $BASE_IMAGE)"
+    # policy-rc.d: apt must not start the service during the build; the container runs haproxy
+    # itself, as the official image does (same config path, foreground master-worker, soft stop).
+    timeout 600 "${BUILD[@]}" --network host -t "$LB_IMAGE" - >"$WORK/lb-build.log" 2>&1 <<EOF \
+        || { tail -n 20 "$WORK/lb-build.log"; echo "FAIL balancer image build" >&2; exit 1; }
+FROM $BASE_IMAGE
+RUN printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d \
+    && apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy \
+    && rm -rf /var/lib/apt/lists/* /usr/sbin/policy-rc.d \
+    && mkdir -p /usr/local/etc/haproxy
+USER haproxy
+STOPSIGNAL SIGUSR1
+CMD ["haproxy", "-W", "-db", "-f", "/usr/local/etc/haproxy/haproxy.cfg"]
+EOF
+}
+
+# Prometheus with docker/prometheus/prometheus.yml as shipped, inside the project network so its
+# DNS-SD job resolves "gemserve-replica" as in compose. Its image cannot be pulled here, so the
+# host's Debian prometheus binary (it links only libc) runs on the base image.
+replicas_prometheus_check() {
+    local prom_bin port
+    prom_bin="$(command -v prometheus || true)"
+    if [ -z "$prom_bin" ]; then
+        echo "SKIPPED: replicas: Prometheus DNS-SD scrape: no prometheus binary on the host"
+        return 0
+    fi
+    docker run -d --name "$REPLICAS_PROJECT-prometheus" --network "${REPLICAS_PROJECT}_default" --user 65534:65534 \
+        -p 127.0.0.1::9090 -v "$(readlink -f "$prom_bin"):/usr/local/bin/prometheus:ro" \
+        -v "$ROOT/docker/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" \
+        --entrypoint /usr/local/bin/prometheus "$BASE_IMAGE" \
+        --config.file=/etc/prometheus/prometheus.yml --storage.tsdb.path=/tmp/prometheus >/dev/null
+    port="$(docker port "$REPLICAS_PROJECT-prometheus" 9090/tcp | head -n 1 | sed 's/.*://')"
+    replicas_step prometheus "http://127.0.0.1:$port" --job gemserve-replica --addr "$1:8000" --addr "$2:8000" \
+        --timeout 60
+    docker rm -f "$REPLICAS_PROJECT-prometheus" >/dev/null
+}
+
+check_replicas() {
+    local t_stage=$SECONDS lb_port stats_port stats lb ids a b ip_a ip_b names name_a name_b
+    local rogue rogue_ip rogue_port t_pause
+    if [ "${#COMPOSE[@]}" = 0 ]; then
+        echo "SKIPPED: replicas: neither the compose plugin nor docker-compose"
+        return 0
+    fi
+    pick_lb_image
+    lb_port="$(free_port)"
+    stats_port="$(free_port)"
+    lb="http://127.0.0.1:$lb_port"
+    stats="http://127.0.0.1:$stats_port/stats;csv"
+    REPLICAS_ENV=("GEMSERVE_IMAGE=$IMAGE" "GEMSERVE_LB_IMAGE=$LB_IMAGE" GEMSERVE_REPLICAS=2
+        "GEMSERVE_LB_PUBLISH_PORT=$lb_port" "GEMSERVE_LB_STATS_PUBLISH_PORT=$stats_port")
+    REPLICAS_PROJECT="gemserve-replicas-$$"
+    log "replicas: ${COMPOSE[*]} -p $REPLICAS_PROJECT --profile replicas up: 2 x $IMAGE behind $LB_IMAGE"
+    replicas_compose up -d --no-build gemserve-replica balancer >"$WORK/replicas-up.log" 2>&1 \
+        || { tail -n 20 "$WORK/replicas-up.log"; echo "FAIL replicas: compose up" >&2; exit 1; }
+    ids="$(docker ps -q --filter "label=com.docker.compose.project=$REPLICAS_PROJECT" \
+        --filter "label=com.docker.compose.service=gemserve-replica")"
+    if [ "$(echo "$ids" | grep -c .)" != 2 ]; then
+        echo "FAIL replicas: wanted 2 gemserve-replica containers, got: $ids" >&2
+        exit 1
+    fi
+    a="$(echo "$ids" | sed -n 1p)"
+    b="$(echo "$ids" | sed -n 2p)"
+    ip_a="$(replica_ip "$a")"
+    ip_b="$(replica_ip "$b")"
+
+    names="$(replicas_check wait "$stats" --addr "$ip_a:8000" --addr "$ip_b:8000" --state UP \
+        --timeout "$REPLICAS_TIMEOUT_S")"
+    read -r name_a name_b <<<"$names"
+    log "ok   both replicas UP in HAProxy (found by DNS, /ready 200): $name_a=$ip_a $name_b=$ip_b"
+    replicas_step send "$lb" --count 10 --allow "$name_a,$name_b" --require "$name_a,$name_b"
+    replicas_prometheus_check "$ip_a" "$ip_b"
+
+    # A replica that is alive but cannot serve: the service's network alias, a model that does not exist.
+    rogue="$REPLICAS_PROJECT-rogue"
+    docker run -d --name "$rogue" --network "${REPLICAS_PROJECT}_default" --network-alias gemserve-replica \
+        -p 127.0.0.1::8000 -e GEMSERVE_MODEL=/nonexistent/model "$IMAGE" >/dev/null
+    rogue_ip="$(replica_ip "$rogue")"
+    rogue_port="$(docker port "$rogue" 8000/tcp | head -n 1 | sed 's/.*://')"
+    log "rogue replica $rogue (same alias, GEMSERVE_MODEL=/nonexistent/model) at $rogue_ip"
+    replicas_step probe "http://127.0.0.1:$rogue_port" --timeout "$REPLICAS_TIMEOUT_S"
+    replicas_check wait "$stats" --addr "$rogue_ip:8000" --state DOWN --timeout 60 >/dev/null
+    log "ok   HAProxy found it by DNS and marks it DOWN"
+    replicas_step send "$lb" --count 10 --allow "$name_a,$name_b" --require "$name_a,$name_b" \
+        --stats "$stats" --unused-addr "$rogue_ip:8000"
+
+    # A hung replica: paused, it still accepts TCP connections but answers nothing.
+    t_pause=$SECONDS
+    docker pause "$a" >/dev/null
+    replicas_check wait "$stats" --addr "$ip_a:8000" --state DOWN --timeout 60 >/dev/null
+    log "ok   paused $name_a marked DOWN after $((SECONDS - t_pause))s (2 checks timed out)"
+    replicas_step send "$lb" --count 10 --allow "$name_b" --require "$name_b"
+    docker unpause "$a" >/dev/null
+    t_pause=$SECONDS
+    replicas_check wait "$stats" --addr "$ip_a:8000" --state UP --timeout 60 >/dev/null
+    log "ok   unpaused $name_a UP again after $((SECONDS - t_pause))s"
+    replicas_step send "$lb" --count 4 --allow "$name_a,$name_b" --require "$name_a,$name_b"
+
+    replicas_down 0
+    log "ok   replicas stage in $((SECONDS - t_stage))s"
 }
 
 main() {
@@ -264,6 +430,7 @@ main() {
     log "ok   HEALTHCHECK reports healthy"
 
     check_dashboard_queries "$port"
+    check_replicas
     echo "PASSED: docker image test ($IMAGE) in $((SECONDS - T0))s"
 }
 
