@@ -83,7 +83,11 @@ def requests_served(port: int) -> int:
 def wait_all_up(stats_port: int, count: int, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        csv = httpx.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=5).text
+        try:
+            csv = httpx.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=5).text
+        except httpx.TransportError:  # HAProxy is still binding its ports
+            time.sleep(0.2)
+            continue
         up = [line for line in csv.splitlines() if line.startswith("gemserve,replica") and ",UP," in line]
         if len(up) == count:
             return
