@@ -7,10 +7,12 @@ HAProxy (Debian's, on the host) runs docker/haproxy/haproxy.cfg with its compose
 is the file's (leastconn, /ready checks, timeouts). The load generator and HAProxy are not pinned:
 they take a little of both cores, which this 2-core machine cannot avoid.
 
-Both fleets are measured in one run, A B A B (``--rounds``), with ``none`` and ``gemfilter`` each
-(``--compare``): request throughput, TTFT and E2E percentiles per method, the 2-vs-1 ratio (its
-physical bound is 2.0) and which replica served what (HAProxy's X-GemServe-Replica is not seen by
-the load tester, so each replica's own /metrics request count is read instead).
+Three set-ups, in turn each round (``--rounds``), with ``none`` and ``gemfilter`` each (``--compare``):
+one replica at client concurrency 2, one at 4, two at 4. Two at 4 against one at 2 is the same load
+per replica, so that ratio is bounded by 2.0; one at 4 is a single replica under the fleet's whole
+load. Request throughput, TTFT and E2E percentiles per method, and which replica served what
+(HAProxy's X-GemServe-Replica is not seen by the load tester, so each replica's own /metrics
+request count is read instead).
 
     python -m bench.replicas [--quick]
 
@@ -42,8 +44,10 @@ HAPROXY_CFG = REPO_ROOT / "docker" / "haproxy" / "haproxy.cfg"
 API_KEY = "bench-replicas"
 INPUT_LEN = 1024
 OUTPUT_LEN = 16
-CONCURRENCY = 4
 METHODS = "none,gemfilter:256"
+# (replicas, client concurrency): the fleet of 2 at concurrency 4 against one replica at the same
+# load per replica (2: the fleet's ratio to it is bounded by 2.0) and at the fleet's whole load (4).
+FLEETS = ((1, 2), (1, 4), (2, 4))
 
 
 def host_haproxy_config(servers: list[int], api_port: int, stats_port: int) -> str:
@@ -95,11 +99,11 @@ def wait_all_up(stats_port: int, count: int, timeout_s: float = 60) -> None:
     raise RuntimeError(f"HAProxy did not see {count} replicas UP within {timeout_s:g} s")
 
 
-def loadtest(url: str, out: Path, requests: int) -> dict[str, Any]:
+def loadtest(url: str, out: Path, requests: int, concurrency: int) -> dict[str, Any]:
     command = [sys.executable, "-m", "server.cli", "loadtest", "--base-url", url, "--api-key", API_KEY]
     command += ["--no-progress", "--output-dir", str(out), "--ignore-eos", "--endpoint", "completions"]
     command += ["--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN), "--compare", METHODS]
-    command += ["--concurrency", str(CONCURRENCY), "--num-requests", str(requests), "--warmup", "1"]
+    command += ["--concurrency", str(concurrency), "--num-requests", str(requests), "--warmup", "1"]
     subprocess.run(command, check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
     return json.loads((out / "results.json").read_text())["summary"]
 
@@ -115,7 +119,7 @@ def brief(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_fleet(replicas: int, work: Path, requests: int) -> dict[str, Any]:
+def run_fleet(replicas: int, concurrency: int, work: Path, requests: int) -> dict[str, Any]:
     """Start ``replicas`` servers (a core each) and HAProxy, load them, stop everything."""
     procs: list[subprocess.Popen[bytes]] = []
     ports: list[int] = []
@@ -132,7 +136,8 @@ def run_fleet(replicas: int, work: Path, requests: int) -> dict[str, Any]:
         haproxy = subprocess.Popen(["haproxy", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_all_up(stats_port, replicas)
         before = [requests_served(port) for port in ports]
-        summary = loadtest(f"http://127.0.0.1:{api_port}", work / f"load_{replicas}_{time.time_ns()}", requests)
+        out = work / f"load_{replicas}_c{concurrency}_{time.time_ns()}"
+        summary = loadtest(f"http://127.0.0.1:{api_port}", out, requests, concurrency)
         served = [requests_served(port) - b for port, b in zip(ports, before, strict=True)]
         return {"methods": {name: brief(s) for name, s in summary.items()}, "served_per_replica": served}
     finally:
@@ -143,14 +148,19 @@ def run_fleet(replicas: int, work: Path, requests: int) -> dict[str, Any]:
             stop_server(proc, 30)
 
 
-def median_of(rounds: list[dict[str, Any]], method: str, key: str) -> float:
-    return statistics.median(r["methods"][method][key] for r in rounds)
+def fleet_name(replicas: int, concurrency: int) -> str:
+    return f"{replicas}r_c{concurrency}"
+
+
+def median_of(rounds: list[dict[str, Any]], method: str, key: str, stat: str | None = None) -> float:
+    values = [r["methods"][method][key] if stat is None else r["methods"][method][key][stat] for r in rounds]
+    return statistics.median(values)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests, one round")
-    parser.add_argument("--rounds", type=int, default=2, help="A B rounds (each fleet once per round)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, each running every fleet once")
     args = parser.parse_args()
     if shutil.which("haproxy") is None or shutil.which("taskset") is None:
         print("needs Debian's haproxy and taskset (util-linux): apt-get install haproxy", file=sys.stderr)
@@ -158,29 +168,31 @@ def main() -> int:
     requests = 6 if args.quick else 12
     rounds = 1 if args.quick else args.rounds
     load_before = list(os.getloadavg())
-    fleets: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    fleets: dict[str, list[dict[str, Any]]] = {fleet_name(*f): [] for f in FLEETS}
     with tempfile.TemporaryDirectory(prefix="gemserve-replicas-") as tmp:
         work = Path(tmp)
         for round_index in range(rounds):
-            for replicas in (1, 2):
-                print(f"round {round_index + 1}: {replicas} replica(s)", flush=True)
-                fleets[replicas].append(run_fleet(replicas, work, requests))
-    methods = list(fleets[1][0]["methods"])
-    table = {}
-    for method in methods:
-        one, two = (
-            median_of(fleets[1], method, "request_throughput"),
-            median_of(fleets[2], method, "request_throughput"),
-        )
-        table[method] = {
-            "req_per_s_1": one,
-            "req_per_s_2": two,
-            "ratio_2_vs_1": two / one,
-            "ttft_p50_ms_1": statistics.median(r["methods"][method]["ttft_ms"]["p50"] for r in fleets[1]),
-            "ttft_p50_ms_2": statistics.median(r["methods"][method]["ttft_ms"]["p50"] for r in fleets[2]),
-            "e2e_p50_ms_1": statistics.median(r["methods"][method]["e2e_ms"]["p50"] for r in fleets[1]),
-            "e2e_p50_ms_2": statistics.median(r["methods"][method]["e2e_ms"]["p50"] for r in fleets[2]),
+            for replicas, concurrency in FLEETS:
+                print(f"round {round_index + 1}: {replicas} replica(s), concurrency {concurrency}", flush=True)
+                fleets[fleet_name(replicas, concurrency)].append(run_fleet(replicas, concurrency, work, requests))
+    table: dict[str, dict[str, Any]] = {}
+    for method in fleets[fleet_name(*FLEETS[0])][0]["methods"]:
+        row = {
+            name: {
+                "req_per_s": median_of(runs, method, "request_throughput"),
+                "ttft_p50_ms": median_of(runs, method, "ttft_ms", "p50"),
+                "e2e_p50_ms": median_of(runs, method, "e2e_ms", "p50"),
+            }
+            for name, runs in fleets.items()
         }
+        # Scale-out at the same load per replica (bound 2.0), per round and as the ratio of medians.
+        per_round = [
+            two["methods"][method]["request_throughput"] / one["methods"][method]["request_throughput"]
+            for one, two in zip(fleets["1r_c2"], fleets["2r_c4"], strict=True)
+        ]
+        row["scale_out_2_vs_1"] = row["2r_c4"]["req_per_s"] / row["1r_c2"]["req_per_s"]
+        row["scale_out_per_round"] = per_round
+        table[method] = row
     result = {
         "benchmark": "replicas",
         "machine": machine_description(),
@@ -189,17 +201,16 @@ def main() -> int:
         "workload": {
             "input_len": INPUT_LEN,
             "output_len": OUTPUT_LEN,
-            "concurrency": CONCURRENCY,
+            "fleets": [{"replicas": r, "concurrency": c} for r, c in FLEETS],
             "requests_per_method": requests,
             "methods": METHODS,
             "rounds": rounds,
             "replica_cores": "one core and one torch thread per replica (taskset)",
         },
-        "fleets": {str(k): v for k, v in fleets.items()},
+        "fleets": fleets,
         "table": table,
     }
-    out = RESULTS_DIR / "replicas_smollm2.json"
-    write_json(out, result)
+    write_json(RESULTS_DIR / "replicas_smollm2.json", result)
     plot(table, RESULTS_DIR / "replicas_smollm2.png")
     replace_doc_section(HEADING, doc_section(result))
     print(json.dumps(table, indent=2))
@@ -212,15 +223,17 @@ def plot(table: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = list(table)
-    width = 0.35
-    for offset, (key, label) in enumerate((("req_per_s_1", "1 replica"), ("req_per_s_2", "2 replicas"))):
-        ax.bar([i + offset * width for i in range(len(names))], [table[n][key] for n in names], width, label=label)
-    ax.set_xticks([i + width / 2 for i in range(len(names))], names)
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    methods = list(table)
+    names = [fleet_name(*f) for f in FLEETS]
+    width = 0.8 / len(names)
+    for offset, name in enumerate(names):
+        xs = [i + offset * width for i in range(len(methods))]
+        ax.bar(xs, [table[m][name]["req_per_s"] for m in methods], width, label=name.replace("_", ", "))
+    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(methods))], methods)
     ax.set_ylabel("requests / s (median of rounds)")
-    ax.set_title(f"Through HAProxy, {INPUT_LEN}-token prompts, concurrency {CONCURRENCY}")
-    ax.legend()
+    ax.set_title(f"Through HAProxy, {INPUT_LEN}-token prompts, a core per replica")
+    ax.legend(title="replicas, client concurrency")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -228,32 +241,36 @@ def plot(table: dict[str, Any], path: Path) -> None:
 
 def doc_section(result: dict[str, Any]) -> str:
     rows = [
-        "| method | 1 replica req/s | 2 replicas req/s | 2 vs 1 | TTFT p50 1 / 2 (ms) | E2E p50 1 / 2 (ms) |",
+        "| method | 1 replica, c2: req/s | 1 replica, c4: req/s | 2 replicas, c4: req/s | 2 vs 1 at c2 per replica "
+        "(per round) | TTFT p50 ms (1r c2 / 1r c4 / 2r c4) |",
         "|---|---|---|---|---|---|",
     ]
     for method, row in result["table"].items():
+        rounds = ", ".join(f"{r:.2f}" for r in row["scale_out_per_round"])
+        ttft = " / ".join(f"{row[name]['ttft_p50_ms']:.0f}" for name in ("1r_c2", "1r_c4", "2r_c4"))
         rows.append(
-            f"| {method} | {row['req_per_s_1']:.3f} | {row['req_per_s_2']:.3f} | {row['ratio_2_vs_1']:.2f}x | "
-            f"{row['ttft_p50_ms_1']:.0f} / {row['ttft_p50_ms_2']:.0f} | {row['e2e_p50_ms_1']:.0f} / "
-            f"{row['e2e_p50_ms_2']:.0f} |"
+            f"| {method} | {row['1r_c2']['req_per_s']:.3f} | {row['1r_c4']['req_per_s']:.3f} | "
+            f"{row['2r_c4']['req_per_s']:.3f} | {row['scale_out_2_vs_1']:.2f}x ({rounds}) | {ttft} |"
         )
-    served = [r["served_per_replica"] for r in result["fleets"]["2"]]
+    served = [r["served_per_replica"] for r in result["fleets"]["2r_c4"]]
     w = result["workload"]
     return "\n".join(
         [
             HEADING,
             "",
-            f"`python -m bench.replicas` ({w['rounds']} rounds, 1 and 2 replicas alternating; load average "
+            f"`python -m bench.replicas` ({w['rounds']} rounds, the three set-ups in turn each round; load average "
             f"{result['load_average_before'][0]:.2f} before, {result['load_average_after'][0]:.2f} after). "
-            f"`gemserve loadtest` through HAProxy running docker/haproxy/haproxy.cfg (leastconn, /ready checks), "
-            f"{w['input_len']}-token synthetic needle prompts, {w['output_len']} output tokens, closed loop at "
-            f"concurrency {w['concurrency']}, {w['requests_per_method']} requests per method. Each replica has one "
-            "core and one torch thread (taskset), as a replica in a fleet brings its own machine; the load generator "
-            "and HAProxy share both cores. Medians over rounds; raw data in bench/results/replicas_smollm2.json.",
+            "`gemserve loadtest` through HAProxy running docker/haproxy/haproxy.cfg (leastconn, /ready checks), "
+            f"{w['input_len']}-token synthetic needle prompts, {w['output_len']} output tokens (ignore_eos), closed "
+            f"loop, {w['requests_per_method']} requests per method. Each replica has one core and one torch thread "
+            "(taskset), as a replica in a fleet brings its own machine; the load generator and HAProxy share both "
+            'cores. "2 vs 1" compares the fleet of two at concurrency 4 with one replica at concurrency 2, the '
+            "same load per replica, so its bound is 2.0. Medians over rounds; raw data in "
+            "bench/results/replicas_smollm2.json, plot replicas_smollm2.png.",
             "",
             *rows,
             "",
-            f"Requests each replica served per 2-replica run (its own /metrics): {served}.",
+            f"Requests each replica served per 2-replica run, warm-ups included (its own /metrics): {served}.",
             "",
         ]
     )
