@@ -35,35 +35,12 @@ from typing import Any
 
 import httpx
 
-from bench.common import REPO_ROOT, RESULTS_DIR, machine_description, replace_doc_section, write_json
+from bench.common import RESULTS_DIR, brief, loadtest, machine_description, replace_doc_section, write_json
 from bench.soak import free_port, start_server, stop_server, wait_until_ready
 from clients.loadtest_report import percentile
 from server.engine.scheduler import DEFAULT_PREFILL_CHUNK_TOKENS
 
 HEADING = "## Continuous batching (hf backend)"
-
-
-def loadtest(url: str, out: Path, **options: Any) -> dict[str, Any]:
-    """``gemserve loadtest`` with ``options`` as flags; its results.json summary by method."""
-    command = [sys.executable, "-m", "server.cli", "loadtest", "--base-url", url, "--no-progress"]
-    command += ["--output-dir", str(out), "--ignore-eos", "--endpoint", "completions"]
-    for key, value in options.items():
-        command += [f"--{key.replace('_', '-')}", str(value)]
-    subprocess.run(command, check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
-    return json.loads((out / "results.json").read_text())["summary"]
-
-
-def brief(summary: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "completed": summary["requests"]["completed"],
-        "failed": summary["requests"]["failed"],
-        "request_throughput": summary["request_throughput"],
-        "output_token_throughput": summary["output_token_throughput"],
-        "ttft_ms": summary["ttft_ms"],
-        "itl_ms": summary["itl_ms"],
-        "e2e_ms": summary["e2e_ms"],
-        "kept_tokens": summary["kept_tokens"],
-    }
 
 
 def throughput(url: str, work: Path, quick: bool) -> dict[str, Any]:

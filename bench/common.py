@@ -167,3 +167,28 @@ def replace_doc_section(heading: str, section: str, path: Path = DOCS_PATH) -> N
         text = text.rstrip("\n") + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+
+
+def loadtest(url: str, out: Path, **options: Any) -> dict[str, Any]:
+    """``gemserve loadtest`` (completions, --ignore-eos) with ``options`` as flags; its results.json
+    summary by method."""
+    command = [sys.executable, "-m", "server.cli", "loadtest", "--base-url", url, "--no-progress"]
+    command += ["--output-dir", str(out), "--ignore-eos", "--endpoint", "completions"]
+    for key, value in options.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    subprocess.run(command, check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
+    return json.loads((out / "results.json").read_text())["summary"]
+
+
+def brief(summary: dict[str, Any]) -> dict[str, Any]:
+    """The figures a benchmark keeps of one method's loadtest summary."""
+    return {
+        "completed": summary["requests"]["completed"],
+        "failed": summary["requests"]["failed"],
+        "request_throughput": summary["request_throughput"],
+        "output_token_throughput": summary["output_token_throughput"],
+        "ttft_ms": summary["ttft_ms"],
+        "itl_ms": summary["itl_ms"],
+        "e2e_ms": summary["e2e_ms"],
+        "kept_tokens": summary["kept_tokens"],
+    }

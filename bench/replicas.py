@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import REPO_ROOT, RESULTS_DIR, machine_description, replace_doc_section, write_json
+from bench.common import REPO_ROOT, RESULTS_DIR, brief, loadtest, machine_description, replace_doc_section, write_json
 from bench.soak import free_port, start_server, stop_server, wait_until_ready
 
 HEADING = "## Replicas behind the load balancer"
@@ -99,26 +99,6 @@ def wait_all_up(stats_port: int, count: int, timeout_s: float = 60) -> None:
     raise RuntimeError(f"HAProxy did not see {count} replicas UP within {timeout_s:g} s")
 
 
-def loadtest(url: str, out: Path, requests: int, concurrency: int) -> dict[str, Any]:
-    command = [sys.executable, "-m", "server.cli", "loadtest", "--base-url", url, "--api-key", API_KEY]
-    command += ["--no-progress", "--output-dir", str(out), "--ignore-eos", "--endpoint", "completions"]
-    command += ["--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN), "--compare", METHODS]
-    command += ["--concurrency", str(concurrency), "--num-requests", str(requests), "--warmup", "1"]
-    subprocess.run(command, check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
-    return json.loads((out / "results.json").read_text())["summary"]
-
-
-def brief(summary: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "completed": summary["requests"]["completed"],
-        "failed": summary["requests"]["failed"],
-        "request_throughput": summary["request_throughput"],
-        "ttft_ms": summary["ttft_ms"],
-        "e2e_ms": summary["e2e_ms"],
-        "kept_tokens": summary["kept_tokens"],
-    }
-
-
 def run_fleet(replicas: int, concurrency: int, work: Path, requests: int) -> dict[str, Any]:
     """Start ``replicas`` servers (a core each) and HAProxy, load them, stop everything."""
     procs: list[subprocess.Popen[bytes]] = []
@@ -137,7 +117,17 @@ def run_fleet(replicas: int, concurrency: int, work: Path, requests: int) -> dic
         wait_all_up(stats_port, replicas)
         before = [requests_served(port) for port in ports]
         out = work / f"load_{replicas}_c{concurrency}_{time.time_ns()}"
-        summary = loadtest(f"http://127.0.0.1:{api_port}", out, requests, concurrency)
+        summary = loadtest(
+            f"http://127.0.0.1:{api_port}",
+            out,
+            api_key=API_KEY,
+            input_len=INPUT_LEN,
+            output_len=OUTPUT_LEN,
+            compare=METHODS,
+            concurrency=concurrency,
+            num_requests=requests,
+            warmup=1,
+        )
         served = [requests_served(port) - b for port, b in zip(ports, before, strict=True)]
         return {"methods": {name: brief(s) for name, s in summary.items()}, "served_per_replica": served}
     finally:
