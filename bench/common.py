@@ -64,20 +64,28 @@ def cpu_was_shared(loadavg_before: list[float]) -> bool:
     return loadavg_before[0] > 1.5
 
 
-def result_header(model_name: str) -> dict[str, Any]:
-    """The fields every benchmark's result JSON opens with: model, start time, load and machine."""
+def result_header(model_name: str, dtype: str | None = None) -> dict[str, Any]:
+    """The fields every benchmark's result JSON opens with: model, dtype, start time, load and machine."""
+    machine = machine_description(dtype)
     return {
         "model": model_name,
+        "dtype": machine["dtype"],
         "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "loadavg_before": [round(x, 2) for x in os.getloadavg()],
-        "machine": machine_description(),
+        "machine": machine,
     }
 
 
-def machine_description() -> dict[str, Any]:
-    """What the numbers were measured on, including how busy the machine was."""
+def machine_description(dtype: str | None = None) -> dict[str, Any]:
+    """What the numbers were measured on, including how busy the machine was: the CPU's flags that
+    decide ``--dtype auto`` and the dtype the benchmark's model ran in (``dtype``; None: what
+    ``auto`` resolves to here, every benchmark's default)."""
     import torch
     import transformers
+
+    from server.precision import flags_of_interest, resolve_dtype
+
+    auto = resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")
 
     cpu_model = ""
     try:
@@ -100,6 +108,9 @@ def machine_description() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
         "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "cpu_flags": flags_of_interest(),
+        "dtype": dtype or auto.name,
+        "dtype_auto": auto.describe(),
     }
 
 

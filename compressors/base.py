@@ -82,6 +82,7 @@ class Selection:
     details: dict[str, Any] = field(default_factory=dict)
     skipped: str | None = None  # why a selector kept everything without running (e.g. prompt too short)
     filter_attention: dict[str, Any] | None = None  # the filter pass's attention report (GemFilter)
+    filter_dtype: str | None = None  # the dtype the filter pass ran in (GemFilter, when it ran)
     # What a response shows when it asks for scores (server/engine/spans.py bins both), kept as
     # tensors so nothing is converted unless asked: a prompt selector's ``(n,)`` score of each
     # prompt token (higher = more worth keeping), and a KV method's original positions each
@@ -191,6 +192,9 @@ class Target:
     # For attach_steps(): how many tokens the next chunk of a pass over the prompt may take, given
     # the position it starts at (None: the whole pass at once).
     chunk_tokens: ChunkPolicy | None = None
+    # The first layers of ``model`` in another dtype, for a prompt selector's pass that only ranks
+    # tokens (GemFilter's filter pass in bfloat16 beside a float32 model); None: ``model`` itself.
+    filter_model: PreTrainedModel | None = None
 
     @property
     def prompt_tokens(self) -> int:

@@ -285,22 +285,42 @@ class GemFilter(PromptSelector):
         elif not self.pays_off(model, n, keep):
             kept, skipped = list(range(n)), SKIPPED_TOO_SHORT
         else:
-            scores, filter_report = yield from self.filter_scores_steps(model, input_ids, target.chunk_tokens)
+            scorer = self.scoring_model(model, target.filter_model)
+            scores, filter_report = yield from self.filter_scores_steps(scorer, input_ids, target.chunk_tokens, model)
             pooled = pooled_scores(scores, self.kernel_size).cpu()  # n floats: the pick and the strip run here
             kept = self.choose_pooled(pooled, keep, input_ids, target.tokenizer)
         selection = self.selection(model, n, kept, start, skipped, filter_report)
         selection.token_scores = pooled
+        if pooled is not None:
+            selection.filter_dtype = model_dtype(scorer)
         return selection
 
-    def filter_scores(self, model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The filter pass: this method's scores of every prompt token and its attention report."""
-        return drive(self.filter_scores_steps(model, input_ids, None))
+    def scoring_model(self, model: PreTrainedModel, filter_model: PreTrainedModel | None) -> PreTrainedModel:
+        """The model the filter pass runs on: ``filter_model`` (``model``'s first layers, maybe in a
+        cheaper dtype, :attr:`Target.filter_model`) when it holds this request's filter layer, else
+        ``model`` itself."""
+        if filter_model is not None and self.filter_layer(model) < len(decoder_layers(filter_model)):
+            return filter_model
+        return model
+
+    def filter_scores(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, filter_model: PreTrainedModel | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The filter pass (on :meth:`scoring_model`): this method's scores of every prompt token and
+        its attention report."""
+        scorer = self.scoring_model(model, filter_model)
+        return drive(self.filter_scores_steps(scorer, input_ids, None, model))
 
     def filter_scores_steps(
-        self, model: PreTrainedModel, input_ids: torch.Tensor, chunk_tokens: ChunkPolicy | None
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor,
+        chunk_tokens: ChunkPolicy | None,
+        full_model: PreTrainedModel | None = None,
     ) -> Generator[None, None, tuple[torch.Tensor, dict[str, Any]]]:
+        """The pass on ``model``; its default layer is that of ``full_model`` (None: ``model``)."""
         backend = self.filter_backend()
-        layer = self.filter_layer(model)
+        layer = self.filter_layer(full_model if full_model is not None else model)
         if chunk_tokens is None or not backend.prefills_in_chunks:
             scores = filter_pass_scores(model, input_ids, layer, self.scoring, self.window, backend)
         else:
@@ -354,6 +374,10 @@ class GemFilter(PromptSelector):
             skipped=skipped,
             filter_attention=filter_report,
         )
+
+
+def model_dtype(model: PreTrainedModel) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def filter_pass_scores(

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from evals.haystacks import HAYSTACKS
 from evals.runner import csv_list, depth_list, int_list
 from evals.tasks import build_sample, sample_seed
+from server.commands.common import add_dtype_arguments
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="alias, .gguf file or HF model dir")
     parser.add_argument("--device", default="auto")
+    add_dtype_arguments(parser)
     parser.add_argument("--cache-dir", type=Path, help="where converted models and cached profiles live")
     parser.add_argument("--lengths", type=int_list, default=[2048, 4096, 8000], help="probe lengths in tokens")
     parser.add_argument("--haystacks", type=csv_list, default=list(HAYSTACKS), help="haystack kinds to probe")
@@ -155,7 +157,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = [h for h in args.haystacks if h not in HAYSTACKS]
     if unknown:
         raise ValueError(f"unknown haystack {', '.join(unknown)}; haystacks: {', '.join(HAYSTACKS)}")
-    loaded = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
+    loaded = load_model(
+        args.model, device=args.device, cache_dir=args.cache_dir, dtype=args.dtype, filter_dtype=args.filter_dtype
+    )
     target = InProcessTarget(HFEngine(loaded))
     config = loaded.model.config
     layers = candidate_layers(config, args.layers)

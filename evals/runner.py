@@ -28,6 +28,7 @@ from evals.methods import MethodSpec, expand_methods
 from evals.scoring import answers_kept_whole, score
 from evals.targets import STYLES, HTTPTarget, InProcessTarget, Outcome, Target
 from evals.tasks import TASKS, TASKS_WITHOUT_DEPTH, Sample, build_sample, sample_seed
+from server.commands.common import add_dtype_arguments
 
 RECORDS_FILE = "records.jsonl"
 META_FILE = "meta.json"
@@ -86,6 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", help="in-process: alias, .gguf or HF dir (default smollm2-135m-instruct); --base-url: served name"
     )
     parser.add_argument("--device", default="auto")
+    add_dtype_arguments(parser)
     parser.add_argument("--cache-dir", type=Path, help="where converted models live (env GEMSERVE_CACHE_DIR)")
     parser.add_argument("--max-model-len", type=int, help="cap the context length (default: the model's)")
     parser.add_argument(
@@ -138,6 +140,8 @@ def make_target(args: argparse.Namespace, methods: list[MethodSpec]) -> Target:
         cache_dir=args.cache_dir,
         max_model_len=args.max_model_len,
         profile=args.profile,
+        dtype=args.dtype,
+        filter_dtype=args.filter_dtype,
     )
     return InProcessTarget(HFEngine(loaded), share=not args.no_share)
 
@@ -223,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
     style = resolve_style(args, target)
     meta = {
         "model": target.model_name,
+        "dtype": target.dtype,
         "target": args.base_url or "in-process",
         "style": style,
         "tasks": args.tasks,

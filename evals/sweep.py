@@ -28,7 +28,7 @@ import torch
 
 from compressors import KVCompressor, Method, PromptSelector
 from compressors.base import Attachment, cache_bytes, keep_everything, kept_ids
-from compressors.gemfilter import SKIPPED_TOO_SHORT, GemFilter
+from compressors.gemfilter import SKIPPED_TOO_SHORT, GemFilter, model_dtype
 from compressors.probe import active_probe, attention_probe
 from server.engine.batch_forward import new_request_cache
 from server.engine.hf import HFEngine
@@ -96,9 +96,10 @@ def run_selector_group(
             selection = method.selection(engine.model, n, list(range(n)), started, SKIPPED_TOO_SHORT)
         else:
             if scores is None:
-                scores = method.filter_scores(engine.model, prompt)
+                scores = method.filter_scores(engine.model, prompt, engine.filter_model)
             kept = method.choose(scores[0], keep, prompt, engine.tokenizer)
             selection = method.selection(engine.model, n, kept, started, None, scores[1])
+            selection.filter_dtype = model_dtype(method.scoring_model(engine.model, engine.filter_model))
         # What GemFilter's attach() would yield, from the shared scores.
         out[index] = prefill_and_decode(engine, request, method, Attachment(kept_ids(prompt, selection), selection))
     return out

@@ -49,6 +49,7 @@ class Outcome:
 
 class Target(Protocol):
     model_name: str
+    dtype: str | None  # what the model runs in (None: a server that does not say)
 
     def count_tokens(self, sample: Sample, style: str) -> int: ...
 
@@ -68,6 +69,7 @@ class InProcessTarget:
         self.engine = engine
         self.share = share
         self.model_name = engine.model_name
+        self.dtype: str | None = engine.dtype
 
     def encode(self, sample: Sample, style: str) -> list[int]:
         if style == "chat":
@@ -158,13 +160,15 @@ class HTTPTarget:
         root = base_url.rstrip("/").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=root, headers=headers, timeout=timeout_s)
-        self.model_name = model or self.first_model()
+        card = self.first_model()
+        self.model_name = model or str(card["id"])
+        self.dtype = card.get("dtype")  # GemServe says; vLLM's card does not
 
-    def first_model(self) -> str:
+    def first_model(self) -> dict[str, Any]:
         models = self.post_or_get("GET", "/v1/models")["data"]
         if not models:
             raise ValueError(f"{self.client.base_url} serves no model")
-        return str(models[0]["id"])
+        return dict(models[0])
 
     def post_or_get(self, verb: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         response = self.client.request(verb, path, json=body)

@@ -51,6 +51,8 @@ def build_engine(settings: Settings) -> AsyncEngine:
             cache_dir=settings.cache_dir,
             max_model_len=settings.max_model_len,
             profile=settings.profile,
+            dtype=settings.dtype,
+            filter_dtype=settings.filter_dtype,
         )
         engine = HFEngine(loaded, default_method=settings.default_method, default_attention=settings.default_attention)
         return HFAsyncEngine(
@@ -142,7 +144,13 @@ async def load_and_start(state: ServerState, engine: AsyncEngine | None) -> None
         return
     state.engine = engine  # first: the served name falls back to the engine's model name
     state.metrics.bind_engine(engine, state.served_model_name())
-    logger.info("ready: model %s on backend %s", engine.model_name, engine.backend)
+    logger.info(
+        "ready: model %s on backend %s in %s (GemFilter's filter pass in %s)",
+        engine.model_name,
+        engine.backend,
+        engine.dtype,
+        engine.filter_dtype,
+    )
 
 
 class RequestContextMiddleware:

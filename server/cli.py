@@ -44,8 +44,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (CLIError, ValueError, OSError) as exc:
         # One line, no traceback: bad input is the user's to fix, not ours to dump.
-        print(f"gemserve {args.command}: error: {exc}", file=sys.stderr)
+        print(f"gemserve {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line; a settings validation error names the flag and env var."""
+    errors = getattr(exc, "errors", None)
+    if getattr(exc, "title", None) == "Settings" and callable(errors):  # pydantic's ValidationError
+        parts = []
+        for error in errors():
+            field = ".".join(str(part) for part in error["loc"])
+            flag, env = "--" + field.replace("_", "-"), "GEMSERVE_" + field.upper()
+            parts.append(f"{flag} / {env}: {error['msg']} (got {error.get('input')!r})")
+        return "; ".join(parts)
+    return " ".join(str(exc).split("\n"))
 
 
 if __name__ == "__main__":

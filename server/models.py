@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from compressors.profile import ModelProfile
+from server.precision import ResolvedDtype, pick_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,16 @@ class LoadedModel:
     device: torch.device
     profile: ModelProfile | None = None  # GemFilter's calibrated layer etc. (server/model_profiles.py)
     profile_source: str | None = None
+    dtype: ResolvedDtype | None = None  # what --dtype resolved to (None: whatever the weights are in)
+    filter_dtype: ResolvedDtype | None = None  # GemFilter's filter pass (None: the model's dtype)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    @property
+    def filter_dtype_name(self) -> str:
+        return self.filter_dtype.name if self.filter_dtype is not None else self.dtype_name
 
 
 def resolve_model_dir(spec: str | None, cache_dir: Path | None = None) -> tuple[str, Path | str]:
@@ -170,21 +181,26 @@ def load_model(
     cache_dir: Path | None = None,
     max_model_len: int | None = None,
     profile: Path | None = None,
+    dtype: str = "auto",
+    filter_dtype: str = "auto",
 ) -> LoadedModel:
     """Resolve, convert if needed, and load model + tokenizer ready for GemServe's engine, with
-    its GemFilter profile (``profile``: a file from ``gemserve calibrate``; None: looked up)."""
+    its GemFilter profile (``profile``: a file from ``gemserve calibrate``; None: looked up), in
+    ``dtype`` (:mod:`server.precision`; ``auto`` follows the hardware). ``filter_dtype`` is
+    resolved here and built by the engine (:class:`server.engine.hf.HFEngine`)."""
     from compressors.probe import install_probe_attention
     from compressors.profile import attach_profile, read_profile
     from server.model_profiles import find_profile
 
     if profile is not None:
         read_profile(profile)  # a missing or broken file fails before the weights load
-    name, source = resolve_model_dir(spec, cache_dir)
     torch_device = pick_device(device)
-    dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+    resolved = pick_dtype(dtype, torch_device)  # a dtype the device cannot run fails before the load
+    resolved_filter = pick_dtype(filter_dtype, torch_device, what="GemFilter's filter pass")
+    name, source = resolve_model_dir(spec, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=resolved.torch_dtype)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"could not load model '{spec or DEFAULT_MODEL}' from '{source}': {exc}") from exc
     model.to(torch_device).eval()
@@ -207,4 +223,6 @@ def load_model(
         device=torch_device,
         profile=found,
         profile_source=found_at,
+        dtype=resolved,
+        filter_dtype=resolved_filter,
     )

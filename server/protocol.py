@@ -347,6 +347,7 @@ class CompressionInfo(BaseModel):
     skipped: str | None = Field(None, description="Why the method kept everything without running")
     attention: AttentionInfo | None = None
     filter_attention: AttentionInfo | None = None
+    filter_dtype: str | None = Field(None, description="The dtype GemFilter's filter pass ran in, when it ran")
     selection: SelectionInfo | None = None
 
 
@@ -459,6 +460,8 @@ class ModelCard(BaseModel):
     owned_by: str = "gemserve"
     max_model_len: int | None = None  # vLLM may report null
     backend: str | None = None
+    dtype: str | None = Field(None, description="What the model computes in (--dtype, resolved for this hardware)")
+    filter_dtype: str | None = Field(None, description="What GemFilter's filter pass computes in (--filter-dtype)")
 
 
 class ModelList(BaseModel):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DtypeName = Literal["auto", "bfloat16", "float16", "float32"]  # server/precision.py resolves them
 
 
 class Settings(BaseSettings):
@@ -20,6 +22,16 @@ class Settings(BaseSettings):
     model: str = Field("smollm2-135m-instruct", description="Model alias, .gguf file, HF model dir or hub id")
     backend: str = Field("hf", description="Generation backend: hf (transformers in-process) or vllm")
     device: str = Field("auto", description="auto | cpu | cuda")
+    dtype: DtypeName = Field(
+        "auto",
+        description="Weights and activations: auto (bfloat16 on CUDA and on a CPU with native bfloat16 matmuls, "
+        "AMX or AVX512-BF16; float32 otherwise), bfloat16, float16 or float32; both backends",
+    )
+    filter_dtype: DtypeName = Field(
+        "auto",
+        description="GemFilter's filter pass (it only ranks tokens): auto (what --dtype auto picks on this hardware) "
+        "or a dtype; a dtype other than the model's holds a copy of layers 0..r in it",
+    )
     cache_dir: Path | None = Field(None, description="Where converted models are cached")
     max_model_len: int | None = Field(None, ge=1, description="Cap the context length (default: the model's)")
     profile: Path | None = Field(None, description="GemFilter profile from `gemserve calibrate` (default: looked up)")

@@ -19,7 +19,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def loaded_model():
     from server.models import load_model
 
-    return load_model("smollm2-135m-instruct", device="cpu")
+    # float32 whatever the CPU: the exactness tests compare against float32 references; tests/test_precision.py
+    # covers the other dtypes.
+    return load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")

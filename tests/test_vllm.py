@@ -37,22 +37,28 @@ PASSTHROUGH = ["max-num-seqs=6", "max_num_batched_tokens=3072", "enable-chunked-
 def vllm_app() -> Iterator[tuple[Any, str]]:
     """A real GemServe on ``--backend vllm`` (eager mode: no torch.compile, a faster start).
 
-    float32 rather than the default ``auto`` (bf16 on x86): the tests compare vLLM's kept ids and
-    answers with the session's float32 HF backend token for token. test_filter_model checks the
-    bf16 filter pass against the full model in bf16."""
+    float32 rather than the default ``auto`` (bf16 on a CPU with AMX or AVX512-BF16): the tests compare
+    vLLM's kept ids and answers with the session's float32 HF backend token for token.
+    test_filter_model checks the bf16 filter pass against the full model in bf16."""
     from server.app import create_app, serve_in_background
     from server.settings import Settings
 
     env = {
         "GEMSERVE_VLLM_ENFORCE_EAGER": "1",
         "GEMSERVE_VLLM_KV_CACHE_GIB": "0.25",
-        "GEMSERVE_VLLM_DTYPE": "float32",
     }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
         # Two of vLLM's own engine arguments through the passthrough (test_engine_args_pass_through).
-        settings = Settings(backend="vllm", max_model_len=MAX_MODEL_LEN, max_queue=4, vllm_args=PASSTHROUGH)
+        settings = Settings(
+            backend="vllm",
+            max_model_len=MAX_MODEL_LEN,
+            max_queue=4,
+            vllm_args=PASSTHROUGH,
+            dtype="float32",
+            filter_dtype="float32",
+        )
         app = create_app(settings)
         with serve_in_background(app, ready_timeout_s=900) as url:
             yield app, url
@@ -139,9 +145,24 @@ def test_filter_model_holds_only_layers_up_to_r(vllm_engine, loaded_model):
     assert filter_model.parameter_count() < sum(p.numel() for p in full.parameters())
 
 
-def test_filter_model_runs_in_the_dtype_vllm_resolved(vllm_engine):
+def test_both_halves_hold_the_dtype_asked_for(vllm_app, vllm_engine):
+    """--dtype reaches vLLM's config, --filter-dtype the filter model's weights; /v1/models says both."""
     assert vllm_engine.llm.model_config.dtype == torch.float32  # what this module asked for
-    assert vllm_engine.filter_model.dtype == vllm_engine.llm.model_config.dtype
+    assert {p.dtype for p in vllm_engine.filter_model.model.parameters()} == {torch.float32}
+    card = httpx.get(f"{vllm_app[1]}/v1/models").json()["data"][0]
+    assert (card["dtype"], card["filter_dtype"]) == ("float32", "float32")
+
+
+def test_auto_gives_vllm_the_dtype_the_hf_backend_picks(tmp_path):
+    """vLLM's own ``auto`` takes bfloat16 on any x86 CPU; GemServe's follows the CPU's flags."""
+    from server.engine.vllm_setup import VLLMSettings, resolve_vllm_model, vllm_engine_args
+    from server.precision import resolve_dtype
+    from server.settings import Settings
+
+    settings = Settings(backend="vllm", max_model_len=MAX_MODEL_LEN)
+    _, model_dir = resolve_vllm_model(settings)
+    args = vllm_engine_args(settings, model_dir, VLLMSettings())
+    assert args.dtype == resolve_dtype("auto", "cpu").name
 
 
 # ---- end to end through HTTP -----------------------------------------------------------------
@@ -336,7 +357,8 @@ def test_engine_args_parse_like_vllm(tmp_path):
     [
         ("tensor-parallel-size=x", "vLLM: argument --tensor-parallel-size/-tp: invalid int value: 'x'"),
         ("bogus-knob=1", "vLLM: unrecognized arguments: --bogus-knob 1"),
-        ("dtype=float99", "vLLM: argument --dtype: invalid choice: 'float99'"),
+        ("dtype=bfloat16", "--vllm-arg dtype: GemServe sets vLLM's dtype itself; use --dtype"),
+        ("kv-cache-dtype=float99", "vLLM: argument --kv-cache-dtype: invalid choice: 'float99'"),
         (
             "gpu-memory-utilization=1.5",
             "vLLM refused the engine arguments: gpu_memory_utilization: Input should be less than or equal to 1",

@@ -18,9 +18,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="alias (smollm2-135m-instruct, gemma3-270m), a .gguf file, an HF model dir or a hub id",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    add_dtype_arguments(parser)
     parser.add_argument("--cache-dir", type=Path, help="where converted models live (env GEMSERVE_CACHE_DIR)")
     parser.add_argument("--max-model-len", type=int, help="cap the context length (default: the model's)")
     parser.add_argument("--profile", type=Path, help="GemFilter profile from `gemserve calibrate` (default: looked up)")
+
+
+def add_dtype_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--dtype`` and ``--filter-dtype`` (server/precision.py), checked when the model loads."""
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto | bfloat16 | float16 | float32 (default auto: bfloat16 on CUDA and on CPUs with AMX or "
+        "AVX512-BF16, float32 otherwise)",
+    )
+    parser.add_argument(
+        "--filter-dtype",
+        default="auto",
+        help="GemFilter's filter pass: auto (what --dtype auto picks here) | bfloat16 | float16 | float32",
+    )
 
 
 def load_engine(args: argparse.Namespace, default_method: str = "none") -> HFEngine:
@@ -33,6 +49,8 @@ def load_engine(args: argparse.Namespace, default_method: str = "none") -> HFEng
         cache_dir=args.cache_dir,
         max_model_len=args.max_model_len,
         profile=getattr(args, "profile", None),
+        dtype=args.dtype,
+        filter_dtype=args.filter_dtype,
     )
     return HFEngine(loaded, default_method=default_method)
 

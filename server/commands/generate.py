@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             "text": result.text,
             "finish_reason": result.finish_reason,
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+            "dtype": engine.dtype,
             "compression": result.compression.model_dump(exclude_none=True),
             "metrics": result.metrics.model_dump(),
         }
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"Q: {expected.question}  (demo haystack, expected answer: {expected.answer})")
     print(result.text.strip())
     print()
-    print(format_cost_table(result))
+    print(format_cost_table(result, engine.dtype))
     if args.show_selection and result.compression.selection:
         from server.engine.spans import format_segments
 
@@ -160,10 +161,12 @@ def attention_rows(report: CompressionInfo) -> list[tuple[str, str]]:
     return rows
 
 
-def format_cost_table(result: GenerationResult) -> str:
+def format_cost_table(result: GenerationResult, dtype: str | None = None) -> str:
     c, m = result.compression, result.metrics
     rows = [
+        *([("dtype", dtype)] if dtype else []),
         ("method", c.method + (f" (layer {c.layer})" if c.layer is not None else "")),
+        *([("filter dtype", c.filter_dtype)] if c.filter_dtype else []),
         ("prompt tokens", f"{c.prompt_tokens}"),
         ("kept tokens", f"{c.kept_tokens} ({c.ratio:.1%})" + (f", {c.skipped}" if c.skipped else "")),
         *attention_rows(c),

@@ -63,6 +63,16 @@ class AsyncEngine(Protocol):
     def max_model_len(self) -> int: ...
 
     @property
+    def dtype(self) -> str:
+        """What the served model computes in (``bfloat16``, ``float32``...: server/precision.py)."""
+        ...
+
+    @property
+    def filter_dtype(self) -> str:
+        """What GemFilter's filter pass computes in."""
+        ...
+
+    @property
     def num_running(self) -> int:
         """Requests generating right now."""
         ...

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from compressors.gemfilter import default_filter_layer
 from compressors.probe import decoder_layers, install_probe_attention
-from compressors.profile import attach_profile
+from compressors.profile import ModelProfile, attach_profile
 from server.model_profiles import find_profile
 from server.models import default_cache_dir
 
@@ -106,12 +106,17 @@ def load_filter_model(
     profile: Path | None = None,
     name: str | None = None,
     cache_dir: Path | None = None,
+    known_profile: ModelProfile | None = None,
 ) -> FilterModel:
     """Load layers ``0..layer`` of the model in ``model_dir`` (``layer`` None: the profile's layer,
-    see :mod:`server.model_profiles`; ``profile`` names a file, else it is looked up by ``name``)."""
+    see :mod:`server.model_profiles`; ``profile`` names a file, else it is looked up by ``name``;
+    ``known_profile``: the one the full model already found, no lookup)."""
     full_config = AutoConfig.from_pretrained(model_dir)
-    cache = cache_dir or default_cache_dir()
-    found, _ = find_profile(name or Path(model_dir).name, Path(model_dir), full_config, cache, profile)
+    if known_profile is not None:
+        found: ModelProfile | None = known_profile
+    else:
+        cache = cache_dir or default_cache_dir()
+        found, _ = find_profile(name or Path(model_dir).name, Path(model_dir), full_config, cache, profile)
     if found is not None:
         attach_profile(full_config, found)
     full_num_layers = int(full_config.get_text_config().num_hidden_layers)

@@ -15,14 +15,17 @@ from collections.abc import Generator, Iterator
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
 from compressors import CompressionError, Method, build_method
 from compressors.attention import DEFAULT_ATTENTION, AttentionBackend, build_attention
 from compressors.base import Attachment, ChunkPolicy, Target, cache_bytes
+from compressors.gemfilter import model_dtype
 from compressors.probe import use_attention
 from server.engine.batch_forward import Segment
 from server.engine.detokenize import IncrementalDetokenizer
+from server.engine.filter_model import load_filter_model
 from server.engine.plan import check_method_fits, check_prompt_and_sampling, compression_report
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Emit, Sequence
@@ -62,10 +65,19 @@ class HFEngine:
         self.encoder = PromptEncoder(self.tokenizer, loaded.max_model_len)
         build_method(default_method).validate_for_model(self.model)
         build_attention(default_attention)
+        self.filter_model = separate_filter_model(loaded)
 
     @property
     def model_name(self) -> str:
         return self.loaded.name
+
+    @property
+    def dtype(self) -> str:
+        return self.loaded.dtype_name
+
+    @property
+    def filter_dtype(self) -> str:
+        return model_dtype(self.filter_model) if self.filter_model is not None else self.dtype
 
     @property
     def max_model_len(self) -> int:
@@ -183,7 +195,9 @@ class HFEngine:
         request, method, cache = sequence.request, sequence.method, sequence.cache
         assert cache is not None  # given by the scheduler
         prompt = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
-        target = Target(self.model, prompt, cache, self.default_budget, self.tokenizer, chunk_tokens)
+        target = Target(
+            self.model, prompt, cache, self.default_budget, self.tokenizer, chunk_tokens, filter_model=self.filter_model
+        )
         hooks = yield from method.attach_steps(target)
         sequence.hooks = hooks
         sync(self.device)
@@ -254,6 +268,25 @@ class HFEngine:
         positions = torch.arange(start_position, start_position + ids.shape[1], device=self.device).unsqueeze(0)
         out = self.model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1]
+
+
+def separate_filter_model(loaded: LoadedModel) -> PreTrainedModel | None:
+    """GemFilter's filter pass in a dtype other than the model's (``--filter-dtype``) runs on a copy of
+    layers ``0..r`` (r: the calibrated filter layer) in that dtype; None when the dtypes agree. A
+    request asking for a deeper layer runs its pass on the model itself."""
+    wanted = loaded.filter_dtype
+    if wanted is None or wanted.name == loaded.dtype_name:
+        return None
+    copy = load_filter_model(loaded.path, dtype=wanted.torch_dtype, known_profile=loaded.profile)
+    copy.place(wanted.torch_dtype, str(loaded.device))
+    logger.info(
+        "GemFilter's filter pass in %s on layers 0..%d (%.1f MiB of weights), the model in %s",
+        wanted.name,
+        copy.max_layer,
+        copy.parameter_bytes() / 2**20,
+        loaded.dtype_name,
+    )
+    return copy.model
 
 
 def collect_eos_ids(loaded: LoadedModel) -> set[int]:

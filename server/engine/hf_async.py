@@ -124,6 +124,14 @@ class HFAsyncEngine(AdmittedCounts):
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def dtype(self) -> str:
+        return self.engine.dtype
+
+    @property
+    def filter_dtype(self) -> str:
+        return self.engine.filter_dtype
+
     def encode_prompt(self, text: str) -> list[int]:
         return self.engine.encode_prompt(text)
 

@@ -57,6 +57,7 @@ from server.engine.vllm_measure import (
     kv_bytes_per_token,
 )
 from server.measure import elapsed_ms
+from server.precision import dtype_name
 from server.protocol import MetricsInfo
 
 if TYPE_CHECKING:
@@ -131,6 +132,17 @@ class VLLMEngine(AdmittedCounts):
     def max_model_len(self) -> int:
         return self._max_model_len
 
+    @property
+    def dtype(self) -> str:
+        """vLLM's dtype once it runs; before, what the engine arguments ask for."""
+        if self.llm is not None:
+            return dtype_name(self.llm.model_config.dtype)
+        return str(getattr(self.engine_args, "dtype", "auto"))
+
+    @property
+    def filter_dtype(self) -> str:
+        return dtype_name(self.filter_model.dtype)
+
     # Tokenisation follows the same rules as HFEngine, so both backends see the same ids.
     def encode_prompt(self, text: str) -> list[int]:
         return self.encoder.encode_prompt(text)
@@ -200,8 +212,9 @@ class VLLMEngine(AdmittedCounts):
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.engine_args)
         self.kv_bytes_per_token = kv_bytes_per_token(self.llm)
         # After vLLM has sized its KV cache (gpu_memory_utilization of the GPU): the filter model
-        # lives in the rest, so leave it room (docs/vllm.md, "Tensor parallelism").
-        self.filter_model.place(self.llm.model_config.dtype, filter_device(self.options.filter_device))
+        # lives in the rest, so leave it room (docs/vllm.md, "Tensor parallelism"). It keeps the
+        # dtype it was loaded in (--filter-dtype).
+        self.filter_model.place(self.filter_model.dtype, filter_device(self.options.filter_device))
         parallel = self.llm.vllm_config.parallel_config
         logger.info(
             "vLLM engine started in %.1f s (%s, %d KV bytes per token, tensor parallel %d, pipeline parallel %d)",

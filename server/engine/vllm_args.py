@@ -24,7 +24,12 @@ if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
 # Set by GemServe from its own flags: a passthrough would serve another model than /v1/models names.
-OWNED = {"model": "--model", "tokenizer": "--model", "served_model_name": "--served-model-name"}
+OWNED = {
+    "model": "--model",
+    "tokenizer": "--model",
+    "served_model_name": "--served-model-name",
+    "dtype": "--dtype",  # one setting for both backends, resolved for the hardware (server/precision.py)
+}
 # Either of these sizes the KV cache; GemServe's CPU default (kv_cache_memory_bytes) yields to them.
 KV_CACHE_SIZERS = frozenset({"kv_cache_memory_bytes", "gpu_memory_utilization"})
 TRUE, FALSE = frozenset({"", "1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off"})

@@ -5,6 +5,7 @@ The engine itself (:class:`server.engine.vllm.VLLMEngine`) starts vLLM in :meth:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,11 +14,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from transformers import AutoTokenizer
 
 from compressors.attention import DEFAULT_ATTENTION
-from server.engine.filter_model import load_filter_model
+from server.engine.filter_model import filter_device, load_filter_model
 from server.engine.filter_passes import DEFAULT_CHUNK_TOKENS
 from server.engine.vllm import VLLMEngine
 from server.engine.vllm_args import KV_CACHE_SIZERS, VLLMArgumentError, check_config, engine_args
 from server.engine.vllm_measure import config_kv_bytes_per_token
+from server.precision import ResolvedDtype, pick_dtype
 
 if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -27,19 +29,16 @@ if TYPE_CHECKING:
 
 class VLLMSettings(BaseSettings):
     """GemServe's knobs around vLLM, from ``GEMSERVE_VLLM_*`` env vars (e.g.
-    ``GEMSERVE_VLLM_ENFORCE_EAGER=1``). The engine knobs here (dtype, enforce_eager,
+    ``GEMSERVE_VLLM_ENFORCE_EAGER=1``). The engine knobs here (enforce_eager,
     enable_prefix_caching, kv_cache_gib, max_num_seqs) are GemServe's defaults: any of vLLM's own
     engine arguments given through ``--vllm-arg`` / ``GEMSERVE_VLLM_ARGS`` wins over them
-    (server/engine/vllm_args.py). The served model, context cap and default method come from the
-    server's own settings."""
+    (server/engine/vllm_args.py). The served model, dtype, context cap and default method come from
+    the server's own settings (``--dtype`` resolves for vLLM's device as for the hf backend: vLLM's
+    own ``auto`` takes bfloat16 on any x86 CPU, which is emulated, and ~45x slower per matmul, on
+    one without AMX or AVX512-BF16)."""
 
     model_config = SettingsConfigDict(env_prefix="GEMSERVE_VLLM_", extra="ignore")
 
-    dtype: str = Field(
-        "auto",
-        description="vLLM's dtype ('auto': vLLM's own choice, bfloat16 for a float32 checkpoint on x86). The "
-        "filter model is cast to whatever vLLM resolves, so both halves of a request run the same dtype",
-    )
     enforce_eager: bool = Field(False, description="Skip torch.compile: faster start, slower steps")
     enable_prefix_caching: bool = Field(False, description="Off by default so every TTFT measures a real prefill")
     kv_cache_gib: float | None = Field(
@@ -79,12 +78,18 @@ def build_vllm_engine(settings: Settings) -> VLLMEngine:
     name, model_dir = resolve_vllm_model(settings)
     options = VLLMSettings()
     args = vllm_engine_args(settings, model_dir, options)
+    filter_dtype = pick_dtype(settings.filter_dtype, filter_device(options.filter_device), "GemFilter's filter pass")
     return VLLMEngine(
         name=name,
         model_dir=model_dir,
         tokenizer=AutoTokenizer.from_pretrained(model_dir),
         filter_model=load_filter_model(
-            model_dir, options.filter_layer, profile=settings.profile, name=name, cache_dir=settings.cache_dir
+            model_dir,
+            options.filter_layer,
+            dtype=filter_dtype.torch_dtype,
+            profile=settings.profile,
+            name=name,
+            cache_dir=settings.cache_dir,
         ),
         max_model_len=int(args.max_model_len),
         default_method=settings.default_method,
@@ -117,7 +122,7 @@ def vllm_engine_args(settings: Settings, model_dir: Path, options: VLLMSettings)
     """vLLM's engine arguments: ``settings.vllm_args`` parsed by vLLM, GemServe's defaults for the rest
     (the GEMSERVE_VLLM_* knobs above, the context, and on CPU a KV cache sized for this model)."""
     defaults = {
-        "dtype": options.dtype,
+        "dtype": vllm_dtype(settings.dtype).name,
         "enforce_eager": options.enforce_eager,
         "enable_prefix_caching": options.enable_prefix_caching,
         "max_num_seqs": options.max_num_seqs,
@@ -134,6 +139,13 @@ def vllm_engine_args(settings: Settings, model_dir: Path, options: VLLMSettings)
     elif not given & KV_CACHE_SIZERS and runs_on_cpu():
         args.kv_cache_memory_bytes = default_cpu_kv_cache_bytes(model_dir, args.dtype, int(args.max_model_len))
     return args
+
+
+def vllm_dtype(requested: str) -> ResolvedDtype:
+    """``--dtype`` for vLLM's device (the CPU, or its GPUs), by the same rule as the hf backend."""
+    if "GEMSERVE_VLLM_DTYPE" in os.environ:
+        raise ValueError("GEMSERVE_VLLM_DTYPE is gone: GEMSERVE_DTYPE (or --dtype) sets both backends' dtype")
+    return pick_dtype(requested, "cpu" if runs_on_cpu() else "cuda", "vLLM")
 
 
 def model_context(settings: Settings, model_dir: Path) -> int:

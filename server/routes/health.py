@@ -22,6 +22,7 @@ class Readiness(BaseModel):
     ready: bool
     model: str | None = None
     backend: str | None = None
+    dtype: str | None = None
     error: str | None = None
 
 
@@ -44,6 +45,7 @@ async def ready(request: Request, state: StateDep) -> JSONResponse:
         ready=state.ready,
         model=state.served_model_name(),
         backend=state.engine.backend if state.engine is not None else state.settings.backend,
+        dtype=state.engine.dtype if state.engine is not None else None,
         error=state.load_error,
     )
     return JSONResponse(body.model_dump(), status_code=status)

@@ -13,5 +13,11 @@ router = APIRouter(tags=["models"])
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="List served models")
 async def list_models(engine: EngineDep, state: StateDep) -> ModelList:
-    card = ModelCard(id=state.served_model_name(), max_model_len=engine.max_model_len, backend=engine.backend)
+    card = ModelCard(
+        id=state.served_model_name(),
+        max_model_len=engine.max_model_len,
+        backend=engine.backend,
+        dtype=engine.dtype,
+        filter_dtype=engine.filter_dtype,
+    )
     return ModelList(data=[card])
