@@ -1,13 +1,16 @@
 """The one place that measures a request: timers and peak memory, each named by its source.
 
 CUDA: ``torch.cuda.max_memory_allocated`` after a per-request reset (allocator truth).
-CPU: there is no allocator counter for host tensors, so a thread samples the process's
-resident set size from ``/proc/self/statm`` every ``interval_s`` during the request and keeps
-the maximum; ``memory_source`` says exactly that. Short spikes between samples can be missed.
+CPU: there is no allocator counter for host tensors. Linux keeps the process's peak resident set
+size itself (``VmHWM`` in ``/proc/self/status``, reset by writing 5 to ``/proc/self/clear_refs``),
+so the batch's meter reads and resets it once per scheduler step: the exact peak, at no cost
+between readings. Where that is not allowed, a thread samples ``/proc/self/statm`` every
+``interval_s`` instead (short spikes between samples can be missed; that sampler took ~10% of a
+core and slowed a filter pass ~5% on 2 cores, issue 23). ``memory_source`` says which.
 
 Requests that share a batch share the process: :class:`SharedPeakMeter` gives each one the peak
-of the whole process over its own lifetime (one sampler thread for all; on CUDA the allocator's
-peak per scheduler step), and its ``memory_source`` says that it is the whole process's.
+of the whole process over its own lifetime (on CUDA and with the kernel's peak, per scheduler
+step), and its ``memory_source`` says that it is the whole process's.
 """
 
 from __future__ import annotations
@@ -23,12 +26,36 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _STATM = Path("/proc/self/statm")
 
 
-def process_rss_bytes() -> int:
-    """Resident set size of this process right now (Linux ``/proc``; 0 where unavailable)."""
+def process_rss_bytes(pid: int | None = None) -> int:
+    """Resident set size of this process (or ``pid``) right now (Linux ``/proc``; 0 where unavailable
+    or the process is gone)."""
     try:
-        return int(_STATM.read_text().split()[1]) * _PAGE_SIZE
+        with open(_STATM if pid is None else f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def kernel_peak_rss_bytes() -> int | None:
+    """The kernel's peak RSS of this process since its last reset (``VmHWM``), or None if unreadable."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def reset_kernel_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current RSS; False where the kernel or the sandbox does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def elapsed_ms(start: float, end: float | None = None) -> float:
@@ -98,9 +125,11 @@ class PeakWatch:
 
 class SharedPeakMeter:
     """Peak memory for requests that overlap (a continuous batch): every open watch takes the
-    process-wide readings made while it is open. CPU: RSS sampled every ``interval_s`` by one thread
-    while any watch is open, plus a reading per :meth:`sample_now`. CUDA: at each
-    :meth:`sample_now` (once per scheduler step), the allocator's peak since the previous one."""
+    process-wide readings made while it is open. At each :meth:`sample_now` (once per scheduler
+    step): CUDA, the allocator's peak since the previous one; CPU, the kernel's peak RSS since the
+    previous one (``VmHWM``, then reset). CPU without that: RSS sampled every ``interval_s`` by one
+    thread while any watch is open, plus a reading per :meth:`sample_now`. One meter per process:
+    two would reset each other's kernel peak."""
 
     def __init__(self, device: torch.device, interval_s: float = 0.002) -> None:
         self.device = device
@@ -109,11 +138,14 @@ class SharedPeakMeter:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self.kernel_peak = device.type != "cuda" and kernel_peak_rss_bytes() is not None and reset_kernel_peak_rss()
 
     @property
     def source(self) -> str:
         if self.device.type == "cuda":
             return "cuda:max_memory_allocated_per_step"
+        if self.kernel_peak:
+            return "cpu:process_peak_rss_vmhwm_per_step"
         return f"cpu:process_rss_peak_sampled_{self.interval_s * 1000:g}ms"
 
     def source_for(self, watch: PeakWatch) -> str:
@@ -123,6 +155,8 @@ class SharedPeakMeter:
         return self.source
 
     def open(self) -> PeakWatch:
+        if self.kernel_peak:
+            self.sample_now()  # the peak so far belongs to the requests already open, not this one
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             now = torch.cuda.memory_allocated(self.device)
@@ -134,7 +168,7 @@ class SharedPeakMeter:
             others = len(self._watches) - 1
             for other in self._watches:
                 other.see(now, others)
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" and not self.kernel_peak:
             self._ensure_sampler()
         return watch
 
@@ -149,6 +183,9 @@ class SharedPeakMeter:
             torch.cuda.synchronize(self.device)
             value = torch.cuda.max_memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.kernel_peak:
+            value = max(kernel_peak_rss_bytes() or 0, process_rss_bytes())
+            reset_kernel_peak_rss()
         else:
             value = process_rss_bytes()
         self._see(value)

@@ -1,16 +1,19 @@
-"""The vllm backend's filter passes interleave, a chunk each, in one worker thread
-(server/engine/filter_passes.py): a short pass no longer waits behind a long one's whole pass.
+"""The vllm backend's filter passes (server/engine/filter_passes.py): each runs whole, in one forward
+with no cache, and between decoder layers the cores go to the pass with the least work left, so a
+short pass never waits behind a long one's whole pass.
 
-No vLLM needed: ``VLLMEngine._select`` runs on the truncated filter model before ``start()``.
-A gate pass holds the worker while the passes under test queue up, so every test sees them all
-pending at once, whatever the thread timing.
+No vLLM needed: ``VLLMEngine._select`` runs on the truncated filter model before ``start()``. A
+recording hook after the passes' own one sees which pass computes each layer; it can also stop a
+pass at a layer until the test has done something, so every test sees the same interleaving
+whatever the thread timing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +21,10 @@ import pytest
 import torch
 
 from compressors import Method, Selection
+from compressors.probe import decoder_layers
 from evals.needles import build_case
 from server.engine.filter_model import FilterModel, load_filter_model
-from server.engine.filter_passes import DEFAULT_CHUNK_TOKENS, FilterPasses
+from server.engine.filter_passes import FilterPasses
 from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 from server.engine.vllm import VLLMEngine
 from server.engine.vllm_setup import VLLMSettings
@@ -36,18 +40,14 @@ def filter_model(loaded_model) -> FilterModel:
 
 @pytest.fixture(scope="module")
 def prompts(engine, count_tokens) -> dict[str, list[int]]:
-    """Three needle prompts: a long one (several chunks), a middle one and a short one (one chunk)."""
     sizes = {"long": 1400, "middle": 900, "short": 300}
     cases = {name: build_case(n, depth=0.5, seed=70 + n, count_tokens=count_tokens) for name, n in sizes.items()}
-    ids = {name: engine.encode_chat([{"role": "user", "content": c.user_message()}]) for name, c in cases.items()}
-    assert ids["short"] and len(ids["short"]) <= DEFAULT_CHUNK_TOKENS < len(ids["long"])
-    return ids
+    return {name: engine.encode_chat([{"role": "user", "content": c.user_message()}]) for name, c in cases.items()}
 
 
 @pytest.fixture
 def vllm_engine(filter_model, loaded_model) -> Generator[VLLMEngine, None, None]:
-    settings = VLLMSettings(filter_chunk_tokens=DEFAULT_CHUNK_TOKENS)  # whatever the environment says
-    engine = VLLMEngine("smollm2", Path("."), loaded_model.tokenizer, filter_model, 2048, options=settings)
+    engine = VLLMEngine("smollm2", Path("."), loaded_model.tokenizer, filter_model, 2048, options=VLLMSettings())
     yield engine
     engine._filter_passes.close()
 
@@ -62,122 +62,158 @@ def gemfilter_request(vllm_engine: VLLMEngine, ids: list[int]) -> tuple[Generati
 
 
 def sequential_kept(vllm_engine: VLLMEngine, method: Method, ids: list[int]) -> list[int]:
-    """What the method keeps in one unchunked pass on the same filter model."""
+    """What the method keeps in one pass on the same filter model, outside the passes."""
     model = vllm_engine.filter_model.model
     selection = method.select(model, torch.tensor([ids]), vllm_engine.default_budget, vllm_engine.tokenizer)
     return selection.kept_indices
 
 
-def hold(started: threading.Event, gate: threading.Event) -> Generator[None, None, None]:
-    """A pass whose first step blocks the worker until ``gate`` opens."""
-    started.set()
-    assert gate.wait(timeout=60)
-    return
-    yield
+@contextmanager
+def recording(
+    vllm_engine: VLLMEngine, at_layer: Callable[[int, int], None] | None = None
+) -> Iterator[list[tuple[int, int]]]:
+    """Every layer a pass computes as (its prompt tokens, layer), after the passes' own hook let it
+    go on; ``at_layer(tokens, layer)`` runs there too, in the pass's thread."""
+    passes = vllm_engine._filter_passes
+    seen: list[tuple[int, int]] = []
+
+    def hook(module: Any, args: Any) -> None:
+        job = getattr(passes._local, "job", None)
+        if job is not None:
+            seen.append((job.tokens, int(module.self_attn.layer_idx)))
+            if at_layer is not None:
+                at_layer(job.tokens, int(module.self_attn.layer_idx))
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in decoder_layers(vllm_engine.filter_model.model)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
-def record_chunks(monkeypatch, passes: FilterPasses, on_chunk: Callable[[int, int], None] | None = None):
-    """Record every chunk policy call as (prompt length, start, size)."""
-    chunks: list[tuple[int, int, int]] = []
-    policy = passes.chunk_tokens
-
-    def recording(start: int, remaining: int) -> int:
-        size = policy(start, remaining)
-        chunks.append((start + remaining, start, size))
-        if on_chunk is not None:
-            on_chunk(start, remaining)
-        return size
-
-    monkeypatch.setattr(passes, "chunk_tokens", recording)
-    return chunks
+async def select(vllm_engine: VLLMEngine, request: GenerationRequest, method: Method) -> Selection:
+    return await vllm_engine._select(request, method, MetricsInfo())
 
 
-async def select_all(vllm_engine: VLLMEngine, requests: dict[str, tuple[GenerationRequest, Method]], before_gate):
-    """Queue every request's pass behind a gate, run ``before_gate``, open it; the selections and
-    the order they completed in."""
-    started, gate = threading.Event(), threading.Event()
-    gate_pass = vllm_engine._filter_passes.submit(hold(started, gate), threading.Event(), lambda: None)
-    await asyncio.to_thread(started.wait, 60)
-    order: list[str] = []
-
-    async def select(name: str) -> Selection:
-        request, method = requests[name]
-        selection = await vllm_engine._select(request, method, MetricsInfo())
-        order.append(name)
-        return selection
-
-    tasks = {name: asyncio.create_task(select(name)) for name in requests}
-    await asyncio.sleep(0)  # every task submits its pass, in order, before the gate opens
-    assert vllm_engine._filter_passes.pending == len(requests)
-    before_gate()
-    gate.set()
-    await gate_pass
-    selections = {name: await task for name, task in tasks.items()}
-    return selections, order
+def runs(seen: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """``seen`` as (tokens, first layer, last layer) runs of one pass each."""
+    out: list[tuple[int, int, int]] = []
+    for tokens, layer in seen:
+        if out and out[-1][0] == tokens and out[-1][2] == layer - 1:
+            out[-1] = (tokens, out[-1][1], layer)
+        else:
+            out.append((tokens, layer, layer))
+    return out
 
 
-def test_short_pass_submitted_after_a_long_one_finishes_first(vllm_engine, prompts, monkeypatch) -> None:
-    chunks = record_chunks(monkeypatch, vllm_engine._filter_passes)
-    requests = {name: gemfilter_request(vllm_engine, prompts[name]) for name in ("long", "short")}
-    selections, order = asyncio.run(select_all(vllm_engine, requests, lambda: None))
+def test_a_pass_alone_is_one_whole_forward_equal_to_the_pass_outside(vllm_engine, prompts) -> None:
+    request, method = gemfilter_request(vllm_engine, prompts["long"])
+    last = vllm_engine.filter_model.max_layer
+    with recording(vllm_engine) as seen:
+        selection = asyncio.run(select(vllm_engine, request, method))
+    n = len(prompts["long"])
+    assert runs(seen) == [(n, 0, last)]  # every layer once: no chunks, no second forward
+    assert selection.kept_indices == sequential_kept(vllm_engine, method, prompts["long"])
+    assert len(selection.kept_indices) == KNOBS["budget"]
 
-    assert order == ["short", "long"]
+
+def test_a_short_pass_takes_the_cores_at_the_next_layer_and_finishes_first(vllm_engine, prompts) -> None:
+    long_request, long_method = gemfilter_request(vllm_engine, prompts["long"])
+    short_request, short_method = gemfilter_request(vllm_engine, prompts["short"])
     n_long, n_short = len(prompts["long"]), len(prompts["short"])
-    # The long pass took one chunk while the short one waited, then its other chunks alone.
-    size = DEFAULT_CHUNK_TOKENS
-    assert n_short <= size < n_long
-    rest = [(n_long, start, min(size, n_long - start)) for start in range(size, n_long, size)]
-    assert chunks == [(n_long, 0, size), (n_short, 0, n_short), *rest]
-    for name, (_, method) in requests.items():
-        assert len(selections[name].kept_indices) == KNOBS["budget"]
-        assert selections[name].kept_indices == sequential_kept(vllm_engine, method, prompts[name])
+    long_at_layer_2, short_submitted = threading.Event(), threading.Event()
+
+    def pause_long(tokens: int, layer: int) -> None:
+        if tokens == n_long and layer == 2:
+            long_at_layer_2.set()
+            assert short_submitted.wait(timeout=60)
+
+    async def scenario() -> tuple[list[str], dict[str, Selection]]:
+        order: list[str] = []
+
+        async def run(name: str, request: GenerationRequest, method: Method) -> Selection:
+            selection = await select(vllm_engine, request, method)
+            order.append(name)
+            return selection
+
+        long_task = asyncio.create_task(run("long", long_request, long_method))
+        await asyncio.to_thread(long_at_layer_2.wait, 60)
+        short_task = asyncio.create_task(run("short", short_request, short_method))
+        await asyncio.sleep(0)  # the short pass is submitted while the long one computes layer 2
+        assert vllm_engine._filter_passes.pending == 2
+        short_submitted.set()
+        return order, {"long": await long_task, "short": await short_task}
+
+    with recording(vllm_engine, pause_long) as seen:
+        order, selections = asyncio.run(scenario())
+    last = vllm_engine.filter_model.max_layer
+    assert order == ["short", "long"]
+    assert runs(seen) == [(n_long, 0, 2), (n_short, 0, last), (n_long, 3, last)]
+    assert selections["long"].kept_indices == sequential_kept(vllm_engine, long_method, prompts["long"])
+    assert selections["short"].kept_indices == sequential_kept(vllm_engine, short_method, prompts["short"])
 
 
-def test_cancelled_pass_never_completes_and_the_others_finish(vllm_engine, prompts, monkeypatch) -> None:
+def test_queued_passes_run_least_work_first_and_cancelled_ones_never_compute(vllm_engine, prompts) -> None:
+    """A gate pass holds the cores while three queue; the middle one is cancelled while it waits, the
+    long one during its first layer: it stops at its next one. The short one runs whole."""
     requests = {name: gemfilter_request(vllm_engine, prompts[name]) for name in ("long", "middle", "short")}
-    n_long = len(prompts["long"])
+    n = {name: len(ids) for name, ids in prompts.items()}
+    passes = vllm_engine._filter_passes
+    started, gate = threading.Event(), threading.Event()
 
-    def cancel_long_mid_pass(start: int, remaining: int) -> None:
-        if start + remaining == n_long:  # during its first chunk: dropped before the second
+    def hold() -> None:
+        started.set()
+        assert gate.wait(timeout=60)
+
+    def cancel_long(tokens: int, layer: int) -> None:
+        if tokens == n["long"] and layer == 0:
             requests["long"][0].cancelled.set()
 
-    chunks = record_chunks(monkeypatch, vllm_engine._filter_passes, cancel_long_mid_pass)
-    cancel_middle = requests["middle"][0].cancelled.set  # while pending: never starts
-    selections, order = asyncio.run(select_all(vllm_engine, requests, cancel_middle))
+    async def scenario() -> tuple[list[str], dict[str, Selection]]:
+        gate_pass = passes.submit(hold, 0, 0, threading.Event(), lambda: None)
+        await asyncio.to_thread(started.wait, 60)
+        order: list[str] = []
 
-    # Turns: long's first chunk (cancelled meanwhile), middle dropped unstarted, short whole, long dropped.
-    assert order == ["middle", "short", "long"]
-    lengths = [n for n, _, _ in chunks]
-    assert lengths.count(n_long) == 1 and len(prompts["middle"]) not in lengths
+        async def run(name: str) -> Selection:
+            selection = await select(vllm_engine, *requests[name])
+            order.append(name)
+            return selection
+
+        tasks = {name: asyncio.create_task(run(name)) for name in ("long", "middle", "short")}
+        await asyncio.sleep(0)  # all three submitted behind the gate
+        assert passes.pending == 4
+        requests["middle"][0].cancelled.set()
+        gate.set()
+        await gate_pass
+        return order, {name: await task for name, task in tasks.items()}
+
+    with recording(vllm_engine, cancel_long) as seen:
+        order, selections = asyncio.run(scenario())
+    last = vllm_engine.filter_model.max_layer
+    assert order[0] == "middle"  # dropped first: it only had to leave
+    assert runs(seen) == [(n["short"], 0, last), (n["long"], 0, 0)]
     for name in ("long", "middle"):  # keeps everything: no selection was made
-        assert selections[name].kept_indices == list(range(len(prompts[name])))
+        assert selections[name].kept_indices == list(range(n[name]))
         assert selections[name].layer is None
     _, method = requests["short"]
     assert selections["short"].kept_indices == sequential_kept(vllm_engine, method, prompts["short"])
-    assert len(selections["short"].kept_indices) == KNOBS["budget"]
 
 
-def counting(steps: int, result: Any) -> Generator[None, None, Any]:
-    for _ in range(steps):
-        yield
-    return result
+def test_close_drains_pending_passes_and_errors_reach_the_caller(filter_model) -> None:
+    passes = FilterPasses(filter_model.model, lambda: 1)
 
-
-def failing() -> Generator[None, None, None]:
-    yield
-    raise RuntimeError("filter pass failed")
-
-
-def test_close_drains_pending_passes_and_errors_reach_the_caller() -> None:
-    passes = FilterPasses(lambda: 1, chunk_tokens=4)
+    def failing() -> None:
+        raise RuntimeError("filter pass failed")
 
     async def scenario() -> tuple[list[Any], BaseException | None]:
-        futures = [passes.submit(counting(n, n), threading.Event(), lambda: None) for n in (3, 1, 5)]
-        failure = passes.submit(failing(), threading.Event(), lambda: None)
+        futures = [passes.submit(lambda n=n: n, 1, 1, threading.Event(), lambda: None) for n in (3, 1, 5)]
+        failure = passes.submit(failing, 1, 1, threading.Event(), lambda: None)
         await asyncio.to_thread(passes.close)  # returns once every pending pass has ended
+        await asyncio.sleep(0)  # the results are settled on this loop
         assert all(f.done() for f in futures) and failure.done()
         with pytest.raises(RuntimeError, match="shut down"):
-            passes.submit(counting(0, 0), threading.Event(), lambda: None)
+            passes.submit(lambda: 0, 1, 1, threading.Event(), lambda: None)
         results = [await f for f in futures]
         try:
             await failure
@@ -188,11 +224,4 @@ def test_close_drains_pending_passes_and_errors_reach_the_caller() -> None:
     results, error = asyncio.run(scenario())
     assert results == [3, 1, 5]
     assert error is not None and "failed" in str(error)
-
-
-def test_chunk_policy_is_one_fixed_chunk_alone_or_not() -> None:
-    passes = FilterPasses(lambda: 1, chunk_tokens=512)
-    assert passes.chunk_tokens(0, 2000) == 512  # alone: a pass that arrives waits one chunk at most
-    passes._pending.append(object())  # type: ignore[arg-type]  # another pass waits
-    assert passes.chunk_tokens(0, 2000) == 512
-    assert passes.chunk_tokens(1800, 200) == 200
+    assert all(not layer._forward_pre_hooks for layer in decoder_layers(filter_model.model))  # hooks removed

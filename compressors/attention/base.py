@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from compressors.attention.kernel import (
     PatternCost,
@@ -32,6 +31,7 @@ from compressors.attention.kernel import (
     sparse_attention,
 )
 from compressors.base import CompressionError
+from compressors.probe import sdpa_attention
 
 
 @dataclass
@@ -92,7 +92,7 @@ class AttentionBackend:
         """The layer's attention output ``(batch, q_len, heads, head_dim)``, as transformers expects."""
         n = query.shape[-2]
         if n < 2:  # a decode step: always dense, not counted (prefill only)
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
         window = getattr(module, "sliding_window", None)
         one_sequence = (
             query.shape[0] == 1 and key.shape[-2] == n and not getattr(module, "attn_logit_softcapping", None)
@@ -106,7 +106,7 @@ class AttentionBackend:
         if one_sequence and window is None and attention_mask is None and self.sparsifies(n):
             return self.sparse_layer(module, query, key, value, scale), None
         self.count_dense(query.shape[1], n, key.shape[-2])
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
     def count_dense(self, heads: int, queries: int, keys: int) -> None:
         """A layer computed densely: ``queries`` (the last of ``keys`` positions) over their causal keys."""

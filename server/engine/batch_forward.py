@@ -24,14 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from compressors.attention import AttentionBackend
-from compressors.probe import use_attention
+from compressors.probe import sdpa_attention, use_attention
 
 # A 4-D mask makes transformers' mask builders return it untouched (masking_utils'
 # early exit): the ragged attention below needs none, and no cache method is asked for sizes.
@@ -172,7 +170,7 @@ class RaggedBatch:
         for segment, part, (keys, values) in zip(self.segments, self._slices(), states, strict=True):
             q = query[:, :, part]
             if segment.length == 1:
-                outputs.append(sdpa_attention_forward(module, q, keys, values, None, **kwargs)[0])
+                outputs.append(sdpa_attention(module, q, keys, values, None, **kwargs)[0])
                 continue
             outputs.append(self.attend_chunk(module, segment, q, keys, values, **kwargs))
         return torch.cat(outputs, dim=1), None
@@ -187,23 +185,15 @@ class RaggedBatch:
         **kwargs: Any,
     ) -> torch.Tensor:
         """A prefill chunk's queries over its cache: dense, causal (and banded on a sliding-window
-        layer), counted by the chunk's backend. SDPA is called with ``enable_gqa`` and the mask
-        directly: transformers' wrapper repeats K/V per query head whenever a mask is given (25 ms
-        vs 6 ms a layer for 16 queries over 6.4K keys here)."""
+        layer), counted by the chunk's backend (SDPA keeping K/V at KV-head count on the CPU:
+        :func:`compressors.probe.sdpa_attention`)."""
         mask = chunk_mask(segment.start, segment.length, keys.shape[-2], getattr(module, "sliding_window", None))
         if segment.attention is not None and getattr(module, "attn_logit_softcapping", None):
             return segment.attention.attend(module, query, keys, values, mask.to(query.device), **kwargs)[0]
-        out = F.scaled_dot_product_attention(
-            query,
-            keys,
-            values,
-            attn_mask=mask.to(query.device),
-            scale=kwargs.get("scaling"),
-            enable_gqa=query.shape[1] != keys.shape[1],
-        )
+        out, _ = sdpa_attention(module, query, keys, values, mask.to(query.device), **kwargs)
         if segment.attention is not None:
             segment.attention.count_dense(query.shape[1], segment.length, keys.shape[-2])
-        return out.transpose(1, 2)
+        return out
 
 
 def chunk_mask(start: int, length: int, keys: int, window: int | None) -> torch.Tensor:

@@ -1,11 +1,18 @@
-"""The vllm backend's filter passes, stepped round-robin in one worker thread.
+"""The vllm backend's filter passes: each runs whole, in a thread of its own, and between decoder
+layers the cores go to the pending pass with the least work left.
 
-The filter model's compute is shared (one model, one set of cores), so every pass runs in one
-thread; but a pass is a generator of chunks (:meth:`compressors.base.Method.attach_steps` with
-``Target.chunk_tokens``), and the thread runs one chunk of each pending pass in turn. A short
-prompt's pass then ends after a few chunks even while a long one runs, instead of waiting behind
-its whole pass (head-of-line blocking). A pass alone is chunked too: a request that arrives
-during it waits for one chunk, not for the rest of a long prompt.
+Why whole (issue 23): a pass cut into token chunks, with other passes' chunks between them, keeps a
+KV cache of layers ``0..r`` while it runs and cost 1.10-1.15x the whole pass (8K tokens, chunks of
+512-2048, 2-core CPU): each chunk's masked attention over its cached prefix, the cache growing
+chunk by chunk. A whole pass is one forward with causal SDPA and no cache: exactly the pass alone.
+
+Why turns: a short prompt's pass must not wait behind a long one's whole pass (issue 15 measured
+21.6 s for a 781-token pass queued behind a 6K one, against 3.7 s when they shared the thread). A
+hook before every decoder layer of the filter model lets the pending pass with the least work left
+(prompt tokens x layers still to run) take the cores: one computes at a time (a baton), and a short
+pass that arrives waits for at most one layer of a long one, then runs to its end. Shortest work
+first minimises the mean wait; a long pass waits while shorter ones keep arriving, which the
+admission queue bounds. A pass that is cancelled is dropped at its next layer (or before it starts).
 
 Results go back to the awaiting coroutine through an asyncio future, settled on its own loop.
 """
@@ -13,36 +20,45 @@ Results go back to the awaiting coroutine through an asyncio future, settled on 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
-from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
+
+from compressors.probe import decoder_layers
 
 logger = logging.getLogger(__name__)
 
-# Tokens per chunk while other passes wait: small enough that a waiting short pass gets a turn
-# within ~one chunk's compute, large enough that each forward still runs wide matmuls. A pure
-# token count, so it means the same on CPU and GPU (the time per chunk differs).
-DEFAULT_CHUNK_TOKENS = 512
+
+class PassDropped(Exception):
+    """Raised inside a dropped pass's forward (at a layer boundary) to end it."""
 
 
 class FilterPass:
-    """One request's pass: its steps, the event that cancels it, and where its result goes."""
+    """One request's pass: its work, its size, the event that cancels it, and where its result goes."""
 
     def __init__(
         self,
-        steps: Generator[None, None, Any],
+        work: Callable[[], Any],
+        tokens: int,
+        layers: int,
         cancelled: threading.Event,
         skipped: Callable[[], Any],
         loop: asyncio.AbstractEventLoop,
+        order: int,
     ) -> None:
-        self.steps = steps
+        self.work = work
+        self.tokens = tokens
+        self.layers = layers
+        self.layers_started = 0
         self.cancelled = cancelled
         self.skipped = skipped  # the result of a pass dropped before it ended
         self.loop = loop
+        self.order = order  # submission order: ties go to the earlier pass
         self.future: asyncio.Future[Any] = loop.create_future()
         # Set (on the loop) when the awaiting coroutine gave up on the future: nobody wants the result.
         self.abandoned = threading.Event()
@@ -56,25 +72,10 @@ class FilterPass:
     def dropped(self) -> bool:
         return self.cancelled.is_set() or self.abandoned.is_set()
 
-    def step(self) -> bool:
-        """Run one chunk (or drop the pass); True once the pass is over and its result sent."""
-        if self.dropped:
-            try:
-                self.steps.close()  # runs the generator's cleanup (a half-built pass holds a cache)
-            except Exception:  # the pass is dropped either way; the worker must go on
-                logger.exception("a cancelled filter pass failed to close")
-            self.finish(self.skipped())
-            return True
-        try:
-            with torch.inference_mode():  # per step: the thread runs other passes between them
-                next(self.steps)
-        except StopIteration as done:
-            self.finish(done.value)
-            return True
-        except Exception as exc:
-            self.finish(error=exc)
-            return True
-        return False
+    @property
+    def work_left(self) -> int:
+        """Prompt tokens x layers still to run; a dropped pass goes first (it only has to leave)."""
+        return -1 if self.dropped else self.tokens * max(0, self.layers - self.layers_started)
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         try:
@@ -93,63 +94,119 @@ def settle_future(future: asyncio.Future[Any], result: Any, error: BaseException
 
 
 class FilterPasses:
-    """Pending filter passes, one worker thread stepping them round-robin, a chunk per step."""
+    """Passes over ``model`` (the filter model), each in its own thread, one computing at a time;
+    ``threads()`` gives torch's thread count for the next turn."""
 
-    def __init__(self, threads: Callable[[], int], chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
-        if chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-        self.threads = threads  # torch's thread count for the next step
-        self.chunk_size = chunk_tokens
-        self._pending: deque[FilterPass] = deque()  # the pass being stepped is out of it meanwhile
-        self._wake = threading.Condition()
+    def __init__(self, model: PreTrainedModel, threads: Callable[[], int]) -> None:
+        self.threads = threads
+        self._turn = threading.Condition()
+        self._ready: list[FilterPass] = []  # submitted, not running, not finished
+        self._running: FilterPass | None = None
+        self._workers: set[threading.Thread] = set()
         self._closed = False
-        self._worker: threading.Thread | None = None  # started with the first pass
+        self._order = itertools.count()
+        self._local = threading.local()  # the pass this thread runs
+        self._hooks = [layer.register_forward_pre_hook(self._between_layers) for layer in decoder_layers(model)]
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
-
-    def chunk_tokens(self, start: int, remaining: int) -> int:
-        """A ``Target.chunk_tokens`` policy: one fixed chunk, alone or not, so a pass that arrives
-        gets its turn after at most one chunk of the running one."""
-        return min(remaining, self.chunk_size)
+        """Passes submitted and not finished (running or waiting for their turn)."""
+        with self._turn:
+            return len(self._ready) + (self._running is not None)
 
     def submit(
-        self, steps: Generator[None, None, Any], cancelled: threading.Event, skipped: Callable[[], Any]
+        self,
+        work: Callable[[], Any],
+        tokens: int,
+        layers: int,
+        cancelled: threading.Event,
+        skipped: Callable[[], Any],
     ) -> asyncio.Future[Any]:
-        """Queue a pass (from a coroutine); the future gets its result, or ``skipped()`` if
-        ``cancelled`` is set before it ends. ``steps`` runs only in the worker thread."""
-        job = FilterPass(steps, cancelled, skipped, asyncio.get_running_loop())
-        with self._wake:
+        """Queue a pass (from a coroutine): ``work()`` runs in a thread of its own, its forwards over
+        the filter model taking turns with other passes' at layer boundaries; the future gets its
+        result, or ``skipped()`` if ``cancelled`` is set before it ends. ``tokens`` and ``layers`` size
+        its work for the turn order."""
+        job = FilterPass(work, tokens, layers, cancelled, skipped, asyncio.get_running_loop(), next(self._order))
+        worker = threading.Thread(target=self._run, args=(job,), name="gemfilter-pass", daemon=True)
+        with self._turn:
             if self._closed:
                 raise RuntimeError("the filter passes are shut down")
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._run, name="gemfilter", daemon=True)
-                self._worker.start()
-            self._pending.append(job)
-            self._wake.notify()
+            self._ready.append(job)
+            self._workers.add(worker)
+        worker.start()
         return job.future
 
     def close(self) -> None:
-        """Refuse new passes, finish the pending ones, stop the worker (blocks until it has)."""
-        with self._wake:
+        """Refuse new passes, let the pending ones end, remove the hooks (blocks until done)."""
+        with self._turn:
             self._closed = True
-            self._wake.notify()
-            worker = self._worker
-        if worker is not None:
+            workers = list(self._workers)
+        for worker in workers:
             worker.join()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    # ---- in a pass's own thread ------------------------------------------------------------
+    def _run(self, job: FilterPass) -> None:
+        self._local.job = job
+        error: BaseException | None = None
+        try:
+            result = self._work(job)
+        except PassDropped:
+            result = job.skipped()
+        except Exception as exc:
+            result, error = None, exc
+        finally:
+            self._leave(job)
+        job.finish(result, error)
+
+    def _work(self, job: FilterPass) -> Any:
+        self._take_turn(job)
+        if job.dropped:
+            raise PassDropped
+        with torch.inference_mode():
+            return job.work()
+
+    def _take_turn(self, job: FilterPass) -> None:
+        """Wait until no pass computes and ``job`` has the least work left of those waiting."""
+        with self._turn:
+            while self._running is not None or self._next() is not job:
+                self._turn.wait()
+            self._ready.remove(job)
+            self._running = job
+        # Per turn: OpenMP's thread count is a per-thread setting, and the right count changes as
+        # vLLM starts and finishes requests.
+        torch.set_num_threads(self.threads())
+
+    def _between_layers(self, module: Any, args: Any) -> None:
+        """Before each decoder layer: drop a cancelled pass, or hand the cores to a pass with less
+        work left. A forward outside the passes (no pass in this thread) goes on untouched."""
+        job: FilterPass | None = getattr(self._local, "job", None)
+        if job is None:
+            return
+        job.layers_started += 1
+        if job.dropped:
+            raise PassDropped
+        with self._turn:
+            waiting = self._next()
+            if waiting is None or waiting.work_left >= job.work_left:
+                return
+            self._running = None
+            self._ready.append(job)
+            self._turn.notify_all()
+        self._take_turn(job)
+        if job.dropped:
+            raise PassDropped
+
+    def _leave(self, job: FilterPass) -> None:
+        with self._turn:
+            if self._running is job:
+                self._running = None
+            elif job in self._ready:
+                self._ready.remove(job)
+            self._workers.discard(threading.current_thread())
+            self._turn.notify_all()
 
     def _next(self) -> FilterPass | None:
-        with self._wake:
-            while not self._pending and not self._closed:
-                self._wake.wait()
-            return self._pending.popleft() if self._pending else None  # None: closed and drained
-
-    def _run(self) -> None:
-        while (job := self._next()) is not None:
-            # Per step and in this thread: OpenMP's thread count is a per-thread setting, and the
-            # right count changes as vLLM starts and finishes requests.
-            torch.set_num_threads(self.threads())
-            if not job.step():
-                with self._wake:
-                    self._pending.append(job)
+        return min(self._ready, key=lambda j: (j.work_left, j.order), default=None)

@@ -2,8 +2,8 @@
 
 A request's path: tokenise here (same chat template as the ``hf`` backend) -> a prompt
 selector (GemFilter) picks the kept token ids on the :mod:`filter model
-<server.engine.filter_model>` (layers ``0..r`` only; one worker thread steps every pending filter
-pass a chunk at a time, :mod:`server.engine.filter_passes`) -> vLLM generates from the kept ids
+<server.engine.filter_model>` (layers ``0..r`` only; each pass runs whole, the pending passes taking
+turns between layers, :mod:`server.engine.filter_passes`) -> vLLM generates from the kept ids
 as a ``TokensPrompt`` with fresh contiguous positions, streamed as ``DELTA`` outputs -> a client
 disconnect (iterator closed, or ``request.cancelled``) calls ``AsyncLLM.abort(request_id)``.
 
@@ -25,7 +25,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from compressors import CompressionError, Method, Selection, build_method
 from compressors.attention import DEFAULT_ATTENTION, build_attention
-from compressors.base import Target, keep_everything
+from compressors.base import Target, drive, keep_everything
 from compressors.gemfilter import GemFilter
 from compressors.registry import METHODS
 from server.engine.admission import Admission, AdmittedCounts, Ticket
@@ -120,7 +120,7 @@ class VLLMEngine(AdmittedCounts):
         self.aborted_request_ids: deque[str] = deque(maxlen=self.options.recorded_prompts)
         # vLLM request id -> the prompt token ids vLLM reported it generated from (bounded).
         self.vllm_prompts: OrderedDict[str, list[int]] = OrderedDict()
-        self._filter_passes = FilterPasses(self.filter_threads, self.options.filter_chunk_tokens)
+        self._filter_passes = FilterPasses(filter_model.model, self.filter_threads)
         self.resolve_method(default_method)
 
     # ---- what the routes read --------------------------------------------------------------
@@ -270,31 +270,25 @@ class VLLMEngine(AdmittedCounts):
             request.finish()
 
     async def _select(self, request: GenerationRequest, method: Method, metrics: MetricsInfo) -> Selection:
-        """The method (a prompt selector, or ``none``) attached to the filter model, its pass
-        interleaved chunk by chunk with other requests' passes; the wait before its first chunk is
-        queue time. A request cancelled before its pass ends keeps everything (it never decodes).
+        """The method (a prompt selector, or ``none``) attached to the filter model, its pass taking
+        turns with other requests' passes (server/engine/filter_passes.py); the wait before it starts
+        is queue time. A request cancelled before its pass ends keeps everything (it never decodes).
         vLLM owns the cache, so none is attached."""
 
         def skipped() -> Selection:  # the client left before the pass ended
             metrics.queue_ms = metrics.queue_ms or elapsed_ms(request.arrival_time)  # left before it began
             return keep_everything(method.name, len(request.prompt_ids))
 
-        steps = self._selection_steps(request, method, metrics)
-        selection: Selection = await self._filter_passes.submit(steps, request.cancelled, skipped)
+        def work() -> Selection:  # in the pass's own thread, once it has the cores
+            metrics.queue_ms = elapsed_ms(request.arrival_time)
+            ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.filter_model.device)
+            target = Target(self.filter_model.model, ids, None, self.default_budget, self.tokenizer)
+            return drive(method.attach_steps(target)).selection
+
+        tokens, layers = len(request.prompt_ids), self.filter_model.num_layers
+        selection: Selection = await self._filter_passes.submit(work, tokens, layers, request.cancelled, skipped)
         metrics.select_ms = selection.select_ms
         return selection
-
-    def _selection_steps(
-        self, request: GenerationRequest, method: Method, metrics: MetricsInfo
-    ) -> Generator[None, None, Selection]:
-        """The pass in steps, run in the filter passes' worker thread (the first step starts it)."""
-        metrics.queue_ms = elapsed_ms(request.arrival_time)
-        ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.filter_model.device)
-        target = Target(
-            self.filter_model.model, ids, None, self.default_budget, self.tokenizer, self._filter_passes.chunk_tokens
-        )
-        attachment = yield from method.attach_steps(target)
-        return attachment.selection
 
     def filter_threads(self) -> int:
         return filter_thread_count(self.options.filter_threads, self.admission.running, available_cores())

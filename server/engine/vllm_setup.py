@@ -15,7 +15,6 @@ from transformers import AutoTokenizer
 
 from compressors.attention import DEFAULT_ATTENTION
 from server.engine.filter_model import filter_device, load_filter_model
-from server.engine.filter_passes import DEFAULT_CHUNK_TOKENS
 from server.engine.vllm import VLLMEngine
 from server.engine.vllm_args import KV_CACHE_SIZERS, VLLMArgumentError, check_config, engine_args
 from server.engine.vllm_measure import config_kv_bytes_per_token
@@ -60,12 +59,6 @@ class VLLMSettings(BaseSettings):
         description="torch threads of the filter pass in the API process. None (auto): every core this process "
         "may use while vLLM runs no request (its CPU worker then sleeps), 1 while it runs one, so the filter "
         "pass does not fight vLLM's worker for its core",
-    )
-    filter_chunk_tokens: int = Field(
-        DEFAULT_CHUNK_TOKENS,
-        ge=1,
-        description="Tokens per chunk of a filter pass while other requests' passes wait (they take turns, a "
-        "chunk each, so a short prompt's pass is not stuck behind a long one's); a pass alone runs whole",
     )
     recorded_prompts: int = Field(
         64, ge=0, description="Recent vLLM prompt ids and aborted request ids kept for inspection (tests)"
