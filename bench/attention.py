@@ -24,13 +24,20 @@ import argparse
 import logging
 import os
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 from typing import Any
 
-from bench.common import RESULTS_DIR, model_slug, replace_doc_section, result_header, write_json
+from bench.common import (
+    RESULTS_DIR,
+    model_slug,
+    replace_doc_section,
+    result_header,
+    rotated,
+    stamp_finish,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -228,18 +235,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     turn = 0
     for length in args.lengths:
         for case in needle_cases(engine, length, depths, args.seed + length, chat):
-            order = all_configs[turn % len(all_configs) :] + all_configs[: turn % len(all_configs)]
-            turn += 1
             runs = {}
-            for config in order:
+            for config in rotated(all_configs, turn):
                 runs[config.label] = run_one(engine, case, config, args.max_tokens)
                 logger.info("%s %s d=%.2f %s: %s", length, case.family, case.depth, config.label, runs[config.label])
             row = {"length": length, "tokens": len(case.prompt_ids), "family": case.family, "depth": case.depth}
             result["rows"].append({**row, "answer": case.answer, "runs": runs})
             result["summary"] = summarise(result["rows"], labels)
             write_json(out_path, result)
-    result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    result["finished_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            turn += 1
+    stamp_finish(result)
     result["summary"] = summarise(result["rows"], labels)
     write_json(out_path, result)
     plot(result, out_path.with_suffix(".png"))
@@ -287,7 +292,8 @@ def markdown_section(result: dict[str, Any], out_path: Path) -> str:
         f"{DOC_HEADING} — {model_slug(result['model'])}",
         "",
         f"Measured {result['started_at']} to {result['finished_at']} with `python -m bench.attention` on {m['cpu']} "
-        f"({m['cpu_cores']} cores, torch {m['torch']}, transformers {m['transformers']}), {result['model']} float32, "
+        f"({m['cpu_cores']} cores, torch {m['torch']}, transformers {m['transformers']}), {result['model']} "
+        f"{m['dtype']}, "
         f"{result['prompt_style']} prompts, greedy, {result['max_tokens']} new tokens, GemFilter k={result['budget']}. "
         f"Load average before/after: {result['loadavg_before']} / {result['loadavg_after']}. One process; per prompt "
         "every configuration ran in a rotated order; TTFT ratio = median over prompts of TTFT / TTFT of "

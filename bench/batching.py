@@ -190,7 +190,8 @@ def doc_section(result: dict[str, Any]) -> str:
     lines = [
         HEADING,
         "",
-        f"`python -m bench.batching`: `gemserve serve {result['server_flags']}`, SmolLM2-135M float32 on "
+        f"`python -m bench.batching`: `gemserve serve {result['server_flags']}`, SmolLM2-135M "
+        f"{result['machine']['dtype']} on "
         f"{result['machine']['cpu_cores']} CPU cores; load average {result['loadavg_before']} before, "
         f"{result['loadavg_after']} after. Closed-loop runs through `gemserve loadtest --ignore-eos`.",
         "",

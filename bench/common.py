@@ -16,13 +16,16 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from evals.needles import HaystackCase
     from server.engine.hf import HFEngine
+
+T = TypeVar("T")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -203,3 +206,27 @@ def brief(summary: dict[str, Any]) -> dict[str, Any]:
         "e2e_ms": summary["e2e_ms"],
         "kept_tokens": summary["kept_tokens"],
     }
+
+
+def rotated(items: Sequence[T], turn: int) -> list[T]:
+    """``items`` starting at ``turn`` (A B C, B C A, C A B ...): per prompt, every configuration runs
+    first as often as the others, so this VM's drift hits them alike."""
+    at = turn % len(items)
+    return [*items[at:], *items[:at]]
+
+
+def stamp_finish(result: dict[str, Any]) -> None:
+    """The load average and time at a run's end, into its result."""
+    result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["finished_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def grouped_bars(ax: Any, lengths: list[int], configs: Sequence[str], value: Callable[[int, str], float]) -> None:
+    """One group of bars per prompt length, one bar per configuration (``value(length, config)``)."""
+    width = 0.8 / len(configs)
+    for i, config in enumerate(configs):
+        ax.bar([x + i * width for x in range(len(lengths))], [value(n, config) for n in lengths], width, label=config)
+    ax.set_xticks([x + width * (len(configs) - 1) / 2 for x in range(len(lengths))], [str(n) for n in lengths])
+    ax.set_xlabel("prompt tokens (target)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)

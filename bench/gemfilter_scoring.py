@@ -272,7 +272,8 @@ def doc_section(data: dict[str, Any]) -> str:
         DOC_HEADING,
         "",
         f"`python -m bench.gemfilter_scoring` ({data['model']}, filter layer {data['filter_layer']}, "
-        f"k={data['budget']}, greedy, {data['max_tokens']} new tokens; float32 on CPU). Recall = mean fraction of "
+        f"k={data['budget']}, greedy, {data['max_tokens']} new tokens; {data['machine']['dtype']} on CPU). "
+        "Recall = mean fraction of "
         "the answer's tokens the selection keeps; answers = greedy outputs containing the answer. `inner` = raw "
         "inner products of the last 32 prompt queries summed over heads; `attention` = per-head softmax over the "
         "same window; `fused` = both merged by best rank (the default); `paper` = the last query's inner product "

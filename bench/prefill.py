@@ -61,7 +61,8 @@ def run_config(payload: dict[str, Any]) -> dict[str, Any]:
     from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
     from server.models import load_model
 
-    engine = HFEngine(load_model(payload["model"], device="cpu"))
+    dtype = payload.get("dtype", "auto")
+    engine = HFEngine(load_model(payload["model"], device="cpu", dtype=dtype, filter_dtype=dtype))
     knobs = {"budget": payload["budget"]} if payload["budget"] else {}
     spec = CompressionSpec(method=payload["method"], knobs=knobs)
     sampling = SamplingParams(max_tokens=payload["max_tokens"], temperature=0.0)
@@ -97,7 +98,7 @@ def run_config(payload: dict[str, Any]) -> dict[str, Any]:
                 "found": prompt.case.needle.found_in(result.text),
             }
         )
-    return {"target_tokens": target, "requests": requests}
+    return {"target_tokens": target, "requests": requests, "dtype": engine.dtype}
 
 
 def fitting_target(engine: Any, tokens: int, max_tokens: int) -> int:
@@ -198,7 +199,8 @@ def markdown_section(result: dict[str, Any]) -> str:
         "",
         f"Measured {result['finished_at']} with `python -m bench.prefill` (`gemserve bench`); raw numbers in "
         f"`bench/results/{result['json_name']}`, plot `bench/results/{Path(result['json_name']).stem}.png`.",
-        f"Model {result['model']} ({result['num_layers']} layers), CPU float32, greedy, {result['max_tokens']} "
+        f"Model {result['model']} ({result['num_layers']} layers), CPU {result['machine']['dtype']}, greedy, "
+        f"{result['max_tokens']} "
         f"max new tokens. Machine: {m['cpu']}, {m['cpu_cores']} cores, {m['memory_gib']} GiB RAM, torch "
         f"{m['torch']}, transformers {m['transformers']}, Python {m['python']}.",
         f"Load average before/after the run: {result['loadavg_before']} / {m['loadavg_1_5_15']} "
@@ -301,6 +303,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--long-depths", type=int, help="needle depths for lengths above 4096 (default: --depths; fewer saves time)"
     )
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="the model's and the filter pass's dtype: auto (server/precision.py) | bfloat16 | float16 | float32",
+    )
     parser.add_argument("--seed", type=int, default=500)
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/prefill_<model>.json)")
     parser.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
@@ -350,8 +357,10 @@ def run(args: argparse.Namespace) -> int:
                 "max_tokens": args.max_tokens,
                 "depths": args.long_depths if args.long_depths and tokens > 4096 else args.depths,
                 "seed": args.seed + tokens,  # the same needles for every method at a length
+                "dtype": args.dtype,
             }
             worker = run_in_fresh_process("bench.prefill", payload)
+            result["dtype"] = worker["dtype"]
             result["rows"].append(summarise(label, method, budget, tokens, worker))
             finish(result, out, write_doc=False)
     finish(result, out, write_doc=not args.no_doc)
@@ -372,7 +381,7 @@ def combine_runs(paths: list[Path]) -> dict[str, Any]:
 
 
 def finish(result: dict[str, Any], out: Path, write_doc: bool) -> None:
-    result["machine"] = machine_description()
+    result["machine"] = machine_description(result.get("dtype"))
     result["finished_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result["targets"] = targets(result["rows"], result["num_layers"])
     write_json(out, result)

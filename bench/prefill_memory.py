@@ -34,6 +34,7 @@ from typing import Any
 
 from bench.common import (
     RESULTS_DIR,
+    grouped_bars,
     needle_prompt,
     replace_doc_section,
     report_result,
@@ -172,19 +173,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = [r for r in result["summary"] if r["malloc"] == "fixed"]
     lengths = sorted({r["length"] for r in rows})
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.8 / len(CONFIGS)
-    for i, config in enumerate(CONFIGS):
-        values = [
-            next((r["peak_rise_mib_median"] for r in rows if r["length"] == n and r["config"] == config), 0)
-            for n in lengths
-        ]
-        ax.bar([x + i * width for x in range(len(lengths))], values, width, label=config)
-    ax.set_xticks([x + width * (len(CONFIGS) - 1) / 2 for x in range(len(lengths))], [str(n) for n in lengths])
-    ax.set_xlabel("prompt tokens (target)")
+    peaks = {(r["length"], r["config"]): r["peak_rise_mib_median"] for r in rows}
+    grouped_bars(ax, lengths, CONFIGS, lambda n, config: peaks.get((n, config), 0))
     ax.set_ylabel("peak RSS rise over the request (MiB, median)\nmmap threshold fixed at 128 KiB")
     ax.set_title(f"Prefill peak memory, {result['model']}, budget {result['budget']}")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -196,7 +188,7 @@ def markdown_section(result: dict[str, Any], out_path: Path) -> str:
         DOC_HEADING,
         "",
         f"Measured {result['started_at']} to {result.get('finished_at', '?')} with `python -m bench.prefill_memory` on "
-        f"{m['cpu']} ({m['cpu_cores']} cores, torch {m['torch']}), {result['model']} float32, budget "
+        f"{m['cpu']} ({m['cpu_cores']} cores, torch {m['torch']}), {result['model']} {m['dtype']}, budget "
         f"{result['budget']}, one output token. Load average before/after: {result['loadavg_before']} / "
         f"{result.get('loadavg_after')}. Each run is a fresh process (model load, a 256-token warm-up of the same "
         "configuration, then the measured request); peak rise = process RSS sampled every 2 ms over the request "

@@ -7,8 +7,8 @@ measurement (request arrival -> first token, so it includes GemFilter's filter p
 side). For each length, ``none`` and ``gemfilter`` alternate over ``--repeats`` rounds; the
 median is reported. Needle accuracy: chat needle prompts at ``--needle-tokens``, answered by
 vLLM + GemFilter and by the HF backend (HFEngine, same GemFilter on the full model); the kept
-ids are checked to be identical before answers are compared. The HF backend runs in the dtype vLLM
-resolved (bfloat16 by default on x86), like the filter model.
+ids are checked to be identical before answers are compared. The HF reference runs in the dtype the
+filter model holds (``--filter-dtype``; by default what ``--dtype auto`` picks on this CPU).
 
 Run in the vLLM venv (``make bench-vllm``). vLLM spawns its engine in another process, hence
 the ``__main__`` guard. Writes bench/results/vllm_prefill.json and a section of
@@ -155,7 +155,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {**machine_description(), "loadavg_at_start": load_at_start},
         "vllm": {
             "version": vllm_version(),
-            "dtype_setting": options.dtype,
+            "dtype_setting": "GEMSERVE_DTYPE / --dtype (server/precision.py)",
             "dtype": resolved_dtype,
             "enforce_eager": options.enforce_eager,
             "prefix_caching": options.enable_prefix_caching,

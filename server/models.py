@@ -102,10 +102,6 @@ class LoadedModel:
     def dtype_name(self) -> str:
         return str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
-    @property
-    def filter_dtype_name(self) -> str:
-        return self.filter_dtype.name if self.filter_dtype is not None else self.dtype_name
-
 
 def resolve_model_dir(spec: str | None, cache_dir: Path | None = None) -> tuple[str, Path | str]:
     """``spec`` -> (served name, HF model dir or hub id). Converts GGUF files on first use."""
