@@ -19,12 +19,11 @@ import argparse
 import dataclasses
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 from bench.attention import found
-from bench.common import RESULTS_DIR, model_slug, replace_doc_section, result_header, write_json
+from bench.common import RESULTS_DIR, model_slug, replace_doc_section, result_header, stamp_finish, write_json
 from bench.filter_attention import FAMILIES, build_case
 from bench.heldout import HELDOUT_FAMILY
 
@@ -90,8 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 logger.info("%d %s d=%.2f: %s", length, family, depth, row)
                 result["rows"].append(row)
                 write_json(out_path, result)
-    result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    result["finished_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    stamp_finish(result)
     result["summary"] = summarise(result["rows"])
     write_json(out_path, result)
     if not args.no_doc:

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -40,6 +39,7 @@ from bench.common import (
     report_result,
     result_header,
     run_in_fresh_process,
+    stamp_finish,
     write_json,
 )
 
@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             result["runs"].append(run)
             result["summary"] = summarise(result["runs"])
             write_json(out_path, result)
-    result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    result["finished_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    stamp_finish(result)
     result["summary"] = summarise(result["runs"])
     write_json(out_path, result)
     plot(result, out_path.with_suffix(".png"))

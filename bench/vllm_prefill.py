@@ -137,8 +137,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = build_vllm_engine(Settings(model=args.model, backend="vllm"))
     await engine.start()
     start_s = time.perf_counter() - start
-    resolved_dtype = str(engine.filter_model.dtype).removeprefix("torch.")  # cast to vLLM's dtype at start
-    # The HF reference runs the dtype vLLM runs, so "same kept ids" compares like with like.
+    resolved_dtype = engine.dtype  # what --dtype resolved to for vLLM (and, by default, the filter model)
+    # The HF reference runs the filter model's dtype, so "same kept ids" compares like with like.
     hf_engine.model.to(engine.filter_model.dtype)
     try:
         await run_request(engine, hf_engine.encode_prompt("Warm up the engine."), "gemfilter", 16, max_tokens=2)
@@ -152,7 +152,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await engine.shutdown()
     options = VLLMSettings()
     return {
-        "machine": {**machine_description(), "loadavg_at_start": load_at_start},
+        "machine": {**machine_description(resolved_dtype), "loadavg_at_start": load_at_start},
         "vllm": {
             "version": vllm_version(),
             "dtype_setting": "GEMSERVE_DTYPE / --dtype (server/precision.py)",

@@ -103,6 +103,16 @@ class Selection:
         return contiguous_spans(self.kept_indices)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def model_dtype(model: torch.nn.Module) -> str:
+    """The dtype a model's weights hold, by name."""
+    return dtype_name(next(model.parameters()).dtype)
+
+
 def cache_bytes(cache: Cache | None) -> int:
     """Bytes of every key and value tensor the cache holds right now (not an estimate)."""
     if cache is None:
@@ -148,6 +158,12 @@ class Method:
     def prefill_positions(self, prompt_tokens: int, default_budget: int) -> int:
         """Positions the prefill takes (the context check at admission): the whole prompt here."""
         return prompt_tokens
+
+    def selects_with_model(self, model: PreTrainedModel, prompt_tokens: int, default_budget: int) -> bool:
+        """Does choosing what to keep run the model over the prompt before the prefill (GemFilter's
+        filter pass)? False: it is decided without a forward (``none``, KV methods, a selector that
+        keeps everything), so an engine need not queue it behind other requests' passes."""
+        return False
 
     def cache_tokens(self, prompt_tokens: int, max_tokens: int, default_budget: int) -> int:
         """The most entries per layer this request's KV cache holds once prefilled, to its last
@@ -313,6 +329,9 @@ class PromptSelector(BudgetedMethod):
     def prefill_positions(self, prompt_tokens: int, default_budget: int) -> int:
         # The kept tokens restart at position 0.
         return self.resolve_budget(prompt_tokens, default_budget)
+
+    def selects_with_model(self, model: PreTrainedModel, prompt_tokens: int, default_budget: int) -> bool:
+        return True
 
     def cache_tokens(self, prompt_tokens: int, max_tokens: int, default_budget: int) -> int:
         return self.resolve_budget(prompt_tokens, default_budget) + max_tokens

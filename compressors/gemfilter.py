@@ -41,7 +41,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from compressors.attention import AttentionBackend, build_attention
-from compressors.base import ChunkPolicy, CompressionError, PromptSelector, Selection, Target, drive
+from compressors.base import ChunkPolicy, CompressionError, PromptSelector, Selection, Target, drive, model_dtype
 from compressors.kv_scoring import causal_logits, window_attention
 from compressors.probe import (
     StopForward,
@@ -247,6 +247,11 @@ class GemFilter(PromptSelector):
         ratio = self.payoff_ratio if self.payoff_ratio is not None else default_payoff_ratio(model.config)
         return prompt_tokens >= ratio * keep
 
+    def selects_with_model(self, model: PreTrainedModel, prompt_tokens: int, default_budget: int) -> bool:
+        """The filter pass runs unless the budget covers the prompt or the prompt is too short to pay off."""
+        keep = self.resolve_budget(prompt_tokens, default_budget)
+        return keep < prompt_tokens and self.pays_off(model, prompt_tokens, keep)
+
     def filter_layer(self, model: PreTrainedModel) -> int:
         return self.layer if self.layer is not None else default_filter_layer(model.config)
 
@@ -374,10 +379,6 @@ class GemFilter(PromptSelector):
             skipped=skipped,
             filter_attention=filter_report,
         )
-
-
-def model_dtype(model: PreTrainedModel) -> str:
-    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def filter_pass_scores(

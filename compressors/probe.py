@@ -90,7 +90,7 @@ def sdpa_attention(
     over a 4K prompt's cache ~1.2x slower than one forward over the whole prompt (issue 23); the
     batch's prefill chunks measured 25 ms vs 6 ms a layer (server/engine/batch_forward.py)."""
     groups = getattr(module, "num_key_value_groups", 1)
-    plain = kwargs.get("position_bias") is None and kwargs.get("dropout", 0.0) == 0.0
+    plain = kwargs.get("position_bias") is None and kwargs.get("cache") is None and kwargs.get("dropout", 0.0) == 0.0
     if query.device.type != "cpu" or attention_mask is None or groups == 1 or not plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     out = F.scaled_dot_product_attention(

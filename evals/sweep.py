@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from compressors import KVCompressor, Method, PromptSelector
-from compressors.base import Attachment, cache_bytes, keep_everything, kept_ids
-from compressors.gemfilter import SKIPPED_TOO_SHORT, GemFilter, model_dtype
+from compressors.base import Attachment, cache_bytes, keep_everything, kept_ids, model_dtype
+from compressors.gemfilter import SKIPPED_TOO_SHORT, GemFilter
 from compressors.probe import active_probe, attention_probe
 from server.engine.batch_forward import new_request_cache
 from server.engine.hf import HFEngine

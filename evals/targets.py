@@ -160,15 +160,22 @@ class HTTPTarget:
         root = base_url.rstrip("/").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=root, headers=headers, timeout=timeout_s)
-        card = self.first_model()
+        card = self.model_card(model)
         self.model_name = model or str(card["id"])
-        self.dtype = card.get("dtype")  # GemServe says; vLLM's card does not
+        self.dtype: str | None = card.get("dtype")  # GemServe says; vLLM's card does not
 
-    def first_model(self) -> dict[str, Any]:
-        models = self.post_or_get("GET", "/v1/models")["data"]
+    def model_card(self, model: str | None) -> dict[str, Any]:
+        """``model``'s card from /v1/models (the first one when no model is named); a server without
+        the route is fine when the model is named."""
+        try:
+            models = self.post_or_get("GET", "/v1/models")["data"]
+        except RuntimeError:
+            if model is None:
+                raise
+            return {"id": model}
         if not models:
             raise ValueError(f"{self.client.base_url} serves no model")
-        return dict(models[0])
+        return dict(next((card for card in models if card.get("id") == model), models[0]))
 
     def post_or_get(self, verb: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         response = self.client.request(verb, path, json=body)

@@ -50,10 +50,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line; a settings validation error names the flag and env var."""
-    errors = getattr(exc, "errors", None)
-    if getattr(exc, "title", None) == "Settings" and callable(errors):  # pydantic's ValidationError
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError) and exc.title == "Settings":
         parts = []
-        for error in errors():
+        for error in exc.errors():
             field = ".".join(str(part) for part in error["loc"])
             flag, env = "--" + field.replace("_", "-"), "GEMSERVE_" + field.upper()
             parts.append(f"{flag} / {env}: {error['msg']} (got {error.get('input')!r})")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from compressors.base import model_dtype
 from compressors.profile import ModelProfile
 from server.precision import ResolvedDtype, pick_dtype
 
@@ -100,7 +101,7 @@ class LoadedModel:
 
     @property
     def dtype_name(self) -> str:
-        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        return model_dtype(self.model)
 
 
 def resolve_model_dir(spec: str | None, cache_dir: Path | None = None) -> tuple[str, Path | str]:

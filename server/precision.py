@@ -17,13 +17,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cache
+from typing import get_args
 
 import torch
+
+from compressors.base import dtype_name
+from server.settings import DtypeName
 
 logger = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DTYPE_CHOICES = ("auto", *DTYPES)
+DTYPE_CHOICES: tuple[str, ...] = get_args(DtypeName)
 # CPU features with which torch (oneDNN) runs bfloat16 matmuls in hardware.
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 NATIVE_FP16_CPU_FLAGS = ("amx_fp16", "avx512_fp16")
@@ -128,25 +133,27 @@ def check_runs(dtype: torch.dtype, device: torch.device | str) -> None:
         torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
         torch.nn.functional.linear(x, torch.ones(8, 8, dtype=dtype, device=device)).float().pow(2).mean().rsqrt()
     except (RuntimeError, TypeError) as exc:
-        name = str(dtype).removeprefix("torch.")
-        raise DtypeError(f"--dtype {name} cannot run on {torch.device(device)}: {str(exc).splitlines()[0]}") from exc
+        first_line = str(exc).splitlines()[0]
+        raise DtypeError(f"--dtype {dtype_name(dtype)} cannot run on {torch.device(device)}: {first_line}") from exc
 
 
-def pick_dtype(requested: str, device: torch.device | str, what: str = "model") -> ResolvedDtype:
-    """Resolve, check that it runs, and log the choice with what the hardware reported."""
-    resolved = resolve_dtype(requested, device)
-    check_runs(resolved.torch_dtype, device)
+@cache
+def pick_dtype(
+    requested: str, device: torch.device | str, what: str = "model", capability: Capability | None = None
+) -> ResolvedDtype:
+    """Resolve, check that it runs, and log the choice with what the hardware reported (once per
+    arguments: the server checks its settings before it builds the engine). With ``capability``
+    given (a GPU that another process will own, read without initialising CUDA here) nothing runs."""
+    resolved = resolve_dtype(requested, device, capability)
+    if capability is None:
+        check_runs(resolved.torch_dtype, device)
     level = logging.WARNING if "emulated" in resolved.reason and resolved.requested != "auto" else logging.INFO
     logger.log(level, "%s on %s: %s", what, torch.device(device), resolved.describe())
     return resolved
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def flags_of_interest(flags: Iterable[str] | None = None) -> list[str]:
     """The CPU flags that decide ``auto`` (and the vector width torch dispatches to), for benchmark JSON."""
     found = cpu_flags() if flags is None else frozenset(flags)
-    wanted = ("avx2", "avx512f", "avx512_vnni", *NATIVE_BF16_CPU_FLAGS, *NATIVE_FP16_CPU_FLAGS, "amx_tile")
+    wanted = ("avx2", "avx512_f", "avx512_vnni", *NATIVE_BF16_CPU_FLAGS, *NATIVE_FP16_CPU_FLAGS, "amx_tile")
     return [flag for flag in wanted if flag in found]

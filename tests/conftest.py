@@ -21,7 +21,7 @@ def loaded_model():
 
     # float32 whatever the CPU: the exactness tests compare against float32 references; tests/test_precision.py
     # covers the other dtypes.
-    return load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
+    return load_model("smollm2-135m-instruct", device="cpu", dtype="float32", filter_dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """The truncated HF filter model the vllm backend runs GemFilter on (server/engine/filter_model.py).
 
 It needs no vLLM, so it runs in the main test suite: it must hold exactly layers ``0..r`` and
-pick exactly the ids GemFilter picks on the full model, in float32 and after the cast to the
-dtype vLLM resolves (bfloat16 on x86 CPUs).
+pick exactly the ids GemFilter picks on the full model, in float32 and in bfloat16 (what
+``--filter-dtype auto`` gives on a CPU with AMX or AVX512-BF16).
 """
 
 from __future__ import annotations

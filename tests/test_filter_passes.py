@@ -154,6 +154,45 @@ def test_a_short_pass_takes_the_cores_at_the_next_layer_and_finishes_first(vllm_
     assert selections["short"].kept_indices == sequential_kept(vllm_engine, short_method, prompts["short"])
 
 
+def test_a_request_that_runs_no_pass_does_not_wait_for_a_running_one(vllm_engine, prompts) -> None:
+    """``none``, or a budget covering the prompt, runs no forward: it gets its selection while a long
+    pass is held at a layer, instead of waiting for its turn."""
+    long_request, long_method = gemfilter_request(vllm_engine, prompts["long"])
+    n_long = len(prompts["long"])
+    held, release = threading.Event(), threading.Event()
+
+    def hold_long(tokens: int, layer: int) -> None:
+        if tokens == n_long and layer == 1:
+            held.set()
+            assert release.wait(timeout=60)
+
+    def plain(method: str, **knobs: Any) -> tuple[GenerationRequest, Method]:
+        request = GenerationRequest(
+            prompt_ids=prompts["middle"],
+            sampling=SamplingParams(max_tokens=1),
+            compression=CompressionSpec(method=method, knobs=knobs),
+        )
+        return request, vllm_engine.check_request(request)
+
+    async def scenario() -> list[Selection]:
+        long_task = asyncio.create_task(select(vllm_engine, long_request, long_method))
+        await asyncio.to_thread(held.wait, 60)
+        try:
+            quick = [
+                await asyncio.wait_for(select(vllm_engine, *plain(method, **knobs)), timeout=30)
+                for method, knobs in (("none", {}), ("gemfilter", {"budget": 4096}))
+            ]
+        finally:
+            release.set()
+        await long_task
+        return quick
+
+    with recording(vllm_engine, hold_long):
+        selections = asyncio.run(scenario())
+    n = len(prompts["middle"])
+    assert [s.kept_indices for s in selections] == [list(range(n))] * 2
+
+
 def test_queued_passes_run_least_work_first_and_cancelled_ones_never_compute(vllm_engine, prompts) -> None:
     """A gate pass holds the cores while three queue; the middle one is cancelled while it waits, the
     long one during its first layer: it stops at its next one. The short one runs whole."""

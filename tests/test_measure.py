@@ -3,6 +3,7 @@ comes and goes between two scheduler steps is in the peak, without a sampler thr
 
 from __future__ import annotations
 
+import mmap
 import threading
 
 import pytest
@@ -14,9 +15,12 @@ SPIKE = 256 * 2**20
 
 
 def spike() -> None:
-    """Touch ``SPIKE`` bytes of fresh memory, then free them before anyone samples."""
-    block = torch.ones(SPIKE // 4, dtype=torch.float32)
-    del block
+    """Touch ``SPIKE`` bytes of fresh pages, then give them back before anyone samples (an anonymous
+    mapping of its own: the allocator's free lists, warm from earlier tests, cannot serve it)."""
+    pages = mmap.mmap(-1, SPIKE)
+    for offset in range(0, SPIKE, mmap.PAGESIZE):
+        pages[offset] = 1
+    pages.close()
 
 
 @pytest.fixture()

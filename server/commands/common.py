@@ -25,18 +25,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_dtype_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--dtype`` and ``--filter-dtype`` (server/precision.py), checked when the model loads."""
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto | bfloat16 | float16 | float32 (default auto: bfloat16 on CUDA and on CPUs with AMX or "
-        "AVX512-BF16, float32 otherwise)",
-    )
-    parser.add_argument(
-        "--filter-dtype",
-        default="auto",
-        help="GemFilter's filter pass: auto (what --dtype auto picks here) | bfloat16 | float16 | float32",
-    )
+    """``--dtype`` and ``--filter-dtype`` as the server's settings define them (server/precision.py
+    resolves them), checked when the model loads."""
+    from server.settings import Settings
+
+    for field in ("dtype", "filter_dtype"):
+        info = Settings.model_fields[field]
+        parser.add_argument("--" + field.replace("_", "-"), default=info.default, help=info.description)
 
 
 def load_engine(args: argparse.Namespace, default_method: str = "none") -> HFEngine:

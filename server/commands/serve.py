@@ -11,13 +11,8 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--model": {"help": "alias (smollm2-135m-instruct, gemma3-270m), .gguf file, HF model dir or hub id"},
     "--backend": {"help": "hf (transformers in-process) or vllm (needs the vllm extra / .venv-vllm)"},
     "--device": {"help": "auto | cpu | cuda"},
-    "--dtype": {
-        "help": "auto | bfloat16 | float16 | float32 (default auto: bfloat16 on CUDA and on CPUs with AMX or "
-        "AVX512-BF16, float32 otherwise); both backends"
-    },
-    "--filter-dtype": {
-        "help": "GemFilter's filter pass: auto (what --dtype auto picks here) | bfloat16 | float16 | float32"
-    },
+    "--dtype": {"help": "auto | bfloat16 | float16 | float32, both backends (docs/api.md, Settings)"},
+    "--filter-dtype": {"help": "GemFilter's filter pass: auto | bfloat16 | float16 | float32 (docs/api.md)"},
     "--cache-dir": {"type": Path, "help": "where converted models live"},
     "--max-model-len": {"type": int, "help": "cap the context length (default: the model's)"},
     "--profile": {"type": Path, "help": "GemFilter profile from `gemserve calibrate` (default: cache, then shipped)"},

@@ -1,10 +1,11 @@
-"""The truncated HF "filter model" that runs GemFilter in front of another engine (vLLM).
+"""The truncated HF "filter model": the layers GemFilter's filter pass runs, and nothing more.
 
 GemFilter's filter pass runs decoder layers ``0..r-1`` and stops inside layer ``r``'s
-attention (compressors.gemfilter). A backend that generates elsewhere needs only those
+attention (compressors.gemfilter). A backend that generates elsewhere (vLLM) needs only those
 layers on the HF side, so we load the model dir with ``num_hidden_layers = r + 1``: the
 weights of layers ``r+1..L-1`` and of the LM head are never read from the safetensors files,
-and memory holds the model once (in vLLM) plus its first ``r + 1`` layers here.
+and memory holds the model once (in vLLM) plus its first ``r + 1`` layers here. The hf backend
+loads one too when ``--filter-dtype`` differs from the model's dtype (server/engine/hf.py).
 """
 
 from __future__ import annotations
@@ -56,9 +57,8 @@ class FilterModel:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def place(self, dtype: torch.dtype, device: str = "cpu") -> None:
-        """Run the filter pass in ``dtype`` (the dtype the generating engine runs: bf16 on a CPU
-        with AMX is ~3.4x faster than float32 for this pass, and the kept ids then match what the
-        same model in that dtype would pick) on ``device`` (:func:`filter_device`)."""
+        """Run the filter pass in ``dtype`` (``--filter-dtype``: bf16 on a CPU with AMX is ~3.4x faster
+        than float32 for this pass) on ``device`` (:func:`filter_device`)."""
         target = torch.device(device)
         if dtype != self.dtype or target != self.device:
             self.model.to(device=target, dtype=dtype)
@@ -107,12 +107,13 @@ def load_filter_model(
     name: str | None = None,
     cache_dir: Path | None = None,
     known_profile: ModelProfile | None = None,
+    look_up_profile: bool = True,
 ) -> FilterModel:
     """Load layers ``0..layer`` of the model in ``model_dir`` (``layer`` None: the profile's layer,
     see :mod:`server.model_profiles`; ``profile`` names a file, else it is looked up by ``name``;
-    ``known_profile``: the one the full model already found, no lookup)."""
+    ``look_up_profile=False``: no lookup, ``known_profile`` is the one the full model found, if any)."""
     full_config = AutoConfig.from_pretrained(model_dir)
-    if known_profile is not None:
+    if not look_up_profile:
         found: ModelProfile | None = known_profile
     else:
         cache = cache_dir or default_cache_dir()

@@ -54,7 +54,7 @@ class FilterPass:
         self.work = work
         self.tokens = tokens
         self.layers = layers
-        self.layers_started = 0
+        self.layers_done = 0
         self.cancelled = cancelled
         self.skipped = skipped  # the result of a pass dropped before it ended
         self.loop = loop
@@ -75,7 +75,7 @@ class FilterPass:
     @property
     def work_left(self) -> int:
         """Prompt tokens x layers still to run; a dropped pass goes first (it only has to leave)."""
-        return -1 if self.dropped else self.tokens * max(0, self.layers - self.layers_started)
+        return -1 if self.dropped else self.tokens * max(0, self.layers - self.layers_done)
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         try:
@@ -133,16 +133,15 @@ class FilterPasses:
                 raise RuntimeError("the filter passes are shut down")
             self._ready.append(job)
             self._workers.add(worker)
-        worker.start()
+            worker.start()  # under the lock: close() never sees a worker that has not started
         return job.future
 
     def close(self) -> None:
-        """Refuse new passes, let the pending ones end, remove the hooks (blocks until done)."""
+        """Refuse new passes, wait until every pending one has delivered its result, remove the hooks."""
         with self._turn:
             self._closed = True
-            workers = list(self._workers)
-        for worker in workers:
-            worker.join()
+            while self._workers:
+                self._turn.wait()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
@@ -150,16 +149,27 @@ class FilterPasses:
     # ---- in a pass's own thread ------------------------------------------------------------
     def _run(self, job: FilterPass) -> None:
         self._local.job = job
-        error: BaseException | None = None
         try:
-            result = self._work(job)
+            job.finish(*self._outcome(job))
+        finally:
+            with self._turn:
+                self._workers.discard(threading.current_thread())
+                self._turn.notify_all()
+
+    def _outcome(self, job: FilterPass) -> tuple[Any, BaseException | None]:
+        """The pass's result or error; the cores go to the next pass as soon as it stops computing."""
+        try:
+            return self._work(job), None
         except PassDropped:
-            result = job.skipped()
+            pass
         except Exception as exc:
-            result, error = None, exc
+            return None, exc
         finally:
             self._leave(job)
-        job.finish(result, error)
+        try:
+            return job.skipped(), None
+        except Exception as exc:
+            return None, exc
 
     def _work(self, job: FilterPass) -> Any:
         self._take_turn(job)
@@ -185,19 +195,20 @@ class FilterPasses:
         job: FilterPass | None = getattr(self._local, "job", None)
         if job is None:
             return
-        job.layers_started += 1
         if job.dropped:
             raise PassDropped
         with self._turn:
             waiting = self._next()
-            if waiting is None or waiting.work_left >= job.work_left:
-                return
-            self._running = None
-            self._ready.append(job)
-            self._turn.notify_all()
-        self._take_turn(job)
-        if job.dropped:
-            raise PassDropped
+            hand_over = waiting is not None and waiting.work_left < job.work_left
+            if hand_over:
+                self._running = None
+                self._ready.append(job)
+                self._turn.notify_all()
+        if hand_over:
+            self._take_turn(job)
+            if job.dropped:
+                raise PassDropped
+        job.layers_done += 1  # the layer starting now: at the next boundary work_left counts from the one after
 
     def _leave(self, job: FilterPass) -> None:
         with self._turn:
@@ -205,7 +216,6 @@ class FilterPasses:
                 self._running = None
             elif job in self._ready:
                 self._ready.remove(job)
-            self._workers.discard(threading.current_thread())
             self._turn.notify_all()
 
     def _next(self) -> FilterPass | None:

@@ -20,8 +20,7 @@ from transformers.cache_utils import DynamicCache
 
 from compressors import CompressionError, Method, build_method
 from compressors.attention import DEFAULT_ATTENTION, AttentionBackend, build_attention
-from compressors.base import Attachment, ChunkPolicy, Target, cache_bytes
-from compressors.gemfilter import model_dtype
+from compressors.base import Attachment, ChunkPolicy, Target, cache_bytes, model_dtype
 from compressors.probe import use_attention
 from server.engine.batch_forward import Segment
 from server.engine.detokenize import IncrementalDetokenizer
@@ -277,7 +276,7 @@ def separate_filter_model(loaded: LoadedModel) -> PreTrainedModel | None:
     wanted = loaded.filter_dtype
     if wanted is None or wanted.name == loaded.dtype_name:
         return None
-    copy = load_filter_model(loaded.path, dtype=wanted.torch_dtype, known_profile=loaded.profile)
+    copy = load_filter_model(loaded.path, dtype=wanted.torch_dtype, known_profile=loaded.profile, look_up_profile=False)
     copy.place(wanted.torch_dtype, str(loaded.device))
     logger.info(
         "GemFilter's filter pass in %s on layers 0..%d (%.1f MiB of weights), the model in %s",

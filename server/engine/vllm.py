@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from compressors import CompressionError, Method, Selection, build_method
 from compressors.attention import DEFAULT_ATTENTION, build_attention
-from compressors.base import Target, drive, keep_everything
+from compressors.base import Target, drive, dtype_name, keep_everything
 from compressors.gemfilter import GemFilter
 from compressors.registry import METHODS
 from server.engine.admission import Admission, AdmittedCounts, Ticket
@@ -57,7 +57,6 @@ from server.engine.vllm_measure import (
     kv_bytes_per_token,
 )
 from server.measure import elapsed_ms
-from server.precision import dtype_name
 from server.protocol import MetricsInfo
 
 if TYPE_CHECKING:
@@ -137,7 +136,7 @@ class VLLMEngine(AdmittedCounts):
         """vLLM's dtype once it runs; before, what the engine arguments ask for."""
         if self.llm is not None:
             return dtype_name(self.llm.model_config.dtype)
-        return str(getattr(self.engine_args, "dtype", "auto"))
+        return "auto" if self.engine_args is None else str(self.engine_args.dtype)
 
     @property
     def filter_dtype(self) -> str:
@@ -286,7 +285,10 @@ class VLLMEngine(AdmittedCounts):
             return drive(method.attach_steps(target)).selection
 
         tokens, layers = len(request.prompt_ids), self.filter_model.num_layers
-        selection: Selection = await self._filter_passes.submit(work, tokens, layers, request.cancelled, skipped)
+        if method.selects_with_model(self.filter_model.model, tokens, self.default_budget):
+            selection: Selection = await self._filter_passes.submit(work, tokens, layers, request.cancelled, skipped)
+        else:
+            selection = work()  # no forward (none, or a budget that keeps everything): no turn to wait for
         metrics.select_ms = selection.select_ms
         return selection
 

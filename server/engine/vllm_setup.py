@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from transformers import AutoTokenizer
@@ -18,7 +19,7 @@ from server.engine.filter_model import filter_device, load_filter_model
 from server.engine.vllm import VLLMEngine
 from server.engine.vllm_args import KV_CACHE_SIZERS, VLLMArgumentError, check_config, engine_args
 from server.engine.vllm_measure import config_kv_bytes_per_token
-from server.precision import ResolvedDtype, pick_dtype
+from server.precision import Capability, ResolvedDtype, pick_dtype
 
 if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -71,7 +72,8 @@ def build_vllm_engine(settings: Settings) -> VLLMEngine:
     name, model_dir = resolve_vllm_model(settings)
     options = VLLMSettings()
     args = vllm_engine_args(settings, model_dir, options)
-    filter_dtype = pick_dtype(settings.filter_dtype, filter_device(options.filter_device), "GemFilter's filter pass")
+    device = filter_device(options.filter_device)
+    filter_dtype = pick_dtype(settings.filter_dtype, device, "GemFilter's filter pass", gpu_capability(device))
     return VLLMEngine(
         name=name,
         model_dir=model_dir,
@@ -138,7 +140,19 @@ def vllm_dtype(requested: str) -> ResolvedDtype:
     """``--dtype`` for vLLM's device (the CPU, or its GPUs), by the same rule as the hf backend."""
     if "GEMSERVE_VLLM_DTYPE" in os.environ:
         raise ValueError("GEMSERVE_VLLM_DTYPE is gone: GEMSERVE_DTYPE (or --dtype) sets both backends' dtype")
-    return pick_dtype(requested, "cpu" if runs_on_cpu() else "cuda", "vLLM")
+    device = "cpu" if runs_on_cpu() else "cuda"
+    return pick_dtype(requested, device, "vLLM", gpu_capability(device))
+
+
+def gpu_capability(device: str) -> Capability | None:
+    """What a GPU can compute, read through vLLM's platform (NVML) so that no CUDA context starts in
+    this process before vLLM's workers do (they own the GPU's memory); None on the CPU, which is
+    checked by running the dtype."""
+    if torch.device(device).type != "cuda":
+        return None
+    from vllm.platforms import current_platform
+
+    return Capability("cuda", cuda_bf16=bool(current_platform.has_device_capability(80)))
 
 
 def model_context(settings: Settings, model_dir: Path) -> int:
