@@ -315,7 +315,7 @@ def markdown_section(result: dict[str, Any], out_path: Path) -> str:
         f"filter pass in {v['filter_dtype']}), {result['prompt_style']} prompts, greedy, {result['max_tokens']} new "
         f"tokens. Load average before/after: {result['loadavg_before']} / {result['loadavg_after']}. One process, "
         "configurations rotated per prompt; ratio = median of per-prompt TTFT / TTFT of `vllm` (vLLM alone). "
-        f"llama.cpp: {result['llamacpp']}. Data `bench/results/{out_path.name}`, plot "
+        f"{llamacpp_note(result.get('llamacpp'))} Data `bench/results/{out_path.name}`, plot "
         f"`bench/results/{out_path.with_suffix('.png').name}`.",
         "",
         "| tokens | configuration | answers | TTFT median (s) | TTFT / vLLM alone | filter pass (s) | "
@@ -324,12 +324,22 @@ def markdown_section(result: dict[str, Any], out_path: Path) -> str:
     ]
     for s in result["summary"]:
         alone = s.get("filter_pass_vs_alone_median")
+        filter_pass = f"{s['select_ms_median'] / 1000:.1f}" if s["select_ms_median"] >= 1.0 else "-"
         lines.append(
             f"| {s['tokens_median']:.0f} | {s['config']} | {s['found']}/{s['prompts']} | "
-            f"{s['ttft_ms_median'] / 1000:.1f} | {s['ttft_ratio_median']:.2f} | {s['select_ms_median'] / 1000:.1f} | "
+            f"{s['ttft_ms_median'] / 1000:.1f} | {s['ttft_ratio_median']:.2f} | {filter_pass} | "
             f"{'-' if alone is None else f'{alone:.2f}'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def llamacpp_note(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "llama.cpp: not run (--llamacpp)."
+    return (
+        f"llama.cpp: llama-cpp-python {info.get('llama_cpp')}, {info.get('threads')} threads, on the model's GGUF "
+        "as shipped (SmolLM2: Q4_1, 4-bit weights, not float32: the engine a user would run on that file)."
+    )
 
 
 def vllm_version() -> str:
