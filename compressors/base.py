@@ -70,7 +70,9 @@ class Selection:
 
     ``kept_indices`` are positions in the original prompt, sorted ascending and unique. For a
     prompt selector they are the tokens the model sees; for a KV compressor they are the
-    union over layers and heads of what the cache holds (per-head sets may differ).
+    union over layers and heads of what the cache holds (per-head sets may differ), and
+    ``kv_tokens_per_head`` is what each head holds (mean over layers): that is what the method
+    kept, so ``kept_tokens`` reports it.
     """
 
     method: str
@@ -89,10 +91,17 @@ class Selection:
     # layer's heads hold after prefill, ``{layer: (kv_heads, len)}``.
     token_scores: torch.Tensor | None = None
     layer_positions: dict[int, torch.Tensor] | None = None
+    kv_tokens_per_head: int | None = None  # KV methods: cache entries per head after prefill
 
     @property
     def kept_tokens(self) -> int:
-        return len(self.kept_indices)
+        """Tokens the model works with: the prompt tokens it sees, or a KV cache's entries per head."""
+        return len(self.kept_indices) if self.kv_tokens_per_head is None else self.kv_tokens_per_head
+
+    @property
+    def kept_tokens_union(self) -> int | None:
+        """KV methods: prompt positions some layer's head holds (None for prompt selectors)."""
+        return None if self.kv_tokens_per_head is None else len(self.kept_indices)
 
     @property
     def ratio(self) -> float:

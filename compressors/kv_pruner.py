@@ -34,6 +34,7 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from compressors.base import KVAttachment, KVCompressor, Selection, Target, layer_bytes
 from compressors.kv_scoring import (
+    MIN_PREFILL_QUERIES,
     LayerScorer,
     LayerScores,
     collect_layer_scores,
@@ -179,7 +180,7 @@ class ScoredKVPruner(KVCompressor):
         return forced
 
     def prefill_scores(self, layer_idx: int, kv_heads: int, prompt_tokens: int) -> torch.Tensor:
-        if self.layer_scorer() is None:
+        if self.layer_scorer() is None or prompt_tokens < MIN_PREFILL_QUERIES:
             return torch.zeros(kv_heads, prompt_tokens)
         if self._collected is None or layer_idx not in self._collected.scores:
             raise RuntimeError(f"{self.name}: no attention scores were collected for layer {layer_idx}")

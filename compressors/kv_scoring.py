@@ -158,8 +158,13 @@ class LayerScores:
     elapsed_ms: float = 0.0
 
 
+# A forward with fewer queries is a decode step, which the prefill's probes ignore; so a one-token
+# prompt's prefill is never scored (nor needs to be: one entry has nothing to be ranked against).
+MIN_PREFILL_QUERIES = 2
+
+
 @contextmanager
-def collect_layer_scores(scorer: LayerScorer, min_query_len: int = 2) -> Iterator[LayerScores]:
+def collect_layer_scores(scorer: LayerScorer, min_query_len: int = MIN_PREFILL_QUERIES) -> Iterator[LayerScores]:
     """Run ``scorer`` on every full-attention layer's probed states during the forwards in this
     context; forwards with fewer than ``min_query_len`` queries (decode steps) are ignored."""
     collected = LayerScores()
@@ -191,11 +196,14 @@ def prune_selection(
     select_ms: float,
     **details: object,
 ) -> Selection:
-    """The :class:`Selection` a KV pruner reports: union of kept positions, per-layer counts."""
+    """The :class:`Selection` a KV pruner reports: entries per head (mean over layers), the union of
+    kept positions, per-layer counts."""
+    per_head = round(sum(int(p.shape[-1]) for p in positions.values()) / len(positions)) if positions else prompt_tokens
     return Selection(
         method=name,
         prompt_tokens=prompt_tokens,
         kept_indices=kept_positions(positions) if positions else list(range(prompt_tokens)),
+        kv_tokens_per_head=per_head,
         select_ms=select_ms,
         layer_positions=dict(positions),  # a snapshot: decode steps replace entries, never mutate them
         details={

@@ -20,7 +20,9 @@ from compressors.snapkv import SnapKV
 
 
 def pyramid_budgets(layers: list[int], budget: int, window: int, beta: int) -> dict[int, int]:
-    """Per-layer budgets (window included), linear from bottom to top, mean ``budget``."""
+    """Per-layer budgets (window included), linear from bottom to top, mean exactly ``budget``: each
+    layer gets the rounded running total minus the layers below it, so rounding never adds up to
+    more than the budget (the response's ``kept_tokens`` is this mean)."""
     prefix = budget - window
     top = prefix // beta
     bottom = 2 * prefix - top
@@ -28,7 +30,13 @@ def pyramid_budgets(layers: list[int], budget: int, window: int, beta: int) -> d
     if count == 1:
         return {layers[0]: budget}
     step = (bottom - top) / (count - 1)
-    return {layer: window + round(bottom - rank * step) for rank, layer in enumerate(layers)}
+    budgets: dict[int, int] = {}
+    exact_total, given = 0.0, 0
+    for rank, layer in enumerate(layers):
+        exact_total += bottom - rank * step
+        budgets[layer] = window + round(exact_total) - given
+        given = round(exact_total)
+    return budgets
 
 
 @dataclass

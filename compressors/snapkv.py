@@ -28,8 +28,9 @@ POOLINGS = ("avg", "max")
 
 
 def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
-    """``(H, m)`` -> ``(H, m)``: 1-D pooling along the sequence, stride 1, same length."""
-    if kernel_size == 1:
+    """``(H, m)`` -> ``(H, m)``: 1-D pooling along the sequence, stride 1, same length. A prompt no
+    longer than the observation window has no prefix (``m = 0``), which torch's kernels refuse."""
+    if kernel_size == 1 or scores.shape[-1] == 0:
         return scores
     pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
     return pool(scores.unsqueeze(0), kernel_size=kernel_size, padding=kernel_size // 2, stride=1).squeeze(0)

@@ -109,15 +109,23 @@ def error_for_exception(exc: BaseException, request_id: str | None = None) -> Er
 
 
 def validation_error(errors: Sequence[Any]) -> ErrorSpec:
-    """400 naming the field(s): ``messages: Field required``."""
+    """400 naming the field(s): ``messages: Field required``; a body that is no JSON object at all
+    is said so, not reported as a field."""
+    body_problem = next((message for message in map(body_error, errors) if message), None)
+    if body_problem is not None:
+        return ErrorSpec(400, "invalid_request_error", body_problem)
+    located = [(error_param(error), error) for error in errors]
+    # A union field reports every member's failure: "content: Input should be a valid string" beside
+    # "content.0.text: <the real problem>". A wrong-type error is dropped where another error at the
+    # same field or inside it says more.
+    located = [
+        (param, error)
+        for param, error in located
+        if not (is_type_error(error) and any(says_more(other, param) for other in located if other[1] is not error))
+    ]
     parts: list[str] = []
     first_param = None
-    for error in errors:
-        loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "header", "path")]
-        # Drop pydantic's union-member tags ("constrained-str", "list[int]"): not field names.
-        loc = [p for p in loc if not UNION_TAG.search(p)]
-        # A model-level check names its field itself (protocol.FieldError).
-        param = ".".join(loc) or getattr((error.get("ctx") or {}).get("error"), "param", None)
+    for param, error in located:
         first_param = first_param or param
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
         part = f"{param}: {message}" if param else message
@@ -126,7 +134,47 @@ def validation_error(errors: Sequence[Any]) -> ErrorSpec:
     return ErrorSpec(400, "invalid_request_error", "; ".join(parts) or "invalid request", first_param)
 
 
+def error_param(error: Any) -> str | None:
+    """``messages.0.content``: the field an error is at, without FastAPI's location kind and
+    pydantic's union-member tags ("constrained-str", "list[int]"), which are not field names."""
+    loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "header", "path")]
+    loc = [p for p in loc if not UNION_TAG.search(p)]
+    # A model-level check names its field itself (protocol.FieldError).
+    return ".".join(loc) or getattr((error.get("ctx") or {}).get("error"), "param", None)
+
+
+def is_type_error(error: Any) -> bool:
+    """pydantic's "Input should be a valid <type>" errors (string_type, list_type, model_type...)."""
+    return str(error.get("type", "")).endswith("_type")
+
+
+def says_more(other: tuple[str | None, Any], param: str | None) -> bool:
+    other_param, other_error = other
+    if is_type_error(other_error) or param is None or other_param is None:
+        return False
+    return other_param == param or other_param.startswith(f"{param}.")
+
+
 UNION_TAG = re.compile(r"[\[\-]")
+JSON_BODY = "send one JSON object with Content-Type: application/json"
+
+
+def body_error(error: Any) -> str | None:
+    """What is wrong with the body as a whole (FastAPI reports it at location ``body``), or None:
+    unparsable JSON (FastAPI puts the character offset where a field name goes), an empty body,
+    a body FastAPI did not parse as JSON (another Content-Type) or JSON that is not an object."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "json_invalid":
+        reason = (error.get("ctx") or {}).get("error", "JSON decode error")
+        where = f" at character {loc[1]}" if len(loc) > 1 else ""
+        return f"the request body is not valid JSON ({reason}{where}); {JSON_BODY}"
+    if loc != ("body",):
+        return None
+    if error.get("type") == "missing":
+        return f"the request body is empty; {JSON_BODY}"
+    if not isinstance(error.get("input"), dict):
+        return f"the request body is not a JSON object; {JSON_BODY}"
+    return None
 
 
 def http_error_type(status: int) -> str:

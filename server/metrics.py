@@ -93,7 +93,18 @@ class ServerMetrics:
             "gemserve_prompt_tokens", "Prompt length before compression", LABELS, buckets=TOKEN_BUCKETS, registry=reg
         )
         self.kept_tokens = Histogram(
-            "gemserve_kept_tokens", "Prompt tokens kept by compression", LABELS, buckets=TOKEN_BUCKETS, registry=reg
+            "gemserve_kept_tokens",
+            "Prompt tokens kept by compression: tokens the model saw, or KV entries per head (KV methods)",
+            LABELS,
+            buckets=TOKEN_BUCKETS,
+            registry=reg,
+        )
+        self.kept_tokens_union = Histogram(
+            "gemserve_kept_tokens_union",
+            "KV methods: prompt positions at least one layer's head holds after prefill",
+            LABELS,
+            buckets=TOKEN_BUCKETS,
+            registry=reg,
         )
         self.kv_cache_bytes = Histogram(
             "gemserve_kv_cache_bytes", "KV cache size after prefill", LABELS, buckets=BYTES_BUCKETS, registry=reg
@@ -119,6 +130,8 @@ class ServerMetrics:
         self.selection.labels(*labels).observe(result.compression.select_ms / 1000.0)
         self.prompt_tokens.labels(*labels).observe(result.compression.prompt_tokens)
         self.kept_tokens.labels(*labels).observe(result.compression.kept_tokens)
+        if result.compression.kept_tokens_union is not None:
+            self.kept_tokens_union.labels(*labels).observe(result.compression.kept_tokens_union)
         self.kv_cache_bytes.labels(*labels).observe(m.kv_cache_bytes)
 
     def count_generated_tokens(self, model: str, backend: str, method: str, tokens: int) -> None:

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +27,26 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 class OpenAIBaseModel(BaseModel):
     # OpenAI clients send fields we may not know yet: ignore them (the request model logs their
     # names) rather than fail. Strict types: ``true`` is not 1, ``"yes"`` is not true, 1.0 is
-    # not a token id (an int is still a float).
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # not a token id (an int is still a float). Python's JSON reader takes NaN and Infinity:
+    # refused as "not a finite number", never compared with a bound.
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+def encodable_text(value: str) -> str:
+    """JSON may carry a lone UTF-16 surrogate (``"\\ud800"``) that no UTF-8 text holds: tokenizers
+    and chat templates fail on it, so every text field that reaches one is checked here, once."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"text holds a lone UTF-16 surrogate (U+{ord(value[exc.start]):04X} at character {exc.start}), "
+            "which is not valid Unicode text"
+        ) from None
+    return value
+
+
+# Text a tokenizer will see (prompts, chat content, stop strings).
+Text = Annotated[str, AfterValidator(encodable_text)]
 
 
 class FieldError(ValueError):
@@ -91,7 +109,7 @@ class CompressionParams(BaseModel):
     accepted here and checked by the method registry, which names the allowed ones on error.
     """
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     method: str | None = Field(None, description=f"Compression method ({METHOD_NAMES_HINT}); default: server's")
     budget: int | None = Field(None, description="Tokens to keep (prompt tokens or KV entries per head)")
@@ -138,7 +156,7 @@ class CommonSamplingFields(OpenAIBaseModel):
     n: int | None = Field(1, description="Number of choices; only 1 is supported")
     presence_penalty: float | None = Field(0.0, description="Not supported: must be 0")
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="Seed for sampled decoding (64-bit)")
-    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end generation")
+    stop: Text | list[Text] | None = Field(None, description="Up to 4 strings that end generation")
     stream: bool | None = Field(False, description="Stream tokens as server-sent events")
     stream_options: StreamOptions | None = Field(None, description="include_usage: usage on the last chunk")
     temperature: float | None = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
@@ -186,7 +204,7 @@ class CommonSamplingFields(OpenAIBaseModel):
 
 # A prompt is never empty (the schema says so, so a client's validator agrees with the server);
 # token ids are non-negative ints (the vocabulary's upper end is the engine's to check).
-PromptText = Annotated[str, Field(min_length=1)]
+PromptText = Annotated[Text, Field(min_length=1)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 OneText = Annotated[list[PromptText], Field(min_length=1, max_length=1)]
 OneTokenIds = Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
@@ -221,13 +239,13 @@ class CompletionRequest(CommonSamplingFields):
 
 class ContentPart(OpenAIBaseModel):
     type: Literal["text"] = "text"
-    text: str
+    text: Text
 
 
 class ChatMessage(OpenAIBaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -338,7 +356,15 @@ class CompressionInfo(BaseModel):
 
     method: str
     prompt_tokens: int
-    kept_tokens: int
+    kept_tokens: int = Field(
+        description="Prompt tokens the model saw (GemFilter), or KV-cache entries each head holds after the "
+        "prefill (KV methods; mean over layers where budgets differ per layer)"
+    )
+    kept_tokens_union: int | None = Field(
+        None,
+        description="KV methods: prompt positions that at least one layer's head holds (heads keep different "
+        "positions, so this exceeds kept_tokens)",
+    )
     ratio: float
     select_ms: float
     layer: int | None = None
@@ -476,7 +502,9 @@ class TokenizeRequest(OpenAIBaseModel):
     )
 
     model: str | None = None
-    prompt: str = Field(None, description="Plain text, tokenised without a chat template")  # type: ignore[assignment]
+    prompt: PromptText | TokenIds = Field(  # type: ignore[assignment]
+        None, description="Plain text, tokenised without a chat template, or token ids (as /v1/completions takes)"
+    )
     messages: list[ChatMessage] = Field(  # type: ignore[assignment]
         None, min_length=1, description="Chat turns, tokenised with the chat template"
     )

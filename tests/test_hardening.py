@@ -260,7 +260,8 @@ def test_openapi_lists_real_statuses_and_strict_shapes(server_url: str) -> None:
         assert {"400", "413", "429", "500"} <= statuses
     schemas = schema["components"]["schemas"]
     tokenize = schemas["TokenizeRequest"]
-    assert tokenize["properties"]["prompt"]["type"] == "string"  # not nullable: null is refused
+    tokenize_shapes = tokenize["properties"]["prompt"]["anyOf"]  # text or ids, as /v1/completions; never null
+    assert {"type": "string", "minLength": 1} in tokenize_shapes and {"type": "null"} not in tokenize_shapes
     assert tokenize["oneOf"] == [{"required": ["prompt"]}, {"required": ["messages"]}]
     prompt_shapes = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]
     assert {"type": "string", "minLength": 1} in prompt_shapes
@@ -313,3 +314,148 @@ def test_internal_value_error_is_500_with_the_request_id(server_url: str, engine
     assert request_id in error["message"] and "KV head" not in error["message"]  # no internals leak
     failures = [r for r in caplog.records if request_id in r.getMessage()]
     assert failures and failures[0].exc_info and "KV head" in str(failures[0].exc_info[1])
+
+
+# ---- issue 24: hardening, round two -----------------------------------------------------------
+SURROGATE = "caf\ud800e"  # a lone UTF-16 surrogate: valid JSON, not valid Unicode text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": SURROGATE}]}, "messages.0.content"),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "stream": True, "messages": [{"role": "user", "content": SURROGATE}]},
+            "messages.0.content",
+        ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "messages": [{"role": "system", "content": SURROGATE}, {"role": "user", "content": "hi"}]},
+            "messages.0.content",
+        ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]},
+            "messages.0.content.0.text",
+        ),
+        ("/v1/chat/completions", {**CHAT, "stop": [SURROGATE]}, "stop.0"),
+        ("/v1/completions", {**SHORT, "prompt": SURROGATE}, "prompt"),
+        ("/tokenize", {"messages": [{"role": "user", "content": SURROGATE}]}, "messages.0.content"),
+        ("/tokenize", {"prompt": SURROGATE}, "prompt"),
+    ],
+)
+def test_lone_surrogates_are_400_naming_the_field(server_url: str, path: str, body: dict, param: str) -> None:
+    """Was a 500: the chat template raised a TypeError on text no UTF-8 holds."""
+    content = json.dumps(body)  # ASCII with a \\ud800 escape, as a client's JSON encoder sends it
+    response = httpx.post(f"{server_url}{path}", content=content, headers={"Content-Type": "application/json"})
+    error = error_of(response, 400)
+    assert error["param"] == param, error
+    assert "surrogate (U+D800 at character 3)" in error["message"], error
+
+
+METHODS = ("none", "gemfilter", "snapkv", "h2o", "streamingllm", "pyramidkv")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_answers_every_tiny_prompt(server_url: str, method: str) -> None:
+    """snapkv / pyramidkv without a budget were 500s on 2-32 token prompts (pooling over no prefix).
+    Every prompt length 1..40, with and without a budget: an answer, or a 400 that says why."""
+    statuses: dict[int, list[tuple[int, int | None]]] = {}
+    with httpx.Client(base_url=server_url, timeout=60) as client:
+        for length in range(1, 41):
+            for budget in (None, 8):
+                compression = {"method": method} | ({} if budget is None or method == "none" else {"budget": budget})
+                body = {"prompt": list(range(100, 100 + length)), "max_tokens": 2, "temperature": 0}
+                response = client.post("/v1/completions", json={**body, "compression": compression})
+                statuses.setdefault(response.status_code, []).append((length, budget))
+                if response.status_code == 400:
+                    assert error_of(response, 400)["param"].startswith("compression"), response.text
+                else:
+                    assert response.status_code == 200, (length, budget, response.text)
+    # Without a budget every length answers; a budget below the observation window is refused.
+    assert all(budget == 8 for _, budget in statuses.get(400, [])), statuses.get(400)
+
+
+@pytest.mark.parametrize(("method", "budget"), [(m, b) for m in METHODS[1:] for b in (64, 200)])
+def test_kept_tokens_never_exceeds_the_budget(server_url: str, count_tokens, method: str, budget: int) -> None:
+    """kept_tokens was the union over heads (snapkv budget 64 reported 219 of 546)."""
+    prompt = "The lighthouse keeper logged every ship that passed the northern rocks at night. " * 39
+    prompt_tokens = count_tokens(prompt)
+    assert prompt_tokens > 500
+    body = {**SHORT, "prompt": prompt, "compression": {"method": method, "budget": budget}}
+    compression = httpx.post(f"{server_url}/v1/completions", json=body, timeout=120).json()["compression"]
+    assert compression["kept_tokens"] <= budget, compression
+    assert compression["ratio"] == pytest.approx(compression["kept_tokens"] / prompt_tokens)
+    if method == "gemfilter":
+        assert compression["kept_tokens_union"] is None  # the prompt's kept tokens are one set
+        return
+    assert compression["kept_tokens"] == budget  # every head holds the budget (PyramidKV: on average)
+    assert compression["kept_tokens_union"] >= budget  # heads keep different positions
+    # What the cache holds says the same: entries per head x heads x layers.
+    assert compression["kv_bytes_after"] / compression["kv_bytes_before"] == pytest.approx(budget / prompt_tokens)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"prompt": "hi", "temperature": NaN}', "temperature: Input should be a finite number"),
+        ('{"prompt": "hi", "max_tokens": 1, "compression": {"ratio": Infinity}}', "compression.ratio"),
+        ('{"prompt": "hi", "max_', "the request body is not valid JSON"),
+        ("", "the request body is empty"),
+    ],
+)
+def test_body_errors_say_what_is_wrong(server_url: str, content: str, expected: str) -> None:
+    """NaN was 'less than or equal to 2'; truncated JSON named param '43'; an empty body 'Field required'."""
+    headers = {"Content-Type": "application/json"}
+    response = httpx.post(f"{server_url}/v1/completions", content=content, headers=headers, timeout=60)
+    error = error_of(response, 400)
+    assert expected in error["message"], error
+    if "body" in expected:
+        assert error["param"] is None and "Content-Type: application/json" in error["message"]
+
+
+def test_json_sent_as_text_plain_is_told_the_content_type(server_url: str) -> None:
+    """Was 'Input should be a valid dictionary'."""
+    headers = {"Content-Type": "text/plain"}
+    response = httpx.post(f"{server_url}/v1/completions", content=json.dumps(SHORT), headers=headers, timeout=60)
+    error = error_of(response, 400)
+    assert "not a JSON object; send one JSON object with Content-Type: application/json" in error["message"]
+
+
+def test_chat_over_length_names_messages(server_url: str, engine) -> None:
+    content = "word " * (engine.max_model_len + 10)
+    body = {**CHAT, "messages": [{"role": "user", "content": content}]}
+    error = error_of(httpx.post(f"{server_url}/v1/chat/completions", json=body, timeout=120), 400)
+    assert error["param"] == "messages" and "longer than the model's context" in error["message"]
+
+
+def test_queue_full_message_counts_what_the_limit_counts() -> None:
+    """The 429 said '11 waiting' with max_queue=4: admitted requests wait until scheduled."""
+    from server.engine.admission import Admission
+    from server.engine.base import QueueFullError
+
+    admission = Admission(slots=8, slots_name="max_concurrency", max_queue=4)
+    admission.accepting = True
+    tickets = [admission.admit(lambda: None) for _ in range(12)]
+    tickets[0].start_running()
+    with pytest.raises(QueueFullError) as refused:
+        admission.admit(lambda: None)
+    assert str(refused.value) == (
+        "server is busy: 12 requests admitted, its limit of 12 (max_concurrency=8 running + max_queue=4 queued); "
+        "retry later"
+    )
+
+
+def test_unknown_viewer_asset_is_a_json_404(server_url_with_key: str) -> None:
+    headers = {"Authorization": f"Bearer {TEST_API_KEY}"}
+    error = error_of(httpx.get(f"{server_url_with_key}/viewer/x", headers=headers), 404)
+    assert "no viewer asset 'x'" in error["message"]
+
+
+def test_tokenize_takes_the_token_ids_completions_takes(server_url: str, engine) -> None:
+    ids = [100, 101, 102]
+    assert httpx.post(f"{server_url}/tokenize", json={"prompt": ids}).json()["tokens"] == ids
+    error = error_of(httpx.post(f"{server_url}/tokenize", json={"prompt": [len(engine.tokenizer)]}), 400)
+    assert "outside the vocabulary" in error["message"] and error["param"] == "prompt"
+    error_of(httpx.post(f"{server_url}/tokenize", json={"prompt": ""}), 400)

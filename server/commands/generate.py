@@ -169,6 +169,7 @@ def format_cost_table(result: GenerationResult, dtype: str | None = None) -> str
         *([("filter dtype", c.filter_dtype)] if c.filter_dtype else []),
         ("prompt tokens", f"{c.prompt_tokens}"),
         ("kept tokens", f"{c.kept_tokens} ({c.ratio:.1%})" + (f", {c.skipped}" if c.skipped else "")),
+        *([("kept, any KV head", f"{c.kept_tokens_union} positions")] if c.kept_tokens_union is not None else []),
         *attention_rows(c),
         ("select", f"{m.select_ms:.0f} ms"),
         ("prefill", f"{m.prefill_ms:.0f} ms"),

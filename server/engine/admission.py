@@ -37,10 +37,13 @@ class Admission:
         if not self.accepting:
             raise EngineNotReadyError("the engine is not accepting requests (starting or shutting down)")
         check()
-        if self.running + self.waiting >= self.slots + self.max_queue:
+        limit = self.slots + self.max_queue
+        if self.running + self.waiting >= limit:
+            # One count: an admitted request waits until the scheduler starts it, so "waiting" may
+            # exceed max_queue while slots are free; the limit is on the sum.
             raise QueueFullError(
-                f"server is busy: {self.running} running and {self.waiting} waiting "
-                f"({self.slots_name}={self.slots}, max_queue={self.max_queue}); retry later",
+                f"server is busy: {self.running + self.waiting} requests admitted, its limit of {limit} "
+                f"({self.slots_name}={self.slots} running + max_queue={self.max_queue} queued); retry later",
                 retry_after_s=self.retry_after_s,
             )
         return Ticket(self)

@@ -83,7 +83,7 @@ class HFEngine:
         return self.loaded.max_model_len
 
     # ---- tokenisation -------------------------------------------------------------------
-    def encode_prompt(self, text: str) -> list[int]:
+    def encode_prompt(self, text: str | list[int]) -> list[int]:
         return self.encoder.encode_prompt(text)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:

@@ -132,7 +132,7 @@ class HFAsyncEngine(AdmittedCounts):
     def filter_dtype(self) -> str:
         return self.engine.filter_dtype
 
-    def encode_prompt(self, text: str) -> list[int]:
+    def encode_prompt(self, text: str | list[int]) -> list[int]:
         return self.engine.encode_prompt(text)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:

@@ -14,12 +14,17 @@ from server.protocol import AttentionInfo, CompressionInfo
 def check_prompt_and_sampling(request: GenerationRequest, vocab_size: int) -> None:
     """What any backend refuses before looking at the method: an empty prompt, an unknown token
     id (token-id prompts come from clients and would crash the forward), bad sampling values."""
-    if not request.prompt_ids:
+    check_token_ids(request.prompt_ids, vocab_size)
+    request.sampling.validate()
+
+
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    """A token-id prompt is non-empty and inside the vocabulary."""
+    if not ids:
         raise RequestError("prompt must not be empty", param="prompt")
-    bad = next((i for i in request.prompt_ids if not 0 <= i < vocab_size), None)
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
     if bad is not None:
         raise RequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})", param="prompt")
-    request.sampling.validate()
 
 
 def check_method_fits(request: GenerationRequest, method: Method, max_model_len: int, default_budget: int) -> None:
@@ -71,6 +76,7 @@ def compression_report(
         method=method.name,
         prompt_tokens=selection.prompt_tokens,
         kept_tokens=selection.kept_tokens,
+        kept_tokens_union=selection.kept_tokens_union,
         ratio=selection.ratio,
         select_ms=selection.select_ms,
         layer=selection.layer,

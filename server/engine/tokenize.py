@@ -14,6 +14,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from server.engine.plan import check_token_ids
 from server.engine.types import RequestError
 
 # Headroom over the longest piece: a normalizer may merge characters (NFC composition), so a
@@ -44,8 +45,12 @@ class PromptEncoder:
                 param=param,
             )
 
-    def encode_prompt(self, text: str) -> list[int]:
-        """Plain completion text, with the tokenizer's own special tokens (e.g. BOS)."""
+    def encode_prompt(self, text: str | list[int]) -> list[int]:
+        """Plain completion text, with the tokenizer's own special tokens (e.g. BOS); a token-id
+        prompt is checked against the vocabulary and returned as it is."""
+        if isinstance(text, list):
+            check_token_ids(text, len(self.tokenizer))
+            return list(text)
         if not text:
             raise RequestError("prompt must not be empty", param="prompt")
         self.check_size(len(text), "prompt")

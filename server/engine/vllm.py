@@ -143,7 +143,7 @@ class VLLMEngine(AdmittedCounts):
         return dtype_name(self.filter_model.dtype)
 
     # Tokenisation follows the same rules as HFEngine, so both backends see the same ids.
-    def encode_prompt(self, text: str) -> list[int]:
+    def encode_prompt(self, text: str | list[int]) -> list[int]:
         return self.encoder.encode_prompt(text)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:

@@ -7,6 +7,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from server.engine.plan import check_prompt_fits
 from server.engine.types import GenerationResult
 from server.errors import ERROR_RESPONSES
 from server.protocol import (
@@ -71,6 +72,7 @@ async def create_chat_completion(
     state.check_model(body.model)
     # Tokenized in a worker thread: a long prompt must not stall every other request.
     prompt_ids = await asyncio.to_thread(engine.encode_chat, body.template_messages())
+    check_prompt_fits(len(prompt_ids), engine.max_model_len, param="messages")  # the engine's check says "prompt"
     max_tokens = body.max_new_tokens(state.settings.default_max_tokens)
     fmt = ChatFormat(state.served_model_name())
     return await generate_response(request, engine, body, prompt_ids, max_tokens, fmt)

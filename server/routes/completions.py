@@ -57,6 +57,6 @@ async def create_completion(body: CompletionRequest, request: Request, engine: E
     state.check_model(body.model)
     prompt = body.prompt_text_or_ids()
     # Tokenized in a worker thread: a long prompt must not stall every other request.
-    prompt_ids = await asyncio.to_thread(engine.encode_prompt, prompt) if isinstance(prompt, str) else list(prompt)
+    prompt_ids = await asyncio.to_thread(engine.encode_prompt, prompt)
     fmt = CompletionFormat(state.served_model_name())
     return await generate_response(request, engine, body, prompt_ids, body.max_tokens or 16, fmt)

@@ -15,8 +15,10 @@ from importlib import resources
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from compressors.attention import attention_names
+from compressors.knobs import short_repr
 from compressors.registry import method_names
 from server.routes.deps import StateDep
 from server.viewer import ASSETS
@@ -54,6 +56,7 @@ async def viewer_page(state: StateDep) -> HTMLResponse:
 @router.get("/viewer/{name}")
 async def viewer_asset(name: str) -> Response:
     media_type = ASSETS.get(name)
-    if media_type is None:
-        return Response(status_code=404)
+    if media_type is None:  # the JSON 404 every unknown route answers (server/errors.py)
+        served = ", ".join(sorted(ASSETS))
+        raise StarletteHTTPException(404, f"no viewer asset {short_repr(name, 100)}; the viewer serves {served}")
     return Response(asset(name), media_type=media_type, headers=HEADERS)

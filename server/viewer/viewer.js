@@ -258,14 +258,18 @@
   const ms = (value) => `${Number(value).toFixed(0)} ms`;
   const bytes = (value) => `${(value / MIB).toFixed(2)} MiB (${value} B)`;
 
+  // KV methods keep different positions per head: kept_tokens is per head, the union is named apart.
+  const keptUnion = (c) => (c.kept_tokens_union === null || c.kept_tokens_union === undefined ? null : c.kept_tokens_union);
+
   function metricRows(final, usage) {
     const c = final.compression || {};
     const m = final.metrics || {};
     const rows = [
       ["method", "method", c.method + (c.layer !== null && c.layer !== undefined ? ` (filter layer ${c.layer})` : "")],
       ["prompt_tokens", "prompt tokens", c.prompt_tokens],
-      ["kept_tokens", "kept tokens", `${c.kept_tokens} (${(100 * c.ratio).toFixed(1)}%)`],
+      ["kept_tokens", "kept tokens", `${c.kept_tokens} (${(100 * c.ratio).toFixed(1)}%)` + (keptUnion(c) ? " per KV head" : "")],
     ];
+    if (keptUnion(c)) rows.push(["kept_tokens_union", "kept positions, any head", keptUnion(c)]);
     if (c.skipped) rows.push(["skipped", "skipped", c.skipped]);
     for (const [key, label] of [
       ["filter_attention", "filter-pass attention"],
