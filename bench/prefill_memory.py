@@ -11,13 +11,15 @@ whole prompt's cache first, pruned once the prefill is over (``KVAttachment``). 
 are interleaved (each repeat runs every configuration once, in a rotated order).
 
 Two allocator settings, because RSS is what the OS charges but not what is alive: with glibc's
-defaults (``default``, as a server runs) a freed block under the adaptive mmap threshold stays in
-the heap, so the peak depends on fragmentation as much as on live tensors (runs of one
-configuration differed by 150 MiB). With ``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB (``fixed``)
-every tensor-sized block is its own mapping, returned to the OS when freed, so RSS follows the
-bytes alive.
+adaptive mmap threshold (``glibc``) a freed block under the threshold stays in the heap, so the
+peak depends on fragmentation as much as on live tensors (runs of one configuration differed by
+150 MiB). ``server`` is what ``gemserve serve`` runs with (server/allocator.py: the threshold fixed
+at 128 KiB), where every tensor-sized block is its own mapping, returned to the OS when freed, so
+RSS follows the bytes alive. Per repeat and length the two settings alternate (rotated), so their
+prefill times compare run against neighbouring run.
 
     python -m bench.prefill_memory --lengths 4096 8000 --repeats 2
+    python -m bench.prefill_memory --lengths 8000 --configs none,snapkv --tag allocator   # issue 24
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from bench.common import (
     replace_doc_section,
     report_result,
     result_header,
+    rotated,
     run_in_fresh_process,
     stamp_finish,
     write_json,
@@ -49,16 +52,20 @@ DOC_HEADING = "## Prefill memory of the KV methods: pruning during the prefill (
 AFTER_PREFILL = "-after-prefill"
 CONFIGS = ["none", "snapkv", f"snapkv{AFTER_PREFILL}", "pyramidkv", "h2o", "streamingllm"]
 MiB = 2**20
-FIXED_MMAP_THRESHOLD = "131072"
+MALLOCS = ("server", "glibc")
 
 
 def run_config(payload: dict[str, Any]) -> dict[str, Any]:
     from compressors.base import KVAttachment
     from compressors.kv_pruner import ScoredKVPruner
+    from server.allocator import fix_mmap_threshold
     from server.engine.hf import HFEngine
     from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
     from server.models import load_model
+    from server.settings import Settings
 
+    # Before any tensor exists, as `gemserve serve` does; "glibc": its adaptive threshold.
+    heap = fix_mmap_threshold(Settings().malloc_mmap_threshold if payload["malloc"] == "server" else 0)
     name = payload["config"]
     if name.endswith(AFTER_PREFILL):  # the reference: prune the full cache once the prefill is done
         ScoredKVPruner.kv_attachment = lambda self, target: KVAttachment(self, target)  # type: ignore[method-assign]
@@ -80,6 +87,7 @@ def run_config(payload: dict[str, Any]) -> dict[str, Any]:
         "kv_bytes_after": metrics.kv_cache_bytes,
         "prefill_ms": metrics.prefill_ms,
         "memory_source": metrics.memory_source,
+        "heap": heap,
     }
 
 
@@ -88,7 +96,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for malloc, length in sorted({(r["malloc"], r["length"]) for r in runs}, reverse=True):
         same = [r for r in runs if r["length"] == length and r["malloc"] == malloc]
         none = [r["peak_rise_bytes"] for r in same if r["config"] == "none"]
-        for config in CONFIGS:
+        for config in CONFIGS:  # the order of the table; a run may cover fewer
             mine = [r for r in same if r["config"] == config]
             if not mine:
                 continue
@@ -117,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8000])
     parser.add_argument("--budget", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration, fixed mmap threshold")
-    parser.add_argument("--default-malloc-repeats", type=int, default=1, help="runs with glibc's defaults")
-    parser.add_argument("--default-malloc-lengths", type=int, nargs="+", default=[8000])
+    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration and allocator setting")
+    parser.add_argument("--configs", type=lambda s: s.split(","), default=CONFIGS, help=f"of {','.join(CONFIGS)}")
+    parser.add_argument("--mallocs", type=lambda s: s.split(","), default=list(MALLOCS), help="server,glibc")
+    parser.add_argument("--tag", help="a run of its own: its own JSON and docs section (e.g. allocator)")
     parser.add_argument("--seed", type=int, default=14)
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args(argv)
@@ -127,17 +136,27 @@ def main(argv: list[str] | None = None) -> int:
         report_result(run_config(json.loads(args.worker)))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    unknown = sorted(set(args.configs) - set(CONFIGS)) + sorted(set(args.mallocs) - set(MALLOCS))
+    if unknown:
+        parser.error(f"unknown configuration or allocator setting: {', '.join(unknown)}")
     result = {**result_header(args.model), "budget": args.budget, "runs": []}
-    out_path = RESULTS_DIR / "prefill_memory_smollm2.json"
-    plan = [("fixed", repeat, length) for repeat in range(args.repeats) for length in args.lengths]
-    plan += [("default", r, n) for r in range(args.default_malloc_repeats) for n in args.default_malloc_lengths]
-    for malloc, repeat, length in plan:
-        order = CONFIGS[repeat % len(CONFIGS) :] + CONFIGS[: repeat % len(CONFIGS)]
-        for config in order:
-            payload = {"model": args.model, "config": config, "length": length, "budget": args.budget}
-            run = run_worker({**payload, "seed": args.seed + repeat, "malloc": malloc})
-            logger.info("%s %s %s: rise %.0f MiB", malloc, length, config, run["peak_rise_bytes"] / MiB)
-            result["runs"].append(run)
+    out_path = RESULTS_DIR / f"prefill_memory_smollm2{f'_{args.tag}' if args.tag else ''}.json"
+    heading = f"{DOC_HEADING} — {args.tag}" if args.tag else DOC_HEADING
+    for repeat in range(args.repeats):
+        for length in args.lengths:
+            for malloc in rotated(args.mallocs, repeat):
+                for config in rotated(args.configs, repeat):
+                    payload = {"model": args.model, "config": config, "length": length, "budget": args.budget}
+                    run = run_worker({**payload, "seed": args.seed + repeat, "malloc": malloc})
+                    logger.info(
+                        "%s %s %s: rise %.0f MiB, prefill %.0f ms",
+                        malloc,
+                        length,
+                        config,
+                        run["peak_rise_bytes"] / MiB,
+                        run["prefill_ms"],
+                    )
+                    result["runs"].append(run)
             result["summary"] = summarise(result["runs"])
             write_json(out_path, result)
     stamp_finish(result)
@@ -145,20 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out_path, result)
     plot(result, out_path.with_suffix(".png"))
     if not args.no_doc:
-        replace_doc_section(DOC_HEADING, markdown_section(result, out_path))
-    print(markdown_section(result, out_path))
+        replace_doc_section(heading, markdown_section(result, out_path, heading))
+    print(markdown_section(result, out_path, heading))
     return 0
 
 
 def run_worker(payload: dict[str, Any]) -> dict[str, Any]:
-    """One configuration in a fresh process, under the payload's allocator setting."""
+    """One configuration in a fresh process; the worker sets its allocator as the payload says (an
+    operator's ``MALLOC_MMAP_THRESHOLD_`` would override both settings, so the worker never sees one)."""
     saved = os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if payload["malloc"] == "fixed":
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = FIXED_MMAP_THRESHOLD
     try:
         return run_in_fresh_process("bench.prefill_memory", payload)
     finally:
-        os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
         if saved is not None:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
 
@@ -169,22 +186,23 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["summary"] if r["malloc"] == "fixed"]
+    rows = [r for r in result["summary"] if r["malloc"] == "server"]
     lengths = sorted({r["length"] for r in rows})
     fig, ax = plt.subplots(figsize=(9, 4.5))
     peaks = {(r["length"], r["config"]): r["peak_rise_mib_median"] for r in rows}
-    grouped_bars(ax, lengths, CONFIGS, lambda n, config: peaks.get((n, config), 0))
-    ax.set_ylabel("peak RSS rise over the request (MiB, median)\nmmap threshold fixed at 128 KiB")
+    configs = [config for config in CONFIGS if any(r["config"] == config for r in rows)]
+    grouped_bars(ax, lengths, configs, lambda n, config: peaks.get((n, config), 0))
+    ax.set_ylabel("peak RSS rise over the request (MiB, median)\nthe server's allocator setting")
     ax.set_title(f"Prefill peak memory, {result['model']}, budget {result['budget']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def markdown_section(result: dict[str, Any], out_path: Path) -> str:
+def markdown_section(result: dict[str, Any], out_path: Path, heading: str = DOC_HEADING) -> str:
     m = result["machine"]
     lines = [
-        DOC_HEADING,
+        heading,
         "",
         f"Measured {result['started_at']} to {result.get('finished_at', '?')} with `python -m bench.prefill_memory` on "
         f"{m['cpu']} ({m['cpu_cores']} cores, torch {m['torch']}), {result['model']} {m['dtype']}, budget "
@@ -192,9 +210,11 @@ def markdown_section(result: dict[str, Any], out_path: Path) -> str:
         f"{result.get('loadavg_after')}. Each run is a fresh process (model load, a 256-token warm-up of the same "
         "configuration, then the measured request); peak rise = process RSS sampled every 2 ms over the request "
         "minus the RSS at its start; the median of the runs; `snapkv-after-prefill` is the old path (the whole "
-        "prompt's cache, pruned after the prefill). malloc `fixed`: `MALLOC_MMAP_THRESHOLD_=131072`, so freed "
-        "tensors go back to the OS and RSS follows live bytes; `default`: glibc as a server runs it, where the "
-        f"peak also depends on heap fragmentation. Data `bench/results/{out_path.name}`, plot "
+        "prompt's cache, pruned after the prefill). malloc `server`: what `gemserve serve` sets (server/allocator.py, "
+        "glibc's mmap threshold fixed at 128 KiB), so freed tensors go back to the OS and RSS follows live bytes; "
+        "`glibc`: its adaptive threshold, where the peak also depends on heap fragmentation. Prefill ms: the two "
+        "settings alternate per repeat (rotated), so compare them row against row. "
+        f"Data `bench/results/{out_path.name}`, plot "
         f"`bench/results/{out_path.with_suffix('.png').name}`.",
         "",
         "| malloc | tokens | method | peak RSS rise MiB (runs) | vs none | KV MiB full -> kept | prefill ms |",
@@ -208,7 +228,29 @@ def markdown_section(result: dict[str, Any], out_path: Path) -> str:
             f"| {r['malloc']} | {r['prompt_tokens']} | {r['config']} | {r['peak_rise_mib_median']:.0f} ({runs}) | "
             f"{ratio} | {kv} | {r['prefill_ms_median']:.0f} |"
         )
+    costs = allocator_costs(result["runs"])
+    if costs:
+        lines += [
+            "",
+            "Prefill time with the server's setting over glibc's, per repeat (same prompt, adjacent runs):",
+            "",
+        ]
+        lines += [
+            f"- {length} tokens, {config}: {', '.join(f'{c:.3f}' for c in ratios)}"
+            for (length, config), ratios in costs.items()
+        ]
     return "\n".join(lines) + "\n"
+
+
+def allocator_costs(runs: list[dict[str, Any]]) -> dict[tuple[int, str], list[float]]:
+    """(length, config) -> prefill ms under ``server`` / under ``glibc``, one ratio per repeat."""
+    by_key = {(r["length"], r["config"], r["seed"], r["malloc"]): r["prefill_ms"] for r in runs}
+    costs: dict[tuple[int, str], list[float]] = {}
+    for length, config, seed, malloc in sorted(by_key):
+        if malloc == "server" and (length, config, seed, "glibc") in by_key:
+            glibc = by_key[length, config, seed, "glibc"]
+            costs.setdefault((length, config), []).append(by_key[length, config, seed, malloc] / glibc)
+    return costs
 
 
 if __name__ == "__main__":

@@ -66,6 +66,14 @@ class Settings(BaseSettings):
     max_request_bytes: int | None = Field(
         None, ge=1, description="Largest request body; beyond it -> 413 (default: 64 bytes per context token, >= 1 MiB)"
     )
+    malloc_mmap_threshold: int = Field(
+        128 * 1024,
+        ge=0,
+        le=32 * 2**20,  # glibc's ceiling on 64-bit (server/allocator.py)
+        description="gemserve serve: fix glibc's mmap threshold at this many bytes so freed tensors return to "
+        "the OS and RSS follows live memory (0: glibc's adaptive default; MALLOC_MMAP_THRESHOLD_ in the "
+        "environment wins); server/allocator.py",
+    )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that give none")
     served_model_name: str | None = Field(None, description="Name reported by /v1/models (default: the model's)")
     log_level: str = Field("info", description="Logging level of the server")

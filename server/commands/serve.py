@@ -38,6 +38,11 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--api-key-file": {"type": Path, "help": "read the API key from the first line of this file"},
     "--max-request-bytes": {"type": int, "help": "largest request body before 413 (default: 64 B per context token)"},
     "--served-model-name": {"help": "model name reported by /v1/models"},
+    "--malloc-mmap-threshold": {
+        "type": int,
+        "help": "bytes; glibc returns freed blocks above it to the OS, so RSS follows live memory (default 131072; "
+        "0: glibc's adaptive threshold)",
+    },
     "--default-max-tokens": {"type": int, "help": "max_tokens for chat requests that give none (default 256)"},
     "--vllm-arg": {
         "dest": "vllm_args",
@@ -86,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         from server.engine.vllm_setup import check_vllm_args
 
         check_vllm_args(settings)  # a bad engine argument ends here, with vLLM's message
+    from server.allocator import fix_mmap_threshold
+
+    heap = fix_mmap_threshold(settings.malloc_mmap_threshold)  # before the model's tensors are allocated
+    logging.getLogger("server").info("heap: %s", heap)
     app = create_app(settings)
     print(f"gemserve: serving {settings.model} ({settings.backend}) on http://{settings.host}:{settings.port}")
     # access_log off: the app writes its own one-line-per-request log with timings.
