@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.allocator import DEFAULT_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD
+
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]  # server/precision.py resolves them
 
 
@@ -67,9 +69,9 @@ class Settings(BaseSettings):
         None, ge=1, description="Largest request body; beyond it -> 413 (default: 64 bytes per context token, >= 1 MiB)"
     )
     malloc_mmap_threshold: int = Field(
-        128 * 1024,
+        DEFAULT_MMAP_THRESHOLD,
         ge=0,
-        le=32 * 2**20,  # glibc's ceiling on 64-bit (server/allocator.py)
+        le=MAX_MMAP_THRESHOLD,
         description="gemserve serve: fix glibc's mmap threshold at this many bytes so freed tensors return to "
         "the OS and RSS follows live memory (0: glibc's adaptive default; MALLOC_MMAP_THRESHOLD_ in the "
         "environment wins); server/allocator.py",

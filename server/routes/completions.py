@@ -56,7 +56,8 @@ class CompletionFormat:
 async def create_completion(body: CompletionRequest, request: Request, engine: EngineDep, state: StateDep) -> Response:
     state.check_model(body.model)
     prompt = body.prompt_text_or_ids()
-    # Tokenized in a worker thread: a long prompt must not stall every other request.
-    prompt_ids = await asyncio.to_thread(engine.encode_prompt, prompt)
+    # Tokenized in a worker thread: a long prompt must not stall every other request. Token ids
+    # pass through: admission checks them (engine.check_request), /tokenize's encoder here.
+    prompt_ids = await asyncio.to_thread(engine.encode_prompt, prompt) if isinstance(prompt, str) else list(prompt)
     fmt = CompletionFormat(state.served_model_name())
     return await generate_response(request, engine, body, prompt_ids, body.max_tokens or 16, fmt)
