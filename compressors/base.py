@@ -44,13 +44,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
-
-class CompressionError(ValueError):
-    """Bad method name, knob or value; ``param`` names the offending field (HTTP 400)."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+from compressors.errors import CompressionError
+from compressors.knobs import check_declared_bounds, knob
 
 
 def contiguous_spans(indices: list[int]) -> list[tuple[int, int]]:
@@ -154,7 +149,9 @@ class Method:
         return [f.name for f in fields(cls)]
 
     def validate(self) -> None:
-        """Raise :class:`CompressionError` for values no prompt could make valid."""
+        """Raise :class:`CompressionError` for values no prompt could make valid (subclasses add
+        the rules between knobs to the bounds their fields declare)."""
+        check_declared_bounds(self, f"method '{self.name}'", "compression")
 
     def validate_for_model(self, model: PreTrainedModel) -> None:
         """Raise :class:`CompressionError` for values this model cannot take."""
@@ -292,23 +289,15 @@ def keep_everything(name: str, prompt_tokens: int) -> Selection:
 
 @dataclass
 class BudgetedMethod(Method):
-    budget: int | None = None
-    ratio: float | None = None
-
-    def validate(self) -> None:
-        if self.budget is not None and self.ratio is not None:
-            raise CompressionError("give either 'budget' or 'ratio', not both", param="compression.budget")
-        if self.budget is not None and (isinstance(self.budget, bool) or self.budget <= 0):
-            raise CompressionError(
-                f"budget must be a positive number of tokens, got {self.budget}", param="compression.budget"
-            )
-        if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
-            raise CompressionError(f"ratio must be in (0, 1], got {self.ratio}", param="compression.ratio")
+    budget: int | None = knob(None, minimum=1)
+    ratio: float | None = knob(None, minimum=0.0, maximum=1.0, exclusive_minimum=True)
 
     def resolve_budget(self, prompt_tokens: int, default_budget: int) -> int:
-        """Tokens to keep for a prompt of this length; never more than the prompt."""
+        """Tokens to keep for a prompt of this length; never more than the prompt. With both a
+        ``ratio`` and a ``budget``, the budget caps what the ratio asks ("10%, at most 2048")."""
         if self.ratio is not None:
-            return max(1, min(prompt_tokens, math.ceil(self.ratio * prompt_tokens)))
+            keep = max(1, min(prompt_tokens, math.ceil(self.ratio * prompt_tokens)))
+            return keep if self.budget is None else min(keep, self.budget)
         budget = self.budget if self.budget is not None else default_budget
         return min(budget, prompt_tokens)
 

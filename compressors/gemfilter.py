@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from compressors.attention import AttentionBackend, build_attention
+from compressors.attention import ATTENTION_BACKENDS, AttentionBackend, build_attention
 from compressors.base import ChunkPolicy, CompressionError, PromptSelector, Selection, Target, drive, model_dtype
+from compressors.knobs import knob
 from compressors.kv_scoring import causal_logits, window_attention
 from compressors.probe import (
     StopForward,
@@ -194,48 +195,20 @@ class GemFilter(PromptSelector):
 
     name: ClassVar[str] = "gemfilter"
 
-    layer: int | None = None
-    scoring: str = "fused"
-    window: int = 32
-    kernel_size: int = 5
-    tail: int = 32
-    filter_attention: str = DEFAULT_FILTER_ATTENTION
+    layer: int | None = knob(None, minimum=0)
+    scoring: str = knob("fused", choices=SCORINGS)
+    window: int = knob(32, minimum=1)
+    kernel_size: int = knob(5, minimum=1, odd=True)
+    tail: int = knob(32, minimum=0)
+    filter_attention: str = knob(DEFAULT_FILTER_ATTENTION, choices=tuple(ATTENTION_BACKENDS))
     filter_attention_knobs: dict[str, Any] | None = None
-    payoff_ratio: float | None = None
-    span: str = DEFAULT_SPAN
-    chunk_size: int = 8
+    payoff_ratio: float | None = knob(None, minimum=0.0, maximum=MAX_PAYOFF_RATIO)
+    span: str = knob(DEFAULT_SPAN, choices=SPANS)
+    chunk_size: int = knob(8, minimum=1, maximum=256)
 
     def validate(self) -> None:
         super().validate()
-        if self.span not in SPANS:
-            raise CompressionError(
-                f"span must be one of {', '.join(SPANS)}, got {self.span!r}", param="compression.span"
-            )
-        if not 1 <= self.chunk_size <= 256:
-            raise CompressionError(
-                f"chunk_size must be in [1, 256], got {self.chunk_size}", param="compression.chunk_size"
-            )
-        self.filter_backend()  # unknown backend or knob -> CompressionError naming the allowed ones
-        if self.payoff_ratio is not None and not 0.0 <= self.payoff_ratio <= MAX_PAYOFF_RATIO:
-            raise CompressionError(
-                f"payoff_ratio must be in [0, {MAX_PAYOFF_RATIO:g}], got {self.payoff_ratio}",
-                param="compression.payoff_ratio",
-            )
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise CompressionError(
-                f"kernel_size must be a positive odd number, got {self.kernel_size}",
-                param="compression.kernel_size",
-            )
-        if self.tail < 0:
-            raise CompressionError(f"tail must be >= 0, got {self.tail}", param="compression.tail")
-        if self.scoring not in SCORINGS:
-            raise CompressionError(
-                f"scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}", param="compression.scoring"
-            )
-        if self.window < 1:
-            raise CompressionError(f"window must be >= 1, got {self.window}", param="compression.window")
-        if self.layer is not None and self.layer < 0:
-            raise CompressionError(f"layer must be >= 0, got {self.layer}", param="compression.layer")
+        self.filter_backend()  # filter_attention_knobs against the backend they configure
 
     def filter_backend(self) -> AttentionBackend:
         """A fresh backend for one filter pass (it counts what that pass computed)."""

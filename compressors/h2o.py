@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from compressors.base import CompressionError
+from compressors.knobs import knob
 from compressors.kv_pruner import ScoredKVPruner
 from compressors.kv_scoring import (
     LayerScorer,
@@ -48,19 +48,12 @@ class H2O(ScoredKVPruner):
     name: ClassVar[str] = "h2o"
     evicts_during_decode: ClassVar[bool] = True
 
-    recent_fraction: float = 0.5
+    recent_fraction: float = knob(0.5, minimum=0.0, maximum=1.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._accumulated: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, len), cache order
         self._recent = 0
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0.0 <= self.recent_fraction <= 1.0:
-            raise CompressionError(
-                f"recent_fraction must be in [0, 1], got {self.recent_fraction}", param="compression.recent_fraction"
-            )
 
     def recent_tokens(self, budget: int) -> int:
         return min(budget, math.ceil(budget * self.recent_fraction))

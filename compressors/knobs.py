@@ -5,12 +5,14 @@ One definition for the method registry and the attention-backend registry.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any
 
-from compressors.base import CompressionError
+from compressors.errors import CompressionError
 
 
 def accepts(annotation: Any, value: Any) -> bool:
@@ -62,3 +64,121 @@ def short_repr(value: Any, limit: int = 80) -> str:
     """``repr`` cut to ``limit`` characters: errors never echo a huge input back."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---- bounds: one declaration serves the check and the JSON Schema -----------------------------
+@dataclass(frozen=True)
+class Bounds:
+    """What a knob's value may be beyond its type, declared once on the dataclass field (see
+    :func:`knob`): :func:`check_bounds` enforces it, :func:`knob_schema` publishes it in the
+    OpenAPI document, so the schema and the server cannot disagree."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    odd: bool = False
+    choices: tuple[str, ...] | None = None
+
+
+def knob(
+    default: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+    odd: bool = False,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A dataclass field that is a request knob with bounds: ``window: int = knob(32, minimum=1)``."""
+    bounds = Bounds(minimum, maximum, exclusive_minimum, odd, choices)
+    return dataclasses.field(default=default, metadata={"bounds": bounds})
+
+
+def knob_bounds(cls: type) -> dict[str, Bounds]:
+    """Knob name -> its bounds (an empty :class:`Bounds` where the field declares none)."""
+    return {f.name: f.metadata.get("bounds", Bounds()) for f in dataclasses.fields(cls)}
+
+
+def bounds_text(bounds: Bounds) -> str | None:
+    """What ``bounds`` asks for, in the words of an error message; None when it asks nothing."""
+    if bounds.choices is not None:
+        return f"one of {', '.join(bounds.choices)}"
+    if bounds.odd:
+        return "a positive odd number" if bounds.minimum == 1 else f"an odd number >= {bounds.minimum:g}"
+    low, high = bounds.minimum, bounds.maximum
+    if low is not None and high is not None:
+        return f"in {'(' if bounds.exclusive_minimum else '['}{low:g}, {high:g}]"
+    if low is not None:
+        return f"{'>' if bounds.exclusive_minimum else '>='} {low:g}"
+    if high is not None:
+        return f"<= {high:g}"
+    return None
+
+
+def within(bounds: Bounds, value: Any) -> bool:
+    if value is None or isinstance(value, bool | dict):
+        return True
+    if bounds.choices is not None:
+        return value in bounds.choices
+    if bounds.minimum is not None and (value <= bounds.minimum if bounds.exclusive_minimum else value < bounds.minimum):
+        return False
+    if bounds.maximum is not None and value > bounds.maximum:
+        return False
+    return not (bounds.odd and value % 2 == 0)
+
+
+def check_knob(owner: str, knob: str, value: Any, annotation: Any, bounds: Bounds, param: str) -> Any:
+    """The knob's value, type-checked and inside its bounds (an integral float such as ``8.0`` is
+    the int 8, as JSON Schema counts it); :class:`CompressionError` naming ``param`` otherwise."""
+    value = integral_float_as_int(value, annotation)
+    check_knob_type(owner, knob, value, annotation, param_prefix=param.rsplit(".", 1)[0])
+    if not within(bounds, value):
+        raise CompressionError(f"{knob} of {owner} must be {bounds_text(bounds)}, got {short_repr(value)}", param=param)
+    return value
+
+
+def integral_float_as_int(value: Any, annotation: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and accepts(annotation, 0) and not accepts(annotation, 0.5):
+        return int(value)
+    return value
+
+
+def knob_schema(annotation: Any, bounds: Bounds) -> dict[str, Any]:
+    """The JSON Schema of a knob of type ``annotation`` (``int``, ``float``, ``str``, ``bool``,
+    ``X | None``) inside ``bounds``."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    schemas = [_option_schema(typing.get_origin(t) or t, bounds) for t in options]
+    return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+
+
+def _option_schema(kind: type, bounds: Bounds) -> dict[str, Any]:
+    if kind is type(None):
+        return {"type": "null"}
+    if kind is bool:
+        return {"type": "boolean"}
+    if kind is str:
+        return {"type": "string", "enum": list(bounds.choices)} if bounds.choices else {"type": "string"}
+    if kind is dict:
+        return {"type": "object"}
+    schema: dict[str, Any] = {"type": "integer" if kind is int else "number"}
+    low = bounds.minimum if bounds.minimum is not None else (-MAX_KNOB_INT if kind is int else None)
+    high = bounds.maximum if bounds.maximum is not None else (MAX_KNOB_INT if kind is int else None)
+    if low is not None:
+        schema["exclusiveMinimum" if bounds.exclusive_minimum else "minimum"] = low
+    if high is not None:
+        schema["maximum"] = min(high, MAX_KNOB_INT) if kind is int else high
+    if bounds.odd:
+        schema["not"] = {"multipleOf": 2}
+    return schema
+
+
+def check_declared_bounds(obj: Any, owner: str, param_prefix: str) -> None:
+    """Every knob of dataclass ``obj`` inside its declared bounds (a method or backend built in
+    code, not from a request, is held to the same rules)."""
+    for name, bounds in knob_bounds(type(obj)).items():
+        value = getattr(obj, name)
+        if not within(bounds, value):
+            raise CompressionError(
+                f"{name} of {owner} must be {bounds_text(bounds)}, got {short_repr(value)}",
+                param=f"{param_prefix}.{name}",
+            )

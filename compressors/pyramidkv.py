@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from compressors.base import CompressionError
+from compressors.knobs import knob
 from compressors.snapkv import SnapKV
 
 
@@ -46,12 +46,7 @@ class PyramidKV(SnapKV):
 
     name: ClassVar[str] = "pyramidkv"
 
-    beta: int = 20
-
-    def validate(self) -> None:
-        super().validate()
-        if isinstance(self.beta, bool) or self.beta < 1:
-            raise CompressionError(f"beta must be >= 1, got {self.beta}", param="compression.beta")
+    beta: int = knob(20, minimum=1)
 
     def layer_budgets(self, layers: list[int], budget: int) -> dict[int, int]:
-        return pyramid_budgets(layers, budget, self.window, self.beta)
+        return pyramid_budgets(layers, budget, min(self.window, budget), self.beta)

@@ -8,7 +8,7 @@ from compressors.base import CompressionError, Method
 from compressors.full import FullAttention
 from compressors.gemfilter import GemFilter
 from compressors.h2o import H2O
-from compressors.knobs import check_knob_type, short_repr
+from compressors.knobs import check_knob, knob_bounds, short_repr
 from compressors.pyramidkv import PyramidKV
 from compressors.snapkv import SnapKV
 from compressors.streaming_llm import StreamingLLM
@@ -39,9 +39,9 @@ def build_method(name: str, knobs: dict[str, Any] | None = None) -> Method:
             f"unknown compression method {short_repr(name, 200)}; allowed: {', '.join(METHODS)}",
             param="compression.method",
         )
-    knobs = {key: value for key, value in (knobs or {}).items() if value is not None}
+    knobs = dict(knobs or {})
     allowed = cls.knobs()
-    unknown = sorted(set(knobs) - set(allowed))
+    unknown = sorted(set(knobs) - set(allowed))  # even when null: a misspelt knob is never ignored
     if unknown:
         allowed_text = ", ".join(allowed) if allowed else "none"
         raise CompressionError(
@@ -49,9 +49,12 @@ def build_method(name: str, knobs: dict[str, Any] | None = None) -> Method:
             f"its knobs: {allowed_text}",
             param=f"compression.{unknown[0][:100]}",
         )
-    hints = get_type_hints(cls)
-    for key, value in knobs.items():
-        check_knob_type(f"method '{name}'", key, value, hints[key])
+    hints, bounds = get_type_hints(cls), knob_bounds(cls)
+    knobs = {
+        key: check_knob(f"method '{name}'", key, value, hints[key], bounds[key], param=f"compression.{key}")
+        for key, value in knobs.items()
+        if value is not None  # null: the default
+    }
     method = cls(**knobs)
     method.validate()
     return method

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressors.base import CompressionError
+from compressors.knobs import knob
 from compressors.kv_pruner import ScoredKVPruner
 from compressors.kv_scoring import LayerScorer, per_kv_head, window_attention
 
@@ -54,40 +54,15 @@ def snapkv_scores(
 class SnapKV(ScoredKVPruner):
     """Knobs: ``budget``/``ratio`` (cache entries per KV head after prefill), ``window``
     (observation window, paper: 32), ``kernel_size`` (pooling, paper: 5), ``pooling`` ("avg"
-    or "max"; the paper's code uses avg). The cache grows by one entry per decoded token."""
+    or "max"; the paper's code uses avg). The cache grows by one entry per decoded token. The
+    window is part of the budget: a budget at or below it keeps the newest ``budget`` tokens (as
+    kvpress's SnapKV, whose window tokens score highest)."""
 
     name: ClassVar[str] = "snapkv"
 
-    window: int = 32
-    kernel_size: int = 5
-    pooling: str = "avg"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.window < 1:
-            raise CompressionError(f"window must be >= 1, got {self.window}", param="compression.window")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise CompressionError(
-                f"kernel_size must be a positive odd number, got {self.kernel_size}", param="compression.kernel_size"
-            )
-        if self.pooling not in POOLINGS:
-            raise CompressionError(
-                f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}", param="compression.pooling"
-            )
-        if self.budget is not None and self.window >= self.budget:
-            raise CompressionError(
-                f"window ({self.window}) must be smaller than budget ({self.budget}): the budget keeps the "
-                "observation window plus the top-scoring prefix entries",
-                param="compression.window",
-            )
-
-    def prepare_budget(self, budget: int) -> None:
-        # A ratio or the server's default budget is only known now: same rule as validate().
-        if self.window >= budget:
-            raise CompressionError(
-                f"window ({self.window}) must be smaller than the resolved budget ({budget} tokens)",
-                param="compression.window",
-            )
+    window: int = knob(32, minimum=1)
+    kernel_size: int = knob(5, minimum=1, odd=True)
+    pooling: str = knob("avg", choices=POOLINGS)
 
     def layer_scorer(self) -> LayerScorer | None:
         def score(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from compressors.base import CompressionError
+from compressors.knobs import knob
 from compressors.kv_pruner import ScoredKVPruner
 
 
@@ -38,34 +38,26 @@ class StreamingLLM(ScoredKVPruner):
     name: ClassVar[str] = "streamingllm"
     evicts_during_decode: ClassVar[bool] = True
 
-    sinks: int = 4
+    sinks: int = knob(4, minimum=0)
 
-    def validate(self) -> None:
-        super().validate()
-        if isinstance(self.sinks, bool) or self.sinks < 0:
-            raise CompressionError(f"sinks must be >= 0, got {self.sinks}", param="compression.sinks")
-        if self.budget is not None and self.sinks >= self.budget:
-            raise CompressionError(
-                f"sinks ({self.sinks}) must be smaller than budget ({self.budget}): the rest of the budget is "
-                "the recent window",
-                param="compression.sinks",
-            )
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._sinks = self.sinks
 
     def prepare_budget(self, budget: int) -> None:
-        if self.sinks >= budget:
-            raise CompressionError(
-                f"sinks ({self.sinks}) must be smaller than the resolved budget ({budget} tokens)",
-                param="compression.sinks",
-            )
+        # The sinks are part of the budget: one smaller than sinks + 1 keeps budget - 1 of them and
+        # the newest token (as kvpress's window presses cap their window at the budget).
+        self._sinks = min(self.sinks, budget - 1)
 
     def forced_entries(self, prompt_tokens: int, keep: int) -> torch.Tensor:
         """Exactly ``keep`` entries: the sinks and the most recent ``keep - sinks`` tokens."""
+        sinks = min(self._sinks, keep)
         forced = torch.zeros(prompt_tokens, dtype=torch.bool)
-        forced[: min(self.sinks, keep)] = True
-        forced[prompt_tokens - (keep - min(self.sinks, keep)) :] = True
+        forced[:sinks] = True
+        forced[prompt_tokens - (keep - sinks) :] = True
         return forced
 
     def evictable(self, layer_idx: int, length: int) -> torch.Tensor:
         evictable = torch.ones(length, dtype=torch.bool)
-        evictable[: self.sinks] = False
+        evictable[: self._sinks] = False
         return evictable

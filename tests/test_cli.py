@@ -92,7 +92,7 @@ def test_generate_table_with_selection_from_a_context_file(shared_engine, capsys
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--budget", "0"], "budget must be a positive number of tokens, got 0"),
+        (["--budget", "0"], "budget of method 'gemfilter' must be >= 1, got 0"),
         (["--layer", "99"], "layer 99 is out of range: this model has layers 0..29"),
         (["--method", "bogus"], "unknown compression method 'bogus'; allowed: none, gemfilter"),
         (["--knob", "window"], "--knob takes NAME=VALUE, got 'window'"),
@@ -101,7 +101,10 @@ def test_generate_table_with_selection_from_a_context_file(shared_engine, capsys
             ["--method", "none", "--knob", "attention=block_sparse", "--attention-knob", "threshold=3"],
             "threshold of attention backend 'block_sparse' must be in (0, 1], got 3",
         ),
-        (["--knob", "filter_attention=nope"], "unknown attention backend 'nope'; allowed: dense,"),
+        (
+            ["--knob", "filter_attention=nope"],
+            "filter_attention of method 'gemfilter' must be one of dense, streaming,",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(shared_engine, capsys, context_file, args, message) -> None:

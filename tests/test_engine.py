@@ -45,7 +45,7 @@ def test_empty_prompt_is_rejected(engine) -> None:
 
 @pytest.mark.parametrize("budget", [0, -1])
 def test_non_positive_budget_is_rejected(engine, chat_prompt, budget) -> None:
-    with pytest.raises(RequestError, match=f"budget must be a positive number of tokens, got {budget}") as info:
+    with pytest.raises(RequestError, match=f"budget of method 'gemfilter' must be >= 1, got {budget}") as info:
         engine.check_request(request(chat_prompt, "gemfilter", {"budget": budget}))
     assert info.value.param == "compression.budget"
 

@@ -346,15 +346,14 @@ def test_needle_in_4k_haystack_answered_by_default_and_with_a_sparse_filter_pass
 @pytest.mark.parametrize(
     ("knobs", "message"),
     [
-        ({"budget": 0}, "budget must be a positive"),
-        ({"budget": -3}, "budget must be a positive"),
-        ({"ratio": 0.0}, "ratio must be in (0, 1]"),
-        ({"budget": 10, "ratio": 0.5}, "either 'budget' or 'ratio'"),
-        ({"kernel_size": 4}, "kernel_size must be a positive odd"),
-        ({"tail": -1}, "tail must be >= 0"),
-        ({"layer": -1}, "layer must be >= 0"),
-        ({"scoring": "cosine"}, "scoring must be one of fused, inner_product, attention"),
-        ({"window": 0}, "window must be >= 1"),
+        ({"budget": 0}, "budget of method 'gemfilter' must be >= 1"),
+        ({"budget": -3}, "budget of method 'gemfilter' must be >= 1"),
+        ({"ratio": 0.0}, r"ratio of method 'gemfilter' must be in \(0, 1\]"),
+        ({"kernel_size": 4}, "kernel_size of method 'gemfilter' must be a positive odd"),
+        ({"tail": -1}, "tail of method 'gemfilter' must be >= 0"),
+        ({"layer": -1}, "layer of method 'gemfilter' must be >= 0"),
+        ({"scoring": "cosine"}, "scoring of method 'gemfilter' must be one of fused, inner_product, attention"),
+        ({"window": 0}, "window of method 'gemfilter' must be >= 1"),
     ],
 )
 def test_invalid_knobs_raise_compression_error(knobs, message) -> None:

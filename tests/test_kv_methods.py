@@ -7,6 +7,7 @@ run through the engine's own hook calls; the needle tests use the real model.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from compressors.probe import active_probe, decoder_layers, install_probe_attent
 from compressors.pyramidkv import pyramid_budgets
 from evals.needles import build_case
 from server.engine.hf import HFEngine
-from server.engine.types import CompressionSpec, GenerationRequest, RequestError, SamplingParams
+from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 from server.models import LoadedModel
 
 TINY_VOCAB = 128
@@ -370,18 +371,13 @@ def test_kv_method_metrics_select_ms_is_the_compression_select_ms(engine, story_
 @pytest.mark.parametrize(
     ("name", "knobs", "param", "message"),
     [
-        ("snapkv", {"budget": 32, "window": 32}, "compression.window", "window .32. must be smaller than budget"),
-        ("snapkv", {"budget": 16, "window": 64}, "compression.window", "must be smaller than budget"),
-        ("snapkv", {"window": 0}, "compression.window", "window must be >= 1"),
+        ("snapkv", {"window": 0}, "compression.window", "window of method 'snapkv' must be >= 1"),
         ("snapkv", {"kernel_size": 4}, "compression.kernel_size", "positive odd number"),
-        ("snapkv", {"pooling": "median"}, "compression.pooling", "pooling must be one of avg, max"),
-        ("pyramidkv", {"budget": 8, "window": 8}, "compression.window", "must be smaller than budget"),
-        ("pyramidkv", {"beta": 0}, "compression.beta", "beta must be >= 1"),
-        ("streamingllm", {"sinks": -1}, "compression.sinks", "sinks must be >= 0"),
-        ("streamingllm", {"budget": 4, "sinks": 4}, "compression.sinks", "must be smaller than budget"),
-        ("h2o", {"recent_fraction": 1.5}, "compression.recent_fraction", r"recent_fraction must be in \[0, 1\]"),
-        ("h2o", {"budget": 0}, "compression.budget", "budget must be a positive number"),
-        ("h2o", {"budget": 64, "ratio": 0.5}, "compression.budget", "either 'budget' or 'ratio'"),
+        ("snapkv", {"pooling": "median"}, "compression.pooling", "pooling of method 'snapkv' must be one of avg, max"),
+        ("pyramidkv", {"beta": 0}, "compression.beta", "beta of method 'pyramidkv' must be >= 1"),
+        ("streamingllm", {"sinks": -1}, "compression.sinks", "sinks of method 'streamingllm' must be >= 0"),
+        ("h2o", {"recent_fraction": 1.5}, "compression.recent_fraction", r"must be in \[0, 1\]"),
+        ("h2o", {"budget": 0}, "compression.budget", "budget of method 'h2o' must be >= 1"),
         ("snapkv", {"window": "wide"}, "compression.window", "must be int"),
     ],
 )
@@ -391,13 +387,32 @@ def test_bad_knobs_raise_clear_errors(name, knobs, param, message):
     assert info.value.param == param
 
 
-def test_ratio_budget_smaller_than_window_fails_before_any_token(engine):
+def kept_positions(engine, name: str, knobs: dict) -> tuple[int, list[int], int]:
     ids = engine.encode_chat([{"role": "user", "content": "Short question: what is two plus two?"}])
-    request = GenerationRequest(ids, SamplingParams(max_tokens=4), CompressionSpec("snapkv", {"ratio": 0.1}))
-    # Refused at admission (a 400 before the prefill), not after it.
-    with pytest.raises(RequestError, match=r"window \(32\) must be smaller than the resolved budget") as info:
-        engine.generate(request)
-    assert info.value.param == "compression.window"
+    request = GenerationRequest(ids, SamplingParams(max_tokens=4), CompressionSpec(name, knobs, return_selection=True))
+    result = engine.generate(request)
+    assert result.compression.selection is not None
+    return len(ids), result.compression.selection.kept_indices, result.compression.kept_tokens
+
+
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv"])
+def test_budget_below_the_window_keeps_the_newest_tokens(engine, name):
+    """kvpress's semantics: the observation window is part of the budget, so a budget smaller
+    than it keeps the newest ``budget`` tokens (every layer, every head)."""
+    n, kept, per_head = kept_positions(engine, name, {"ratio": 0.1})
+    budget = math.ceil(0.1 * n)
+    assert budget < 32 and per_head == budget
+    assert kept == list(range(n - budget, n))
+
+
+def test_budget_below_the_sinks_keeps_budget_minus_one_sinks_and_the_newest(engine):
+    n, kept, per_head = kept_positions(engine, "streamingllm", {"budget": 3, "sinks": 4})
+    assert per_head == 3 and kept == [0, 1, n - 1]
+
+
+def test_budget_caps_the_ratio(engine):
+    n, _, per_head = kept_positions(engine, "snapkv", {"ratio": 0.9, "budget": 5, "window": 2})
+    assert math.ceil(0.9 * n) > 5 and per_head == 5
 
 
 # ---- real needles at ~3K tokens, budget 1024 -----------------------------------------------------

@@ -78,7 +78,7 @@ def test_budget_at_least_prompt_is_identical_to_none(engine, prompt_ids, full_ou
 @pytest.mark.parametrize("case", [c for c in METHOD_CASES if c.name != "none"], ids=CASE_IDS[1:])
 @pytest.mark.parametrize("ratio", [0.0, -0.5, 1.5])
 def test_ratio_outside_unit_interval_is_rejected(case, ratio):
-    with pytest.raises(CompressionError, match=r"ratio must be in \(0, 1\]") as info:
+    with pytest.raises(CompressionError, match=r"ratio of method '\w+' must be in \(0, 1\]") as info:
         build_method(case.name, {**case.knobs, "ratio": ratio})
     assert info.value.param == "compression.ratio"
 

@@ -15,7 +15,7 @@ from compressors.attention.dense import DenseAttention
 from compressors.attention.streaming import StreamingAttention
 from compressors.attention.vertical_slash import VerticalSlashAttention
 from compressors.base import CompressionError
-from compressors.knobs import check_knob_type, short_repr
+from compressors.knobs import check_knob, knob_bounds, short_repr
 from compressors.probe import use_attention
 
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {
@@ -39,7 +39,7 @@ def build_attention(name: str, knobs: dict[str, Any] | None = None, field: str =
         )
     knobs = dict(knobs or {})
     allowed = cls.knobs()
-    unknown = sorted(set(knobs) - set(allowed), key=str)
+    unknown = sorted(set(knobs) - set(allowed), key=str)  # even when null: never ignored
     prefix = f"compression.{field}_knobs"
     if unknown:
         raise CompressionError(
@@ -47,9 +47,12 @@ def build_attention(name: str, knobs: dict[str, Any] | None = None, field: str =
             f"its knobs: {', '.join(allowed) if allowed else 'none'}",
             param=f"{prefix}.{unknown[0]}",
         )
-    hints = get_type_hints(cls)
-    for key, value in knobs.items():
-        check_knob_type(f"attention backend '{name}'", key, value, hints[key], param_prefix=prefix)
+    hints, bounds = get_type_hints(cls), knob_bounds(cls)
+    knobs = {
+        key: check_knob(f"attention backend '{name}'", key, value, hints[key], bounds[key], param=f"{prefix}.{key}")
+        for key, value in knobs.items()
+        if value is not None  # null: the default
+    }
     backend = cls(**knobs)
     try:
         backend.validate()

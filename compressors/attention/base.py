@@ -30,7 +30,7 @@ from compressors.attention.kernel import (
     sliding_window_pattern,
     sparse_attention,
 )
-from compressors.base import CompressionError
+from compressors.knobs import check_declared_bounds, knob
 from compressors.probe import sdpa_attention
 
 
@@ -78,7 +78,9 @@ class AttentionBackend:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def validate(self) -> None:
-        """Raise :class:`CompressionError` for knob values no prompt could make valid."""
+        """Raise :class:`CompressionError` for knob values no prompt could make valid: the bounds
+        the fields declare (compressors/knobs.py)."""
+        check_declared_bounds(self, f"attention backend '{self.name}'", "attention")
 
     def attend(
         self,
@@ -151,11 +153,6 @@ def chunk_pairs(heads: int, queries: int, keys: int) -> int:
     return heads * queries * (keys - queries) + causal_pairs(heads, queries)
 
 
-def positive_int(owner: str, knob: str, value: int, minimum: int = 1) -> None:
-    if value < minimum:
-        raise CompressionError(f"{knob} of {owner} must be >= {minimum}, got {value}", param=f"attention.{knob}")
-
-
 @dataclass
 class SparseBackend(AttentionBackend):
     """A backend that estimates a pattern per layer and computes it with the shared kernel.
@@ -170,23 +167,9 @@ class SparseBackend(AttentionBackend):
 
     prefills_in_chunks: ClassVar[bool] = False
 
-    block_size: int = 128
-    last_dense: int = 128
-    dense_above: float = 0.6
-
-    def validate(self) -> None:
-        positive_int(f"attention backend '{self.name}'", "block_size", self.block_size, minimum=16)
-        positive_int(f"attention backend '{self.name}'", "last_dense", self.last_dense, minimum=0)
-        if not 0.0 < self.dense_above <= 1.0:
-            raise CompressionError(
-                f"dense_above of attention backend '{self.name}' must be in (0, 1], got {self.dense_above}",
-                param="attention.dense_above",
-            )
-        if self.block_size > 4096:
-            raise CompressionError(
-                f"block_size of attention backend '{self.name}' must be <= 4096, got {self.block_size}",
-                param="attention.block_size",
-            )
+    block_size: int = knob(128, minimum=16, maximum=4096)
+    last_dense: int = knob(128, minimum=0)
+    dense_above: float = knob(0.6, minimum=0.0, maximum=1.0, exclusive_minimum=True)
 
     def pattern(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> SparsePattern:
         """Estimate the pattern for one layer: ``query (1, H, n, d)``, ``key (1, H_kv, n, d)``."""

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressors.attention.base import SparseBackend, positive_int
+from compressors.attention.base import SparseBackend
 from compressors.attention.kernel import SparsePattern, block_count, real_queries_per_block
-from compressors.base import CompressionError
+from compressors.knobs import knob
 
 # Query blocks estimated per matmul: bounds the (H, rows, n) float32 logits to ~75 MB at 32K tokens.
 ESTIMATE_ROWS = 64
@@ -83,19 +83,9 @@ class BlockSparseAttention(SparseBackend):
 
     name: ClassVar[str] = "block_sparse"
 
-    threshold: float = 0.9
-    local_blocks: int = 1
-    sink_blocks: int = 1
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0.0 < self.threshold <= 1.0:
-            raise CompressionError(
-                f"threshold of attention backend 'block_sparse' must be in (0, 1], got {self.threshold}",
-                param="attention.threshold",
-            )
-        positive_int("attention backend 'block_sparse'", "local_blocks", self.local_blocks, minimum=0)
-        positive_int("attention backend 'block_sparse'", "sink_blocks", self.sink_blocks, minimum=0)
+    threshold: float = knob(0.9, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+    local_blocks: int = knob(1, minimum=0)
+    sink_blocks: int = knob(1, minimum=0)
 
     def pattern(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> SparsePattern:
         if self.threshold >= 1.0:  # everything: no estimate needed

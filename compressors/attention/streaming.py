@@ -15,8 +15,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compressors.attention.base import SparseBackend, positive_int
+from compressors.attention.base import SparseBackend
 from compressors.attention.kernel import SparsePattern, block_count
+from compressors.knobs import knob
 
 
 @dataclass
@@ -27,13 +28,8 @@ class StreamingAttention(SparseBackend):
 
     name: ClassVar[str] = "streaming"
 
-    sinks: int = 4
-    window: int = 1024
-
-    def validate(self) -> None:
-        super().validate()
-        positive_int("attention backend 'streaming'", "sinks", self.sinks, minimum=0)
-        positive_int("attention backend 'streaming'", "window", self.window)
+    sinks: int = knob(4, minimum=0)
+    window: int = knob(1024, minimum=1)
 
     def pattern(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> SparsePattern:
         kv_heads, n = key.shape[1], key.shape[-2]

@@ -21,8 +21,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compressors.attention.base import SparseBackend, positive_int
+from compressors.attention.base import SparseBackend
 from compressors.attention.kernel import SparsePattern, block_count
+from compressors.knobs import knob
 from compressors.kv_scoring import attention_weights
 
 
@@ -68,18 +69,10 @@ class VerticalSlashAttention(SparseBackend):
 
     name: ClassVar[str] = "vertical_slash"
 
-    last_q: int = 64
-    vertical_size: int = 512
-    slash_size: int = 64
-    sinks: int = 30
-
-    def validate(self) -> None:
-        super().validate()
-        owner = "attention backend 'vertical_slash'"
-        positive_int(owner, "last_q", self.last_q)
-        positive_int(owner, "vertical_size", self.vertical_size, minimum=0)
-        positive_int(owner, "slash_size", self.slash_size, minimum=0)
-        positive_int(owner, "sinks", self.sinks, minimum=0)
+    last_q: int = knob(64, minimum=1)
+    vertical_size: int = knob(512, minimum=0)
+    slash_size: int = knob(64, minimum=0)
+    sinks: int = knob(30, minimum=0)
 
     def pattern(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> SparsePattern:
         n = key.shape[-2]

@@ -91,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompt_ids = engine.encode_chat([{"role": "user", "content": user_text}])
 
-    knobs: dict[str, Any] = {"budget": args.budget, "ratio": args.ratio, "layer": args.layer}
+    # Only the options given: a knob the method lacks is refused even when null.
+    given = {"budget": args.budget, "ratio": args.ratio, "layer": args.layer}
+    knobs: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
     knobs.update(parse_knobs(args.knob))
     attention = knobs.pop("attention", None)
     attention_knobs = parse_knobs(args.attention_knob)
