@@ -48,7 +48,7 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/ruff check compressors server clients evals tests bench
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=10 $(PYTEST_ARGS)
 
 # Property-based fuzzing of every operation, 300 examples each (make test runs 40).
 test-schema: venv

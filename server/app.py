@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.engine.base import AsyncEngine
 from server.errors import error_for_exception, register_error_handlers
 from server.guards import ApiKeyMiddleware, BodyLimitMiddleware, default_body_limit
+from server.openapi import openapi_schema
 from server.routes import ROUTERS
 from server.routes.deps import ServerState
 from server.settings import Settings
@@ -102,7 +103,9 @@ def create_app(settings: Settings | None = None, engine: AsyncEngine | None = No
     register_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
+    app.openapi = lambda: openapi_schema(  # type: ignore[method-assign]
+        app, state.engine.request_options() if state.engine is not None else None
+    )
     # Added innermost first: the request id and access log wrap the key and size checks, so a
     # 401 or 413 carries an X-Request-Id and leaves a log line too.
     app.add_middleware(BodyLimitMiddleware, limit=lambda: body_limit(state))
@@ -115,22 +118,6 @@ def body_limit(state: ServerState) -> int:
     if state.settings.max_request_bytes is not None:
         return state.settings.max_request_bytes
     return default_body_limit(state.engine.max_model_len if state.engine is not None else None)
-
-
-def openapi_schema(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document, minus the 422 it adds to every route with a body: invalid requests are
-    400s here (server/errors.py), and the statuses the server does answer are listed per route."""
-    if app.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
-
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        for path in schema.get("paths", {}).values():
-            for operation in path.values():
-                operation.get("responses", {}).pop("422", None)
-        for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
-        app.openapi_schema = schema
-    return app.openapi_schema
 
 
 async def load_and_start(state: ServerState, engine: AsyncEngine | None) -> None:

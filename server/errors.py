@@ -48,11 +48,6 @@ class UnknownModelError(APIError):
     error_type = "not_found_error"
 
 
-class RequestTooLargeError(APIError):
-    status_code = 413
-    error_type = "invalid_request_error"
-
-
 # An error quotes the client's input cut to this many characters: a 1 MB method name must not
 # come back as a 1 MB error body. (Sources quote with ``short_repr``; this caps whatever slips by.)
 MAX_MESSAGE_CHARS = 1000
@@ -96,7 +91,7 @@ def error_for_exception(exc: BaseException, request_id: str | None = None) -> Er
     if isinstance(exc, EngineNotReadyError):
         return ErrorSpec(503, "service_unavailable", str(exc), code="not_ready", headers={"Retry-After": "1"})
     if isinstance(exc, RequestError):
-        return ErrorSpec(400, "invalid_request_error", str(exc), exc.param)
+        return ErrorSpec(400, "invalid_request_error", str(exc), exc.param, exc.code)
     if isinstance(exc, StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         code = "request_too_large" if exc.status_code == 413 else None  # server/guards.py

@@ -10,9 +10,18 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +29,14 @@ METHOD_NAMES_HINT = "none | gemfilter | snapkv | h2o | streamingllm | pyramidkv"
 ATTENTION_NAMES_HINT = "dense | streaming | vertical_slash | block_sparse"
 
 
-# OpenAI's seed is a 64-bit integer; torch's generator takes no more.
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# OpenAI's seed is any integer; torch's generator (ours and vLLM's) takes 64 bits: a seed is
+# folded into [0, 2**63), so every integer is a valid seed and the published schema needs no bound
+# (a 64-bit bound does not survive JSON Schema tools that read numbers as doubles).
+SEED_MODULUS = 2**63
+
+
+def fold_seed(seed: int) -> int:
+    return seed % SEED_MODULUS
 
 
 class OpenAIBaseModel(BaseModel):
@@ -49,6 +64,34 @@ def encodable_text(value: str) -> str:
 Text = Annotated[str, AfterValidator(encodable_text)]
 
 
+def integral_float_as_int(value: Any) -> Any:
+    """JSON Schema counts ``16.0`` as an integer, and a JavaScript client cannot tell the two
+    apart: an integral float is the int it spells. ``16.5`` and ``true`` stay what they are (and
+    are refused where an integer is due)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def integer(**constraints: Any) -> Any:
+    """An int field type that takes ``16.0`` as 16; ``constraints`` are ``Field``'s (ge, le...),
+    placed before the validator so the published schema states them as JSON Schema bounds."""
+    return Annotated[int, Field(**constraints), BeforeValidator(integral_float_as_int)]
+
+
+Int = integer()
+
+
+def schema_only(schema: dict[str, Any]) -> WithJsonSchema:
+    """The published schema of an OpenAI field GemServe takes only at its neutral value: the
+    document says exactly what is accepted, while the validator below keeps its own message
+    ("n: only n=1 is supported", not a generic "must equal")."""
+    return WithJsonSchema(schema)
+
+
+NULL: dict[str, Any] = {"type": "null"}
+
+
 class FieldError(ValueError):
     """A request field the server refuses; ``param`` names it in the 400 (a model-level
     validator has no field location of its own)."""
@@ -59,30 +102,53 @@ class FieldError(ValueError):
 
 
 def _is_default(value: Any, *harmless: Any) -> bool:
-    return value is None or any(value == h for h in harmless)
+    """``value`` is null or equals one of ``harmless`` as JSON compares them (``false`` is not 0)."""
+    return value is None or any(json_equal(value, h) for h in harmless)
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    return a == b
+
+
+class Neutral(NamedTuple):
+    """An unsupported OpenAI field's neutral values: the predicate the server applies, and the same
+    set as JSON Schema for the published document (server/openapi.py)."""
+
+    accepts: Callable[[Any], bool]
+    schema: dict[str, Any]
+
+
+def neutral(*values: Any) -> Neutral:
+    """The field may be null or equal one of ``values``."""
+    return Neutral(lambda v: _is_default(v, *values), {"anyOf": [*({"const": v} for v in values), NULL]})
 
 
 # OpenAI fields that change what a response means and that GemServe does not implement: a
 # request that sets one to anything but its neutral value is a 400 naming it, never answered as
-# if it were absent (a client asking for JSON mode must learn it did not get it). Name ->
-# predicate "this value is neutral".
-UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "tools": lambda v: _is_default(v, []),
-    "tool_choice": lambda v: _is_default(v, "none"),
-    "functions": lambda v: _is_default(v, []),
-    "function_call": lambda v: _is_default(v, "none"),
-    "response_format": lambda v: _is_default(v, {"type": "text"}),
-    "top_logprobs": lambda v: _is_default(v, 0),
-    "best_of": lambda v: _is_default(v, 1),
-    "audio": lambda v: _is_default(v),
-    "modalities": lambda v: _is_default(v, ["text"]),
-    "prediction": lambda v: _is_default(v),
-    "guided_json": lambda v: _is_default(v),
-    "guided_regex": lambda v: _is_default(v),
-    "guided_choice": lambda v: _is_default(v),
-    "guided_grammar": lambda v: _is_default(v),
-    "min_tokens": lambda v: _is_default(v, 0),
-    "stop_token_ids": lambda v: _is_default(v, []),
+# if it were absent (a client asking for JSON mode must learn it did not get it).
+UNSUPPORTED_FIELDS: dict[str, Neutral] = {
+    "tools": neutral([]),
+    "tool_choice": neutral("none"),
+    "functions": neutral([]),
+    "function_call": neutral("none"),
+    "response_format": neutral({"type": "text"}),
+    "top_logprobs": neutral(0),
+    "best_of": neutral(1),
+    "audio": neutral(),
+    "modalities": neutral(["text"]),
+    "prediction": neutral(),
+    "guided_json": neutral(),
+    "guided_regex": neutral(),
+    "guided_choice": neutral(),
+    "guided_grammar": neutral(),
+    "min_tokens": neutral(0),
+    "stop_token_ids": neutral([]),
 }
 
 
@@ -93,8 +159,8 @@ def check_extra_fields(model: type[BaseModel], data: Any) -> None:
         return
     unknown = [key for key in data if key not in model.model_fields]
     for key in unknown:
-        neutral = UNSUPPORTED_FIELDS.get(key)
-        if neutral is not None and not neutral(data[key]):
+        field = UNSUPPORTED_FIELDS.get(key)
+        if field is not None and not field.accepts(data[key]):
             raise FieldError(f"{key} is not supported by this server; leave it out or unset", param=key)
     ignored = [key[:64] for key in unknown if key not in UNSUPPORTED_FIELDS]
     if ignored:
@@ -112,9 +178,9 @@ class CompressionParams(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     method: str | None = Field(None, description=f"Compression method ({METHOD_NAMES_HINT}); default: server's")
-    budget: int | None = Field(None, description="Tokens to keep (prompt tokens or KV entries per head)")
+    budget: Int | None = Field(None, description="Tokens to keep (prompt tokens or KV entries per head)")
     ratio: float | None = Field(None, description="Fraction of the prompt to keep, in (0, 1]; instead of budget")
-    layer: int | None = Field(None, description="GemFilter's filter layer (default: calibrated per model)")
+    layer: Int | None = Field(None, description="GemFilter's filter layer (default: calibrated per model)")
     return_selection: bool = Field(
         False, description="Return the kept token indices, the kept text spans and the prompt as kept/dropped segments"
     )
@@ -135,11 +201,13 @@ class CompressionParams(BaseModel):
     filter_attention_knobs: dict[str, Any] | None = Field(None, description="GemFilter only: knobs of filter_attention")
 
     def knobs(self) -> dict[str, Any]:
-        """Every method knob the request set, for the method registry to validate (the prefill's
-        attention backend is not a method knob: the engine builds it)."""
+        """Every method knob the request sent, null ones too, for the method registry to validate
+        (null is the knob's default, but a knob the method lacks is refused even when null, as the
+        published schema says). The prefill's attention backend is not a method knob: the engine
+        builds it."""
         return self.model_dump(
             exclude={"method", "return_selection", "return_scores", "attention", "attention_knobs"},
-            exclude_none=True,
+            exclude_unset=True,
         )
 
 
@@ -147,16 +215,33 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
 
 
+Seed = Annotated[integer(), AfterValidator(fold_seed)]
+# A stop string is never empty (it would end every generation before its first token).
+StopText = Annotated[Text, Field(min_length=1)]
+
+
 class CommonSamplingFields(OpenAIBaseModel):
     """Fields completions and chat share, in OpenAI's order."""
 
-    frequency_penalty: float | None = Field(0.0, description="Not supported: must be 0")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported")
-    logprobs: Any = Field(None, description="Not supported")
-    n: int | None = Field(1, description="Number of choices; only 1 is supported")
-    presence_penalty: float | None = Field(0.0, description="Not supported: must be 0")
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="Seed for sampled decoding (64-bit)")
-    stop: Text | list[Text] | None = Field(None, description="Up to 4 strings that end generation")
+    frequency_penalty: Annotated[float | None, schema_only({"anyOf": [{"const": 0}, NULL]})] = Field(
+        0.0, description="Not supported: must be 0"
+    )
+    logit_bias: Annotated[
+        dict[str, float] | None, schema_only({"anyOf": [{"type": "object", "maxProperties": 0}, NULL]})
+    ] = Field(None, description="Not supported: must be empty")
+    logprobs: Annotated[Any, schema_only({"anyOf": [{"const": False}, {"const": 0}, NULL]})] = Field(
+        None, description="Not supported: must be false, 0 or null"
+    )
+    n: Annotated[Int | None, schema_only({"anyOf": [{"const": 1}, NULL]})] = Field(
+        1, description="Number of choices; only 1 is supported"
+    )
+    presence_penalty: Annotated[float | None, schema_only({"anyOf": [{"const": 0}, NULL]})] = Field(
+        0.0, description="Not supported: must be 0"
+    )
+    seed: Seed | None = Field(None, description="Seed for sampled decoding (any integer; folded into 63 bits)")
+    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = Field(
+        None, description="Up to 4 non-empty strings that end generation"
+    )
     stream: bool | None = Field(False, description="Stream tokens as server-sent events")
     stream_options: StreamOptions | None = Field(None, description="include_usage: usage on the last chunk")
     temperature: float | None = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
@@ -202,10 +287,17 @@ class CommonSamplingFields(OpenAIBaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+# Marks a bound only the loaded model knows (its vocabulary, its context): server/openapi.py
+# writes the number in when it publishes the document.
+BOUND_KEY = "x-gemserve-bound"
+
 # A prompt is never empty (the schema says so, so a client's validator agrees with the server);
 # token ids are non-negative ints (the vocabulary's upper end is the engine's to check).
 PromptText = Annotated[Text, Field(min_length=1)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[integer(ge=0, json_schema_extra={BOUND_KEY: "vocab"})], Field(min_length=1)]
+# At least one token; at most what the context leaves after a one-token prompt (the sum of
+# prompt and max_tokens is checked against the context at admission: context_length_exceeded).
+MaxTokens = integer(ge=1, json_schema_extra={BOUND_KEY: "max_tokens"})
 OneText = Annotated[list[PromptText], Field(min_length=1, max_length=1)]
 OneTokenIds = Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
 
@@ -215,9 +307,13 @@ class CompletionRequest(CommonSamplingFields):
     prompt: PromptText | OneText | TokenIds | OneTokenIds = Field(
         ..., description="Text or token ids; a list must hold exactly one prompt"
     )
-    echo: bool | None = Field(False, description="Not supported")
-    max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most")
-    suffix: str | None = Field(None, description="Not supported")
+    echo: Annotated[bool | None, schema_only({"anyOf": [{"const": False}, NULL]})] = Field(
+        False, description="Not supported: must be false"
+    )
+    max_tokens: MaxTokens | None = Field(16, description="Tokens to generate at most")
+    suffix: Annotated[str | None, schema_only({"anyOf": [{"const": ""}, NULL]})] = Field(
+        None, description="Not supported: must be empty"
+    )
 
     @model_validator(mode="after")
     def single_prompt(self) -> CompletionRequest:
@@ -264,8 +360,8 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
 class ChatCompletionRequest(CommonSamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation so far")
     model: str | None = Field(None, description="Model name (see /v1/models); default: the served model")
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI in favour of max_completion_tokens")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most")
+    max_tokens: MaxTokens | None = Field(None, description="Deprecated by OpenAI in favour of max_completion_tokens")
+    max_completion_tokens: MaxTokens | None = Field(None, description="Tokens to generate at most")
 
     def max_new_tokens(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from server.engine.types import GenerationRequest, GenerationResult, TokenDelta
+from server.engine.types import GenerationRequest, GenerationResult, RequestOptions, TokenDelta
 
 EngineEvent = TokenDelta | GenerationResult
 
@@ -80,6 +80,10 @@ class AsyncEngine(Protocol):
     @property
     def num_waiting(self) -> int:
         """Requests admitted but waiting for a free slot."""
+        ...
+
+    def request_options(self) -> RequestOptions:
+        """What a request may ask of this engine (the OpenAPI document's bounds and choices)."""
         ...
 
     def encode_prompt(self, text: str | list[int]) -> list[int]: ...

@@ -19,9 +19,10 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
 from compressors import CompressionError, Method, build_method
-from compressors.attention import DEFAULT_ATTENTION, AttentionBackend, build_attention
+from compressors.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION, AttentionBackend, build_attention
 from compressors.base import Attachment, ChunkPolicy, Target, cache_bytes, model_dtype
-from compressors.probe import use_attention
+from compressors.probe import decoder_layers, use_attention
+from compressors.registry import METHODS
 from server.engine.batch_forward import Segment
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.filter_model import load_filter_model
@@ -29,7 +30,14 @@ from server.engine.plan import check_method_fits, check_prompt_and_sampling, com
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Emit, Sequence
 from server.engine.tokenize import PromptEncoder
-from server.engine.types import CompressionSpec, GenerationRequest, GenerationResult, RequestError, TokenDelta
+from server.engine.types import (
+    CompressionSpec,
+    GenerationRequest,
+    GenerationResult,
+    RequestError,
+    RequestOptions,
+    TokenDelta,
+)
 from server.measure import SharedPeakMeter, elapsed_ms, sync
 from server.models import LoadedModel
 from server.protocol import AttentionInfo, CompressionInfo, MetricsInfo
@@ -93,6 +101,17 @@ class HFEngine:
         return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
     # ---- validation, before a request is queued ------------------------------------------
+    def request_options(self) -> RequestOptions:
+        return RequestOptions(
+            vocab_size=len(self.tokenizer),
+            max_model_len=self.max_model_len,
+            methods=tuple(METHODS),
+            default_method=self.default_method,
+            attentions=tuple(ATTENTION_BACKENDS),
+            default_attention=self.default_attention,
+            filter_layers=len(decoder_layers(self.model)),
+        )
+
     def resolve_method(self, spec: CompressionSpec) -> Method:
         try:
             method = build_method(self.default_method if spec.method is None else spec.method, spec.knobs)

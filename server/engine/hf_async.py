@@ -25,8 +25,9 @@ from typing import Any
 from server.engine.admission import Admission, AdmittedCounts
 from server.engine.base import EngineEvent
 from server.engine.hf import HFEngine
+from server.engine.plan import CONTEXT_LENGTH_EXCEEDED
 from server.engine.scheduler import DEFAULT_MAX_RUNNING, DEFAULT_PREFILL_CHUNK_TOKENS, Scheduler
-from server.engine.types import GenerationRequest, GenerationResult, RequestError, TokenDelta
+from server.engine.types import GenerationRequest, GenerationResult, RequestError, RequestOptions, TokenDelta
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,9 @@ class HFAsyncEngine(AdmittedCounts):
     def filter_dtype(self) -> str:
         return self.engine.filter_dtype
 
+    def request_options(self) -> RequestOptions:
+        return self.engine.request_options()
+
     def encode_prompt(self, text: str | list[int]) -> list[int]:
         return self.engine.encode_prompt(text)
 
@@ -147,6 +151,7 @@ class HFAsyncEngine(AdmittedCounts):
                 f"max_tokens), more than the batch holds (max_batch_tokens={budget}); compress the prompt "
                 "(e.g. compression.method='gemfilter') or lower max_tokens",
                 param="max_tokens",
+                code=CONTEXT_LENGTH_EXCEEDED,  # this deployment's context is the batch's
             )
 
     def batch_gauges(self) -> dict[str, int]:

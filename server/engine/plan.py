@@ -6,9 +6,14 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 from compressors import CompressionError, Method, Selection
+from compressors.knobs import short_repr
 from server.engine.spans import selection_info
 from server.engine.types import CompressionSpec, GenerationRequest, RequestError
 from server.protocol import AttentionInfo, CompressionInfo
+
+# OpenAI's error code for a prompt (plus max_tokens) beyond the context: the one rule between
+# fields that the request schema cannot state (JSON Schema counts neither tokens nor sums).
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
 
 def check_prompt_and_sampling(request: GenerationRequest, vocab_size: int) -> None:
@@ -24,7 +29,9 @@ def check_token_ids(ids: list[int], vocab_size: int) -> None:
         raise RequestError("prompt must not be empty", param="prompt")
     bad = next((i for i in ids if not 0 <= i < vocab_size), None)
     if bad is not None:
-        raise RequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})", param="prompt")
+        raise RequestError(
+            f"prompt token id {short_repr(bad)} is outside the vocabulary [0, {vocab_size})", param="prompt"
+        )
 
 
 def check_method_fits(request: GenerationRequest, method: Method, max_model_len: int, default_budget: int) -> None:
@@ -47,6 +54,7 @@ def check_prompt_fits(prompt_tokens: int, max_model_len: int, param: str = "prom
         raise RequestError(
             f"prompt is {prompt_tokens} tokens, longer than the model's context of {max_model_len} tokens",
             param=param,
+            code=CONTEXT_LENGTH_EXCEEDED,
         )
 
 
@@ -61,6 +69,7 @@ def check_context_length(
             f"this model's maximum context length is {max_model_len} tokens; the request needs "
             f"{used} prompt positions + {max_tokens} max_tokens",
             param="max_tokens",
+            code=CONTEXT_LENGTH_EXCEEDED,
         )
 
 

@@ -54,7 +54,16 @@ class PromptEncoder:
         if not text:
             raise RequestError("prompt must not be empty", param="prompt")
         self.check_size(len(text), "prompt")
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return ids or self.document_start(param="prompt")
+
+    def document_start(self, param: str) -> list[int]:
+        """The prompt for text that tokenizes to nothing (a lone control character): the start of
+        a document, as OpenAI's completions take ``<|endoftext|>`` for an empty prompt."""
+        start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        if start is None:
+            raise RequestError(f"{param} holds no token and this tokenizer has no start-of-text token", param=param)
+        return [start]
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """Chat turns through the model's chat template, ending with the generation prefix."""

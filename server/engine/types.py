@@ -21,11 +21,28 @@ if TYPE_CHECKING:
 
 
 class RequestError(ValueError):
-    """The request cannot be served as asked (HTTP 400); ``param`` names the field."""
+    """The request cannot be served as asked (HTTP 400); ``param`` names the field, ``code`` is
+    OpenAI's machine-readable reason where it has one (``context_length_exceeded``)."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """What this engine accepts in a request, for the published OpenAPI document
+    (server/openapi.py): the bounds only the loaded model knows, and the compression methods and
+    attention backends the backend can run."""
+
+    vocab_size: int
+    max_model_len: int
+    methods: tuple[str, ...]
+    default_method: str
+    attentions: tuple[str, ...]
+    default_attention: str
+    filter_layers: int  # GemFilter's ``layer`` is in [0, filter_layers)
 
 
 @dataclass

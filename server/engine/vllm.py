@@ -49,6 +49,7 @@ from server.engine.types import (
     GenerationRequest,
     GenerationResult,
     RequestError,
+    RequestOptions,
     TokenDelta,
 )
 from server.engine.vllm_measure import (
@@ -143,6 +144,17 @@ class VLLMEngine(AdmittedCounts):
         return dtype_name(self.filter_model.dtype)
 
     # Tokenisation follows the same rules as HFEngine, so both backends see the same ids.
+    def request_options(self) -> RequestOptions:
+        return RequestOptions(
+            vocab_size=len(self.tokenizer),
+            max_model_len=self.max_model_len,
+            methods=tuple(supported_methods()),
+            default_method=self.default_method,
+            attentions=(DEFAULT_ATTENTION,),  # vLLM prefills with its own kernels
+            default_attention=DEFAULT_ATTENTION,
+            filter_layers=self.filter_model.max_layer + 1,
+        )
+
     def encode_prompt(self, text: str | list[int]) -> list[int]:
         return self.encoder.encode_prompt(text)
 

@@ -1,0 +1,171 @@
+"""The published OpenAPI document: FastAPI's, made to say exactly what the server accepts.
+
+FastAPI derives the request schemas from server/protocol.py. Two things it cannot know are
+written in here, so that a client validating against ``/openapi.json`` and the server agree
+(schemathesis checks both directions in ``make test-schema``):
+
+- the OpenAI fields GemServe takes only at their neutral values (``tools: []``...), with them;
+- the bounds only the loaded model knows, marked in protocol.py with ``x-gemserve-bound``: a
+  token id is below the vocabulary size, ``max_tokens`` below the context;
+- ``compression``: which knobs a method takes depends on the method, and which attention knobs
+  on the backend, so the object is all of: one of a branch per method the engine runs (exactly
+  its knobs, with the bounds their dataclass fields declare, compressors/knobs.py), one of a
+  branch per attention backend it runs (``attention`` and exactly its ``attention_knobs``), and
+  the same for GemFilter's ``filter_attention``. Fields left out or null take the server's
+  defaults.
+
+The one rule between fields JSON Schema cannot state is the context: prompt tokens plus
+``max_tokens`` must fit it (400 with code ``context_length_exceeded``, as OpenAI answers).
+"""
+
+from __future__ import annotations
+
+from typing import Any, get_type_hints
+
+from fastapi import FastAPI
+
+from compressors.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION
+from compressors.knobs import Bounds, knob_bounds, knob_schema
+from compressors.registry import METHODS
+from server.engine.types import RequestOptions
+from server.protocol import BOUND_KEY, UNSUPPORTED_FIELDS, CompressionParams
+
+NULL: dict[str, Any] = {"type": "null"}
+
+
+def openapi_schema(app: FastAPI, options: RequestOptions | None) -> dict[str, Any]:
+    """FastAPI's document with the engine's bounds and choices written in, minus the 422 it adds
+    to every route with a body (invalid requests are 400s here, server/errors.py). Cached once
+    the engine is loaded; before that, the model's bounds are left open."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    write_model_bounds(schema, options)
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        if name in components:
+            list_unsupported_fields(components[name])
+    if "CompressionParams" in components:
+        components["CompressionParams"] = compression_schema(options)
+    if options is not None:
+        app.openapi_schema = schema
+    return schema
+
+
+def write_model_bounds(node: Any, options: RequestOptions | None) -> None:
+    """Replace every ``x-gemserve-bound`` marker with the number it stands for."""
+    if isinstance(node, list):
+        for item in node:
+            write_model_bounds(item, options)
+        return
+    if not isinstance(node, dict):
+        return
+    bound = node.pop(BOUND_KEY, None)
+    if bound is not None and options is not None:
+        # max_tokens: at least one prompt token shares the context with the output.
+        node["maximum"] = {"vocab": options.vocab_size, "max_tokens": options.max_model_len}[bound] - 1
+    for value in node.values():
+        write_model_bounds(value, options)
+
+
+def list_unsupported_fields(request: dict[str, Any]) -> None:
+    """The OpenAI fields the server takes only at their neutral values, with those values: a
+    client sending ``tools: [...]`` is told so by the schema as by the server."""
+    for name, field in UNSUPPORTED_FIELDS.items():
+        request["properties"][name] = {**field.schema, "description": "Not supported: only this neutral value"}
+
+
+# ---- compression ----------------------------------------------------------------------------
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    if schema.get("type") == "null" or NULL in schema.get("anyOf", []):
+        return schema
+    return {"anyOf": [schema, NULL]}
+
+
+def dataclass_knobs(cls: type, overrides: dict[str, Bounds] | None = None) -> dict[str, dict[str, Any]]:
+    """Knob name -> its JSON Schema (null: the default), from the dataclass's fields."""
+    hints, bounds = get_type_hints(cls), {**knob_bounds(cls), **(overrides or {})}
+    return {name: nullable(knob_schema(hints[name], bounds[name])) for name in bounds}
+
+
+def backend_knobs(name: str) -> dict[str, Any]:
+    """``attention_knobs`` for backend ``name``: exactly its knobs, or null."""
+    properties = dataclass_knobs(ATTENTION_BACKENDS[name])
+    return nullable({"type": "object", "properties": properties, "additionalProperties": False})
+
+
+def choice(value: str, default: str) -> dict[str, Any]:
+    """A name field of a branch: the name itself; null too where it is the server's default."""
+    return {"anyOf": [{"const": value}, NULL]} if value == default else {"const": value}
+
+
+def method_branches(method: str, options: RequestOptions) -> list[dict[str, Any]]:
+    """``method`` with exactly its knobs; the attention fields are constrained by their own part.
+    One branch per filter backend for GemFilter (``filter_attention`` and exactly its knobs)."""
+    cls = METHODS[method]
+    overrides = {}
+    if "layer" in knob_bounds(cls):
+        overrides["layer"] = Bounds(minimum=0, maximum=options.filter_layers - 1)
+    knobs = dataclass_knobs(cls, overrides)
+    branch = {
+        "type": "object",
+        "properties": {
+            "method": choice(method, options.default_method),
+            **knobs,
+            "return_selection": {"type": "boolean"},
+            "return_scores": {"type": "boolean"},
+            "attention": {},
+            "attention_knobs": {},
+        },
+        "required": ["method"] if method != options.default_method else [],
+        "additionalProperties": False,
+    }
+    branches = [branch]
+    if "filter_attention" in knobs:
+        default = cls.__dataclass_fields__["filter_attention"].default
+        branches = [with_backend(branch, "filter_attention", name, default) for name in ATTENTION_BACKENDS]
+    return branches
+
+
+def with_backend(branch: dict[str, Any], field: str, name: str, default: str) -> dict[str, Any]:
+    """``branch`` with ``<field>`` naming backend ``name`` and ``<field>_knobs`` exactly its knobs."""
+    properties = {**branch["properties"], field: choice(name, default), f"{field}_knobs": backend_knobs(name)}
+    required = branch["required"] + ([field] if name != default else [])
+    return {**branch, "properties": properties, "required": required}
+
+
+def attention_part(options: RequestOptions) -> dict[str, Any]:
+    """``attention`` names a backend the engine runs and ``attention_knobs`` holds exactly its knobs."""
+    base: dict[str, Any] = {"properties": {}, "required": []}
+    return {"anyOf": [with_backend(base, "attention", name, options.default_attention) for name in options.attentions]}
+
+
+def compression_schema(options: RequestOptions | None) -> dict[str, Any]:
+    """``compression``: one branch per combination the engine runs (see the module docstring)."""
+    if options is None:  # before the engine has loaded: every method and backend, open bounds
+        options = RequestOptions(
+            vocab_size=0,
+            max_model_len=0,
+            methods=tuple(METHODS),
+            default_method="none",
+            attentions=tuple(ATTENTION_BACKENDS),
+            default_attention=DEFAULT_ATTENTION,
+            filter_layers=2**31,
+        )
+    return {
+        "title": "CompressionParams",
+        "description": (CompressionParams.__doc__ or "").strip().splitlines()[0]
+        + " A field left out or null takes the server's default.",
+        "type": "object",
+        "allOf": [
+            {"anyOf": [branch for method in options.methods for branch in method_branches(method, options)]},
+            attention_part(options),
+        ],
+    }

@@ -1,0 +1,177 @@
+"""The published OpenAPI document says what the server accepts (server/openapi.py): the model's
+bounds written in, and ``compression`` as exact branches built from the knobs' declared bounds.
+tests/test_schemathesis.py checks the same agreement by fuzzing the served app; these pin it
+down value by value, without a model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+
+from compressors import CompressionError, build_method
+from compressors.attention import ATTENTION_BACKENDS, build_attention
+from compressors.registry import METHODS
+from server.app import create_app
+from server.engine.types import RequestOptions
+from server.openapi import compression_schema
+from server.protocol import BOUND_KEY, UNSUPPORTED_FIELDS
+from server.settings import Settings
+
+HF_OPTIONS = RequestOptions(
+    vocab_size=49152,
+    max_model_len=8192,
+    methods=tuple(METHODS),
+    default_method="none",
+    attentions=tuple(ATTENTION_BACKENDS),
+    default_attention="dense",
+    filter_layers=30,
+)
+VLLM_OPTIONS = RequestOptions(
+    vocab_size=49152,
+    max_model_len=8192,
+    methods=("none", "gemfilter"),
+    default_method="none",
+    attentions=("dense",),
+    default_attention="dense",
+    filter_layers=14,
+)
+
+
+def published(options: RequestOptions) -> dict[str, Any]:
+    app = create_app(Settings())
+    app.state.gemserve.engine = type("FakeEngine", (), {"request_options": lambda self: options})()
+    return app.openapi()
+
+
+def schema_accepts(schema: dict[str, Any], value: Any) -> bool:
+    return jsonschema.Draft202012Validator(schema).is_valid(value)
+
+
+def server_accepts(compression: dict[str, Any], options: RequestOptions = HF_OPTIONS) -> bool:
+    """What the engine's checks say (hf backend): the method with its knobs, the backends with theirs."""
+    knobs = {k: v for k, v in compression.items() if k not in ("method", "attention", "attention_knobs")}
+    knobs.pop("return_selection", None)
+    knobs.pop("return_scores", None)
+    try:
+        method = build_method(compression.get("method") or options.default_method, knobs)
+        build_attention(compression.get("attention") or options.default_attention, compression.get("attention_knobs"))
+    except CompressionError:
+        return False
+    layer = getattr(method, "layer", None)
+    return layer is None or layer < options.filter_layers
+
+
+def test_model_bounds_are_written_in() -> None:
+    document = published(HF_OPTIONS)
+    text = json.dumps(document)
+    assert BOUND_KEY not in text
+    completion = document["components"]["schemas"]["CompletionRequest"]["properties"]
+    token_id = completion["prompt"]["anyOf"][2]["items"]
+    assert token_id == {"type": "integer", "minimum": 0, "maximum": 49151}
+    assert completion["max_tokens"]["anyOf"][0]["maximum"] == 8191
+    tokenize_ids = document["components"]["schemas"]["TokenizeRequest"]["properties"]["prompt"]["anyOf"][1]
+    assert tokenize_ids["items"]["maximum"] == 49151
+
+
+def test_every_method_branch_lists_exactly_its_knobs() -> None:
+    branches = compression_schema(HF_OPTIONS)["allOf"][0]["anyOf"]
+    common = {"method", "return_selection", "return_scores", "attention", "attention_knobs"}
+    for name, cls in METHODS.items():
+        mine = [
+            b
+            for b in branches
+            if b["properties"]["method"] in ({"const": name}, {"anyOf": [{"const": name}, {"type": "null"}]})
+        ]
+        assert mine, name
+        for branch in mine:
+            assert set(branch["properties"]) == common | set(cls.knobs()), name
+            assert branch["additionalProperties"] is False
+
+
+def test_vllm_document_offers_only_what_vllm_runs() -> None:
+    schema = compression_schema(VLLM_OPTIONS)
+    assert not schema_accepts(schema, {"method": "snapkv"})
+    assert not schema_accepts(schema, {"attention": "block_sparse"})
+    assert schema_accepts(schema, {"method": "gemfilter", "filter_attention": "block_sparse", "layer": 13})
+    assert not schema_accepts(schema, {"method": "gemfilter", "layer": 14})
+
+
+# Each knob at and across the bounds its field declares, some knobs on the wrong method or backend,
+# and integral floats: the schema and the server's checks must answer alike.
+CASES = [
+    {},
+    {"method": "none", "budget": 64},
+    {"method": "gemfilter", "budget": 0},
+    {"method": "gemfilter", "budget": 1},
+    {"method": "gemfilter", "budget": 64.0},
+    {"method": "gemfilter", "budget": 64.5},
+    {"method": "gemfilter", "ratio": 0.0},
+    {"method": "gemfilter", "ratio": 1.0},
+    {"method": "gemfilter", "ratio": 0.5, "budget": 10},
+    {"method": "gemfilter", "kernel_size": 4},
+    {"method": "gemfilter", "kernel_size": 5},
+    {"method": "gemfilter", "layer": 29},
+    {"method": "gemfilter", "layer": 30},
+    {"method": "gemfilter", "span": "chunk", "chunk_size": 256},
+    {"method": "gemfilter", "chunk_size": 257},
+    {"method": "gemfilter", "scoring": "cosine"},
+    {"method": "gemfilter", "payoff_ratio": 1000.0},
+    {"method": "gemfilter", "payoff_ratio": 1000.5},
+    {"method": "gemfilter", "filter_attention": "streaming", "filter_attention_knobs": {"window": 64}},
+    {"method": "gemfilter", "filter_attention": "streaming", "filter_attention_knobs": {"threshold": 0.5}},
+    {"method": "gemfilter", "filter_attention": "dense", "filter_attention_knobs": {"sliding_band": False}},
+    {"method": "snapkv", "window": 0},
+    {"method": "snapkv", "window": 64, "budget": 16},
+    {"method": "snapkv", "pooling": "max"},
+    {"method": "snapkv", "pooling": "median"},
+    {"method": "snapkv", "sinks": 4},
+    {"method": "h2o", "recent_fraction": 1.0},
+    {"method": "h2o", "recent_fraction": 1.01},
+    {"method": "streamingllm", "sinks": 0, "budget": 1},
+    {"method": "streamingllm", "sinks": -1},
+    {"method": "pyramidkv", "beta": 0},
+    {"method": "pyramidkv", "beta": 1},
+    {"method": "none", "attention": "block_sparse", "attention_knobs": {"threshold": 1.0}},
+    {"method": "none", "attention": "block_sparse", "attention_knobs": {"threshold": 0.0}},
+    {"method": "none", "attention": "block_sparse", "attention_knobs": {"block_size": 15}},
+    {"method": "none", "attention": "block_sparse", "attention_knobs": {"block_size": 4096}},
+    {"method": "none", "attention": "vertical_slash", "attention_knobs": {"last_q": 0}},
+    {"method": "none", "attention": "dense", "attention_knobs": {"window": 64}},
+    {"method": "none", "attention": "streaming", "attention_knobs": {"window": None}},
+    {"method": "snapkv", "budget": 2**31},
+    {"method": "snapkv", "budget": True},
+    {"method": "snapkv", "window": None},
+    {"method": "none", "layer": None},
+    {"method": "snapkv", "widnow": None},
+    {"method": "none", "attention": "streaming", "attention_knobs": {"": None}},
+]
+
+
+@pytest.mark.parametrize("compression", CASES, ids=lambda case: json.dumps(case)[:80])
+def test_schema_and_server_answer_alike(compression: dict[str, Any]) -> None:
+    schema = compression_schema(HF_OPTIONS)
+    assert schema_accepts(schema, compression) == server_accepts(compression), compression
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED_FIELDS))
+def test_unsupported_fields_neutral_values_agree(name: str) -> None:
+    field = UNSUPPORTED_FIELDS[name]
+    for value in (
+        None,
+        [],
+        "none",
+        {"type": "text"},
+        {"type": "json_object"},
+        0,
+        0.0,
+        1,
+        1.0,
+        False,
+        True,
+        ["text"],
+        "x",
+    ):
+        assert field.accepts(value) == schema_accepts(field.schema, value), (name, value)
