@@ -17,6 +17,7 @@ cache there, so a prefill never holds more than one layer's unpruned K/V.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -89,6 +90,8 @@ def sdpa_attention(
     (a CUDA kernel-dispatch rule), which on the CPU made a 512-token chunk of GemFilter's filter pass
     over a 4K prompt's cache ~1.2x slower than one forward over the whole prompt (issue 23); the
     batch's prefill chunks measured 25 ms vs 6 ms a layer (server/engine/batch_forward.py)."""
+    if needs_exact_attention(module, kwargs):
+        return exact_attention(module, query, key, value, attention_mask, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     plain = kwargs.get("position_bias") is None and kwargs.get("cache") is None and kwargs.get("dropout", 0.0) == 0.0
     if query.device.type != "cpu" or attention_mask is None or groups == 1 or not plain:
@@ -97,6 +100,50 @@ def sdpa_attention(
         query, key, value, attn_mask=attention_mask, scale=kwargs.get("scaling"), enable_gqa=True
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def needs_exact_attention(module: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Does this layer's attention hold a term SDPA cannot compute: attention sinks (a learned
+    per-head logit in the softmax's denominator: GPT-OSS's ``s_aux``) or logit soft-capping
+    (Gemma 2)? Such a layer is computed by the model's own eager attention, by every backend."""
+    return kwargs.get("s_aux") is not None or bool(
+        kwargs.get("softcap") or getattr(module, "attn_logit_softcapping", None)
+    )
+
+
+def exact_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's own ``eager_attention_forward`` (its modeling module's, found by the module's
+    class, so no architecture is named here), given the additive mask eager attention expects:
+    the probe's masks are SDPA's (boolean, or None for plain causal attention)."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise TypeError(
+            f"{type(module).__name__} has attention sinks or logit soft-capping, which SDPA cannot compute, "
+            "and its modeling module has no eager_attention_forward to compute them"
+        )
+    return eager(module, query, key, value, additive_mask(attention_mask, query, key), **kwargs)
+
+
+def additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """SDPA's mask as eager attention's float mask (0, or the dtype's lowest where hidden). None
+    means what it means to SDPA here: the ``q_len`` queries are the last of the ``kv_len`` keys and
+    see every key up to their own (transformers gives None only where a sliding window hides
+    nothing; a decode step sees every entry its cache holds)."""
+    lowest = torch.finfo(query.dtype).min
+    zero = torch.zeros((), dtype=query.dtype, device=query.device)
+    if mask is not None:
+        return zero.masked_fill(~mask, lowest) if mask.dtype == torch.bool else mask
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    rows = torch.arange(kv_len - q_len, kv_len, device=query.device).unsqueeze(-1)
+    cols = torch.arange(kv_len, device=query.device).unsqueeze(0)
+    return zero.masked_fill(cols > rows, lowest)[None, None]
 
 
 def install_probe_attention(model: PreTrainedModel) -> None:
