@@ -138,7 +138,7 @@ class Method:
     """A compression method: typed dataclass fields are its knobs, with paper defaults.
 
     ``budget`` (tokens) and ``ratio`` (fraction of the prompt) are shared by every method
-    except ``none``; at most one may be given.
+    except ``none``; given both, the budget caps the ratio.
     """
 
     name: ClassVar[str]

@@ -1,6 +1,8 @@
-"""Knob values from JSON (ints, floats, strings, bools, objects) checked against a dataclass field's type.
+"""Knobs: a method's or attention backend's dataclass fields, each with a type and declared bounds.
 
-One definition for the method registry and the attention-backend registry.
+Values from JSON (ints, floats, strings, bools, objects) are checked against the field's type and
+:class:`Bounds`; the same declaration gives the knob's JSON Schema (server/openapi.py). One
+definition for the method registry, the attention-backend registry and ``validate()``.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ def short_repr(value: Any, limit: int = 80) -> str:
 @dataclass(frozen=True)
 class Bounds:
     """What a knob's value may be beyond its type, declared once on the dataclass field (see
-    :func:`knob`): :func:`check_bounds` enforces it, :func:`knob_schema` publishes it in the
-    OpenAPI document, so the schema and the server cannot disagree."""
+    :func:`knob`): :func:`check_knob` and :func:`check_declared_bounds` enforce it and
+    :func:`knob_schema` publishes it in the OpenAPI document, so schema and server cannot disagree."""
 
     minimum: float | None = None
     maximum: float | None = None
@@ -104,7 +106,7 @@ def bounds_text(bounds: Bounds) -> str | None:
     if bounds.choices is not None:
         return f"one of {', '.join(bounds.choices)}"
     if bounds.odd:
-        return "a positive odd number" if bounds.minimum == 1 else f"an odd number >= {bounds.minimum:g}"
+        return "a positive odd number" if bounds.minimum == 1 else f"an odd number >= {bounds.minimum or 1:g}"
     low, high = bounds.minimum, bounds.maximum
     if low is not None and high is not None:
         return f"in {'(' if bounds.exclusive_minimum else '['}{low:g}, {high:g}]"
@@ -175,8 +177,14 @@ def _option_schema(kind: type, bounds: Bounds) -> dict[str, Any]:
 def check_declared_bounds(obj: Any, owner: str, param_prefix: str) -> None:
     """Every knob of dataclass ``obj`` inside its declared bounds (a method or backend built in
     code, not from a request, is held to the same rules)."""
+    hints = typing.get_type_hints(type(obj))
     for name, bounds in knob_bounds(type(obj)).items():
         value = getattr(obj, name)
+        if not accepts(hints[name], value):
+            raise CompressionError(
+                f"knob '{name}' of {owner} must be {type_names(hints[name])}, got {short_repr(value)}",
+                param=f"{param_prefix}.{name}",
+            )
         if not within(bounds, value):
             raise CompressionError(
                 f"{name} of {owner} must be {bounds_text(bounds)}, got {short_repr(value)}",

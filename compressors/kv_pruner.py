@@ -110,8 +110,8 @@ class ScoredKVPruner(KVCompressor):
 
     def keeps_whole_prompt(self, prompt_tokens: int) -> bool:
         """Known before prefill (without the engine's default budget) to keep every prompt token."""
-        if self.ratio is not None:
-            return self.ratio >= 1.0
+        if self.ratio is not None:  # a budget given with it caps it
+            return self.ratio >= 1.0 and (self.budget is None or self.budget >= prompt_tokens)
         return self.budget is not None and self.budget >= prompt_tokens
 
     @contextmanager

@@ -28,9 +28,7 @@ from compressors.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION
 from compressors.knobs import Bounds, knob_bounds, knob_schema
 from compressors.registry import METHODS
 from server.engine.types import RequestOptions
-from server.protocol import BOUND_KEY, UNSUPPORTED_FIELDS, CompressionParams
-
-NULL: dict[str, Any] = {"type": "null"}
+from server.protocol import BOUND_KEY, NULL, UNSUPPORTED_FIELDS, CompressionParams
 
 
 def openapi_schema(app: FastAPI, options: RequestOptions | None) -> dict[str, Any]:

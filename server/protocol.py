@@ -19,7 +19,6 @@ from pydantic import (
     ConfigDict,
     Field,
     WithJsonSchema,
-    field_validator,
     model_validator,
 )
 
@@ -179,7 +178,9 @@ class CompressionParams(BaseModel):
 
     method: str | None = Field(None, description=f"Compression method ({METHOD_NAMES_HINT}); default: server's")
     budget: Int | None = Field(None, description="Tokens to keep (prompt tokens or KV entries per head)")
-    ratio: float | None = Field(None, description="Fraction of the prompt to keep, in (0, 1]; instead of budget")
+    ratio: float | None = Field(
+        None, description="Fraction of the prompt to keep, in (0, 1]; with budget, the budget caps it"
+    )
     layer: Int | None = Field(None, description="GemFilter's filter layer (default: calibrated per model)")
     return_selection: bool = Field(
         False, description="Return the kept token indices, the kept text spans and the prompt as kept/dropped segments"
@@ -256,13 +257,6 @@ class CommonSamplingFields(OpenAIBaseModel):
     def refuse_unsupported_fields(cls, data: Any) -> Any:
         check_extra_fields(cls, data)
         return data
-
-    @field_validator("stop")
-    @classmethod
-    def at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
-        return value
 
     @model_validator(mode="after")
     def reject_unsupported(self) -> CommonSamplingFields:

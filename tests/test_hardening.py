@@ -178,6 +178,24 @@ def test_text_with_no_token_starts_a_document(server_url: str) -> None:
     assert response.json()["usage"]["prompt_tokens"] == 1
 
 
+def test_chat_max_tokens_beyond_the_context_is_refused_even_when_overridden(server_url: str) -> None:
+    body = {**CHAT, "max_tokens": 10**12, "max_completion_tokens": 5}
+    error = error_of(httpx.post(f"{server_url}/v1/chat/completions", json=body, timeout=60), 400)
+    assert error["param"] == "max_tokens" and error["code"] == "context_length_exceeded"
+
+
+def test_chat_without_a_template_and_no_text_starts_a_document(engine) -> None:
+    import copy
+
+    from server.engine.tokenize import PromptEncoder
+
+    tokenizer = copy.deepcopy(engine.tokenizer)
+    tokenizer.chat_template = None  # a base model's tokenizer: turns are joined as plain text
+    encoder = PromptEncoder(tokenizer, engine.max_model_len)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    assert encoder.encode_chat([{"role": "user", "content": ""}]) == [start]
+
+
 # ---- 4. a budget below the window or sinks keeps the newest tokens (kvpress's semantics) -------
 @pytest.mark.parametrize(
     "compression",

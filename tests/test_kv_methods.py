@@ -410,6 +410,21 @@ def test_budget_below_the_sinks_keeps_budget_minus_one_sinks_and_the_newest(engi
     assert per_head == 3 and kept == [0, 1, n - 1]
 
 
+def test_budget_caps_a_whole_prompt_ratio(engine):
+    """ratio 1.0 keeps the whole prompt unless a budget caps it: then the pruner must score."""
+    n, _, per_head = kept_positions(engine, "snapkv", {"ratio": 1.0, "budget": 5, "window": 2})
+    assert n > 5 and per_head == 5
+
+
+def test_code_built_method_is_held_to_its_declared_types_and_bounds():
+    from compressors.snapkv import SnapKV
+
+    with pytest.raises(CompressionError, match="knob 'budget' of method 'snapkv' must be int"):
+        SnapKV(budget=True).validate()
+    with pytest.raises(CompressionError, match="kernel_size of method 'snapkv' must be a positive odd number"):
+        SnapKV(kernel_size=4).validate()
+
+
 def test_budget_caps_the_ratio(engine):
     n, _, per_head = kept_positions(engine, "snapkv", {"ratio": 0.9, "budget": 5, "window": 2})
     assert math.ceil(0.9 * n) > 5 and per_head == 5

@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--method", default="gemfilter", help="none | gemfilter | ... (default: gemfilter)")
     parser.add_argument("--budget", type=int, help="tokens to keep (default 1024)")
-    parser.add_argument("--ratio", type=float, help="fraction of the prompt to keep, instead of --budget")
+    parser.add_argument(
+        "--ratio", type=float, help="fraction of the prompt to keep (with --budget, the budget caps it)"
+    )
     parser.add_argument("--layer", type=int, help="GemFilter filter layer (default: calibrated per model)")
     parser.add_argument(
         "--knob",

@@ -72,7 +72,8 @@ class PromptEncoder:
         self.check_size(sum(len(str(m.get("content") or "")) for m in messages), "messages")
         if self.tokenizer.chat_template is None:
             # Base models (e.g. Gemma 3 270M pt) have no template: join the turns as plain text.
-            return self.encode_prompt("\n\n".join(str(m.get("content") or "") for m in messages))
+            text = "\n\n".join(str(m.get("content") or "") for m in messages)
+            return self.encode_prompt(text) if text else self.document_start(param="messages")
         encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
         return list(ids)

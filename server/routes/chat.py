@@ -7,8 +7,8 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from server.engine.plan import check_prompt_fits
-from server.engine.types import GenerationResult
+from server.engine.plan import CONTEXT_LENGTH_EXCEEDED, check_prompt_fits
+from server.engine.types import GenerationResult, RequestError
 from server.errors import ERROR_RESPONSES
 from server.protocol import (
     ChatCompletionChoice,
@@ -60,6 +60,19 @@ class ChatFormat:
         return ChatCompletionResponse(id=self.id, model=self.model, choices=[choice], **dump_extensions(result))
 
 
+def check_max_tokens_fields(body: ChatCompletionRequest, max_model_len: int) -> None:
+    """``max_tokens`` and ``max_completion_tokens`` each leave room for a prompt token, also the
+    one ``max_completion_tokens`` overrides (the published schema bounds both)."""
+    for param in ("max_tokens", "max_completion_tokens"):
+        value = getattr(body, param)
+        if value is not None and value >= max_model_len:
+            raise RequestError(
+                f"{param} is {value}, more than this model's context of {max_model_len} tokens leaves after the prompt",
+                param=param,
+                code=CONTEXT_LENGTH_EXCEEDED,
+            )
+
+
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
@@ -73,6 +86,7 @@ async def create_chat_completion(
     # Tokenized in a worker thread: a long prompt must not stall every other request.
     prompt_ids = await asyncio.to_thread(engine.encode_chat, body.template_messages())
     check_prompt_fits(len(prompt_ids), engine.max_model_len, param="messages")  # the engine's check says "prompt"
+    check_max_tokens_fields(body, engine.max_model_len)
     max_tokens = body.max_new_tokens(state.settings.default_max_tokens)
     fmt = ChatFormat(state.served_model_name())
     return await generate_response(request, engine, body, prompt_ids, max_tokens, fmt)
