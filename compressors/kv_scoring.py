@@ -22,7 +22,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from compressors.base import Selection
-from compressors.probe import attention_probe, repeat_kv_heads
+from compressors.probe import attention_probe, layer_window, repeat_kv_heads
 
 # Queries per block when accumulating attention over a whole prompt: (heads, 256, n) float32
 # is ~75 MB at n = 8K, far from the n x n matrix a single block would be.
@@ -33,8 +33,8 @@ LayerScorer = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def is_sliding_module(module: nn.Module) -> bool:
-    """A local-attention layer (Gemma 3 sliding layers set ``sliding_window`` on the module)."""
-    return getattr(module, "sliding_window", None) is not None
+    """A local-attention layer (a sliding window, however the architecture declares it)."""
+    return layer_window(module) is not None
 
 
 def is_prunable_layer(layer: object) -> bool:

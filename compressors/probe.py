@@ -102,6 +102,20 @@ def sdpa_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+def layer_window(module: nn.Module) -> int | None:
+    """The sliding window of this attention layer, None for full attention. Gemma, Qwen2, GPT-OSS
+    set ``sliding_window`` on each attention module; Mistral and Mixtral only pass the config's
+    to their attention call, for every layer (and a config's ``layer_types`` says which layers)."""
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window
+    config = getattr(module, "config", None)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is not None and layer_types is not None and hasattr(module, "layer_idx"):
+        return window if layer_types[module.layer_idx] == "sliding_attention" else None
+    return window
+
+
 def needs_exact_attention(module: nn.Module, kwargs: dict[str, Any]) -> bool:
     """Does this layer's attention hold a term SDPA cannot compute: attention sinks (a learned
     per-head logit in the softmax's denominator: GPT-OSS's ``s_aux``) or logit soft-capping

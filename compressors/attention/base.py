@@ -31,7 +31,7 @@ from compressors.attention.kernel import (
     sparse_attention,
 )
 from compressors.knobs import check_declared_bounds, knob
-from compressors.probe import needs_exact_attention, sdpa_attention
+from compressors.probe import layer_window, needs_exact_attention, sdpa_attention
 
 
 @dataclass
@@ -95,7 +95,7 @@ class AttentionBackend:
         n = query.shape[-2]
         if n < 2:  # a decode step: always dense, not counted (prefill only)
             return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
-        window = getattr(module, "sliding_window", None)
+        window = layer_window(module)
         # A layer with attention sinks or soft-capping runs as the model's own attention (exact).
         one_sequence = query.shape[0] == 1 and key.shape[-2] == n and not needs_exact_attention(module, kwargs)
         scale = kwargs.get("scaling") or query.shape[-1] ** -0.5

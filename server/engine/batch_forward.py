@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from compressors.attention import AttentionBackend
-from compressors.probe import sdpa_attention, use_attention
+from compressors.probe import layer_window, sdpa_attention, use_attention
 
 # A 4-D mask makes transformers' mask builders return it untouched (masking_utils'
 # early exit): the ragged attention below needs none, and no cache method is asked for sizes.
@@ -187,7 +187,7 @@ class RaggedBatch:
         """A prefill chunk's queries over its cache: dense, causal (and banded on a sliding-window
         layer), counted by the chunk's backend (SDPA keeping K/V at KV-head count on the CPU:
         :func:`compressors.probe.sdpa_attention`)."""
-        mask = chunk_mask(segment.start, segment.length, keys.shape[-2], getattr(module, "sliding_window", None))
+        mask = chunk_mask(segment.start, segment.length, keys.shape[-2], layer_window(module))
         if segment.attention is not None and getattr(module, "attn_logit_softcapping", None):
             return segment.attention.attend(module, query, keys, values, mask.to(query.device), **kwargs)[0]
         out, _ = sdpa_attention(module, query, keys, values, mask.to(query.device), **kwargs)
