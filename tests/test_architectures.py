@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -140,3 +141,74 @@ def test_every_backend_with_a_covering_pattern_equals_dense(name: str, backend: 
     assert_same_logits(got, prefill_then_decode(model, prompt()))
     if backend != "dense" and name not in EXACT_ONLY:  # the backend's own kernel ran: not a vacuous pass
         assert attention.stats.sparse_layers + attention.stats.sliding_layers > 0
+
+
+# ---- through the engine: every method, and a batch equal to its solo runs ----------------------
+@cache
+def engine_for(name: str) -> Any:
+    """An HFEngine on the served tiny model, with the default model's tokenizer (token-id prompts
+    below the tiny vocabulary; the tokenizer only decodes them)."""
+    from server.engine.hf import HFEngine
+    from server.models import LoadedModel, load_model
+
+    _, served = models(name)
+    tokenizer = load_model("smollm2-135m-instruct", device="cpu", dtype="float32").tokenizer
+    loaded = LoadedModel(
+        name=name, path=Path("."), model=served, tokenizer=tokenizer, max_model_len=512, device=torch.device("cpu")
+    )
+    return HFEngine(loaded)
+
+
+def generation(ids: list[int], method: str, knobs: dict[str, Any], max_tokens: int = 6) -> Any:
+    from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
+
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return GenerationRequest(list(ids), sampling, CompressionSpec(method, knobs, return_selection=True))
+
+
+def ids_of(seed: int, n: int = PROMPT_TOKENS) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+KV_METHODS = ["snapkv", "h2o", "streamingllm", "pyramidkv"]
+# Multi-head latent attention caches a latent, not per-head K/V: the hf engine refuses it at start-up.
+PER_HEAD_CACHE = [name for name in NAMES if name != "deepseek_v3"]
+
+
+def test_the_hf_engine_refuses_latent_caches_by_name() -> None:
+    with pytest.raises(ValueError, match="DeepseekV3ForCausalLM uses multi-head latent attention"):
+        engine_for("deepseek_v3")
+
+
+@pytest.mark.parametrize("name", PER_HEAD_CACHE)
+def test_methods_keep_their_promises(name: str) -> None:
+    engine = engine_for(name)
+    ids = ids_of(2)
+    none = engine.generate(generation(ids, "none", {}))
+    whole = engine.generate(generation(ids, "gemfilter", {"budget": PROMPT_TOKENS, "payoff_ratio": 0.0}))
+    assert whole.token_ids == none.token_ids  # budget >= prompt: exactly `none`
+    knobs = {"budget": 16, "tail": 4, "payoff_ratio": 0.0, "span": "token"}
+    selected = engine.generate(generation(ids, "gemfilter", knobs)).compression
+    kept = selected.selection.kept_indices
+    assert len(kept) == 16 and kept == sorted(set(kept)) and kept[-4:] == list(range(PROMPT_TOKENS - 4, PROMPT_TOKENS))
+    for method in KV_METHODS:
+        result = engine.generate(
+            generation(ids, method, {"budget": 16, "window": 4} if "kv" in method else {"budget": 16})
+        )
+        assert len(result.token_ids) == 6  # decoding after the pruning ran
+        assert result.compression.kv_bytes_after <= result.compression.kv_bytes_before
+
+
+@pytest.mark.parametrize("name", PER_HEAD_CACHE)
+def test_a_mixed_batch_equals_each_solo_run(name: str) -> None:
+    from server.engine.scheduler import Scheduler
+    from tests.test_batching import run_batch
+
+    engine = engine_for(name)
+    specs = [("none", {}), ("gemfilter", {"budget": 16, "payoff_ratio": 0.0}), ("snapkv", {"budget": 16, "window": 4})]
+    prompts = [ids_of(3, 40), ids_of(4, 24), ids_of(5, 33)]
+    alone = [engine.generate(generation(ids, m, k)) for ids, (m, k) in zip(prompts, specs, strict=True)]
+    batch = [generation(ids, m, k) for ids, (m, k) in zip(prompts, specs, strict=True)]
+    batched = run_batch(engine, batch, Scheduler(engine, max_running=3, prefill_chunk_tokens=8))
+    for solo, recorder in zip(alone, batched, strict=True):
+        assert recorder.tokens == solo.token_ids

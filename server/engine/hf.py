@@ -47,6 +47,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUDGET = 1024
 
 
+def check_per_head_cache(model: PreTrainedModel) -> None:
+    """The hf engine's batched forward and the KV methods work on caches of per-head keys and values.
+    Multi-head latent attention (DeepSeek-V2/V3 and their kin: a ``kv_lora_rank``) caches a
+    compressed latent and expands it into keys and values after the cache: refused at start-up,
+    naming what is missing, rather than failing at the first decode step."""
+    config = model.config.get_text_config()
+    if getattr(config, "kv_lora_rank", None):
+        raise ValueError(
+            f"{type(model).__name__} uses multi-head latent attention (kv_lora_rank={config.kv_lora_rank}): its cache "
+            "holds a compressed latent, not per-head keys and values, which the hf backend's batched decode and KV "
+            "methods need; this architecture is not supported on the hf backend"
+        )
+
+
 class HFEngine:
     """A loaded transformers model and the steps of a request on it: checks at admission, the
     prefill (in steps), the decode forwards; :class:`~server.engine.scheduler.Scheduler` runs them
@@ -61,6 +75,7 @@ class HFEngine:
         default_budget: int = DEFAULT_BUDGET,
         default_attention: str = DEFAULT_ATTENTION,
     ) -> None:
+        check_per_head_cache(loaded.model)
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
