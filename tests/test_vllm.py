@@ -294,6 +294,23 @@ def test_filter_layer_beyond_filter_model_is_400(url, vllm_engine):
     assert f"0..{too_deep - 1}" in error["message"]
 
 
+def test_the_published_schema_offers_what_the_vllm_backend_runs(url, vllm_engine):
+    """/openapi.json on this backend: prompt selectors only, dense prefill, GemFilter's layer within the
+    filter model (server/openapi.py), so a client validating against it is never refused for it."""
+    import jsonschema
+
+    document = httpx.get(url + "/openapi.json", timeout=60).json()
+    compression = document["components"]["schemas"]["CompressionParams"]
+    valid = jsonschema.Draft202012Validator(compression).is_valid
+    deepest = vllm_engine.filter_model.max_layer
+    assert valid({"method": "gemfilter", "layer": deepest, "filter_attention": "block_sparse"})
+    assert not valid({"method": "gemfilter", "layer": deepest + 1})
+    assert not valid({"method": "snapkv"})
+    assert not valid({"method": "none", "attention": "block_sparse"})
+    vocab = document["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]["anyOf"][2]["items"]
+    assert vocab["maximum"] == len(vllm_engine.tokenizer) - 1
+
+
 # ---- disconnect ------------------------------------------------------------------------------
 def test_client_disconnect_aborts_the_vllm_request(url, vllm_engine):
     request_id = "t-disconnect"
