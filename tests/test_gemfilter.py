@@ -348,7 +348,7 @@ def test_needle_in_4k_haystack_answered_by_default_and_with_a_sparse_filter_pass
     [
         ({"budget": 0}, "budget of method 'gemfilter' must be >= 1"),
         ({"budget": -3}, "budget of method 'gemfilter' must be >= 1"),
-        ({"ratio": 0.0}, r"ratio of method 'gemfilter' must be in \(0, 1\]"),
+        ({"ratio": 0.0}, "ratio of method 'gemfilter' must be in (0, 1]"),
         ({"kernel_size": 4}, "kernel_size of method 'gemfilter' must be a positive odd"),
         ({"tail": -1}, "tail of method 'gemfilter' must be >= 0"),
         ({"layer": -1}, "layer of method 'gemfilter' must be >= 0"),
