@@ -14,95 +14,31 @@ import copy
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, GptOssConfig, GptOssForCausalLM, PreTrainedModel
-from transformers.cache_utils import DynamicCache
 
 from compressors.attention import ATTENTION_BACKENDS, build_attention
-from compressors.probe import install_probe_attention, use_attention
-
-PROMPT_TOKENS = 40  # past the sliding window (8) and, with block_size 16, long enough to sparsify
-
-
-def tiny_gpt_oss() -> PreTrainedModel:
-    config = GptOssConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        sliding_window=8,
-        max_position_embeddings=256,
-        layer_types=["sliding_attention", "full_attention"],
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )
-    model = GptOssForCausalLM(config)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.sinks.normal_(0.0, 2.0)  # random init leaves them near 0: make them matter
-    return model
+from compressors.probe import use_attention
+from tests.test_architectures import assert_same_logits, models, prefill_then_decode, prompt
 
 
-def tiny_gemma2() -> PreTrainedModel:
-    config = Gemma2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=8,
-        max_position_embeddings=256,
-        attn_logit_softcapping=1.0,  # small, so the cap changes the logits
-        query_pre_attn_scalar=16,
-    )
-    return Gemma2ForCausalLM(config)
-
-
-def pair(build) -> tuple[PreTrainedModel, PreTrainedModel]:
-    """The model with its own eager attention, and a copy on GemServe's attention path."""
-    torch.manual_seed(0)
-    model = build()
-    model.config._attn_implementation = "eager"
-    model.eval()
-    served = copy.deepcopy(model)
-    install_probe_attention(served)
-    return model, served
-
-
-def prefill_then_decode(model: PreTrainedModel, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        prefill = model(ids[:, :-1], past_key_values=cache, use_cache=True).logits
-        decode = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
-    return prefill, decode
-
-
-@pytest.mark.parametrize("build", [tiny_gpt_oss, tiny_gemma2], ids=["gpt_oss_sinks", "gemma2_softcap"])
+@pytest.mark.parametrize("name", ["gpt_oss", "gemma2"], ids=["gpt_oss_sinks", "gemma2_softcap"])
 @pytest.mark.parametrize("backend", [None, *ATTENTION_BACKENDS], ids=lambda b: b or "probe_default")
-def test_served_logits_equal_the_models_own_attention(build, backend) -> None:
-    model, served = pair(build)
-    ids = torch.randint(0, 128, (1, PROMPT_TOKENS + 1), generator=torch.Generator().manual_seed(1))
-    expected = prefill_then_decode(model, ids)
+def test_served_logits_equal_the_models_own_attention(name, backend) -> None:
+    model, served = models(name)
     knobs = {"block_size": 16, "last_dense": 0} if backend not in (None, "dense") else None
     attention = None if backend is None else build_attention(backend, knobs)
     with use_attention(attention):
-        got = prefill_then_decode(served, ids)
-    for want, have in zip(expected, got, strict=True):
-        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+        got = prefill_then_decode(served, prompt())
+    assert_same_logits(got, prefill_then_decode(model, prompt()))
     if attention is not None:
         stats = attention.stats
-        assert stats.sparse_layers == 0 and stats.sliding_layers == 0  # both layers ran exactly
+        assert stats.sparse_layers == 0 and stats.sliding_layers == 0  # every layer ran exactly
 
 
 def test_the_fix_is_what_makes_them_equal() -> None:
     """Plain SDPA over the same GPT-OSS weights (sinks dropped) does differ: the test above can fail."""
-    model, served = pair(tiny_gpt_oss)
-    ids = torch.randint(0, 128, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+    model, served = models("gpt_oss")
+    served = copy.deepcopy(served)  # the shared copy stays as it is
+    ids = prompt()[:, :-1]
     with torch.no_grad():
         own = model(ids).logits
         for layer in served.model.layers:
