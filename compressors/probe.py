@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,21 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
-if TYPE_CHECKING:
-    from compressors.attention.base import AttentionBackend
+
+class PrefillAttention(Protocol):
+    """What :func:`use_attention` installs: an attention backend (compressors/attention/), or the
+    hf engine's ragged batch. Structural, so this module imports neither."""
+
+    def attend(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
 
 ATTENTION_NAME = "gemserve"
 
@@ -43,7 +56,7 @@ AttentionProbe = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor],
 AfterAttentionHook = Callable[[nn.Module, int], None]
 
 _active_probe: ContextVar[AttentionProbe | None] = ContextVar("gemserve_attention_probe", default=None)
-_active_backend: ContextVar[AttentionBackend | None] = ContextVar("gemserve_attention_backend", default=None)
+_active_backend: ContextVar[PrefillAttention | None] = ContextVar("gemserve_attention_backend", default=None)
 _after_attention: ContextVar[AfterAttentionHook | None] = ContextVar("gemserve_after_attention", default=None)
 
 
@@ -184,7 +197,7 @@ def attention_probe(probe: AttentionProbe) -> Iterator[None]:
 
 
 @contextmanager
-def use_attention(backend: AttentionBackend | None) -> Iterator[None]:
+def use_attention(backend: PrefillAttention | None) -> Iterator[None]:
     """Compute the attention of forwards run in this context with ``backend`` (None: SDPA)."""
     token = _active_backend.set(backend)
     try:

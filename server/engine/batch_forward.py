@@ -215,7 +215,7 @@ def forward_segments(model: PreTrainedModel, segments: list[Segment]) -> torch.T
     positions = [p for s in segments for p in range(s.start, s.start + s.length)]
     position_ids = torch.tensor([positions], dtype=torch.long, device=device)
     ragged = RaggedBatch(segments)
-    with use_attention(ragged):  # type: ignore[arg-type]  # duck-typed: attend() is all it needs
+    with use_attention(ragged):
         out = model.base_model(
             input_ids=ids,
             position_ids=position_ids,

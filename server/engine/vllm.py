@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from compressors import CompressionError, Method, Selection, build_method
 from compressors.attention import DEFAULT_ATTENTION, build_attention
-from compressors.base import Target, drive, dtype_name, keep_everything
+from compressors.base import Target, dtype_name, keep_everything
 from compressors.gemfilter import GemFilter
 from compressors.registry import METHODS
 from server.engine.admission import Admission, AdmittedCounts, Ticket
@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from server.engine.vllm_setup import VLLMSettings
+    from server.engine.vllm_settings import VLLMSettings
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ class VLLMEngine(AdmittedCounts):
             metrics.queue_ms = elapsed_ms(request.arrival_time)
             ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.filter_model.device)
             target = Target(self.filter_model.model, ids, None, self.default_budget, self.tokenizer)
-            return drive(method.attach_steps(target)).selection
+            return method.attachment(target).selection
 
         tokens, layers = len(request.prompt_ids), self.filter_model.num_layers
         if method.selects_with_model(self.filter_model.model, tokens, self.default_budget):
