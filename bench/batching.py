@@ -1,14 +1,23 @@
-"""Continuous batching on the hf backend (issue 15): one ``gemserve serve`` process, three loads.
+"""Continuous batching on the hf backend (issues 15, 25): one ``gemserve serve`` process per load.
 
+0. ``step_costs``: before any server starts, in this process, the model's decode step for 1 and 4
+   requests (~576-token caches) and a 512-token prefill: the bound they put on c4/c1 (below).
 1. ``throughput``: ``gemserve loadtest``, closed loop, 512-token prompts, 64 output tokens
-   (``--ignore-eos``), ``none``, at concurrency 1 and 4: output tokens/s (target c4 >= 2.5x c1).
+   (``--ignore-eos``), ``none``, at concurrency 1 and 4: output tokens/s, and the ratio over the
+   bound the step costs allow: c1 spends ``P + 64 t1`` per request, c4 at best ``P + 16 t4`` (its
+   prefills cannot overlap each other, its decode steps serve four), so
+   ``bound = (P + 64 t1) / (P + 16 t4)``.
 2. ``compression``: the same at concurrency 8 with 4K prompts, ``none`` vs ``gemfilter:1024``:
    request throughput, TTFT and ITL percentiles; and at concurrency 1 for each method's
    single-request TTFT (target: GemFilter's throughput gain under load >= its TTFT gain alone).
-3. ``chunked_prefill``: three streams of short prompts decode; their inter-token latency (client
-   side, every SSE chunk) over a window alone gives the p50; then an 8K prompt is sent and their p99
-   while it is prefilled (until its first token) is compared with it (target <= 3x). Direct streams,
-   since the load tester has no "one request in the middle" mode.
+3. ``long_prompt``: a ~6.5K-token prompt alone (its TTFT), then three streams of short prompts
+   decode; their inter-token latency (client side, every SSE chunk) over a window alone gives the
+   p50; the long prompt is sent again and its TTFT and the streams' p99 while it is prefilled are
+   compared (targets: TTFT <= 1.5x alone, p99 <= 3x p50), per ``--max-num-batched-tokens``.
+4. ``long_max_tokens``: 24 chat requests at once, ~1K-token needle prompts, ``max_tokens=4096``,
+   answers that end after ~20 tokens: how many run at once (``gemserve_requests_running`` and
+   the batch-size gauge, polled), against what the earlier rule (reserve prompt + ``max_tokens``
+   for the whole request, at most 8 at once) admitted under the same default memory.
 
 Run it with nothing else on the machine (the load average before and after is recorded):
 
@@ -38,9 +47,47 @@ import httpx
 from bench.common import RESULTS_DIR, brief, loadtest, machine_description, replace_doc_section, write_json
 from bench.soak import free_port, start_server, stop_server, wait_until_ready
 from clients.loadtest_report import percentile
-from server.engine.scheduler import DEFAULT_PREFILL_CHUNK_TOKENS
+from server.engine.scheduler import DEFAULT_STEP_TOKENS
 
 HEADING = "## Continuous batching (hf backend)"
+
+
+def step_costs(repeats: int = 5) -> dict[str, float]:
+    """Median seconds of a decode step for 1 and 4 requests (576-entry caches) and of a 512-token
+    prefill, on the served model in this process (the server is not running yet)."""
+    import torch
+
+    from server.engine.batch_forward import Segment, forward_segments, new_request_cache
+    from server.engine.runner import forward_ids
+    from server.models import load_model
+
+    model = load_model("smollm2-135m-instruct").model
+    prompt = torch.randint(1000, 20000, (1, 512))
+
+    def timed(work: Any) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    with torch.inference_mode():
+        prefill_s = timed(lambda: forward_ids(model, prompt, new_request_cache(model), 0))
+        caches = []
+        for _ in range(4):
+            cache = new_request_cache(model)
+            forward_ids(model, torch.randint(1000, 20000, (1, 576)), cache, 0)
+            caches.append(cache)
+
+        def decode(batch: int) -> None:
+            forward_segments(model, [Segment([7], 576, caches[i]) for i in range(batch)])
+            for cache in caches[:batch]:
+                cache.crop(576)
+
+        t1, t4 = timed(lambda: decode(1)), timed(lambda: decode(4))
+    bound = (prefill_s + 64 * t1) / (prefill_s + 16 * t4)
+    return {"prefill_512_s": prefill_s, "decode_step_1_s": t1, "decode_step_4_s": t4, "c4_over_c1_bound": bound}
 
 
 def throughput(url: str, work: Path, quick: bool) -> dict[str, Any]:
@@ -101,10 +148,12 @@ def stream_tokens(url: str, body: dict[str, Any], times: list[float], stop: thre
                 return
 
 
-def chunked_prefill(url: str, quick: bool, long_tokens: int = 8000) -> dict[str, Any]:
+def long_prompt(url: str, quick: bool, long_tokens: int = 6500) -> dict[str, Any]:
     from evals.needles import build_case
 
     long_case = build_case(long_tokens, depth=0.5, seed=815)
+    long_body = {"prompt": long_case.completion_prompt(), "max_tokens": 1, "temperature": 0}
+    alone_body = httpx.post(f"{url}/v1/completions", json=long_body, timeout=None).raise_for_status().json()
     short = {"max_tokens": 4000, "ignore_eos": True, "temperature": 0}
     streams = [{"prompt": f"Story {i}: once upon a time, in a town by the sea,", **short} for i in range(3)]
     stop = threading.Event()
@@ -121,14 +170,10 @@ def chunked_prefill(url: str, quick: bool, long_tokens: int = 8000) -> dict[str,
     time.sleep(15 if quick else 30)
     window_end = time.perf_counter()
     sent = time.perf_counter()
-    response = httpx.post(
-        f"{url}/v1/completions",
-        json={"prompt": long_case.completion_prompt(), "max_tokens": 1, "temperature": 0},
-        timeout=None,
-    )
+    response = httpx.post(f"{url}/v1/completions", json=long_body, timeout=None)
     long_done = time.perf_counter()
     response.raise_for_status()
-    long_body = response.json()
+    during_body = response.json()
     stop.set()
     for thread in threads:
         thread.join(timeout=30)
@@ -142,10 +187,13 @@ def chunked_prefill(url: str, quick: bool, long_tokens: int = 8000) -> dict[str,
 
     alone, during = gaps(window_start, window_end), gaps(sent, long_done)
     p50_alone = statistics.median(alone)
+    ttft_alone, ttft_during = alone_body["metrics"]["ttft_ms"], during_body["metrics"]["ttft_ms"]
     return {
-        "long_prompt_tokens": long_body["usage"]["prompt_tokens"],
-        "long_ttft_ms": long_body["metrics"]["ttft_ms"],
-        "long_prefill_ms": long_body["metrics"]["prefill_ms"],
+        "long_prompt_tokens": during_body["usage"]["prompt_tokens"],
+        "long_ttft_alone_ms": ttft_alone,
+        "long_ttft_ms": ttft_during,
+        "long_ttft_over_alone": ttft_during / ttft_alone,
+        "long_prefill_ms": during_body["metrics"]["prefill_ms"],
         "streams": len(streams),
         "itl_alone_ms": {"n": len(alone), "p50": p50_alone, "p99": percentile(alone, 99)},
         "itl_during_long_prefill_ms": {
@@ -155,6 +203,57 @@ def chunked_prefill(url: str, quick: bool, long_tokens: int = 8000) -> dict[str,
             "max": max(during) if during else None,
         },
         "p99_during_over_p50_alone": percentile(during, 99) / p50_alone if during else None,
+    }
+
+
+GAUGES = (("running", "gemserve_requests_running{"), ("batch_size", "gemserve_batch_size{"))
+
+
+def long_max_tokens(url: str, work: Path, quick: bool, requests: int = 24, prompt_tokens: int = 1000) -> dict[str, Any]:
+    """``requests`` chat requests at once with ``max_tokens=4096`` whose answers end early."""
+    from evals.needles import build_case
+
+    cases = [build_case(prompt_tokens, depth=0.3, seed=900 + i) for i in range(requests)]
+    seen = {"running": 0, "batch_size": 0}
+    stop = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            while not stop.is_set():
+                for line in client.get("/metrics").text.splitlines():
+                    for key, name in GAUGES:
+                        if line.startswith(name):
+                            seen[key] = max(seen[key], int(float(line.rsplit(" ", 1)[1])))
+                time.sleep(0.2)
+
+    def ask(case: Any) -> dict[str, Any]:
+        body = {"messages": [{"role": "user", "content": case.user_message()}], "max_tokens": 4096, "temperature": 0}
+        return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=None).raise_for_status().json()
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(requests) as pool:
+        answers = list(pool.map(ask, cases))
+    elapsed = time.perf_counter() - started
+    stop.set()
+    poller.join(timeout=5)
+    prompt = statistics.median(a["usage"]["prompt_tokens"] for a in answers)
+    completion = [a["usage"]["completion_tokens"] for a in answers]
+    # The earlier rule: each request reserved prompt + max_tokens for its whole life, under the same
+    # default memory (4 x the 8K context), at most --max-concurrency 8 at once.
+    earlier = min(8, int(4 * 8192 // (prompt + 4096)))
+    return {
+        "requests": requests,
+        "prompt_tokens_p50": prompt,
+        "completion_tokens": {"p50": statistics.median(completion), "max": max(completion)},
+        "seconds": elapsed,
+        "max_running": seen["running"],
+        "max_batch_size": seen["batch_size"],
+        "earlier_rule_running": earlier,
+        "running_over_earlier": seen["running"] / earlier,
     }
 
 
@@ -171,7 +270,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     loaded = result["compression"]["loaded_c8"]
     axes[1].bar(list(loaded), [r["request_throughput"] for r in loaded.values()], color=["#888", "#27a"])
     axes[1].set_title("4K prompts, concurrency 8: requests/s")
-    itl = result["chunked_prefill"]
+    itl = result["long_prompt"]
     axes[2].bar(
         ["p50 alone", f"p99 during a {itl['long_prompt_tokens']}-token prefill"],
         [itl["itl_alone_ms"]["p50"], itl["itl_during_long_prefill_ms"]["p99"] or 0],
@@ -186,7 +285,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def doc_section(result: dict[str, Any]) -> str:
-    t, c, p = result["throughput"], result["compression"], result["chunked_prefill"]
+    t, c, p = result["throughput"], result["compression"], result["long_prompt"]
+    m, steps = result["long_max_tokens"], result["step_costs"]
     lines = [
         HEADING,
         "",
@@ -208,26 +308,36 @@ def doc_section(result: dict[str, Any]) -> str:
 
     lines += [row(f"512 tok, {k}", "none", v) for k, v in t["runs"].items()]
     lines += [row(f"4K tok, {k.split('_')[-1]}", m, v) for k in ("alone_c1", "loaded_c8") for m, v in c[k].items()]
+    ratio, bound = t["c4_over_c1_output_tokens_per_s"], steps["c4_over_c1_bound"]
     lines += [
         "",
-        "- Output tokens/s at concurrency 4 over 1 (512-token prompts): "
-        f"**{t['c4_over_c1_output_tokens_per_s']:.2f}x**.",
+        f"- Output tokens/s at concurrency 4 over 1 (512-token prompts): **{ratio:.2f}x**, "
+        f"{ratio / bound:.2f} of the {bound:.2f}x the step costs allow (a 512-token prefill "
+        f"{steps['prefill_512_s'] * 1000:.0f} ms, a decode step {steps['decode_step_1_s'] * 1000:.0f} ms for one "
+        f"request and {steps['decode_step_4_s'] * 1000:.0f} ms for four: (P + 64 t1) / (P + 16 t4)).",
         f"- GemFilter's request throughput over none at concurrency 8 (4K): **{c['gemfilter_gain_under_load']:.2f}x**; "
         f"its TTFT gain alone: {c['gemfilter_ttft_gain_alone']:.2f}x.",
-        f"- Three streams decoding: ITL p50 {p['itl_alone_ms']['p50']:.0f} ms alone; while a "
-        f"{p['long_prompt_tokens']}-token prompt was prefilled ({p['long_ttft_ms'] / 1000:.0f} s to its first token) "
-        f"their p99 was {p['itl_during_long_prefill_ms']['p99']:.0f} ms "
-        f"(max {p['itl_during_long_prefill_ms']['max']:.0f}): **{p['p99_during_over_p50_alone']:.2f}x** the p50.",
+        f"- A {p['long_prompt_tokens']}-token prompt: first token after {p['long_ttft_alone_ms'] / 1000:.1f} s alone "
+        f"and {p['long_ttft_ms'] / 1000:.1f} s while three streams decoded (**{p['long_ttft_over_alone']:.2f}x**); "
+        f"the streams' ITL p50 {p['itl_alone_ms']['p50']:.0f} ms without it, p99 "
+        f"{p['itl_during_long_prefill_ms']['p99']:.0f} ms (max {p['itl_during_long_prefill_ms']['max']:.0f}) while it "
+        f"was prefilled: **{p['p99_during_over_p50_alone']:.2f}x** the p50.",
+        f"- {m['requests']} chat requests at once, ~{m['prompt_tokens_p50']:.0f}-token prompts, `max_tokens=4096`, "
+        f"answers of {m['completion_tokens']['p50']:.0f} tokens (p50; max {m['completion_tokens']['max']}): "
+        f"**{m['max_running']}** ran at once (batch-size gauge max {m['max_batch_size']}), against "
+        f"{m['earlier_rule_running']} under the earlier rule (prompt + max_tokens reserved for the whole request): "
+        f"**{m['running_over_earlier']:.1f}x**.",
         "",
-        "Chunk size (`--prefill-chunk-tokens`) while the three streams decode and the long prompt is prefilled:",
+        "Step budget (`--max-num-batched-tokens`) while the three streams decode and the long prompt is prefilled:",
         "",
-        "| chunk tokens | long prompt TTFT s | stream ITL p50 alone ms | p99 during ms | max during ms | p99 / p50 |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| step tokens | long prompt TTFT alone s | TTFT during s | during / alone | stream ITL p50 ms "
+        "| p99 during ms | p99 / p50 |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
         *[
-            f"| {size} | {r['long_ttft_ms'] / 1000:.0f} | {r['itl_alone_ms']['p50']:.0f} | "
-            f"{r['itl_during_long_prefill_ms']['p99']:.0f} | {r['itl_during_long_prefill_ms']['max']:.0f} | "
-            f"{r['p99_during_over_p50_alone']:.2f} |"
-            for size, r in result["chunked_prefill_by_chunk"].items()
+            f"| {size} | {r['long_ttft_alone_ms'] / 1000:.1f} | {r['long_ttft_ms'] / 1000:.1f} | "
+            f"{r['long_ttft_over_alone']:.2f} | {r['itl_alone_ms']['p50']:.0f} | "
+            f"{r['itl_during_long_prefill_ms']['p99']:.0f} | {r['p99_during_over_p50_alone']:.2f} |"
+            for size, r in result["long_prompt_by_step_tokens"].items()
         ],
         "",
         "![continuous batching](../bench/results/batching_smollm2.png)",
@@ -248,7 +358,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run, not for the docs)")
     parser.add_argument("--skip", default="", help="comma list of scenarios to skip (for debugging)")
-    parser.add_argument("--chunk-sizes", default="32,128", help="--prefill-chunk-tokens values for chunked_prefill")
+    parser.add_argument(
+        "--step-budgets",
+        default=f"32,{DEFAULT_STEP_TOKENS},256",
+        help="--max-num-batched-tokens values for long_prompt",
+    )
     parser.add_argument("--render", type=Path, help="only redraw the PNG and the docs section from this JSON")
     args = parser.parse_args()
     if args.render:
@@ -256,39 +370,45 @@ def main() -> None:
         plot(result, args.render.with_suffix(".png"))
         replace_doc_section(HEADING, doc_section(result))
         return
-    flags = ["--max-concurrency", "8"]
+    flags: list[str] = []
     result: dict[str, Any] = {
         "benchmark": "batching",
         "model": "smollm2-135m-instruct",
         "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "loadavg_before": [round(x, 2) for x in os.getloadavg()],
         "machine": machine_description(),
-        "server_flags": " ".join(flags),
+        "server_flags": " ".join(flags) or "(defaults)",
         "quick": args.quick,
     }
     skip = set(args.skip.split(","))
+    if "step_costs" not in skip:
+        result["step_costs"] = step_costs()
+        print("step_costs", json.dumps(result["step_costs"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         proc, url = serve(work, flags)
         try:
-            for name, run in (("throughput", throughput), ("compression", compression)):
+            for name, run in (
+                ("throughput", throughput),
+                ("compression", compression),
+                ("long_max_tokens", long_max_tokens),
+            ):
                 if name not in skip:
                     result[name] = run(url, work / name, args.quick)
-                    print(name, json.dumps(result[name])[:400], flush=True)
+                    print(name, json.dumps(result[name])[:600], flush=True)
         finally:
             result["server_stop"] = stop_server(proc, 30)
-        if "chunked_prefill" not in skip:
-            result["chunked_prefill_by_chunk"] = {}
-            for size in (int(x) for x in args.chunk_sizes.split(",")):
-                proc, url = serve(work, [*flags, "--prefill-chunk-tokens", str(size)])
+        if "long_prompt" not in skip:
+            result["long_prompt_by_step_tokens"] = {}
+            for size in (int(x) for x in args.step_budgets.split(",")):
+                proc, url = serve(work, [*flags, "--max-num-batched-tokens", str(size)])
                 try:
-                    run = chunked_prefill(url, args.quick)
+                    run = long_prompt(url, args.quick)
                 finally:
                     stop_server(proc, 30)
-                result["chunked_prefill_by_chunk"][str(size)] = run
-                print("chunked_prefill", size, json.dumps(run), flush=True)
-            default = str(DEFAULT_PREFILL_CHUNK_TOKENS)
-            result["chunked_prefill"] = result["chunked_prefill_by_chunk"].get(default)
+                result["long_prompt_by_step_tokens"][str(size)] = run
+                print("long_prompt", size, json.dumps(run), flush=True)
+            result["long_prompt"] = result["long_prompt_by_step_tokens"].get(str(DEFAULT_STEP_TOKENS))
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     path = RESULTS_DIR / ("batching_smollm2_quick.json" if args.quick else "batching_smollm2.json")
     write_json(path, result)

@@ -42,7 +42,7 @@ from bench.common import (
 )
 from bench.kv_methods import tokens_before_eos
 from compressors import build_method
-from compressors.base import Attachment, cache_bytes, keep_everything
+from compressors.base import Attachment, KVAttachment, cache_bytes, keep_everything
 from compressors.kv_pruner import ScoredKVPruner
 from compressors.kv_scoring import LayerScores, collect_layer_scores
 from compressors.probe import attention_probe
@@ -98,8 +98,6 @@ def run_prompt(engine: HFEngine, prompt, budgets: list[int], steps: int) -> list
     with torch.inference_mode(), all_scorers(list(methods.values())) as collected:
         logits = engine.forward(ids, cache, 0)
     prefill_s = time.perf_counter() - started
-    for method, scores in zip(methods.values(), collected, strict=True):
-        method._collected = scores  # what prefill_observer would have set
     rows = []
     full_bytes = cache_bytes(cache)
 
@@ -125,10 +123,12 @@ def run_prompt(engine: HFEngine, prompt, budgets: list[int], steps: int) -> list
         work = copy.deepcopy(cache)
         tokens, seconds = decode(engine, work, Attachment(ids, keep_everything("none", n)), logits, n, steps)
         record("none", None, tokens, seconds, full_bytes)
-        for (name, budget), method in methods.items():
+        for ((name, budget), method), scores in zip(methods.items(), collected, strict=True):
             work = copy.deepcopy(cache)
             with method.attach(engine.model, ids, work, engine.default_budget) as hooks:
-                hooks.adopt_prefill(full_bytes)  # prune the shared prefill's copy, as the engine would have
+                assert isinstance(hooks, KVAttachment)
+                # Prune the shared prefill's copy with this method's own scores, as the engine would have.
+                hooks.adopt_prefill(full_bytes, scores)
                 kv = cache_bytes(work)
                 tokens, seconds = decode(engine, work, hooks, logits, n, steps)
             record(name, budget, tokens, seconds, kv)

@@ -162,14 +162,14 @@ def select_alone(engine: Any, ids: list[int]) -> float:
     """The vllm+gemfilter request's selection again, alone: on the same filter model, in this thread."""
     import torch
 
-    from compressors.base import Target, drive
+    from compressors.base import Target
 
     request = request_for(ids, "vllm+gemfilter", 1)
     method = engine.resolve_method(request.compression.method, request.compression.knobs)
     target = Target(engine.filter_model.model, torch.tensor([ids]), None, engine.default_budget, engine.tokenizer)
     torch.set_num_threads(engine.filter_threads())
     with torch.inference_mode():
-        return drive(method.attach_steps(target)).selection.select_ms
+        return method.attachment(target).selection.select_ms
 
 
 async def build_engines(args: argparse.Namespace) -> dict[str, Any]:

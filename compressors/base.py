@@ -21,12 +21,13 @@ Every method is driven through one lifecycle, in the spirit of kvpress's ``with 
 The HF engine, the vLLM engine (whose methods are prompt selectors only) and the tests all drive
 this protocol; none of them asks a method what kind it is.
 
-A continuous-batching engine needs three more answers, which every attachment gives:
-:meth:`Method.attach_steps` builds the attachment in steps (GemFilter's filter pass a chunk at a
-time, so other requests' decode steps run between its chunks); ``chunkable_prefill`` says whether
-``prefill()`` hooks nothing inside the forward, so the prefill may be split into chunks with other
-forwards between them; ``batched_decode`` says the same of ``decode_step()``, whose work then is
-all in :meth:`Attachment.after_decode`, run after a decode forward shared with other requests.
+A continuous-batching engine needs three more answers, which every method and attachment gives:
+:meth:`Method.prepare` builds the attachment through a :class:`Preparation`, whose model work over
+the prompt before the prefill (GemFilter's filter pass) runs a chunk at a time, as large as the
+engine's scheduler plans, with other requests' forwards between them; ``chunkable_prefill`` says
+whether ``prefill()`` hooks nothing inside the forward, so the prefill may be split into chunks;
+``batched_decode`` says the same of ``decode_step()``, whose work then is all in
+:meth:`Attachment.after_decode`, run after a decode forward shared with other requests.
 
 Methods take a model and token ids, never a request or a backend: this package knows torch
 and transformers, nothing of HTTP.
@@ -35,7 +36,7 @@ and transformers, nothing of HTTP.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -143,6 +144,9 @@ class Method:
 
     name: ClassVar[str]
     kind: ClassVar[str]  # "none" | "prompt" | "kv"
+    # Its attachment's prefill() hooks nothing inside the forward (Attachment.chunkable_prefill),
+    # known before it is attached: an engine plans the prefill in chunks.
+    chunkable_prefill: ClassVar[bool] = True
 
     @classmethod
     def knobs(cls) -> list[str]:
@@ -173,8 +177,19 @@ class Method:
 
     def cache_tokens(self, prompt_tokens: int, max_tokens: int, default_budget: int) -> int:
         """The most entries per layer this request's KV cache holds once prefilled, to its last
-        token: what a batch's memory budget reserves for it (the whole prompt plus every output)."""
+        token (the whole prompt plus every output): a request beyond a batch's memory never runs."""
         return prompt_tokens + max_tokens
+
+    def cache_sizes(
+        self, model: PreTrainedModel, prompt_tokens: int, max_tokens: int, default_budget: int
+    ) -> CacheSizes:
+        """What a batch's scheduler plans for this request (see :class:`CacheSizes`)."""
+        return CacheSizes(prompt_tokens, prompt_tokens, self.cache_tokens(prompt_tokens, max_tokens, default_budget))
+
+    def filter_pass(self, model: PreTrainedModel, prompt_tokens: int, default_budget: int) -> tuple[int, int] | None:
+        """The pass :meth:`prepare`'s :class:`Preparation` will run over the prompt, as
+        ``(layers, tail)`` (decoder layers it runs, least length of its last chunk); None: none."""
+        return None
 
     @contextmanager
     def attach(
@@ -190,16 +205,23 @@ class Method:
         default budget, the prompt's tokenizer (for selectors that keep whole words)."""
         yield self.attachment(Target(model, prompt_ids, cache, default_budget, tokenizer))
 
-    def attach_steps(self, target: Target) -> Generator[None, None, Attachment]:
-        """:meth:`attach` in steps: yields between units of work (with ``target.chunk_tokens`` set,
-        GemFilter's filter pass yields after each chunk), returns the attachment. No step may leave
-        a hook active: the caller runs other requests' forwards at every yield."""
-        return self.attachment(target)
-        yield  # a generator that does its work at once
+    def prepare(self, target: Target) -> Preparation:
+        """The attachment, built in steps where the method runs the model before the prefill
+        (:class:`Preparation`); at once otherwise."""
+        return Preparation(lambda: self.attachment(target))
 
     def attachment(self, target: Target) -> Attachment:
         """This method's hooks for one request; the base keeps everything and hooks nothing."""
         return Attachment(target.prompt_ids, keep_everything(self.name, target.prompt_tokens))
+
+
+@dataclass(frozen=True)
+class CacheSizes:
+    """A request's sizes in cache entries per layer, known at admission."""
+
+    prefill: int  # tokens the prefill runs (a selector: the kept ones)
+    kept: int  # entries the cache holds once prefilled (a KV method: what it keeps)
+    most: int  # the most it ever holds, to its last token (its method may evict as it decodes)
 
 
 @dataclass
@@ -211,9 +233,6 @@ class Target:
     cache: Cache | None
     default_budget: int
     tokenizer: PreTrainedTokenizerBase | None = None
-    # For attach_steps(): how many tokens the next chunk of a pass over the prompt may take, given
-    # the position it starts at (None: the whole pass at once).
-    chunk_tokens: ChunkPolicy | None = None
     # The first layers of ``model`` in another dtype, for a prompt selector's pass that only ranks
     # tokens (GemFilter's filter pass in bfloat16 beside a float32 model); None: ``model`` itself.
     filter_model: PreTrainedModel | None = None
@@ -223,17 +242,35 @@ class Target:
         return int(self.prompt_ids.shape[-1])
 
 
-# chunk_tokens(start, remaining) -> tokens of the next chunk, in [1, remaining].
-ChunkPolicy = Callable[[int, int], int]
+class Preparation:
+    """An attachment on its way: the model work a method does over the prompt before its prefill
+    (a pass over ``filter_tokens`` tokens through ``filter_layers`` decoder layers: GemFilter's
+    filter pass), run by :meth:`run_filter` a chunk at a time in the order of the prompt, each as
+    large as the caller plans; then :meth:`attachment`. The base has no such work. No chunk
+    leaves a hook active: the caller runs other requests' forwards between them."""
 
+    filter_tokens: int = 0
+    filter_layers: int = 0
+    # The pass's last chunk holds at least this many tokens (the queries that score); a pass
+    # that cannot be chunked has its whole length here.
+    filter_tail: int = 1
 
-def drive(steps: Generator[None, None, Any]) -> Any:
-    """Run a generator of steps to its end; its return value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    def __init__(self, build: Callable[[], Attachment] | None = None) -> None:
+        self._build = build
+
+    def run_filter(self, start: int, tokens: int) -> None:
+        raise RuntimeError(f"{type(self).__name__} has no filter pass to run")
+
+    def run_whole(self) -> Preparation:
+        """Run what is left of the pass at once (a caller with no batch to share it with)."""
+        if self.filter_tokens:
+            self.run_filter(0, self.filter_tokens)
+        return self
+
+    def attachment(self) -> Attachment:
+        """The attachment, once the pass (if any) has run to its end."""
+        assert self._build is not None  # subclasses with a pass override this
+        return self._build()
 
 
 class Attachment:
@@ -319,11 +356,6 @@ class PromptSelector(BudgetedMethod):
         (``tokenizer``: the prompt's, for selectors that keep whole words)."""
         raise NotImplementedError
 
-    def select_steps(self, target: Target) -> Generator[None, None, Selection]:
-        """:meth:`select` in steps (see :meth:`Method.attach_steps`); at once unless overridden."""
-        return self.select(target.model, target.prompt_ids, target.default_budget, target.tokenizer)
-        yield  # a generator that does its work at once
-
     def prefill_positions(self, prompt_tokens: int, default_budget: int) -> int:
         # The kept tokens restart at position 0.
         return self.resolve_budget(prompt_tokens, default_budget)
@@ -334,13 +366,23 @@ class PromptSelector(BudgetedMethod):
     def cache_tokens(self, prompt_tokens: int, max_tokens: int, default_budget: int) -> int:
         return self.resolve_budget(prompt_tokens, default_budget) + max_tokens
 
-    def attachment(self, target: Target) -> Attachment:
-        return drive(self.attach_steps(target))
+    def cache_sizes(
+        self, model: PreTrainedModel, prompt_tokens: int, max_tokens: int, default_budget: int
+    ) -> CacheSizes:
+        # A selector that does not run (its budget covers the prompt, or it is too short to pay
+        # off) keeps every token.
+        selects = self.selects_with_model(model, prompt_tokens, default_budget)
+        kept = self.resolve_budget(prompt_tokens, default_budget) if selects else prompt_tokens
+        return CacheSizes(kept, kept, kept + max_tokens)
 
-    def attach_steps(self, target: Target) -> Generator[None, None, Attachment]:
-        """Select (in steps): the prefill sees only the kept ids."""
-        selection = yield from self.select_steps(target)
-        return Attachment(kept_ids(target.prompt_ids, selection), selection)
+    def attachment(self, target: Target) -> Attachment:
+        return self.prepare(target).run_whole().attachment()
+
+    def prepare(self, target: Target) -> Preparation:
+        """Select (a selector that runs the model overrides this to do it in steps): the prefill
+        sees only the kept ids."""
+        selection = self.select(target.model, target.prompt_ids, target.default_budget, target.tokenizer)
+        return Preparation(lambda: Attachment(kept_ids(target.prompt_ids, selection), selection))
 
 
 def kept_ids(prompt_ids: torch.Tensor, selection: Selection) -> torch.Tensor:
@@ -361,12 +403,24 @@ class KVCompressor(BudgetedMethod):
     followed by ``after_decode_step`` (methods that keep evicting, like H2O). :meth:`attach`
     drives them in that order; :class:`compressors.kv_pruner.ScoredKVPruner` attaches its own
     hooks instead, which prune each layer during the prefill.
+
+    The method object is its knobs only: what one request needs to remember (the prefill's scores,
+    the positions its cache holds) lives in the state :meth:`new_state` makes, which the request's
+    :class:`KVAttachment` owns and hands to each hook. So one method object may serve any number of
+    requests, in turn or interleaved.
     """
 
     kind: ClassVar[str] = "kv"
+    chunkable_prefill: ClassVar[bool] = False  # its observer and pruning need every prompt query at once
 
     def cache_tokens(self, prompt_tokens: int, max_tokens: int, default_budget: int) -> int:
         return self.resolve_budget(prompt_tokens, default_budget) + max_tokens
+
+    def cache_sizes(
+        self, model: PreTrainedModel, prompt_tokens: int, max_tokens: int, default_budget: int
+    ) -> CacheSizes:
+        kept = self.resolve_budget(prompt_tokens, default_budget)
+        return CacheSizes(prompt_tokens, kept, self.cache_tokens(prompt_tokens, max_tokens, default_budget))
 
     def observes_decode(self) -> bool:
         """Whether :meth:`decode_observer` reads the decode forward (then the request decodes alone)."""
@@ -380,24 +434,37 @@ class KVCompressor(BudgetedMethod):
     def kv_attachment(self, target: Target) -> KVAttachment:
         return KVAttachment(self, target)
 
-    @contextmanager
-    def prefill_observer(self, model: PreTrainedModel, prompt_tokens: int) -> Iterator[None]:
-        yield
+    def new_state(self) -> Any:
+        """A fresh per-request state for the hooks below (None: the method needs none)."""
+        return None
 
-    def compress(self, cache: Cache, prompt_tokens: int, default_budget: int) -> Selection:
+    @contextmanager
+    def prefill_observer(self, model: PreTrainedModel, prompt_tokens: int) -> Iterator[Any]:
+        """Around the prefill forward; yields what it observes (complete once the context has
+        exited), which :meth:`compress` then takes. The method itself keeps none of it."""
+        yield None
+
+    def compress(
+        self, cache: Cache, prompt_tokens: int, default_budget: int, state: Any, observed: Any = None
+    ) -> Selection:
+        """Shrink the full cache; ``observed``: what :meth:`prefill_observer` yielded over its prefill."""
         raise NotImplementedError
 
     @contextmanager
-    def decode_observer(self, model: PreTrainedModel) -> Iterator[None]:
+    def decode_observer(self, model: PreTrainedModel, state: Any) -> Iterator[None]:
         yield
 
-    def after_decode_step(self, cache: Cache) -> None:
+    def after_decode_step(self, cache: Cache, state: Any) -> None:
         """Called after every decode forward; the default keeps the cache as it is."""
 
 
 class KVAttachment(Attachment):
     """A KV method on one request: observe the prefill, compress the full cache, then the decode hooks.
-    Its prefill is one forward: the observer and the pruning need every prompt query and key at once."""
+    Its prefill is one forward: the observer and the pruning need every prompt query and key at once.
+
+    ``state`` is this request's (from :meth:`KVCompressor.new_state`); only the method's hooks
+    change it.
+    """
 
     chunkable_prefill: ClassVar[bool] = False
 
@@ -408,6 +475,7 @@ class KVAttachment(Attachment):
         self.model = target.model
         self.cache: Cache = target.cache
         self.default_budget = target.default_budget
+        self.state: Any = method.new_state()
 
     @property
     def prompt_tokens(self) -> int:
@@ -415,13 +483,16 @@ class KVAttachment(Attachment):
 
     @contextmanager
     def prefill(self) -> Iterator[None]:
-        with self.method.prefill_observer(self.model, self.prompt_tokens):
+        with self.method.prefill_observer(self.model, self.prompt_tokens) as observed:
             yield
-        self.adopt_prefill(cache_bytes(self.cache))
+        self.adopt_prefill(cache_bytes(self.cache), observed)
 
-    def adopt_prefill(self, kv_bytes_before: int) -> None:
+    def adopt_prefill(self, kv_bytes_before: int, observed: Any = None) -> None:
+        """``observed``: what this method's :meth:`~KVCompressor.prefill_observer` yielded over the
+        shared prefill (one of the same knobs, budget aside, yields the same). This request owns it
+        from here: give each attachment its own copy."""
         self.kv_bytes_before = kv_bytes_before
-        self.selection = self.method.compress(self.cache, self.prompt_tokens, self.default_budget)
+        self.selection = self.method.compress(self.cache, self.prompt_tokens, self.default_budget, self.state, observed)
 
     @property
     def batched_decode(self) -> bool:
@@ -429,9 +500,9 @@ class KVAttachment(Attachment):
 
     @contextmanager
     def decode_step(self) -> Iterator[None]:
-        with self.method.decode_observer(self.model):
+        with self.method.decode_observer(self.model, self.state):
             yield
         self.after_decode()
 
     def after_decode(self) -> None:
-        self.method.after_decode_step(self.cache)
+        self.method.after_decode_step(self.cache, self.state)

@@ -31,7 +31,6 @@ nothing next to a filter pass of ``r`` full layers.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,7 +40,16 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from compressors.attention import ATTENTION_BACKENDS, AttentionBackend, build_attention
-from compressors.base import ChunkPolicy, CompressionError, PromptSelector, Selection, Target, drive, model_dtype
+from compressors.base import (
+    Attachment,
+    CompressionError,
+    Preparation,
+    PromptSelector,
+    Selection,
+    Target,
+    kept_ids,
+    model_dtype,
+)
 from compressors.knobs import knob
 from compressors.kv_scoring import causal_logits, window_attention
 from compressors.probe import (
@@ -225,6 +233,12 @@ class GemFilter(PromptSelector):
         keep = self.resolve_budget(prompt_tokens, default_budget)
         return keep < prompt_tokens and self.pays_off(model, prompt_tokens, keep)
 
+    def filter_pass(self, model: PreTrainedModel, prompt_tokens: int, default_budget: int) -> tuple[int, int] | None:
+        if not self.selects_with_model(model, prompt_tokens, default_budget):
+            return None
+        chunks = self.filter_backend().prefills_in_chunks
+        return self.filter_layer(model) + 1, min(self.window, prompt_tokens) if chunks else prompt_tokens
+
     def filter_layer(self, model: PreTrainedModel) -> int:
         return self.layer if self.layer is not None else default_filter_layer(model.config)
 
@@ -245,33 +259,12 @@ class GemFilter(PromptSelector):
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> Selection:
         """``tokenizer`` tells where words start (``span="word"``); other spans need none."""
-        return drive(self.select_steps(Target(model, input_ids, None, default_budget, tokenizer)))
+        preparation = self.prepare(Target(model, input_ids, None, default_budget, tokenizer))
+        return preparation.run_whole().selection()
 
-    def select_steps(self, target: Target) -> Generator[None, None, Selection]:
-        """The selection; with ``target.chunk_tokens`` the filter pass runs a chunk per step."""
-        model, input_ids = target.model, target.prompt_ids
-        self.validate()
-        self.validate_for_model(model)
-        start = time.perf_counter()
-        n = int(input_ids.shape[-1])
-        keep = self.resolve_budget(n, target.default_budget)
-        skipped = None
-        filter_report = None
-        pooled = None
-        if keep >= n:  # k >= n keeps everything: no filter pass, identical to `none`
-            kept = list(range(n))
-        elif not self.pays_off(model, n, keep):
-            kept, skipped = list(range(n)), SKIPPED_TOO_SHORT
-        else:
-            scorer = self.scoring_model(model, target.filter_model)
-            scores, filter_report = yield from self.filter_scores_steps(scorer, input_ids, target.chunk_tokens, model)
-            pooled = pooled_scores(scores, self.kernel_size).cpu()  # n floats: the pick and the strip run here
-            kept = self.choose_pooled(pooled, keep, input_ids, target.tokenizer)
-        selection = self.selection(model, n, kept, start, skipped, filter_report)
-        selection.token_scores = pooled
-        if pooled is not None:
-            selection.filter_dtype = model_dtype(scorer)
-        return selection
+    def prepare(self, target: Target) -> GemFilterPreparation:
+        """The selection, its filter pass run a chunk at a time by the caller (:class:`Preparation`)."""
+        return GemFilterPreparation(self, target)
 
     def scoring_model(self, model: PreTrainedModel, filter_model: PreTrainedModel | None) -> PreTrainedModel:
         """The model the filter pass runs on: ``filter_model`` (``model``'s first layers, maybe in a
@@ -284,28 +277,11 @@ class GemFilter(PromptSelector):
     def filter_scores(
         self, model: PreTrainedModel, input_ids: torch.Tensor, filter_model: PreTrainedModel | None = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The filter pass (on :meth:`scoring_model`): this method's scores of every prompt token and
-        its attention report."""
-        scorer = self.scoring_model(model, filter_model)
-        return drive(self.filter_scores_steps(scorer, input_ids, None, model))
-
-    def filter_scores_steps(
-        self,
-        model: PreTrainedModel,
-        input_ids: torch.Tensor,
-        chunk_tokens: ChunkPolicy | None,
-        full_model: PreTrainedModel | None = None,
-    ) -> Generator[None, None, tuple[torch.Tensor, dict[str, Any]]]:
-        """The pass on ``model``; its default layer is that of ``full_model`` (None: ``model``)."""
+        """The filter pass (on :meth:`scoring_model`), whole: this method's scores of every prompt
+        token and its attention report."""
         backend = self.filter_backend()
-        layer = self.filter_layer(full_model if full_model is not None else model)
-        if chunk_tokens is None or not backend.prefills_in_chunks:
-            scores = filter_pass_scores(model, input_ids, layer, self.scoring, self.window, backend)
-        else:
-            passes = chunked_filter_pass_scores(
-                model, input_ids, layer, self.scoring, self.window, backend, chunk_tokens
-            )
-            scores = yield from passes
+        scorer = self.scoring_model(model, filter_model)
+        scores = filter_pass_scores(scorer, input_ids, self.filter_layer(model), self.scoring, self.window, backend)
         return scores, backend.report()
 
     def choose(
@@ -380,55 +356,143 @@ def filter_pass_scores(
     raise RuntimeError(f"the filter pass never reached layer {layer}'s attention")
 
 
-def chunked_filter_pass_scores(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    layer: int,
-    scoring: str,
-    window: int,
-    attention: AttentionBackend,
-    chunk_tokens: ChunkPolicy,
-) -> Generator[None, None, torch.Tensor]:
-    """:func:`filter_pass_scores` a chunk of the prompt per step (yielding after each), for a
-    continuous batch that runs other requests' forwards in between. Layers ``0..layer`` keep a KV
-    cache of the prompt while the pass runs (``(layer + 1) / L`` of a full prefill's cache); each
+class ResumableFilterPass:
+    """:func:`filter_pass_scores` run a chunk of the prompt at a time (:meth:`run`), for a
+    continuous batch that runs other requests' forwards in between. A first chunk that is the whole
+    prompt is the pass as always, with no cache at all; otherwise layers ``0..layer`` keep a KV
+    cache of the prompt while the pass runs (``(layer + 1) / L`` of a full prefill's cache), each
     chunk stops inside ``layer``'s attention after its keys are cached, and the last chunk, which
-    holds at least the ``window`` scored queries, scores every prompt token. Same math as one pass
+    must hold the ``window`` scored queries, scores every prompt token. Same math as one pass
     (causal attention over the same keys), so the scores agree to float rounding."""
-    from transformers.cache_utils import DynamicCache  # the pass's own cache, dropped when it ends
 
-    n = int(input_ids.shape[-1])
-    size = chunk_tokens(0, n)
-    if size >= n or n - size < window:  # one chunk: the pass as always, with no cache at all
-        return filter_pass_scores(model, input_ids, layer, scoring, window, attention)
-    if not uses_probe_attention(model):
-        install_probe_attention(model)
-    cache = DynamicCache(config=model.config)
-    start = 0
-    while start < n:
-        remaining = n - start
-        if start:
-            size = chunk_tokens(start, remaining)
-        if remaining - size < window:  # the scored window stays within the last chunk
-            size = remaining
-        end = start + size
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor,
+        layer: int,
+        scoring: str,
+        window: int,
+        attention: AttentionBackend,
+    ) -> None:
+        self.model = model
+        self.input_ids = input_ids
+        self.layer = layer
+        self.scoring = scoring
+        self.window = window
+        self.attention = attention
+        self.done = 0  # prompt tokens the pass has run
+        self.scores: torch.Tensor | None = None
+        self._cache: Any = None  # the pass's own cache, dropped when it ends
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.shape[-1])
+
+    @property
+    def tail(self) -> int:
+        """The last chunk's least length: the scored queries; the whole pass where the backend
+        cannot run one in chunks."""
+        return min(self.window, self.tokens) if self.attention.prefills_in_chunks else self.tokens
+
+    def run(self, start: int, tokens: int) -> None:
+        """Run prompt tokens ``start .. start + tokens - 1`` (the pass goes in order, each chunk
+        once; a last chunk shorter than :attr:`tail` is refused: it could not score)."""
+        n = self.tokens
+        end = start + tokens
+        if start != self.done or tokens < 1 or end > n:
+            raise ValueError(f"filter pass chunk {start}..{end} out of order (done: {self.done} of {n})")
+        if end < n and n - end < self.tail:
+            raise ValueError(f"filter pass chunk {start}..{end} leaves {n - end} tokens, fewer than {self.tail}")
+        if start == 0 and end == n:
+            self.scores = filter_pass_scores(
+                self.model, self.input_ids, self.layer, self.scoring, self.window, self.attention
+            )
+            self.done = n
+            return
+        if not uses_probe_attention(self.model):
+            install_probe_attention(self.model)
+        if self._cache is None:
+            from transformers.cache_utils import DynamicCache
+
+            self._cache = DynamicCache(config=self.model.config)
         last = end == n
+        layer, scoring, window = self.layer, self.scoring, self.window
 
-        def score_or_stop(
-            module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, last: bool = last
-        ) -> None:
+        def score_or_stop(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
             if getattr(module, "layer_idx", None) == layer:
                 raise StopForward(token_scores(module, query, key, scoring, window) if last else None)
 
-        positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0)
-        with torch.inference_mode(), attention_probe(score_or_stop), use_attention(attention):
+        positions = torch.arange(start, end, device=self.input_ids.device).unsqueeze(0)
+        with torch.inference_mode(), attention_probe(score_or_stop), use_attention(self.attention):
             try:
-                model.base_model(input_ids=input_ids[:, start:end], past_key_values=cache, position_ids=positions)
+                ids = self.input_ids[:, start:end]
+                self.model.base_model(input_ids=ids, past_key_values=self._cache, position_ids=positions)
             except StopForward as stop:
-                if last:
-                    return stop.payload
+                self.scores = stop.payload if last else None
             else:
                 raise RuntimeError(f"the filter pass never reached layer {layer}'s attention")
-        start = end
-        yield
-    raise RuntimeError("the filter pass had no prompt tokens")
+        self.done = end
+        if last:
+            self._cache = None
+
+
+class GemFilterPreparation(Preparation):
+    """One request's selection on its way: the filter pass (when it runs) a chunk at a time, then
+    the pick. ``select_ms`` is wall time from here to the pick, other requests' work between the
+    chunks included."""
+
+    def __init__(self, method: GemFilter, target: Target) -> None:
+        super().__init__()
+        method.validate()
+        method.validate_for_model(target.model)
+        self.method = method
+        self.target = target
+        self.started = time.perf_counter()
+        n = target.prompt_tokens
+        self.keep = method.resolve_budget(n, target.default_budget)
+        self.skipped: str | None = None
+        self.scorer: PreTrainedModel | None = None
+        self.backend: AttentionBackend | None = None
+        self.filter_pass: ResumableFilterPass | None = None
+        if self.keep < n and not method.pays_off(target.model, n, self.keep):
+            self.skipped = SKIPPED_TOO_SHORT
+        elif self.keep < n:
+            self.scorer = method.scoring_model(target.model, target.filter_model)
+            self.backend = method.filter_backend()
+            layer = method.filter_layer(target.model)
+            self.filter_pass = ResumableFilterPass(
+                self.scorer, target.prompt_ids, layer, method.scoring, method.window, self.backend
+            )
+            self.filter_tokens = n
+            self.filter_layers = layer + 1
+            self.filter_tail = self.filter_pass.tail
+        self._selection: Selection | None = None
+
+    def run_filter(self, start: int, tokens: int) -> None:
+        assert self.filter_pass is not None, "no filter pass runs for this request"
+        self.filter_pass.run(start, tokens)
+
+    def selection(self) -> Selection:
+        if self._selection is None:
+            self._selection = self._pick()
+        return self._selection
+
+    def attachment(self) -> Attachment:
+        selection = self.selection()
+        return Attachment(kept_ids(self.target.prompt_ids, selection), selection)
+
+    def _pick(self) -> Selection:
+        method, target = self.method, self.target
+        n = target.prompt_tokens
+        if self.filter_pass is None:  # k >= n (identical to `none`) or too short to pay off
+            return method.selection(target.model, n, list(range(n)), self.started, self.skipped)
+        if self.filter_pass.scores is None:
+            raise RuntimeError(f"the filter pass ran {self.filter_pass.done} of {n} tokens: it has not ended")
+        assert self.scorer is not None and self.backend is not None
+        pooled = pooled_scores(self.filter_pass.scores, method.kernel_size).cpu()  # n floats: pick and strip here
+        kept = method.choose_pooled(pooled, self.keep, target.prompt_ids, target.tokenizer)
+        selection = method.selection(target.model, n, kept, self.started, None, self.backend.report())
+        selection.token_scores = pooled
+        selection.filter_dtype = model_dtype(self.scorer)
+        self.filter_pass = None  # its tensors go with it; the selection stays
+        return selection

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from compressors.knobs import knob
-from compressors.kv_pruner import ScoredKVPruner
+from compressors.kv_pruner import PruneState, ScoredKVPruner
 from compressors.kv_scoring import (
     LayerScorer,
     accumulated_attention,
@@ -41,6 +41,18 @@ def h2o_scores(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> tor
 
 
 @dataclass
+class H2OState(PruneState):
+    """A request's :class:`PruneState` plus the attention each held entry has gathered so far."""
+
+    accumulated: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (kv_heads, len), cache order
+
+
+def accumulated(state: PruneState) -> dict[int, torch.Tensor]:
+    assert isinstance(state, H2OState)  # made by H2O.new_state
+    return state.accumulated
+
+
+@dataclass
 class H2O(ScoredKVPruner):
     """Knobs: ``budget``/``ratio`` (cache entries per KV head, prefill and decode), and
     ``recent_fraction`` (share of the budget for the most recent tokens; paper: 0.5)."""
@@ -50,10 +62,8 @@ class H2O(ScoredKVPruner):
 
     recent_fraction: float = knob(0.5, minimum=0.0, maximum=1.0)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._accumulated: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, len), cache order
-        self._recent = 0
+    def new_state(self) -> H2OState:
+        return H2OState()
 
     def recent_tokens(self, budget: int) -> int:
         return min(budget, math.ceil(budget * self.recent_fraction))
@@ -61,42 +71,42 @@ class H2O(ScoredKVPruner):
     def layer_scorer(self) -> LayerScorer | None:
         return h2o_scores
 
-    def forced_entries(self, prompt_tokens: int, keep: int) -> torch.Tensor:
+    def forced_entries(self, prompt_tokens: int, keep: int, state: PruneState) -> torch.Tensor:
         forced = torch.zeros(prompt_tokens, dtype=torch.bool)
-        forced[prompt_tokens - min(self._recent, keep) :] = True
+        forced[prompt_tokens - min(self.recent_tokens(state.budget), keep) :] = True
         return forced
 
-    def prepare_budget(self, budget: int) -> None:
-        self._recent = self.recent_tokens(budget)
-
-    def on_pruned(self, layer_idx: int, indices: torch.Tensor, scores: torch.Tensor | None) -> None:
+    def on_pruned(self, layer_idx: int, indices: torch.Tensor, scores: torch.Tensor | None, state: PruneState) -> None:
         if scores is None:
             raise RuntimeError("H2O needs its prefill scores to keep evicting while decoding")
-        self._accumulated[layer_idx] = scores.gather(-1, indices.to(scores.device))
+        accumulated(state)[layer_idx] = scores.gather(-1, indices.to(scores.device))
 
     @contextmanager
-    def decode_observer(self, model: PreTrainedModel) -> Iterator[None]:
+    def decode_observer(self, model: PreTrainedModel, state: PruneState) -> Iterator[None]:
+        held = accumulated(state)
+
         def accumulate(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
             layer_idx = getattr(module, "layer_idx", None)
-            if layer_idx not in self._accumulated or is_sliding_module(module):
+            if layer_idx not in held or is_sliding_module(module):
                 return
             weights = attention_weights(module, query, key, key.shape[-2] - query.shape[-2]).sum(dim=1)
-            seen = self._accumulated[layer_idx]
+            seen = held[layer_idx]
             grown = torch.cat([seen, seen.new_zeros(seen.shape[0], weights.shape[-1] - seen.shape[-1])], dim=-1)
-            self._accumulated[layer_idx] = grown + per_kv_head(weights, key.shape[1])
+            held[layer_idx] = grown + per_kv_head(weights, key.shape[1])
 
         with attention_probe(accumulate):
             yield
 
-    def eviction_scores(self, layer_idx: int) -> torch.Tensor:
-        return self._accumulated[layer_idx]
+    def eviction_scores(self, layer_idx: int, state: PruneState) -> torch.Tensor:
+        return accumulated(state)[layer_idx]
 
-    def evictable(self, layer_idx: int, length: int) -> torch.Tensor:
+    def evictable(self, layer_idx: int, length: int, state: PruneState) -> torch.Tensor:
         evictable = torch.ones(length, dtype=torch.bool)
-        if self._recent:
-            evictable[length - self._recent :] = False
+        recent = self.recent_tokens(state.budget)
+        if recent:
+            evictable[length - recent :] = False
         return evictable
 
-    def on_evicted(self, layer_idx: int, keep_mask: torch.Tensor) -> None:
-        scores = self._accumulated[layer_idx]
-        self._accumulated[layer_idx] = scores[keep_mask].view(scores.shape[0], -1)
+    def on_evicted(self, layer_idx: int, keep_mask: torch.Tensor, state: PruneState) -> None:
+        held = accumulated(state)
+        held[layer_idx] = held[layer_idx][keep_mask].view(held[layer_idx].shape[0], -1)

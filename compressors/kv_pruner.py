@@ -7,6 +7,9 @@ and, for methods that keep evicting while decoding, the eviction scores. Everyth
 the probe, the gather of the real ``DynamicCache`` tensors, the bookkeeping of which original
 positions each KV head still holds, the selection report — lives here, once.
 
+The method object holds only its knobs; one request's scores, kept positions and caps live in
+its :class:`PruneState`, which the request's attachment owns and passes to every hook.
+
 Pruning happens inside the prefill (:class:`PruningAttachment`, what the engine attaches): each
 layer's scores are computed from its probed query/key states just before its attention, and its
 cache is cut to the layer's budget just after it (:func:`compressors.probe.after_attention`), so
@@ -25,7 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -48,20 +51,28 @@ from compressors.probe import after_attention
 
 
 @dataclass
+class PruneState:
+    """One request's pruning state (:meth:`ScoredKVPruner.new_state`), owned by its attachment."""
+
+    collected: LayerScores | None = None  # the prefill's scores, per layer
+    budget: int = 0  # the resolved budget before clamping to the prompt (what decoding holds to)
+    positions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (kv_heads, len) original positions
+    caps: dict[int, int] = field(default_factory=dict)  # layer -> most entries it may hold while decoding
+    next_position: int = 0  # the next decoded token's position
+
+
+@dataclass
 class ScoredKVPruner(KVCompressor):
     """Base of the KV pruners; subclasses override the hooks below, not :meth:`compress`."""
 
     # True for methods whose cache never exceeds the budget, decode included (H2O, StreamingLLM).
     evicts_during_decode: ClassVar[bool] = False
 
-    def __post_init__(self) -> None:
-        # Per-request state (the engine builds a fresh method object per request).
-        self._collected: LayerScores | None = None
-        self._positions: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, len) original positions
-        self._caps: dict[int, int] = {}  # layer -> most entries it may hold while decoding
-        self._next_position = 0
-
     # ---- hooks for subclasses -------------------------------------------------------------
+    def new_state(self) -> PruneState:
+        """A fresh state for one request; a method that keeps more returns a subclass of it."""
+        return PruneState()
+
     def layer_scorer(self) -> LayerScorer | None:
         """Scores computed during prefill, per full-attention layer; None needs no scores."""
         return None
@@ -70,7 +81,7 @@ class ScoredKVPruner(KVCompressor):
         """Score even when the budget keeps the whole prompt (methods that evict later need it)."""
         return self.evicts_during_decode
 
-    def forced_entries(self, prompt_tokens: int, keep: int) -> torch.Tensor:
+    def forced_entries(self, prompt_tokens: int, keep: int, state: PruneState) -> torch.Tensor:
         """``(n,)`` bool: entries every head keeps whatever their score; at most ``keep`` of them."""
         return torch.zeros(prompt_tokens, dtype=torch.bool)
 
@@ -78,19 +89,19 @@ class ScoredKVPruner(KVCompressor):
         """Entries each prunable layer keeps; the same budget everywhere by default."""
         return dict.fromkeys(layers, budget)
 
-    def on_pruned(self, layer_idx: int, indices: torch.Tensor, scores: torch.Tensor | None) -> None:
+    def on_pruned(self, layer_idx: int, indices: torch.Tensor, scores: torch.Tensor | None, state: PruneState) -> None:
         """Called with the ``(kv_heads, k)`` indices a layer kept and its ``(kv_heads, n)`` prefill
         scores (None when none were needed), before decoding starts."""
 
-    def eviction_scores(self, layer_idx: int) -> torch.Tensor:
+    def eviction_scores(self, layer_idx: int, state: PruneState) -> torch.Tensor:
         """``(kv_heads, len)``: the lowest-scoring evictable entry goes first while decoding."""
-        return self._positions[layer_idx].to(torch.float32)  # oldest first
+        return state.positions[layer_idx].to(torch.float32)  # oldest first
 
-    def evictable(self, layer_idx: int, length: int) -> torch.Tensor:
+    def evictable(self, layer_idx: int, length: int, state: PruneState) -> torch.Tensor:
         """``(len,)`` bool: which cache slots (in cache order) may be evicted while decoding."""
         return torch.ones(length, dtype=torch.bool)
 
-    def on_evicted(self, layer_idx: int, keep_mask: torch.Tensor) -> None:
+    def on_evicted(self, layer_idx: int, keep_mask: torch.Tensor, state: PruneState) -> None:
         """Called with the ``(kv_heads, len)`` keep mask of one decode-time eviction."""
 
     # ---- the KVCompressor contract ---------------------------------------------------------
@@ -115,102 +126,106 @@ class ScoredKVPruner(KVCompressor):
         return self.budget is not None and self.budget >= prompt_tokens
 
     @contextmanager
-    def prefill_observer(self, model: PreTrainedModel, prompt_tokens: int) -> Iterator[None]:
+    def prefill_observer(self, model: PreTrainedModel, prompt_tokens: int) -> Iterator[LayerScores | None]:
+        """Yields the per-layer scores the forward in this context fills in (None: none needed)."""
         scorer = self.layer_scorer()
         if scorer is None or (self.keeps_whole_prompt(prompt_tokens) and not self.always_score()):
-            yield
+            yield None
             return
         with collect_layer_scores(scorer) as collected:
-            self._collected = collected
-            yield
+            yield collected
 
     def kv_attachment(self, target: Target) -> KVAttachment:
         return PruningAttachment(self, target)
 
-    def compress(self, cache: Cache, prompt_tokens: int, default_budget: int) -> Selection:
+    def compress(
+        self,
+        cache: Cache,
+        prompt_tokens: int,
+        default_budget: int,
+        state: PruneState,
+        observed: LayerScores | None = None,
+    ) -> Selection:
         """Prune a cache the whole prompt has been prefilled into (scores from ``prefill_observer``)."""
         started = time.perf_counter()
-        budgets = self.begin(prunable_layers(cache), prompt_tokens, default_budget)
+        state.collected = observed
+        budgets = self.begin(prunable_layers(cache), prompt_tokens, default_budget, state)
         for layer_idx, keep in budgets.items():
-            self.prune_layer(cache, layer_idx, prompt_tokens, keep)
-        return self.finish(prompt_tokens, (time.perf_counter() - started) * 1000.0)
+            self.prune_layer(cache, layer_idx, prompt_tokens, keep, state)
+        return self.finish(prompt_tokens, (time.perf_counter() - started) * 1000.0, state)
 
-    def begin(self, layers: list[int], prompt_tokens: int, default_budget: int) -> dict[int, int]:
+    def begin(self, layers: list[int], prompt_tokens: int, default_budget: int, state: PruneState) -> dict[int, int]:
         """Check the knobs, set up the decode bookkeeping; return the entries each layer keeps."""
         self.validate()
         target = self.target_budget(prompt_tokens, default_budget)
-        self.prepare_budget(target)
+        self.check_budget(target)
         # A budget that holds the whole prompt keeps it everywhere (PyramidKV's uneven split too).
         uniform = target >= prompt_tokens
         budgets = dict.fromkeys(layers, target) if uniform else self.layer_budgets(layers, target)
-        self._caps = budgets
-        self._next_position = prompt_tokens
+        state.budget = target
+        state.caps = budgets
+        state.next_position = prompt_tokens
         return {layer_idx: min(budget, prompt_tokens) for layer_idx, budget in budgets.items()}
 
-    def finish(self, prompt_tokens: int, prune_ms: float) -> Selection:
+    def finish(self, prompt_tokens: int, prune_ms: float, state: PruneState) -> Selection:
         """The selection once every layer is pruned; select_ms = scoring + ``prune_ms``."""
-        score_ms = self._collected.elapsed_ms if self._collected is not None else 0.0
-        return prune_selection(self.name, prompt_tokens, self._positions, score_ms + prune_ms)
+        score_ms = state.collected.elapsed_ms if state.collected is not None else 0.0
+        return prune_selection(self.name, prompt_tokens, state.positions, score_ms + prune_ms)
 
     def validate_for_prompt(self, prompt_tokens: int, default_budget: int) -> None:
         # The same check compress() makes after the prefill, made before it.
-        self.prepare_budget(self.target_budget(prompt_tokens, default_budget))
+        self.check_budget(self.target_budget(prompt_tokens, default_budget))
 
-    def prepare_budget(self, budget: int) -> None:
-        """Check the knobs against the resolved budget (raise :class:`CompressionError`) and derive
-        any per-request sizes from it."""
+    def check_budget(self, budget: int) -> None:
+        """Check the knobs against the resolved budget (raise :class:`CompressionError`)."""
 
-    def prune_layer(self, cache: Cache, layer_idx: int, prompt_tokens: int, keep: int) -> None:
+    def prune_layer(self, cache: Cache, layer_idx: int, prompt_tokens: int, keep: int, state: PruneState) -> None:
         layer = cache.layers[layer_idx]
         kv_heads = int(layer.keys.shape[1])
         needs_scores = keep < prompt_tokens or self.always_score()
-        scores = self.prefill_scores(layer_idx, kv_heads, prompt_tokens) if needs_scores else None
+        scores = self.prefill_scores(layer_idx, kv_heads, prompt_tokens, state) if needs_scores else None
         if scores is None or keep >= prompt_tokens:
             indices = torch.arange(prompt_tokens, device=layer.keys.device).expand(kv_heads, -1)
         else:
-            indices = top_indices(scores, keep, self.forced(keep, prompt_tokens))
+            indices = top_indices(scores, keep, self.forced(keep, prompt_tokens, state))
             gather_layer(layer, indices)
-        self._positions[layer_idx] = indices
-        self.on_pruned(layer_idx, indices, scores)
+        state.positions[layer_idx] = indices
+        self.on_pruned(layer_idx, indices, scores, state)
 
-    def forced(self, keep: int, prompt_tokens: int) -> torch.Tensor:
-        forced = self.forced_entries(prompt_tokens, keep)
+    def forced(self, keep: int, prompt_tokens: int, state: PruneState) -> torch.Tensor:
+        forced = self.forced_entries(prompt_tokens, keep, state)
         if int(forced.sum()) > keep:
             raise RuntimeError(f"{self.name} forced {int(forced.sum())} entries into a budget of {keep}")
         return forced
 
-    def prefill_scores(self, layer_idx: int, kv_heads: int, prompt_tokens: int) -> torch.Tensor:
+    def prefill_scores(self, layer_idx: int, kv_heads: int, prompt_tokens: int, state: PruneState) -> torch.Tensor:
         if self.layer_scorer() is None or prompt_tokens < MIN_PREFILL_QUERIES:
             return torch.zeros(kv_heads, prompt_tokens)
-        if self._collected is None or layer_idx not in self._collected.scores:
+        if state.collected is None or layer_idx not in state.collected.scores:
             raise RuntimeError(f"{self.name}: no attention scores were collected for layer {layer_idx}")
-        return self._collected.scores[layer_idx]
+        return state.collected.scores[layer_idx]
 
-    def after_decode_step(self, cache: Cache) -> None:
+    def after_decode_step(self, cache: Cache, state: PruneState) -> None:
         """Record the new token's position; evict one entry per head where over the cap."""
-        position = self._next_position
-        self._next_position += 1
-        for layer_idx, positions in self._positions.items():
+        position = state.next_position
+        state.next_position += 1
+        for layer_idx, positions in state.positions.items():
             new = torch.full((positions.shape[0], 1), position, dtype=positions.dtype, device=positions.device)
-            self._positions[layer_idx] = torch.cat([positions, new], dim=-1)
-            if self.evicts_during_decode and self._positions[layer_idx].shape[-1] > self._caps[layer_idx]:
-                self.evict_one(cache, layer_idx)
+            state.positions[layer_idx] = torch.cat([positions, new], dim=-1)
+            if self.evicts_during_decode and state.positions[layer_idx].shape[-1] > state.caps[layer_idx]:
+                self.evict_one(cache, layer_idx, state)
 
-    def evict_one(self, cache: Cache, layer_idx: int) -> None:
-        scores = self.eviction_scores(layer_idx).clone()
+    def evict_one(self, cache: Cache, layer_idx: int, state: PruneState) -> None:
+        scores = self.eviction_scores(layer_idx, state).clone()
         length = scores.shape[-1]
-        scores[:, ~self.evictable(layer_idx, length).to(scores.device)] = float("inf")
+        scores[:, ~self.evictable(layer_idx, length, state).to(scores.device)] = float("inf")
         victims = scores.argmin(dim=-1)
         keep_mask = torch.ones_like(scores, dtype=torch.bool)
         keep_mask[torch.arange(scores.shape[0]), victims] = False
         drop_entry(cache.layers[layer_idx], keep_mask)
-        positions = self._positions[layer_idx]
-        self._positions[layer_idx] = positions[keep_mask].view(positions.shape[0], length - 1)
-        self.on_evicted(layer_idx, keep_mask)
-
-    def kv_positions(self) -> dict[int, torch.Tensor]:
-        """Original positions each prunable layer's KV heads hold now: ``(kv_heads, len)``."""
-        return dict(self._positions)
+        positions = state.positions[layer_idx]
+        state.positions[layer_idx] = positions[keep_mask].view(positions.shape[0], length - 1)
+        self.on_evicted(layer_idx, keep_mask, state)
 
 
 class PruningAttachment(KVAttachment):
@@ -218,6 +233,7 @@ class PruningAttachment(KVAttachment):
     cut to its budget right after that layer's prefill attention."""
 
     method: ScoredKVPruner
+    state: PruneState
 
     def __init__(self, method: ScoredKVPruner, target: Target) -> None:
         super().__init__(method, target)
@@ -228,8 +244,9 @@ class PruningAttachment(KVAttachment):
     @contextmanager
     def prefill(self) -> Iterator[None]:
         n = self.prompt_tokens
-        self._budgets = self.method.begin(full_attention_layers(self.cache), n, self.default_budget)
-        with self.method.prefill_observer(self.model, n), after_attention(self.prune_after_attention):
+        self._budgets = self.method.begin(full_attention_layers(self.cache), n, self.default_budget, self.state)
+        with self.method.prefill_observer(self.model, n) as collected, after_attention(self.prune_after_attention):
+            self.state.collected = collected
             yield
         if self._budgets:
             raise RuntimeError(
@@ -237,7 +254,7 @@ class PruningAttachment(KVAttachment):
             )
         sliding = sum(layer_bytes(self.cache.layers[i]) for i in sliding_layers(self.cache))
         self.kv_bytes_before = self._unpruned_bytes + sliding
-        self.selection = self.method.finish(n, self._prune_ms)
+        self.selection = self.method.finish(n, self._prune_ms, self.state)
 
     def prune_after_attention(self, module: torch.nn.Module, query_len: int) -> None:
         layer_idx = getattr(module, "layer_idx", None)
@@ -247,8 +264,9 @@ class PruningAttachment(KVAttachment):
     def prune(self, layer_idx: int) -> None:
         started = time.perf_counter()
         self._unpruned_bytes += layer_bytes(self.cache.layers[layer_idx])
-        self.method.prune_layer(self.cache, layer_idx, self.prompt_tokens, self._budgets.pop(layer_idx))
-        collected = self.method._collected
+        keep = self._budgets.pop(layer_idx)
+        self.method.prune_layer(self.cache, layer_idx, self.prompt_tokens, keep, self.state)
+        collected = self.state.collected
         if collected is not None:  # consumed: the scores need not outlive their layer
             collected.scores.pop(layer_idx, None)
         self._prune_ms += (time.perf_counter() - started) * 1000.0

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressors.knobs import knob
-from compressors.kv_pruner import ScoredKVPruner
+from compressors.kv_pruner import PruneState, ScoredKVPruner
 from compressors.kv_scoring import LayerScorer, per_kv_head, window_attention
 
 POOLINGS = ("avg", "max")
@@ -70,7 +70,7 @@ class SnapKV(ScoredKVPruner):
 
         return score
 
-    def forced_entries(self, prompt_tokens: int, keep: int) -> torch.Tensor:
+    def forced_entries(self, prompt_tokens: int, keep: int, state: PruneState) -> torch.Tensor:
         forced = torch.zeros(prompt_tokens, dtype=torch.bool)
         forced[prompt_tokens - min(self.window, keep) :] = True
         return forced

@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 
 from compressors.knobs import knob
-from compressors.kv_pruner import ScoredKVPruner
+from compressors.kv_pruner import PruneState, ScoredKVPruner
 
 
 @dataclass
@@ -40,24 +40,20 @@ class StreamingLLM(ScoredKVPruner):
 
     sinks: int = knob(4, minimum=0)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._sinks = self.sinks
-
-    def prepare_budget(self, budget: int) -> None:
+    def kept_sinks(self, budget: int) -> int:
         # The sinks are part of the budget: one smaller than sinks + 1 keeps budget - 1 of them and
         # the newest token (as kvpress's window presses cap their window at the budget).
-        self._sinks = min(self.sinks, budget - 1)
+        return min(self.sinks, budget - 1)
 
-    def forced_entries(self, prompt_tokens: int, keep: int) -> torch.Tensor:
+    def forced_entries(self, prompt_tokens: int, keep: int, state: PruneState) -> torch.Tensor:
         """Exactly ``keep`` entries: the sinks and the most recent ``keep - sinks`` tokens."""
-        sinks = min(self._sinks, keep)
+        sinks = min(self.kept_sinks(state.budget), keep)
         forced = torch.zeros(prompt_tokens, dtype=torch.bool)
         forced[:sinks] = True
         forced[prompt_tokens - (keep - sinks) :] = True
         return forced
 
-    def evictable(self, layer_idx: int, length: int) -> torch.Tensor:
+    def evictable(self, layer_idx: int, length: int, state: PruneState) -> torch.Tensor:
         evictable = torch.ones(length, dtype=torch.bool)
-        evictable[: self._sinks] = False
+        evictable[: self.kept_sinks(state.budget)] = False
         return evictable

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from compressors import KVCompressor, Method, PromptSelector
-from compressors.base import Attachment, cache_bytes, keep_everything, kept_ids, model_dtype
+from compressors.base import Attachment, KVAttachment, cache_bytes, keep_everything, kept_ids, model_dtype
 from compressors.gemfilter import SKIPPED_TOO_SHORT, GemFilter
 from compressors.probe import active_probe, attention_probe
 from server.engine.batch_forward import new_request_cache
@@ -128,24 +128,26 @@ def run_prefill_group(
     cache = new_request_cache(engine.model)
     attention = requests[0].attention  # built by check_request; the group shares its one prefill
     assert attention is not None
-    with observe_all(engine, leaders, n):  # the observers run here, so prefill gets a plain method
+    with observe_all(engine, leaders, n) as observed:  # the observers run here, so prefill gets a plain method
         logits = engine.prefill(Attachment(prompt, keep_everything("none", n)), cache, attention)
     kv_before = cache_bytes(cache)
-    collected = {id(m): copy.deepcopy(getattr(leaders.get(observer_key(m)), "_collected", None)) for m in kv}
     out: dict[int, GenerationResult] = {}
     for index, request, method in zip(indices, requests, methods, strict=True):
         own = copy.deepcopy(cache)
-        if isinstance(method, KVCompressor):
-            method._collected = collected[id(method)]  # the shared prefill's scores, own copy
         with method.attach(engine.model, prompt, own, engine.default_budget, engine.tokenizer) as hooks:
-            hooks.adopt_prefill(kv_before)
+            if isinstance(hooks, KVAttachment):
+                assert isinstance(method, KVCompressor)
+                # What its leader observed of the shared prefill, its own copy.
+                hooks.adopt_prefill(kv_before, copy.deepcopy(observed.get(observer_key(method))))
+            else:
+                hooks.adopt_prefill(kv_before)
             report = engine.report(request, method, hooks, own, attention)
             out[index] = engine.decode_from(request, method, hooks, own, logits.clone(), report, MetricsInfo())
     return out
 
 
 def observer_key(method: KVCompressor) -> str:
-    knobs = {k: v for k, v in vars(method).items() if not k.startswith("_") and k not in BUDGET_KNOBS}
+    knobs = {k: getattr(method, k) for k in method.knobs() if k not in BUDGET_KNOBS}
     return repr((type(method).__name__, sorted(knobs.items())))
 
 
@@ -159,14 +161,16 @@ def observer_leaders(methods: list[KVCompressor], prompt_tokens: int) -> dict[st
 
 
 @contextmanager
-def observe_all(engine: HFEngine, leaders: dict[str, KVCompressor], prompt_tokens: int) -> Iterator[None]:
+def observe_all(engine: HFEngine, leaders: dict[str, KVCompressor], prompt_tokens: int) -> Iterator[dict[str, Any]]:
     """Every leader's prefill observer at once: each sets its probe in turn, and one probe that
-    calls them all is active during the forward."""
+    calls them all is active during the forward. Yields what each observes, by observer key
+    (complete once the context has exited)."""
     with ExitStack() as stack:
         probes = []
-        for method in leaders.values():
+        observed: dict[str, Any] = {}
+        for key, method in leaders.items():
             before = active_probe()
-            stack.enter_context(method.prefill_observer(engine.model, prompt_tokens))
+            observed[key] = stack.enter_context(method.prefill_observer(engine.model, prompt_tokens))
             if active_probe() is not before:
                 probes.append(active_probe())
 
@@ -175,4 +179,4 @@ def observe_all(engine: HFEngine, leaders: dict[str, KVCompressor], prompt_token
                 probe(module, query, key, value)
 
         stack.enter_context(attention_probe(fan_out))
-        yield
+        yield observed

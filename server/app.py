@@ -62,7 +62,7 @@ def build_engine(settings: Settings) -> AsyncEngine:
             settings.max_queue,
             settings.retry_after_s,
             max_batch_tokens=settings.max_batch_tokens or 4 * engine.max_model_len,
-            prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            step_tokens=settings.max_num_batched_tokens,
         )
     if settings.backend == "vllm":  # GemFilter on a truncated HF model in front of vLLM (issue 5)
         from server.engine.vllm_setup import build_vllm_engine

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from server.engine.base import AsyncEngine
@@ -48,13 +48,18 @@ class EngineLoadCollector(Collector):
         without a batch of their own, vllm, report none: vLLM exports its own)."""
         families = {
             "batch_size": GaugeMetricFamily(
-                "gemserve_batch_size", "Requests in the last batched decode step", labels=LABELS[:2]
+                "gemserve_batch_size", "Requests in the last batch step", labels=LABELS[:2]
             ),
             "running_tokens": GaugeMetricFamily(
-                "gemserve_batch_running_tokens", "KV-cache tokens reserved by requests in the batch", labels=LABELS[:2]
+                "gemserve_batch_running_tokens", "KV-cache tokens the requests in the batch hold", labels=LABELS[:2]
             ),
             "waiting_tokens": GaugeMetricFamily(
                 "gemserve_batch_waiting_tokens", "KV-cache tokens the queued requests will reserve", labels=LABELS[:2]
+            ),
+            "preemptions": CounterMetricFamily(
+                "gemserve_batch_preemptions",
+                "Requests whose cache was dropped to make room (recomputed when they run again)",
+                labels=LABELS[:2],
             ),
         }
         gauges = getattr(self.engine, "batch_gauges", None)

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.allocator import DEFAULT_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD
+from server.engine.scheduler import DEFAULT_MAX_RUNNING, DEFAULT_STEP_TOKENS
 
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]  # server/precision.py resolves them
 
@@ -44,18 +45,22 @@ class Settings(BaseSettings):
         "dense", description="Prefill attention backend when a request names none (hf backend; vllm: dense only)"
     )
     max_concurrency: int = Field(
-        8, ge=1, description="hf: requests in the batch at once (their decode forwards shared); vllm: unused"
+        DEFAULT_MAX_RUNNING,
+        ge=1,
+        description="hf: requests in the batch at once (their decode forwards shared); vllm: unused",
     )
     max_batch_tokens: int | None = Field(
         None,
         ge=1,
-        description="hf: KV-cache tokens the batch may reserve (each request: its prompt after compression + "
-        "max_tokens); a request beyond it alone -> 400 (default: 4 x the context length)",
+        description="hf: KV-cache tokens the batch may hold (each request: its prompt after compression + what it "
+        "has generated; the newest is preempted and recomputed later when they outgrow it); a request whose "
+        "largest cache exceeds it -> 400 (default: 4 x the context length)",
     )
-    prefill_chunk_tokens: int = Field(
-        32,
+    max_num_batched_tokens: int = Field(
+        DEFAULT_STEP_TOKENS,
         ge=1,
-        description="hf: prefill tokens per step while other requests decode (fewer deeper into a long prompt)",
+        description="hf: tokens per step while requests decode (decode tokens + prefill and filter-pass chunks, "
+        "a chunk's tokens weighted by their attention and layer count); with none decoding a prefill runs whole",
     )
     max_queue: int = Field(64, ge=0, description="Requests waiting for a slot; beyond this -> 429")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with a 429")

@@ -201,7 +201,6 @@ def test_methods_keep_their_promises(name: str) -> None:
 
 @pytest.mark.parametrize("name", PER_HEAD_CACHE)
 def test_a_mixed_batch_equals_each_solo_run(name: str) -> None:
-    from server.engine.scheduler import Scheduler
     from tests.test_batching import run_batch
 
     engine = engine_for(name)
@@ -209,6 +208,6 @@ def test_a_mixed_batch_equals_each_solo_run(name: str) -> None:
     prompts = [ids_of(3, 40), ids_of(4, 24), ids_of(5, 33)]
     alone = [engine.generate(generation(ids, m, k)) for ids, (m, k) in zip(prompts, specs, strict=True)]
     batch = [generation(ids, m, k) for ids, (m, k) in zip(prompts, specs, strict=True)]
-    batched = run_batch(engine, batch, Scheduler(engine, max_running=3, prefill_chunk_tokens=8))
+    batched = run_batch(engine, batch, engine.new_core(max_running=3, step_tokens=8))
     for solo, recorder in zip(alone, batched, strict=True):
         assert recorder.tokens == solo.token_ids

@@ -1,5 +1,6 @@
-"""Continuous batching on the hf backend: batched outputs equal solo ones, cancellation mid-batch,
-admission by the batch's token budget, chunked prefill (and filter pass) equal to unchunked."""
+"""Continuous batching on the hf backend (scheduler + model runner): batched outputs equal solo
+ones (with preemptions forced too), cancellation mid-batch, admission by the batch's memory,
+chunked prefill (and filter pass) equal to unchunked."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ import pytest
 import torch
 
 from compressors import build_method
-from compressors.attention import build_attention
-from compressors.base import Target, drive
-from compressors.gemfilter import chunked_filter_pass_scores, filter_pass_scores
+from compressors.base import Target
+from compressors.gemfilter import ResumableFilterPass, filter_pass_scores
 from evals.needles import build_case
-from server.engine import scheduler as scheduler_module
+from server.engine import runner as runner_module
 from server.engine.batch_forward import GrowingLayer, Segment, forward_segments, new_request_cache
+from server.engine.core import EngineCore
 from server.engine.hf_async import HFAsyncEngine
-from server.engine.scheduler import Scheduler
+from server.engine.runner import forward_ids
 from server.engine.types import GenerationRequest, GenerationResult, TokenDelta
 from tests.conftest import serve_app
 from tests.test_engine import request
@@ -47,17 +48,17 @@ class Recorder:
             self.result = event
 
 
-def run_batch(engine, requests: list[GenerationRequest], scheduler: Scheduler, monitor=None) -> list[Recorder]:
+def run_batch(engine, requests: list[GenerationRequest], core: EngineCore, monitor=None) -> list[Recorder]:
     recorders = [Recorder() for _ in requests]
     for req, recorder in zip(requests, recorders, strict=True):
         engine.check_request(req)
-        scheduler.add(req, recorder)
+        core.add(req, recorder)
     steps = 0
-    while scheduler.has_work():
-        scheduler.step()
+    while core.has_work():
+        core.step()
         steps += 1
         if monitor is not None:
-            monitor(scheduler, steps)
+            monitor(core, steps)
     return recorders
 
 
@@ -70,19 +71,19 @@ def test_batch_of_four_mixed_prompts_equals_each_alone(engine, prompts, method, 
     shared_chunks: list[int] = []  # prefill chunks that rode in a decode forward
 
     def recording_forward(model, segments):
-        shared_chunks.extend(s.length for s in segments if s.length > 1)
+        if any(s.length == 1 for s in segments):  # someone decodes in this forward
+            shared_chunks.extend(s.length for s in segments if s.length > 1)
         return forward_segments(model, segments)
 
-    monkeypatch.setattr(scheduler_module, "forward_segments", recording_forward)
+    monkeypatch.setattr(runner_module, "forward_segments", recording_forward)
     batch_sizes: list[int] = []
-    scheduler = Scheduler(engine, max_running=4, prefill_chunk_tokens=128)
     batched = run_batch(
         engine,
         [request(ids, method, knobs, max_tokens=40, ignore_eos=True) for ids in prompts],
-        scheduler,
+        engine.new_core(max_running=4, step_tokens=128, idle_budget=256),
         monitor=lambda s, _: batch_sizes.append(s.batch_size),
     )
-    assert max(batch_sizes) == 4  # all four decoded in one forward at some step
+    assert max(batch_sizes) == 4  # all four ran in one step at some point
     assert shared_chunks and max(shared_chunks) <= 128  # later prompts prefilled in chunks, among decodes
     for solo, recorder in zip(alone, batched, strict=True):
         assert recorder.result is not None
@@ -105,7 +106,7 @@ def test_kv_methods_decode_in_the_batch_and_h2o_alone(engine, prompts) -> None:
     batched = run_batch(
         engine,
         [request(ids, m, k, max_tokens=10, ignore_eos=True) for ids, (m, k) in zip(prompts, specs, strict=True)],
-        Scheduler(engine, max_running=4),
+        engine.new_core(max_running=4),
     )
     for solo, recorder in zip(alone, batched, strict=True):
         assert recorder.tokens == solo.token_ids
@@ -118,12 +119,12 @@ def test_a_request_cancelled_mid_batch_stops_within_one_step(engine, prompts) ->
     victim = requests[1]
     at_cancel: list[int] = []
 
-    def cancel_after_five_tokens(scheduler: Scheduler, _: int) -> None:
+    def cancel_after_five_tokens(core: EngineCore, _: int) -> None:
         if victim.generated_tokens >= 5 and not victim.cancelled.is_set():
             victim.cancelled.set()
             at_cancel.append(victim.generated_tokens)
 
-    recorders = run_batch(engine, requests, Scheduler(engine, max_running=3), monitor=cancel_after_five_tokens)
+    recorders = run_batch(engine, requests, engine.new_core(max_running=3), monitor=cancel_after_five_tokens)
     cancelled = recorders[1]
     assert cancelled.result is not None and cancelled.result.finish_reason == "cancelled"
     assert len(cancelled.tokens) <= at_cancel[0] + 1  # at most one more token after the cancel
@@ -132,25 +133,53 @@ def test_a_request_cancelled_mid_batch_stops_within_one_step(engine, prompts) ->
         assert recorders[index].tokens == alone[index].token_ids
 
 
-def test_budget_counts_compressed_sizes_so_more_requests_run_at_once(engine, prompts) -> None:
+def test_memory_counts_compressed_sizes_so_more_requests_run_at_once(engine, prompts) -> None:
     ids = prompts[2]  # ~900 tokens
-    budget = 2 * (len(ids) + 16) + 10  # two uncompressed requests fit, not three
+    budget = 2 * (len(ids) + 16) + 10  # two uncompressed prompts fit, not three
 
     def running_after_admission(method: str, knobs: dict[str, Any]) -> tuple[int, int]:
-        scheduler = Scheduler(engine, max_running=8, max_batch_tokens=budget)
+        core = engine.new_core(max_running=8, max_batch_tokens=budget)
         for _ in range(4):
             req = request(ids, method, knobs, max_tokens=16)
             engine.check_request(req)
-            scheduler.add(req, Recorder())
-        scheduler.admit()
-        running, waiting = scheduler.num_running, scheduler.num_waiting
-        while scheduler.has_work():  # finish them: nothing is left behind
-            scheduler.step()
+            core.add(req, Recorder())
+        core.step()  # admits, runs the first step
+        running, waiting = core.num_running, core.num_waiting
+        while core.has_work():  # finish them: nothing is left behind
+            core.step()
         return running, waiting
 
     assert running_after_admission("none", {}) == (2, 2)
     assert running_after_admission("snapkv", {"budget": 256}) == (4, 0)
-    assert running_after_admission("gemfilter", {"budget": 256, "payoff_ratio": 0.0}) == (4, 0)
+    # While its pass runs a GemFilter request holds the pass's cache (layers 0..4 of 30 here: less
+    # than the 256 kept tokens); then the kept tokens, which fit 4 times.
+    assert running_after_admission("gemfilter", {"budget": 256, "payoff_ratio": 0.0, "layer": 4}) == (4, 0)
+
+
+def test_requests_grow_as_they_decode_and_the_newest_is_preempted_then_recomputed(engine, prompts) -> None:
+    """A memory budget the batch outgrows while decoding: the newest request is preempted (its cache
+    dropped), recomputed when room frees up, and every output still equals its solo run: a
+    chunkable prefill re-runs the generated tokens in its chunks, a KV method (whole prefill)
+    re-feeds them in decode steps, a GemFilter request re-runs its pass and picks the same tokens."""
+    specs = [
+        (prompts[1], "none", {}),
+        (prompts[3], "gemfilter", {"budget": 128, "payoff_ratio": 0.0}),
+        (prompts[2], "snapkv", {"budget": 128}),
+        (prompts[0], "h2o", {"budget": 96}),
+    ]
+    alone = [engine.generate(request(ids, m, k, max_tokens=24, ignore_eos=True)) for ids, m, k in specs]
+    batch = [request(ids, m, k, max_tokens=24, ignore_eos=True) for ids, m, k in specs]
+    sizes = [len(specs[0][0]), 128, 128, 96]
+    budget = sum(sizes) + 20  # every prompt fits; not every prompt plus its 24 tokens
+    core = engine.new_core(max_running=4, max_batch_tokens=max(budget, len(specs[1][0]) + 10), step_tokens=64)
+    held: list[int] = []
+    batched = run_batch(engine, batch, core, monitor=lambda c, _: held.append(c.running_tokens))
+    assert core.preemptions >= 1
+    assert max(held) <= core.scheduler.max_batch_tokens
+    for solo, recorder in zip(alone, batched, strict=True):
+        assert recorder.result is not None and recorder.result.finish_reason == "length"
+        assert recorder.tokens == solo.token_ids
+        assert recorder.result.compression.kept_tokens == solo.compression.kept_tokens
 
 
 def test_admission_400_for_a_request_that_can_never_fit_and_429_when_full(engine, prompts) -> None:
@@ -180,15 +209,19 @@ def test_admission_400_for_a_request_that_can_never_fit_and_429_when_full(engine
             busy = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
             assert busy.status_code == 429 and busy.headers["retry-after"] == "4"
         metrics = client.get("/metrics").text
-        for gauge in ("gemserve_batch_size", "gemserve_batch_running_tokens", "gemserve_batch_waiting_tokens"):
+        for gauge in (
+            "gemserve_batch_size",
+            "gemserve_batch_running_tokens",
+            "gemserve_batch_waiting_tokens",
+            "gemserve_batch_preemptions_total",
+        ):
             assert f"{gauge}{{" in metrics
 
 
 def test_chunked_prefill_logits_equal_one_forward(engine, prompts) -> None:
     """Chunks run alone (nobody decoding) and chunks riding in a shared forward with other requests'
     decode tokens both end in the logits of one unchunked prefill."""
-    ids = torch.tensor([prompts[0]])
-    method = build_method("none")
+    ids = prompts[0]
     others = []
     with torch.inference_mode():
         for n in (5, 30):  # two decoding requests to share the forward with
@@ -196,27 +229,22 @@ def test_chunked_prefill_logits_equal_one_forward(engine, prompts) -> None:
             engine.forward(torch.tensor([prompts[1][:n]]), cache, 0)
             others.append((prompts[1][n], n, cache))
 
-    def last_logits(chunk: int | None, shared: bool = False) -> torch.Tensor:
+    def last_logits(chunk: int, shared: bool = False) -> torch.Tensor:
         cache = new_request_cache(engine.model)
-        with torch.inference_mode(), method.attach(engine.model, ids, cache, 1024) as hooks:
-            policy = None if chunk is None else (lambda start, remaining: min(chunk, remaining))
-            steps = engine.prefill_chunks(hooks, cache, build_attention("dense"), policy)
-            logits = None
-            while True:
-                try:
-                    segment = steps.send(logits)
-                except StopIteration as done:
-                    assert cache.get_seq_length() == ids.shape[1]
-                    return done.value
+        with torch.inference_mode():
+            for start in range(0, len(ids), chunk):
+                part = ids[start : start + chunk]
                 if not shared:
-                    logits = engine.run_chunk(hooks, segment)
+                    logits = forward_ids(engine.model, torch.tensor([part]), cache, start)
                     continue
                 decoders = [Segment([token], position, c) for token, position, c in others]
-                logits = forward_segments(engine.model, [*decoders, segment])[-1]
+                logits = forward_segments(engine.model, [*decoders, Segment(part, start, cache)])[-1]
                 for layer_caches in (c for _, _, c in others):  # keep the others' caches as they were
                     layer_caches.crop(layer_caches.get_seq_length() - 1)
+        assert cache.get_seq_length() == len(ids)
+        return logits
 
-    whole = last_logits(None)
+    whole = last_logits(len(ids))
     for chunk in (37, 256):
         torch.testing.assert_close(last_logits(chunk), whole, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(last_logits(100, shared=True), whole, rtol=1e-4, atol=1e-4)
@@ -225,26 +253,29 @@ def test_chunked_prefill_logits_equal_one_forward(engine, prompts) -> None:
 def test_chunked_filter_pass_scores_and_keeps_what_one_pass_does(engine, prompts) -> None:
     model = engine.model
     ids = torch.tensor([prompts[0]])
+    n = ids.shape[1]
     gem = build_method("gemfilter", {"budget": 256, "payoff_ratio": 0.0})
     layer = gem.filter_layer(model)
     one = filter_pass_scores(model, ids, layer, "fused", 32)
-    steps = chunked_filter_pass_scores(
-        model, ids, layer, "fused", 32, gem.filter_backend(), lambda start, remaining: min(100, remaining)
-    )
-    count = 0
-    while True:
-        try:
-            next(steps)
-            count += 1
-        except StopIteration as done:
-            chunked = done.value
-            break
-    assert count == len(prompts[0]) // 100 - 1 or count == len(prompts[0]) // 100  # the last chunk holds >= window
-    torch.testing.assert_close(chunked, one, rtol=1e-4, atol=1e-4)
-    target = Target(model, ids, None, 1024, engine.tokenizer, lambda start, remaining: min(100, remaining))
+    resumable = ResumableFilterPass(model, ids, layer, "fused", 32, gem.filter_backend())
+    starts = list(range(0, n - 100 - 32, 100))
     with torch.inference_mode():
-        chunked_selection = drive(gem.select_steps(target))
-    assert chunked_selection.kept_indices == gem.select(model, ids, 1024, engine.tokenizer).kept_indices
+        for start in starts:
+            resumable.run(start, 100)
+            assert resumable.scores is None  # only the last chunk scores
+        with pytest.raises(ValueError, match="fewer than 32"):  # a last chunk must hold the scored window
+            resumable.run(resumable.done, n - resumable.done - 1)
+        resumable.run(resumable.done, n - resumable.done)
+    assert resumable.scores is not None
+    torch.testing.assert_close(resumable.scores, one, rtol=1e-4, atol=1e-4)
+    preparation = gem.prepare(Target(model, ids, None, 1024, engine.tokenizer))
+    assert (preparation.filter_tokens, preparation.filter_layers, preparation.filter_tail) == (n, layer + 1, 32)
+    with torch.inference_mode():
+        for start in range(0, n - 100 - 32, 100):
+            preparation.run_filter(start, 100)
+        preparation.run_filter(preparation.filter_pass.done, n - preparation.filter_pass.done)
+    chunked = preparation.attachment().selection
+    assert chunked.kept_indices == gem.select(model, ids, 1024, engine.tokenizer).kept_indices
 
 
 def test_ragged_decode_equals_each_cache_alone(loaded_model) -> None:
@@ -291,14 +322,14 @@ def test_growing_layer_writes_in_place_and_drops_its_buffer_when_pruned() -> Non
 
 def test_async_engine_batches_concurrent_requests(engine, prompts) -> None:
     async def scenario() -> tuple[list[GenerationResult], int]:
-        async_engine = HFAsyncEngine(engine, max_concurrency=4, max_queue=4, prefill_chunk_tokens=256)
+        async_engine = HFAsyncEngine(engine, max_concurrency=4, max_queue=4, step_tokens=256)
         await async_engine.start()
         seen_batch = 0
 
         async def consume(ids: list[int]) -> GenerationResult:
             nonlocal seen_batch
             async for event in async_engine.stream(request(ids, max_tokens=32, ignore_eos=True)):
-                seen_batch = max(seen_batch, async_engine.scheduler.batch_size)
+                seen_batch = max(seen_batch, async_engine.core.batch_size)
                 if isinstance(event, GenerationResult):
                     return event
             raise AssertionError("no result")

@@ -38,16 +38,23 @@ class RecordingEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def new_sequence(self, request: GenerationRequest, emit: Any, meter: Any) -> Any:
-        def recording_emit(event: Any) -> None:
-            if isinstance(event, TokenDelta):
-                self.cancelled_at_token.append(request.cancelled.is_set())
-            elif isinstance(event, GenerationResult):
-                self.results.append(event)
-                self.finished.set()
-            emit(event)
+    def new_core(self, *args: Any, **kwargs: Any) -> Any:
+        core = self.inner.new_core(*args, **kwargs)
+        add = core.add
 
-        return self.inner.new_sequence(request, recording_emit, meter)
+        def recording_add(request: GenerationRequest, emit: Any) -> str:
+            def recording_emit(event: Any) -> None:
+                if isinstance(event, TokenDelta):
+                    self.cancelled_at_token.append(request.cancelled.is_set())
+                elif isinstance(event, GenerationResult):
+                    self.results.append(event)
+                    self.finished.set()
+                emit(event)
+
+            return add(request, recording_emit)
+
+        core.add = recording_add
+        return core
 
 
 class FailingEngine:

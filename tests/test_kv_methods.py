@@ -8,6 +8,7 @@ run through the engine's own hook calls; the needle tests use the real model.
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -60,13 +61,14 @@ def eager_attentions(model: LlamaForCausalLM, ids: torch.Tensor) -> list[torch.T
 
 
 def prefill_and_compress(model, ids: torch.Tensor, method: ScoredKVPruner, default_budget: int = 1024):
-    """The method attached to one prefill of any model, as the engine attaches it."""
+    """The method attached to one prefill of any model, as the engine attaches it: the cache and
+    the attachment (its selection, and its state: what the cache holds)."""
     install_probe_attention(model)
     cache = DynamicCache(config=model.config)
     n = int(ids.shape[1])
     with torch.inference_mode(), method.attach(model, ids, cache, default_budget) as hooks, hooks.prefill():
         model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(n).unsqueeze(0), use_cache=True)
-    return cache, hooks.selection
+    return cache, hooks
 
 
 def full_cache(model, ids: torch.Tensor) -> DynamicCache:
@@ -87,8 +89,8 @@ def assert_top_k(kept: list[set[int]], scores: torch.Tensor, keep: int, forced: 
         assert min(chosen) >= max(dropped) - 1e-6
 
 
-def kept_sets(method: ScoredKVPruner, layer: int) -> list[set[int]]:
-    return [set(row.tolist()) for row in method.kv_positions()[layer]]
+def kept_sets(hooks: KVAttachment, layer: int) -> list[set[int]]:
+    return [set(row.tolist()) for row in hooks.state.positions[layer]]
 
 
 # ---- scoring against explicit attention weights ----------------------------------------------
@@ -97,7 +99,7 @@ def test_snapkv_keeps_what_explicit_window_attention_ranks_highest(tiny_model, t
     n, window, budget, groups = tiny_ids.shape[1], 8, 40, 2
     reference = eager_attentions(tiny_model, tiny_ids)
     method = build_method("snapkv", {"budget": budget, "window": window, "pooling": pooling})
-    cache, _ = prefill_and_compress(tiny_model, tiny_ids, method)
+    cache, hooks = prefill_and_compress(tiny_model, tiny_ids, method)
     full = full_cache(tiny_model, tiny_ids)
     pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
     for layer, weights in enumerate(reference):
@@ -105,9 +107,9 @@ def test_snapkv_keeps_what_explicit_window_attention_ranks_highest(tiny_model, t
         pooled = pool(summed.unsqueeze(0), kernel_size=5, padding=2, stride=1).squeeze(0)
         per_kv = pooled.view(2, groups, -1).mean(dim=1)
         scores = torch.cat([per_kv, torch.zeros(2, window)], dim=1)
-        assert_top_k(kept_sets(method, layer), scores, budget, list(range(n - window, n)))
+        assert_top_k(kept_sets(hooks, layer), scores, budget, list(range(n - window, n)))
         # The cache holds the real entries at those positions, per KV head, in position order.
-        positions = method.kv_positions()[layer]
+        positions = hooks.state.positions[layer]
         assert cache.layers[layer].keys.shape == (1, 2, budget, 16)
         for head in range(2):
             torch.testing.assert_close(
@@ -122,11 +124,11 @@ def test_h2o_keeps_the_heaviest_hitters_of_all_prompt_queries(tiny_model, tiny_i
     n, budget = tiny_ids.shape[1], 32
     reference = eager_attentions(tiny_model, tiny_ids)
     method = build_method("h2o", {"budget": budget})
-    prefill_and_compress(tiny_model, tiny_ids, method)
+    _, hooks = prefill_and_compress(tiny_model, tiny_ids, method)
     recent = list(range(n - budget // 2, n))
     for layer, weights in enumerate(reference):
         received = weights.sum(dim=1).view(2, 2, n).mean(dim=1)  # every query's attention, per KV head
-        assert_top_k(kept_sets(method, layer), received, budget, recent)
+        assert_top_k(kept_sets(hooks, layer), received, budget, recent)
 
 
 def test_h2o_accumulation_is_chunked_yet_exact(tiny_model, tiny_ids):
@@ -152,11 +154,11 @@ def test_h2o_accumulation_is_chunked_yet_exact(tiny_model, tiny_ids):
 def test_streamingllm_keeps_sinks_and_recent_window_at_original_positions(tiny_model, tiny_ids):
     n, budget, sinks = tiny_ids.shape[1], 24, 4
     method = build_method("streamingllm", {"budget": budget, "sinks": sinks})
-    cache, selection = prefill_and_compress(tiny_model, tiny_ids, method)
+    cache, hooks = prefill_and_compress(tiny_model, tiny_ids, method)
     expected = [*range(sinks), *range(n - (budget - sinks), n)]
-    assert selection.kept_indices == expected
+    assert hooks.selection.kept_indices == expected
     for layer in range(2):
-        assert method.kv_positions()[layer].tolist() == [expected, expected]
+        assert hooks.state.positions[layer].tolist() == [expected, expected]
     # Decoding the next token at its original position n over the pruned cache is exactly full
     # attention with the evicted prompt tokens masked out for that query (positions 0..n).
     token = torch.tensor([[5]])
@@ -190,8 +192,11 @@ def tiny_engine(tiny_model, loaded_model) -> HFEngine:
     return HFEngine(loaded)
 
 
-def decode_and_watch(engine: HFEngine, ids: list[int], method: ScoredKVPruner, steps: int) -> list[list[int]]:
-    """prefill (pruning) -> ``steps`` decode steps via the engine; cache length per layer per step."""
+def decode_and_watch(
+    engine: HFEngine, ids: list[int], method: ScoredKVPruner, steps: int
+) -> tuple[list[list[int]], dict[int, torch.Tensor]]:
+    """prefill (pruning) -> ``steps`` decode steps via the engine; cache length per layer per step,
+    and the original positions each layer's heads hold at the end."""
     prompt = torch.tensor([ids])
     cache = DynamicCache(config=engine.model.config)
     lengths = []
@@ -203,18 +208,18 @@ def decode_and_watch(engine: HFEngine, ids: list[int], method: ScoredKVPruner, s
             logits = engine.decode_one_token(token, cache, hooks.next_position + step, hooks)
             lengths.append([layer.keys.shape[-2] for layer in cache.layers])
     assert active_probe() is None
-    return lengths
+    return lengths, hooks.state.positions
 
 
 @pytest.mark.parametrize("name", ["h2o", "streamingllm"])
 def test_evicting_methods_stay_at_budget_over_200_decode_steps(tiny_engine, tiny_ids, name):
     budget = 48
     method = build_method(name, {"budget": budget})
-    lengths = decode_and_watch(tiny_engine, tiny_ids[0].tolist(), method, steps=200)
+    lengths, positions = decode_and_watch(tiny_engine, tiny_ids[0].tolist(), method, steps=200)
     assert all(step == [budget, budget] for step in lengths)
     n = tiny_ids.shape[1]
     last = n + 200  # decode steps took positions n .. n + 199
-    for layer_positions in method.kv_positions().values():
+    for layer_positions in positions.values():
         for head in layer_positions.tolist():
             assert head == sorted(head) and len(set(head)) == budget
             if name == "streamingllm":
@@ -225,7 +230,7 @@ def test_evicting_methods_stay_at_budget_over_200_decode_steps(tiny_engine, tiny
 
 def test_snapkv_cache_grows_from_budget_while_decoding(tiny_engine, tiny_ids):
     method = build_method("snapkv", {"budget": 32, "window": 8})
-    lengths = decode_and_watch(tiny_engine, tiny_ids[0].tolist(), method, steps=10)
+    lengths, _ = decode_and_watch(tiny_engine, tiny_ids[0].tolist(), method, steps=10)
     assert [step[0] for step in lengths] == list(range(32, 43))
 
 
@@ -256,6 +261,63 @@ def decode_and_watch_real(engine: HFEngine, ids: list[int], method: ScoredKVPrun
     return lengths
 
 
+def attach_all_then_run(
+    model, prompts: list[torch.Tensor], methods: list[ScoredKVPruner], steps: int
+) -> list[tuple[list[int], KVAttachment, DynamicCache]]:
+    """Attach each method to its prompt, all before any forward; prefill them in turn, then decode
+    them in turn, one greedy token each per round. Per request: its tokens, attachment and cache."""
+    install_probe_attention(model)
+    caches = [DynamicCache(config=model.config) for _ in prompts]
+    with torch.inference_mode(), ExitStack() as stack:
+        attached = [
+            stack.enter_context(method.attach(model, ids, cache, 1024))
+            for method, ids, cache in zip(methods, prompts, caches, strict=True)
+        ]
+        tokens: list[list[int]] = []
+        for hooks, ids, cache in zip(attached, prompts, caches, strict=True):
+            with hooks.prefill():
+                positions = torch.arange(ids.shape[1]).unsqueeze(0)
+                logits = model(input_ids=ids, past_key_values=cache, position_ids=positions).logits
+            tokens.append([int(logits[0, -1].argmax())])
+        for step in range(steps):
+            for hooks, cache, out in zip(attached, caches, tokens, strict=True):
+                token, position = torch.tensor([[out[-1]]]), torch.tensor([[hooks.next_position + step]])
+                with hooks.decode_step():
+                    logits = model(input_ids=token, past_key_values=cache, position_ids=position).logits
+                out.append(int(logits[0, -1].argmax()))
+    return list(zip(tokens, attached, caches, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("name", "knobs"),
+    [
+        ("snapkv", {"ratio": 0.5, "window": 8}),
+        ("pyramidkv", {"ratio": 0.5, "window": 8}),
+        ("h2o", {"ratio": 0.5}),
+        ("streamingllm", {"ratio": 0.5}),
+    ],
+)
+def test_one_method_object_serves_interleaved_requests_as_fresh_ones_do(tiny_model, tiny_ids, name, knobs):
+    """A method holds no per-request state: one object attached to two requests at once (prompts of
+    different lengths, so different budgets and positions), prefilled and decoded interleaved, gives
+    each exactly what a fresh method object gives it alone."""
+    other = torch.randint(0, TINY_VOCAB, (1, 80), generator=torch.Generator().manual_seed(2))
+    prompts = [tiny_ids, other]
+    shared = build_method(name, knobs)
+    together = attach_all_then_run(tiny_model, prompts, [shared, shared], steps=20)
+    for ids, (tokens, hooks, cache) in zip(prompts, together, strict=True):
+        [(alone_tokens, alone, alone_cache)] = attach_all_then_run(tiny_model, [ids], [build_method(name, knobs)], 20)
+        assert tokens == alone_tokens
+        assert hooks.selection.kept_indices == alone.selection.kept_indices
+        assert hooks.selection.details == alone.selection.details
+        assert hooks.state.positions.keys() == alone.state.positions.keys()
+        for layer, positions in hooks.state.positions.items():
+            assert torch.equal(positions, alone.state.positions[layer]), layer
+        for got, want in zip(cache.layers, alone_cache.layers, strict=True):
+            assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+    assert together[0][1].state is not together[1][1].state
+
+
 # ---- real model: exact per-layer shapes ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def story_ids(engine) -> list[int]:
@@ -266,7 +328,7 @@ def story_ids(engine) -> list[int]:
 def test_real_cache_shapes_equal_the_budget(engine, loaded_model, story_ids, name):
     budget = 64
     method = build_method(name, {"budget": budget})
-    cache, selection = prefill_and_compress(loaded_model.model, torch.tensor([story_ids]), method)
+    cache, hooks = prefill_and_compress(loaded_model.model, torch.tensor([story_ids]), method)
     config = loaded_model.model.config
     expected = (
         pyramid_budgets(list(range(config.num_hidden_layers)), budget, 32, 20)
@@ -276,7 +338,7 @@ def test_real_cache_shapes_equal_the_budget(engine, loaded_model, story_ids, nam
     for index, layer in enumerate(cache.layers):
         assert layer.keys.shape == (1, config.num_key_value_heads, expected[index], 64)
         assert layer.values.shape == layer.keys.shape
-    assert selection.details["kv_tokens_per_layer"] == {str(i): b for i, b in expected.items()}
+    assert hooks.selection.details["kv_tokens_per_layer"] == {str(i): b for i, b in expected.items()}
     assert len(story_ids) > 300
 
 
@@ -319,13 +381,13 @@ def test_pruning_during_prefill_keeps_exactly_what_pruning_after_it_keeps(
 ):
     model, ids = (tiny_model, tiny_ids) if which == "tiny" else (loaded_model.model, torch.tensor([story_ids]))
     ref_logits, ref_cache, ref = prefill_then_prune(model, ids, build_method(name, knobs))
-    logits, cache, hooks = prefill_pruning(model, ids, method := build_method(name, knobs))
+    logits, cache, hooks = prefill_pruning(model, ids, build_method(name, knobs))
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
     assert hooks.selection.kept_indices == ref.selection.kept_indices
     assert hooks.selection.details == ref.selection.details
     assert hooks.kv_bytes_before == ref.kv_bytes_before == cache_bytes(full_cache(model, ids))
-    for layer, positions in method.kv_positions().items():
-        assert torch.equal(positions, ref.method.kv_positions()[layer]), layer
+    for layer, positions in hooks.state.positions.items():
+        assert torch.equal(positions, ref.state.positions[layer]), layer
     for got, want in zip(cache.layers, ref_cache.layers, strict=True):
         assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
 

@@ -16,21 +16,22 @@ engine's context-length checks, admission and the batch scheduler.
 from __future__ import annotations
 
 import os
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import hypothesis
 import pytest
 import schemathesis
-import torch
 from schemathesis.checks import CHECKS
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from compressors.base import Attachment, keep_everything
 from server.app import create_app
+from server.engine.core import EngineCore
 from server.engine.hf_async import HFAsyncEngine
 from server.engine.plan import CONTEXT_LENGTH_EXCEEDED
+from server.engine.runner import ModelRunner, Prefilled, StepResult
+from server.engine.scheduler import Scheduler, StepPlan
 from server.protocol import CompressionInfo
 from server.settings import Settings
 from tests.conftest import serve_app
@@ -39,29 +40,39 @@ from tests.conftest import serve_app
 MAX_EXAMPLES = int(os.environ.get("GEMSERVE_SCHEMA_EXAMPLES", "40"))
 
 
+class StubRunner(ModelRunner):
+    """The real runner's bookkeeping with no forward: a prefill that ends reports the whole prompt
+    kept and chooses token 42, the only one (``max_tokens`` becomes 1)."""
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        result = StepResult()
+        for chunk in plan.prefills:
+            if not chunk.last:
+                continue
+            request = self._states[chunk.request_id].request
+            n = len(request.prompt_ids)
+            name = request.compression.method or "none"
+            report = CompressionInfo(method=name, prompt_tokens=n, kept_tokens=n, ratio=1.0, select_ms=0.0)
+            result.prefilled[chunk.request_id] = Prefilled(report, prefill_ms=0.0, select_ms=0.0, kv_cache_bytes=0)
+            request.sampling.max_tokens = 1  # the one token ends it: no decode step
+            result.sampled[chunk.request_id] = 42
+        return result
+
+
 class StubGenerationEngine:
-    """The real HFEngine for everything but generation: the prefill is skipped and the first token
-    (42) is the only one, so the real scheduler, detokenizer and result path run without a forward."""
+    """The real HFEngine for everything but generation: its batches run on a :class:`StubRunner`,
+    so the real scheduler, detokenizer and result path run without a forward."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
+        self.stub = StubRunner(inner.model, inner.tokenizer, inner.default_budget)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def prefill_steps(self, sequence: Any, chunk_tokens: Any) -> Generator[None, None, torch.Tensor]:
-        request = sequence.request
-        n = len(request.prompt_ids)
-        prompt = torch.tensor([request.prompt_ids])
-        sequence.hooks = Attachment(prompt, keep_everything(sequence.method.name, n))
-        sequence.report = CompressionInfo(
-            method=sequence.method.name, prompt_tokens=n, kept_tokens=n, ratio=1.0, select_ms=0.0
-        )
-        request.sampling.max_tokens = 1  # the one token below ends it: no decode forward
-        logits = torch.full((len(self.inner.tokenizer),), float("-inf"))
-        logits[42] = 0.0
-        return logits
-        yield  # a generator, as the engine's
+    def new_core(self, max_running: int = 8, max_batch_tokens: int | None = None, *args: Any) -> EngineCore:
+        scheduler = Scheduler(max_running, max_batch_tokens, break_even=self.stub.break_even)
+        return EngineCore(self.stub, scheduler, self.inner.tokenizer, self.inner.eos_token_ids)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from server.engine.scheduler import DEFAULT_MAX_RUNNING, DEFAULT_STEP_TOKENS
+
 # flag -> Settings field; a flag left unset keeps the env var or the default.
 FLAGS: dict[str, dict[str, Any]] = {
     "--model": {"help": "alias (smollm2-135m-instruct, gemma3-270m), .gguf file, HF model dir or hub id"},
@@ -20,15 +22,16 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--port": {"type": int, "help": "port (default 8000)"},
     "--default-method": {"help": "compression method when a request names none (default: none)"},
     "--default-attention": {"help": "prefill attention backend when a request names none (default: dense)"},
-    "--max-concurrency": {"type": int, "help": "hf: requests in the batch at once (default 8)"},
+    "--max-concurrency": {"type": int, "help": f"hf: requests in the batch at once (default {DEFAULT_MAX_RUNNING})"},
     "--max-batch-tokens": {
         "type": int,
-        "help": "hf: KV-cache tokens the batch may reserve, each request its compressed prompt + max_tokens "
-        "(default: 4 x the context length)",
+        "help": "hf: KV-cache tokens the batch may hold, each request its compressed prompt + what it generated; "
+        "the newest is preempted when they outgrow it (default: 4 x the context length)",
     },
-    "--prefill-chunk-tokens": {
+    "--max-num-batched-tokens": {
         "type": int,
-        "help": "hf: prefill tokens per step while others decode, fewer deeper into a long prompt (default 32)",
+        "help": "hf: tokens per step while requests decode: decode tokens + prefill / filter-pass chunks "
+        f"(default {DEFAULT_STEP_TOKENS})",
     },
     "--max-queue": {"type": int, "help": "requests waiting for a slot before 429 (default 64)"},
     "--api-key": {

@@ -1,17 +1,18 @@
-"""The transformers backend: compression plan -> prefill -> decode, one token at a time.
+"""The transformers backend: checks at admission, then a scheduler, a model runner and the loop
+between them.
 
-Shaped after gpt-fast: ``prefill`` and ``decode_one_token`` are small and separate, and
-compression sits at the prefill boundary. Every method, ``none`` included, runs this same
-path on the same model (last-token logits only in prefill), so timings compare methods and
-nothing else. The scheduler (server/engine/scheduler.py) batches the decode forwards of many
-requests and interleaves their prefills; a request served alone takes the same path.
+Shaped after vLLM V1's seam: :mod:`server.engine.scheduler` plans each step under one token
+budget and never calls the model, :mod:`server.engine.runner` owns the model, the caches and the
+method attachments and executes a plan, :mod:`server.engine.core` steps one through the other.
+Every method, ``none`` included, runs the same path on the same model (last-token logits only in
+prefill), so timings compare methods and nothing else; a request served alone
+(:meth:`HFEngine.stream`) is a batch of one on the same runner.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,15 +21,17 @@ from transformers.cache_utils import DynamicCache
 
 from compressors import CompressionError, Method, build_method
 from compressors.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION, AttentionBackend, build_attention
-from compressors.base import Attachment, ChunkPolicy, Target, cache_bytes, model_dtype
+from compressors.base import Attachment, cache_bytes, model_dtype
 from compressors.probe import decoder_layers, use_attention
 from compressors.registry import METHODS
-from server.engine.batch_forward import Segment
+from server.engine.core import EngineCore
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.filter_model import load_filter_model
-from server.engine.plan import check_method_fits, check_prompt_and_sampling, compression_report
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Emit, Sequence
+from server.engine.plan import check_method_fits, check_prompt_and_sampling
+from server.engine.runner import ModelRunner, forward_ids, prefill_report
+from server.engine.sampling import choose_token, make_generator
+from server.engine.scheduler import DEFAULT_MAX_RUNNING, DEFAULT_STEP_TOKENS, Scheduler
+from server.engine.sequence import Sequence
 from server.engine.tokenize import PromptEncoder
 from server.engine.types import (
     CompressionSpec,
@@ -38,9 +41,9 @@ from server.engine.types import (
     RequestOptions,
     TokenDelta,
 )
-from server.measure import SharedPeakMeter, elapsed_ms, sync
+from server.measure import SharedPeakMeter
 from server.models import LoadedModel
-from server.protocol import AttentionInfo, CompressionInfo, MetricsInfo
+from server.protocol import CompressionInfo, MetricsInfo
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,7 @@ class HFEngine:
         build_method(default_method).validate_for_model(self.model)
         build_attention(default_attention)
         self.filter_model = separate_filter_model(loaded)
+        self.runner = ModelRunner(self.model, self.tokenizer, default_budget, self.filter_model)
 
     @property
     def model_name(self) -> str:
@@ -151,9 +155,7 @@ class HFEngine:
         attention = self.resolve_attention(request.compression)
         check_method_fits(request, method, self.max_model_len, self.default_budget)
         request.method, request.attention = method, attention
-        request.cache_tokens = method.cache_tokens(
-            len(request.prompt_ids), request.sampling.max_tokens, self.default_budget
-        )
+        request.cache_tokens = self.runner.work_of(request).peak_tokens
         return method
 
     # ---- the request path -----------------------------------------------------------------
@@ -165,14 +167,15 @@ class HFEngine:
 
     def stream(self, request: GenerationRequest) -> Iterator[TokenDelta | GenerationResult]:
         """Yield a :class:`TokenDelta` per generated token, then one :class:`GenerationResult`: the
-        request alone in a batch of its own (the same scheduler and forwards the server batches with)."""
+        request alone in a batch of its own (the same scheduler, runner and forwards the server
+        batches with)."""
         if request.method is None or request.attention is None:  # not admitted by the async engine
             self.check_request(request)
         events: list[TokenDelta | GenerationResult | BaseException | None] = []
-        scheduler = Scheduler(self, max_running=1)
-        scheduler.add(request, events.append)
-        while scheduler.has_work():
-            scheduler.step()
+        core = self.new_core(max_running=1)
+        core.add(request, events.append)
+        while core.has_work():
+            core.step()
             for event in events:
                 if isinstance(event, BaseException):
                     raise event
@@ -180,20 +183,20 @@ class HFEngine:
                     yield event
             events.clear()
 
-    def new_sequence(self, request: GenerationRequest, emit: Emit, meter: SharedPeakMeter) -> Sequence:
-        """The admitted request as the scheduler's :class:`Sequence`. Its method and attention
-        backend hold this run's state (kept positions, counted pairs): they move to the sequence,
-        so a request object run again is checked again and gets fresh ones."""
-        method, attention = request.method, request.attention
-        assert method is not None and attention is not None  # set by check_request
-        request.method = request.attention = None
-        detok = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
-        return Sequence(request, method, attention, emit, self.eos_token_ids, detok, meter)
+    def new_core(
+        self,
+        max_running: int = DEFAULT_MAX_RUNNING,
+        max_batch_tokens: int | None = None,
+        step_tokens: int = DEFAULT_STEP_TOKENS,
+        idle_budget: int | None = None,
+    ) -> EngineCore:
+        """A batch on this engine's runner: its scheduler with these limits, and the step loop."""
+        scheduler = Scheduler(max_running, max_batch_tokens, step_tokens, idle_budget, self.runner.break_even)
+        return EngineCore(self.runner, scheduler, self.tokenizer, self.eos_token_ids)
 
     def decode_from(
         self,
         request: GenerationRequest,
-        method: Method,
         hooks: Attachment,
         cache: DynamicCache,
         logits: torch.Tensor,
@@ -202,69 +205,24 @@ class HFEngine:
     ) -> GenerationResult:
         """Decode, alone, a request whose prefill the caller ran (``gemserve eval`` shares one
         prefill between methods): from the prefill's last ``logits`` to the result."""
-        assert request.attention is not None  # built by check_request
         events: list[TokenDelta | GenerationResult | BaseException | None] = []
         detok = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
-        sequence = Sequence(
-            request, method, request.attention, events.append, self.eos_token_ids, detok, SharedPeakMeter(self.device)
-        )
-        sequence.metrics, sequence.cache, sequence.hooks, sequence.report = metrics, cache, hooks, report
+        sequence = Sequence(request, events.append, self.eos_token_ids, detok, SharedPeakMeter(self.device))
+        sequence.metrics = metrics
+        sequence.prefilled(report, metrics.prefill_ms, metrics.select_ms, cache_bytes(cache))
+        generator = make_generator(request.sampling, self.device)
+        position = hooks.next_position
         with torch.inference_mode():
-            sequence.begin_decoding(logits)
-            while not sequence.finished:
-                sequence.advance(self.decode_one_token(sequence.token, cache, sequence.position, hooks))
+            while True:
+                token = choose_token(logits, request.sampling, generator)
+                sequence.take(token)
+                if sequence.finished:
+                    break
+                logits = self.decode_one_token(token, cache, position, hooks)
+                position += 1
         result = events[-1]
         assert isinstance(result, GenerationResult)
         return result
-
-    def prefill_steps(
-        self, sequence: Sequence, chunk_tokens: ChunkPolicy
-    ) -> Generator[Segment | None, torch.Tensor | None, torch.Tensor]:
-        """Attach the method, prefill (in chunks where the method and the attention backend allow:
-        ``chunk_tokens`` sizes each; one forward otherwise), yielding between units of work (None:
-        the step did its work; a :class:`Segment`: a prefill chunk for the scheduler to run, whose
-        logits it sends back); return the last prompt position's logits. ``prefill_ms`` and
-        ``select_ms`` are wall times, the batch's decode steps between the chunks included."""
-        request, method, cache = sequence.request, sequence.method, sequence.cache
-        assert cache is not None  # given by the scheduler
-        prompt = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
-        target = Target(
-            self.model, prompt, cache, self.default_budget, self.tokenizer, chunk_tokens, filter_model=self.filter_model
-        )
-        hooks = yield from method.attach_steps(target)
-        sequence.hooks = hooks
-        sync(self.device)
-        start = time.perf_counter()
-        logits = yield from self.prefill_chunks(hooks, cache, sequence.attention, chunk_tokens)
-        sync(self.device)
-        sequence.metrics.prefill_ms = elapsed_ms(start)
-        sequence.metrics.select_ms = hooks.selection.select_ms
-        sequence.report = self.report(request, method, hooks, cache, sequence.attention)
-        return logits
-
-    def prefill_chunks(
-        self, hooks: Attachment, cache: DynamicCache, attention: AttentionBackend, chunk_tokens: ChunkPolicy | None
-    ) -> Generator[Segment | None, torch.Tensor | None, torch.Tensor]:
-        """:meth:`prefill`, where the method and the backend allow it a chunk at a time: each chunk
-        is yielded as a :class:`Segment` for the caller to run (alone, :meth:`run_chunk`, or in the
-        batch's decode forward) and send its last logits back."""
-        if chunk_tokens is None or not (hooks.chunkable_prefill and attention.prefills_in_chunks):
-            return self.prefill(hooks, cache, attention)
-        ids = hooks.prefill_ids[0].tolist()
-        start = 0
-        while True:
-            end = start + chunk_tokens(start, len(ids) - start)
-            logits = yield Segment(ids[start:end], start, cache, attention)
-            if end >= len(ids):
-                assert logits is not None  # sent by whoever ran the chunk
-                return logits
-            start = end
-
-    def run_chunk(self, hooks: Attachment, chunk: Segment) -> torch.Tensor:
-        """A prefill chunk in a forward of its own (nobody else to share it with)."""
-        ids = torch.tensor([chunk.token_ids], dtype=torch.long, device=self.device)
-        with hooks.prefill(), use_attention(chunk.attention):
-            return self.forward(ids, chunk.cache, start_position=chunk.start)
 
     def report(
         self,
@@ -274,12 +232,8 @@ class HFEngine:
         cache: DynamicCache,
         attention: AttentionBackend,
     ) -> CompressionInfo:
-        """The response's ``compression`` once the cache is final (pruned, for KV methods)."""
-        report = compression_report(method, hooks.selection, self.tokenizer, request.prompt_ids, request.compression)
-        if hooks.kv_bytes_before is not None:
-            report.kv_bytes_before, report.kv_bytes_after = hooks.kv_bytes_before, cache_bytes(cache)
-        report.attention = AttentionInfo.model_validate(attention.report())
-        return report
+        """The response's ``compression`` for a prefill the caller ran (``gemserve eval``)."""
+        return prefill_report(self.tokenizer, request, method, hooks, cache, attention)
 
     def prefill(
         self, hooks: Attachment, cache: DynamicCache, attention: AttentionBackend | None = None
@@ -296,11 +250,7 @@ class HFEngine:
             return self.forward(ids, cache, start_position=position)
 
     def forward(self, ids: torch.Tensor, cache: DynamicCache, start_position: int) -> torch.Tensor:
-        """One forward; positions are explicit because a pruned cache is shorter than the
-        sequence it stands for. Only the last position's logits are computed."""
-        positions = torch.arange(start_position, start_position + ids.shape[1], device=self.device).unsqueeze(0)
-        out = self.model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1]
+        return forward_ids(self.model, ids, cache, start_position)
 
 
 def separate_filter_model(loaded: LoadedModel) -> PreTrainedModel | None:

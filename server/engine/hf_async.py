@@ -3,9 +3,9 @@
 - admission (:mod:`server.engine.admission`, shared with the vllm backend) happens in
   :meth:`HFAsyncEngine.stream` itself, before any response byte is sent: a request whose cache
   could never fit the batch's token budget is a 400, a full queue a 429 (:class:`QueueFullError`);
-- one worker thread steps the :class:`~server.engine.scheduler.Scheduler`: up to
-  ``max_concurrency`` requests in the batch (their decode forwards shared, their prefills in
-  chunks between the decode steps), the rest wait, at most ``max_queue``;
+- one worker thread steps the :class:`~server.engine.core.EngineCore` (a scheduler planning each
+  step under one token budget, a model runner executing it): up to ``max_concurrency`` requests in
+  the batch, the rest wait, at most ``max_queue``;
 - tokens cross from the worker thread to the event loop through an ``asyncio.Queue``
   (``call_soon_threadsafe``), so the loop never blocks on torch;
 - closing the iterator (client disconnect) sets ``request.cancelled``; the scheduler drops the
@@ -26,7 +26,7 @@ from server.engine.admission import Admission, AdmittedCounts
 from server.engine.base import EngineEvent
 from server.engine.hf import HFEngine
 from server.engine.plan import CONTEXT_LENGTH_EXCEEDED
-from server.engine.scheduler import DEFAULT_MAX_RUNNING, DEFAULT_PREFILL_CHUNK_TOKENS, Scheduler
+from server.engine.scheduler import DEFAULT_MAX_RUNNING, DEFAULT_STEP_TOKENS
 from server.engine.types import GenerationRequest, GenerationResult, RequestError, RequestOptions, TokenDelta
 
 logger = logging.getLogger(__name__)
@@ -86,8 +86,8 @@ class RequestStream(AsyncIterator[EngineEvent]):
 
 
 class HFAsyncEngine(AdmittedCounts):
-    """:class:`HFEngine` + admission + the batch :class:`Scheduler` stepped by one worker thread:
-    the ``hf`` :class:`AsyncEngine`."""
+    """:class:`HFEngine` + admission + the batch's :class:`~server.engine.core.EngineCore` stepped
+    by one worker thread: the ``hf`` :class:`AsyncEngine`."""
 
     backend = "hf"
 
@@ -98,7 +98,8 @@ class HFAsyncEngine(AdmittedCounts):
         max_queue: int = 64,
         retry_after_s: int = 1,
         max_batch_tokens: int | None = None,
-        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+        step_tokens: int = DEFAULT_STEP_TOKENS,
+        idle_budget: int | None = None,
     ) -> None:
         if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
@@ -106,7 +107,7 @@ class HFAsyncEngine(AdmittedCounts):
         self.max_concurrency = max_concurrency
         self.max_batch_tokens = max_batch_tokens
         self.admission = Admission(max_concurrency, "max_concurrency", max_queue, retry_after_s)
-        self.scheduler = Scheduler(engine, max_concurrency, max_batch_tokens, prefill_chunk_tokens)
+        self.core = engine.new_core(max_concurrency, max_batch_tokens, step_tokens, idle_budget)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -155,12 +156,13 @@ class HFAsyncEngine(AdmittedCounts):
             )
 
     def batch_gauges(self) -> dict[str, int]:
-        """For /metrics: requests in the last decode forward, cache tokens reserved by the batch
-        and wanted by the queue."""
+        """For /metrics: requests in the last step, cache tokens the batch holds and the queue
+        wants, preemptions so far."""
         return {
-            "batch_size": self.scheduler.batch_size if self.scheduler.has_work() else 0,
-            "running_tokens": self.scheduler.running_tokens,
-            "waiting_tokens": self.scheduler.waiting_tokens,
+            "batch_size": self.core.batch_size if self.core.has_work() else 0,
+            "running_tokens": self.core.running_tokens,
+            "waiting_tokens": self.core.waiting_tokens,
+            "preemptions": self.core.preemptions,
         }
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -185,15 +187,15 @@ class HFAsyncEngine(AdmittedCounts):
     def _loop(self) -> None:
         """The worker thread: step the batch while it has work, sleep until a request arrives."""
         while not self._stop.is_set():
-            if not self.scheduler.has_work():
+            if not self.core.has_work():
                 self._wake.wait(timeout=0.1)
                 self._wake.clear()
                 continue
             try:
-                self.scheduler.step()
+                self.core.step()
             except Exception as exc:  # the scheduler's own bug: fail what it held, keep serving
                 logger.exception("scheduler step failed")
-                self.scheduler.fail_all(exc)
+                self.core.fail_all(exc)
 
     # ---- the request path ----------------------------------------------------------------
     def stream(self, request: GenerationRequest) -> RequestStream:
@@ -222,6 +224,6 @@ class HFAsyncEngine(AdmittedCounts):
             loop.call_soon_threadsafe(events.put_nowait, _END)
 
         request.on_start = lambda _: loop.call_soon_threadsafe(ticket.start_running)
-        self.scheduler.add(request, emit)
+        self.core.add(request, emit)
         self._wake.set()
         return RequestStream(request, events)

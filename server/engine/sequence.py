@@ -1,26 +1,19 @@
-"""One request inside the hf backend's batch: its cache, its method's hooks, its decode state.
+"""One request's output side in the hf backend's batch: its tokens become events.
 
-The scheduler (server/engine/scheduler.py) moves a :class:`Sequence` through
-waiting -> prefilling (its prefill steps, chunk by chunk) -> decoding (a token per batch step) ->
-finished, and the sequence turns each token into the request's events: a :class:`TokenDelta`
-per generated token, then one :class:`GenerationResult` (or the error that ended it).
+The engine core (server/engine/core.py) hands each token the model runner chose to the request's
+:class:`Sequence`, which detokenizes it, checks the stop conditions and emits a :class:`TokenDelta`
+per generated token, then one :class:`GenerationResult` (or the error that ended it). The cache
+and the method's attachment live in the runner (server/engine/runner.py), the plan in the
+scheduler: a preemption does not touch the sequence.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 
-import torch
-from transformers.cache_utils import DynamicCache
-
-from compressors import Method
-from compressors.attention import AttentionBackend
-from compressors.base import Attachment, cache_bytes
-from server.engine.batch_forward import Segment
 from server.engine.detokenize import IncrementalDetokenizer
-from server.engine.sampling import choose_token, make_generator
 from server.engine.types import GenerationRequest, GenerationResult, TokenDelta
 from server.measure import PeakWatch, SharedPeakMeter, elapsed_ms
 from server.protocol import CompressionInfo, MetricsInfo
@@ -31,66 +24,49 @@ Emit = Callable[[TokenDelta | GenerationResult | BaseException | None], None]
 
 
 class Sequence:
-    """A request's state from admission to its last event."""
+    """A request's events from admission to its last one."""
 
     def __init__(
         self,
         request: GenerationRequest,
-        method: Method,
-        attention: AttentionBackend,
         emit: Emit,
         eos_token_ids: set[int],
         detokenizer: IncrementalDetokenizer,
         meter: SharedPeakMeter,
     ) -> None:
         self.request = request
-        self.method = method
-        self.attention = attention
         self.emit = emit
         self.eos_token_ids = eos_token_ids
         self.detok = detokenizer
-        self.generator = make_generator(request.sampling, meter.device)
         self.meter = meter
         self.metrics = MetricsInfo(queue_ms=request.queue_ms)
-        self.cache: DynamicCache | None = None
-        self.hooks: Attachment | None = None
         self.report: CompressionInfo | None = None
-        # The prefill's steps, set when it starts: they yield a Segment when a chunk is to run,
-        # whose logits go back in at the next step (``sent``).
-        self.prefill: Generator[Segment | None, torch.Tensor | None, torch.Tensor] | None = None
-        self.chunk: Segment | None = None
-        self.sent: torch.Tensor | None = None
         self.watch: PeakWatch | None = None
-        self.position = 0
-        self.token = -1  # the last sampled token: the input of its next decode step
         self.finished = False
         self._decode_start = 0.0
         self._token_times: list[float] = []
 
-    @property
-    def cache_tokens(self) -> int:
-        """What the batch's token budget reserves for this request (set at admission)."""
-        return self.request.cache_tokens
+    def start(self) -> None:
+        """Joins the batch: its wait ends, its memory is watched from here."""
+        self.request.queue_ms = self.metrics.queue_ms = elapsed_ms(self.request.arrival_time)
+        if self.request.on_start is not None:
+            self.request.on_start(self.request)
+        if self.watch is None:
+            self.watch = self.meter.open()
 
-    # ---- decoding ------------------------------------------------------------------------
-    def begin_decoding(self, logits: torch.Tensor) -> None:
-        """From the prefill's last logits: the first token (TTFT), then decode at the positions
-        after the prefilled ids (a pruned cache is shorter than the sequence it stands for)."""
-        assert self.hooks is not None  # set by the prefill
-        self.metrics.kv_cache_bytes = cache_bytes(self.cache)
-        self.position = self.hooks.next_position
+    def prefilled(self, report: CompressionInfo, prefill_ms: float, select_ms: float, kv_cache_bytes: int) -> None:
+        """Its first prefill ended: what the response reports of the compression and the prefill."""
+        self.report = report
+        self.metrics.prefill_ms = prefill_ms
+        self.metrics.select_ms = select_ms
+        self.metrics.kv_cache_bytes = kv_cache_bytes
         self._decode_start = time.perf_counter()
-        token = choose_token(logits, self.request.sampling, self.generator)
-        self.metrics.ttft_ms = elapsed_ms(self.request.arrival_time)
-        self.take(token)
-
-    def advance(self, logits: torch.Tensor) -> None:
-        """After a decode forward fed ``self.token`` at ``self.position``."""
-        self.position += 1
-        self.take(choose_token(logits, self.request.sampling, self.generator))
 
     def take(self, token: int) -> None:
-        """Emit ``token`` (unless it ends the sequence) and decide whether to go on."""
+        """Emit ``token`` (unless it ends the sequence) and decide whether to go on; the first is
+        the time to first token."""
+        if not self._token_times and not self.metrics.ttft_ms:
+            self.metrics.ttft_ms = elapsed_ms(self.request.arrival_time)
         sampling = self.request.sampling
         if token in self.eos_token_ids and not sampling.ignore_eos:
             self.finish("stop")
@@ -104,8 +80,6 @@ class Sequence:
             self.finish("length")
         elif self.request.cancelled.is_set():
             self.finish("cancelled")
-        else:
-            self.token = token
 
     # ---- the end -------------------------------------------------------------------------
     def finish(self, finish_reason: str) -> None:
@@ -148,15 +122,8 @@ class Sequence:
         self.release()
         self.emit(None)
 
-    def start(self, cache: DynamicCache, prefill: Generator[Segment | None, torch.Tensor | None, torch.Tensor]) -> None:
-        """Joins the batch: its memory is watched from here."""
-        self.cache, self.prefill = cache, prefill
-        self.watch = self.meter.open()
-
     def release(self) -> None:
         self.finished = True
-        self.cache = self.hooks = None
-        self.prefill = self.chunk = self.sent = None
         if self.watch is not None:
             self.meter.close(self.watch)
             self.metrics.peak_memory_bytes = self.watch.peak_bytes
