@@ -148,7 +148,8 @@ def stream_tokens(url: str, body: dict[str, Any], times: list[float], stop: thre
                 return
 
 
-def long_prompt(url: str, quick: bool, long_tokens: int = 6500) -> dict[str, Any]:
+def long_prompt(url: str, quick: bool, long_tokens: int = 8000) -> dict[str, Any]:
+    # build_case counts words, not SmolLM2 tokens: 8000 gives a ~6.5K-token prompt.
     from evals.needles import build_case
 
     long_case = build_case(long_tokens, depth=0.5, seed=815)

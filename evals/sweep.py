@@ -114,7 +114,7 @@ def prefill_and_decode(
     assert attention is not None
     logits = engine.prefill(hooks, cache, attention)
     report = engine.report(request, method, hooks, cache, attention)
-    return engine.decode_from(request, method, hooks, cache, logits, report, metrics)
+    return engine.decode_from(request, hooks, cache, logits, report, metrics)
 
 
 def run_prefill_group(
@@ -142,7 +142,7 @@ def run_prefill_group(
             else:
                 hooks.adopt_prefill(kv_before)
             report = engine.report(request, method, hooks, own, attention)
-            out[index] = engine.decode_from(request, method, hooks, own, logits.clone(), report, MetricsInfo())
+            out[index] = engine.decode_from(request, hooks, own, logits.clone(), report, MetricsInfo())
     return out
 
 

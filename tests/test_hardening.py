@@ -361,7 +361,7 @@ def test_internal_value_error_is_500_with_the_request_id(server_url: str, engine
     def broken_invariant(*args, **kwargs):
         raise ValueError("every KV head must keep the same number of entries")
 
-    monkeypatch.setattr(engine, "report", broken_invariant)
+    monkeypatch.setattr(engine.runner, "report", broken_invariant)
     with caplog.at_level(logging.ERROR):
         response = httpx.post(f"{server_url}/v1/completions", json={**SHORT, "stream": stream}, timeout=60)
     request_id = response.headers["X-Request-Id"]

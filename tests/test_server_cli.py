@@ -13,20 +13,32 @@ import pytest
 
 from server.cli import build_parser
 from server.commands.serve import settings_from_args
+from server.engine.scheduler import DEFAULT_MAX_RUNNING
 
 
 def test_flags_override_env_and_env_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GEMSERVE_MAX_QUEUE", "7")
     monkeypatch.setenv("GEMSERVE_API_KEY", "from-env")
     args = build_parser().parse_args(
-        ["serve", "--port", "9001", "--api-key", "from-flag", "--default-method", "gemfilter"]
+        [
+            "serve",
+            "--port",
+            "9001",
+            "--api-key",
+            "from-flag",
+            "--default-method",
+            "gemfilter",
+            "--max-num-batched-tokens",
+            "48",
+        ]
     )
     settings = settings_from_args(args)
+    assert settings.max_num_batched_tokens == 48
     assert settings.port == 9001
     assert settings.max_queue == 7
     assert settings.api_key == "from-flag"
     assert settings.default_method == "gemfilter"
-    assert settings.max_concurrency == 8 and settings.max_batch_tokens is None
+    assert settings.max_concurrency == DEFAULT_MAX_RUNNING and settings.max_batch_tokens is None
 
 
 def test_bad_setting_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,9 +37,11 @@ import math
 import threading
 from dataclasses import dataclass, field
 
-# Measured on SmolLM2-135M, 2 CPU cores (docs/benchmarks.md, "Continuous batching"): the step
-# budget that keeps three streams' p99 inter-token latency within 3x their p50 while an 8K prompt
-# is prefilled beside them (bench/batching.py).
+# Measured on SmolLM2-135M, 2 CPU cores (docs/benchmarks.md, "Continuous batching"): with three
+# streams decoding, a 5.3K-token prompt reached its first token in 1.66x its time alone at 96 (p99
+# inter-token latency of the streams 4.3x their p50), 2.99x at 32 (2.1x), 1.25x at 256 (6.9x). No
+# single budget met both 1.5x and 3x there; 96 is the middle, --max-num-batched-tokens 32 keeps
+# the streams smooth.
 DEFAULT_STEP_TOKENS = 96
 # Requests in the batch at once: memory, not this, should bound the batch (a request holds what
 # it uses), and a decode step of 32 requests costs little more than one of 8 on this CPU.

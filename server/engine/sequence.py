@@ -47,12 +47,14 @@ class Sequence:
         self._token_times: list[float] = []
 
     def start(self) -> None:
-        """Joins the batch: its wait ends, its memory is watched from here."""
+        """Joins the batch: its wait ends, its memory is watched from here (once: a preempted
+        request that joins again has waited inside its run, not in the queue)."""
+        if self.watch is not None:
+            return
         self.request.queue_ms = self.metrics.queue_ms = elapsed_ms(self.request.arrival_time)
         if self.request.on_start is not None:
             self.request.on_start(self.request)
-        if self.watch is None:
-            self.watch = self.meter.open()
+        self.watch = self.meter.open()
 
     def prefilled(self, report: CompressionInfo, prefill_ms: float, select_ms: float, kv_cache_bytes: int) -> None:
         """Its first prefill ended: what the response reports of the compression and the prefill."""
