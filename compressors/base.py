@@ -24,8 +24,9 @@ this protocol; none of them asks a method what kind it is.
 A continuous-batching engine needs three more answers, which every method and attachment gives:
 :meth:`Method.prepare` builds the attachment through a :class:`Preparation`, whose model work over
 the prompt before the prefill (GemFilter's filter pass) runs a chunk at a time, as large as the
-engine's scheduler plans, with other requests' forwards between them; ``chunkable_prefill`` says
-whether ``prefill()`` hooks nothing inside the forward, so the prefill may be split into chunks;
+engine's scheduler plans, with other requests' forwards between them; the method's
+``chunkable_prefill`` says whether its attachment's ``prefill()`` hooks nothing inside the forward,
+so the prefill may be split into chunks (each its own forward, or riding in others');
 ``batched_decode`` says the same of ``decode_step()``, whose work then is all in
 :meth:`Attachment.after_decode`, run after a decode forward shared with other requests.
 
@@ -144,8 +145,8 @@ class Method:
 
     name: ClassVar[str]
     kind: ClassVar[str]  # "none" | "prompt" | "kv"
-    # Its attachment's prefill() hooks nothing inside the forward (Attachment.chunkable_prefill),
-    # known before it is attached: an engine plans the prefill in chunks.
+    # Its attachment's prefill() hooks nothing inside the forward, known before it is attached: an
+    # engine may plan the prefill in chunks with other requests' forwards between them.
     chunkable_prefill: ClassVar[bool] = True
 
     @classmethod
@@ -279,10 +280,6 @@ class Attachment:
     ``selection`` is final once :meth:`prefill` has exited. ``kv_bytes_before`` is the bytes the
     unpruned cache held (KV methods only; None where nothing is pruned).
     """
-
-    # prefill() sets no hook inside the forward: the prefill may run in chunks, each its own
-    # forward, with other requests' forwards between them (prefill() is then entered per chunk).
-    chunkable_prefill: ClassVar[bool] = True
 
     def __init__(self, prefill_ids: torch.Tensor, selection: Selection) -> None:
         self.prefill_ids = prefill_ids
@@ -465,8 +462,6 @@ class KVAttachment(Attachment):
     ``state`` is this request's (from :meth:`KVCompressor.new_state`); only the method's hooks
     change it.
     """
-
-    chunkable_prefill: ClassVar[bool] = False
 
     def __init__(self, method: KVCompressor, target: Target) -> None:
         assert target.cache is not None  # checked by KVCompressor.attachment

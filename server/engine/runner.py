@@ -162,9 +162,6 @@ class ModelRunner:
     def remove(self, request_id: str) -> None:
         self._states.pop(request_id, None)
 
-    def generated(self, request_id: str) -> list[int]:
-        return self._states[request_id].tokens
-
     # ---- one step ---------------------------------------------------------------------------
     def execute(self, plan: StepPlan) -> StepResult:
         result = StepResult()

@@ -38,11 +38,10 @@ import threading
 from dataclasses import dataclass, field
 
 # Measured on SmolLM2-135M, 2 CPU cores (docs/benchmarks.md, "Continuous batching"): with three
-# streams decoding, a 5.3K-token prompt reached its first token in 1.66x its time alone at 96 (p99
-# inter-token latency of the streams 4.3x their p50), 2.99x at 32 (2.1x), 1.25x at 256 (6.9x). No
-# single budget met both 1.5x and 3x there; 96 is the middle, --max-num-batched-tokens 32 keeps
-# the streams smooth.
-DEFAULT_STEP_TOKENS = 96
+# streams decoding, a 6.5K-token prompt reached its first token in 1.75x its time alone at 64 (the
+# streams' p99 inter-token latency 3.2x their p50), 3.06x at 32 (3.2x), 2.14x at 96 (5.1x), 1.60x
+# at 160 (5.1x): 64 came closest to both targets (1.5x, 3x); none met both.
+DEFAULT_STEP_TOKENS = 64
 # Requests in the batch at once: memory, not this, should bound the batch (a request holds what
 # it uses), and a decode step of 32 requests costs little more than one of 8 on this CPU.
 DEFAULT_MAX_RUNNING = 32
@@ -255,10 +254,6 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
-
-    def work(self, request_id: str) -> Work | None:
-        with self._lock:
-            return next((w for w in (*self._running, *self._waiting) if w.request_id == request_id), None)
 
     # ---- one step ----------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
