@@ -409,7 +409,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.render:
         result = json.loads(args.render.read_text())
-        result["long_prompt"] = result["long_prompt_by_step_tokens"].get(str(DEFAULT_STEP_TOKENS), result["long_prompt"])
+        runs = result["long_prompt_by_step_tokens"]
+        result["long_prompt"] = runs.get(str(DEFAULT_STEP_TOKENS), result["long_prompt"])
         plot(result, args.render.with_suffix(".png"))
         replace_doc_section(HEADING, doc_section(result))
         return
