@@ -255,6 +255,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
 
+    def work(self, request_id: str) -> Work | None:
+        """The request's :class:`Work` while the scheduler holds it (running or waiting)."""
+        with self._lock:
+            return next((w for w in (*self._running, *self._waiting) if w.request_id == request_id), None)
+
     # ---- one step ----------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         """Plan the next step (the module doc says how); the plan's ``preempted`` lists the requests
