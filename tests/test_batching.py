@@ -205,9 +205,11 @@ def test_admission_400_for_a_request_that_can_never_fit_and_429_when_full(engine
         with client.stream(
             "POST", "/v1/completions", json={"prompt": "Hi", "max_tokens": 400, "ignore_eos": True, "stream": True}
         ) as running:
-            next(running.iter_lines())
+            first = next(running.iter_lines())
+            assert running.status_code == 200, (running.status_code, first)
             busy = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
-            assert busy.status_code == 429 and busy.headers["retry-after"] == "4"
+            counts = (async_engine.admission.running, async_engine.admission.waiting, first)
+            assert busy.status_code == 429 and busy.headers["retry-after"] == "4", counts
         metrics = client.get("/metrics").text
         for gauge in (
             "gemserve_batch_size",
