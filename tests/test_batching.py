@@ -205,7 +205,10 @@ def test_admission_400_for_a_request_that_can_never_fit_and_429_when_full(engine
         with client.stream(
             "POST", "/v1/completions", json={"prompt": "Hi", "max_tokens": 400, "ignore_eos": True, "stream": True}
         ) as running:
-            first = next(running.iter_lines())
+            # Keep the line iterator: a dropped one closes the response, the server sees the client
+            # leave and cancels the stream, and the busy request then fits.
+            stream_lines = running.iter_lines()
+            first = next(stream_lines)
             assert running.status_code == 200, (running.status_code, first)
             busy = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
             counts = (async_engine.admission.running, async_engine.admission.waiting, first)
