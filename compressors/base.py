@@ -89,6 +89,10 @@ class Selection:
     token_scores: torch.Tensor | None = None
     layer_positions: dict[int, torch.Tensor] | None = None
     kv_tokens_per_head: int | None = None  # KV methods: cache entries per head after prefill
+    # GemFilter: how sure the selection is (compressors.gemfilter.selection_confidence), and what a
+    # low confidence widened it to ("none": the whole prompt, "budget:N"); None: it kept its budget.
+    confidence: float | None = None
+    fallback: str | None = None
 
     @property
     def kept_tokens(self) -> int:

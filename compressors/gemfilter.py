@@ -42,6 +42,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 from compressors.attention import ATTENTION_BACKENDS, AttentionBackend, build_attention
 from compressors.base import (
     Attachment,
+    CacheSizes,
     CompressionError,
     Preparation,
     PromptSelector,
@@ -62,7 +63,14 @@ from compressors.probe import (
     uses_probe_attention,
 )
 from compressors.profile import attached_profile
-from compressors.units import chunk_starts, pick_whole_units, word_starts
+from compressors.units import (
+    MAX_SENTENCE_TOKENS,
+    MAX_UNIT_TOKENS,
+    chunk_starts,
+    pick_whole_units,
+    sentence_starts,
+    word_starts,
+)
 
 
 def default_filter_layer(config: PretrainedConfig) -> int:
@@ -93,7 +101,7 @@ def default_filter_layer(config: PretrainedConfig) -> int:
 SCORINGS = ("fused", "inner_product", "attention")
 # What the top-k keeps a unit at a time (compressors/units.py): single tokens (the paper),
 # whitespace-delimited words (a number is never split), or fixed chunks of ``chunk_size`` tokens.
-SPANS = ("token", "word", "chunk")
+SPANS = ("token", "word", "chunk", "sentence")
 # Words, measured with `gemserve eval` on SmolLM2 (bench/results/eval_smollm2_spans, k=256 at 1K-4K,
 # three tasks x three haystack kinds x three depths, 81 prompts): the needle's answer was kept whole
 # in all 54 needle prompts with `word`, in 44-89% per cell with `token`; mean score 0.63 (word) vs
@@ -105,6 +113,14 @@ DEFAULT_SPAN = "word"
 # (8K TTFT ratio 0.44 streaming vs 0.72 dense) but answered fewer needles at 8K (1/4 vs 2/4), and
 # the issue's rule keeps dense unless a backend answers at least as often. docs/benchmarks.md.
 DEFAULT_FILTER_ATTENTION = "dense"
+# The first prompt tokens kept whole, like the tail (issue 26): the chat template's system turn,
+# the instruction, a document's title. Measured: docs/benchmarks.md, "Selection units, head and
+# confidence".
+DEFAULT_HEAD = 0
+# A request may widen a selection it is not sure of (selection_confidence below ``fallback_below``):
+# to the whole prompt (``fallback="none"``) or to ``fallback_budget`` tokens.
+FALLBACKS = ("none",)
+DEFAULT_FALLBACK_BELOW = 0.5
 SKIPPED_TOO_SHORT = "prompt too short for budget"
 MAX_PAYOFF_RATIO = 1000.0
 
@@ -165,27 +181,59 @@ def pooled_scores(scores: torch.Tensor, kernel_size: int) -> torch.Tensor:
 
 
 def pick_indices(
-    scores: torch.Tensor, keep: int, kernel_size: int, tail: int, unit_begins: torch.Tensor | None = None
+    scores: torch.Tensor,
+    keep: int,
+    kernel_size: int,
+    tail: int,
+    unit_begins: torch.Tensor | None = None,
+    head: int = 0,
 ) -> list[int]:
     """Pool, force the protected tail in, take the top ``keep`` and sort them ascending.
 
     ``scores`` is ``(n,)``, or ``(m, n)`` for m scorings to fuse (:func:`pooled_scores`). With
     ``unit_begins`` (``(n,)`` bool, where each word or chunk starts) whole units are kept
     instead of single tokens (:func:`compressors.units.pick_whole_units`)."""
-    return pick_pooled(pooled_scores(scores, kernel_size), keep, tail, unit_begins)
+    return pick_pooled(pooled_scores(scores, kernel_size), keep, tail, unit_begins, head)
 
 
-def pick_pooled(pooled: torch.Tensor, keep: int, tail: int, unit_begins: torch.Tensor | None = None) -> list[int]:
-    """:func:`pick_indices` on scores already pooled (``(n,)``, left unchanged)."""
+def pick_pooled(
+    pooled: torch.Tensor, keep: int, tail: int, unit_begins: torch.Tensor | None = None, head: int = 0
+) -> list[int]:
+    """:func:`pick_indices` on scores already pooled (``(n,)``, left unchanged): the last ``tail``
+    and then the first ``head`` tokens kept first (as far as ``keep`` holds them)."""
     pooled = pooled.clone()
     n = pooled.numel()
     if unit_begins is not None:
-        return pick_whole_units(pooled, keep, tail, unit_begins)
+        return pick_whole_units(pooled, keep, tail, unit_begins, head)
     protected = min(tail, keep, n)
     if protected:
         pooled[n - protected :] = float("inf")
+    head = min(head, keep - protected, n - protected)
+    if head:
+        pooled[:head] = float("inf")
     kept = torch.topk(pooled, keep).indices
     return sorted(kept.tolist())
+
+
+def selection_confidence(scores: torch.Tensor, scoring: str, kept: list[int], head: int, tail: int) -> float | None:
+    """How sure a selection is: the share of the filter layer's attention mass (its window queries'
+    softmax, summed over heads) that the kept tokens hold, among the tokens the selection chose
+    (the protected head and tail, and the first token, where attention sinks pile up, left
+    out). 1: everything the layer attended to was kept; ``(k - protected) / (n - protected)``
+    when attention is flat. None for ``scoring="inner_product"``, which computes no attention."""
+    if scoring == "inner_product":
+        return None
+    mass = (scores[-1] if scores.dim() == 2 else scores).to(torch.float32).cpu().clamp_min(0.0)
+    n = mass.numel()
+    chosen = torch.ones(n, dtype=torch.bool)
+    chosen[: max(1, head)] = False
+    chosen[n - min(tail, n) :] = False
+    total = float(mass[chosen].sum())
+    if total <= 0.0:
+        return None
+    kept_mask = torch.zeros(n, dtype=torch.bool)
+    kept_mask[torch.tensor(kept, dtype=torch.long)] = True
+    return min(1.0, float(mass[chosen & kept_mask].sum()) / total)
 
 
 @dataclass
@@ -213,10 +261,56 @@ class GemFilter(PromptSelector):
     payoff_ratio: float | None = knob(None, minimum=0.0, maximum=MAX_PAYOFF_RATIO)
     span: str = knob(DEFAULT_SPAN, choices=SPANS)
     chunk_size: int = knob(8, minimum=1, maximum=256)
+    sentence_tokens: int = knob(MAX_SENTENCE_TOKENS, minimum=MAX_UNIT_TOKENS, maximum=512)
+    head: int = knob(DEFAULT_HEAD, minimum=0)
+    fallback: str | None = knob(None, choices=FALLBACKS)
+    fallback_budget: int | None = knob(None, minimum=1)
+    fallback_below: float = knob(DEFAULT_FALLBACK_BELOW, minimum=0.0, maximum=1.0)
 
     def validate(self) -> None:
         super().validate()
         self.filter_backend()  # filter_attention_knobs against the backend they configure
+        if self.fallback is not None and self.fallback_budget is not None:
+            raise CompressionError(
+                "give fallback='none' (run uncompressed) or fallback_budget (widen to that budget), not both",
+                param="compression.fallback_budget",
+            )
+        if (self.fallback is not None or self.fallback_budget is not None) and self.scoring == "inner_product":
+            raise CompressionError(
+                "a fallback needs the selection's confidence, which scoring='inner_product' does not compute "
+                "(use scoring='fused' or 'attention')",
+                param="compression.fallback",
+            )
+
+    def fallback_keep(self, prompt_tokens: int, default_budget: int) -> int | None:
+        """Tokens a low-confidence selection widens to: the whole prompt (``fallback="none"``) or
+        ``fallback_budget``; None when no fallback is asked for."""
+        if self.fallback == "none":
+            return prompt_tokens
+        if self.fallback_budget is not None:
+            return max(self.resolve_budget(prompt_tokens, default_budget), min(self.fallback_budget, prompt_tokens))
+        return None
+
+    def most_kept(self, prompt_tokens: int, default_budget: int) -> int:
+        """The most prompt tokens the prefill can see: the budget, or what its fallback widens to."""
+        keep = self.resolve_budget(prompt_tokens, default_budget)
+        return max(keep, self.fallback_keep(prompt_tokens, default_budget) or 0)
+
+    def prefill_positions(self, prompt_tokens: int, default_budget: int) -> int:
+        return self.most_kept(prompt_tokens, default_budget)
+
+    def cache_tokens(self, prompt_tokens: int, max_tokens: int, default_budget: int) -> int:
+        return self.most_kept(prompt_tokens, default_budget) + max_tokens
+
+    def cache_sizes(
+        self, model: PreTrainedModel, prompt_tokens: int, max_tokens: int, default_budget: int
+    ) -> CacheSizes:
+        """The prefill planned at the budget; the most it may hold counts the fallback's widening
+        (the runner tells the scheduler when a fallback widened the prefill)."""
+        if not self.selects_with_model(model, prompt_tokens, default_budget):
+            return CacheSizes(prompt_tokens, prompt_tokens, prompt_tokens + max_tokens)
+        keep = self.resolve_budget(prompt_tokens, default_budget)
+        return CacheSizes(keep, keep, self.cache_tokens(prompt_tokens, max_tokens, default_budget))
 
     def filter_backend(self) -> AttentionBackend:
         """A fresh backend for one filter pass (it counts what that pass computed)."""
@@ -295,14 +389,42 @@ class GemFilter(PromptSelector):
     ) -> list[int]:
         # On the CPU whatever device the filter pass ran on: n scores, and the units' bookkeeping.
         begins = self.unit_begins(input_ids, tokenizer)
-        return pick_pooled(pooled.cpu(), keep, self.tail, None if begins is None else begins.cpu())
+        return pick_pooled(pooled.cpu(), keep, self.tail, None if begins is None else begins.cpu(), self.head)
+
+    def selection_from_scores(
+        self,
+        target: Target,
+        scores: torch.Tensor,
+        keep: int,
+        started: float,
+        filter_report: dict[str, Any] | None = None,
+    ) -> Selection:
+        """The :class:`Selection` from a filter pass's ``scores``: the budget's pick, its confidence,
+        and, when the request asked for a fallback and the confidence is below ``fallback_below``,
+        the wider pick instead (the response says so in ``compression.fallback``)."""
+        n = target.prompt_tokens
+        pooled = pooled_scores(scores, self.kernel_size).cpu()  # n floats: pick and strip here
+        kept = self.choose_pooled(pooled, keep, target.prompt_ids, target.tokenizer)
+        confidence = selection_confidence(scores, self.scoring, kept, self.head, self.tail)
+        wider = self.fallback_keep(n, target.default_budget)
+        fell_back = wider is not None and wider > keep and confidence is not None and confidence < self.fallback_below
+        if fell_back:
+            assert wider is not None
+            kept = self.choose_pooled(pooled, wider, target.prompt_ids, target.tokenizer)
+        selection = self.selection(target.model, n, kept, started, None, filter_report)
+        selection.confidence = confidence
+        selection.fallback = ("none" if len(kept) == n else f"budget:{len(kept)}") if fell_back else None
+        selection.token_scores = pooled
+        return selection
 
     def unit_begins(self, input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase | None) -> torch.Tensor | None:
         if self.span == "chunk":
             return chunk_starts(int(input_ids.shape[-1]), self.chunk_size)
-        if self.span == "word":
+        if self.span in ("word", "sentence"):
             if tokenizer is None:
-                raise RuntimeError("GemFilter span='word' needs the tokenizer to find where words start")
+                raise RuntimeError(f"GemFilter span='{self.span}' needs the tokenizer to find where words start")
+            if self.span == "sentence":
+                return sentence_starts(tokenizer, input_ids, self.sentence_tokens)
             return word_starts(tokenizer, input_ids)
         return None
 
@@ -317,6 +439,8 @@ class GemFilter(PromptSelector):
     ) -> Selection:
         keep = len(kept)
         details: dict[str, object] = {"scoring": self.scoring, "window": min(self.window, n), "span": self.span}
+        if self.head:
+            details["protected_head"] = min(self.head, keep, n)
         return Selection(
             method=self.name,
             prompt_tokens=n,
@@ -489,10 +613,9 @@ class GemFilterPreparation(Preparation):
         if self.filter_pass.scores is None:
             raise RuntimeError(f"the filter pass ran {self.filter_pass.done} of {n} tokens: it has not ended")
         assert self.scorer is not None and self.backend is not None
-        pooled = pooled_scores(self.filter_pass.scores, method.kernel_size).cpu()  # n floats: pick and strip here
-        kept = method.choose_pooled(pooled, self.keep, target.prompt_ids, target.tokenizer)
-        selection = method.selection(target.model, n, kept, self.started, None, self.backend.report())
-        selection.token_scores = pooled
+        selection = method.selection_from_scores(
+            target, self.filter_pass.scores, self.keep, self.started, self.backend.report()
+        )
         selection.filter_dtype = model_dtype(self.scorer)
         self.filter_pass = None  # its tensors go with it; the selection stays
         return selection

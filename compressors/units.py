@@ -12,6 +12,12 @@ A word unit is a run of tokens with no whitespace between them ("7391-2048-5562-
 unit), cut every ``MAX_UNIT_TOKENS`` so a long URL or hash cannot swallow the budget. The unit
 boundaries come from the tokenizer's vocabulary once (which pieces start or end with
 whitespace), then cost one table lookup per prompt token.
+
+A sentence unit (issue 26) is a run of whole words that ends after sentence punctuation
+(``. ! ? ;``, closing quotes or brackets allowed after it) or at a line break: a log line, a
+table row, a chat turn, a sentence of prose. Kept as units, a budget holds a few whole pieces of
+text instead of many crumbs cut out of their sentences. A sentence longer than its cap is cut at
+a word start, so a word is never split.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 MAX_UNIT_TOKENS = 24  # a four-part code with its dashes and full stop is 20 SmolLM2 tokens
+MAX_SENTENCE_TOKENS = 48  # a needle sentence with a four-part code is ~30 SmolLM2 tokens, a log line ~40
+SENTENCE_END = frozenset(".!?;")
+CLOSERS = frozenset("\"')]}\u00bb\u201d\u2019")
+NEWLINE_MARKS = frozenset("\n\r\u010a\u010d")
 # How byte-level BPE (GPT-2 style: Ġ space, Ċ newline, ĉ tab, č return) and SentencePiece (▁)
 # vocabularies spell whitespace at the edge of a piece.
 WHITESPACE_MARKS = frozenset(" \t\n\r\u0120\u010a\u0109\u010d\u2581")
@@ -44,6 +54,58 @@ def vocabulary_edges(tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, 
             starts[index] = piece[0] in WHITESPACE_MARKS
             ends[index] = piece[-1] in WHITESPACE_MARKS and not all(c in WHITESPACE_MARKS for c in piece)
     return starts, ends
+
+
+@lru_cache(maxsize=8)
+def sentence_edges(tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ends_sentence, starts_line)``: bool per vocabulary id. A piece ends a sentence when, its
+    trailing whitespace and closing quotes or brackets aside, it ends with ``. ! ? ;``, or when it
+    holds a line break; it starts a line when it begins with one. Special tokens do both."""
+    size = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=0) + 1)
+    ends = torch.zeros(size, dtype=torch.bool)
+    starts = torch.zeros(size, dtype=torch.bool)
+    special = set(tokenizer.all_special_ids) | {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
+    for piece, index in tokenizer.get_vocab().items():
+        if index in special or piece in ("<0x0A>", "<0x0D>"):
+            ends[index] = starts[index] = True
+            continue
+        core = piece.rstrip("".join(WHITESPACE_MARKS)).rstrip("".join(CLOSERS))
+        ends[index] = (bool(core) and core[-1] in SENTENCE_END) or any(c in NEWLINE_MARKS for c in piece)
+        starts[index] = bool(piece) and piece[0] in NEWLINE_MARKS
+    return ends, starts
+
+
+def sentence_starts(
+    tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor, cap: int = MAX_SENTENCE_TOKENS
+) -> torch.Tensor:
+    """``(n,)`` bool: True where a sentence unit begins (see the module doc): a word start after a
+    sentence end or at a line break; a sentence over ``cap`` tokens is cut at a word start."""
+    ids = input_ids.reshape(-1).cpu()
+    words = word_starts(tokenizer, ids)
+    ends, line_starts = sentence_edges(tokenizer)
+    ids = ids.clamp(0, ends.numel() - 1)
+    breaks = line_starts[ids].clone()
+    breaks[1:] |= ends[ids[:-1]]
+    begins = words & breaks
+    if begins.numel():
+        begins[0] = True
+    return cap_at_words(begins, words, cap)
+
+
+def cap_at_words(begins: torch.Tensor, words: torch.Tensor, cap: int) -> torch.Tensor:
+    """Cut every unit longer than ``cap`` tokens at word starts (and a single word longer than
+    ``cap``, which only a cap below a word's own cap can meet, every ``cap`` tokens)."""
+    out = begins.clone()
+    n = out.numel()
+    starts = torch.nonzero(words | begins).view(-1).tolist()
+    unit_start = 0
+    for word, after in zip(starts, [*starts[1:], n], strict=True):
+        if out[word]:
+            unit_start = word
+        elif after - unit_start > cap:
+            out[word] = True
+            unit_start = word
+    return cap_unit_length(out, cap)
 
 
 def word_starts(tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor) -> torch.Tensor:
@@ -73,15 +135,16 @@ def cap_unit_length(begins: torch.Tensor, limit: int) -> torch.Tensor:
     return begins | (offset % limit == 0)
 
 
-def pick_whole_units(pooled: torch.Tensor, keep: int, tail: int, begins: torch.Tensor) -> list[int]:
+def pick_whole_units(pooled: torch.Tensor, keep: int, tail: int, begins: torch.Tensor, head: int = 0) -> list[int]:
     """The ``keep`` kept positions, sorted, chosen a unit at a time.
 
     ``pooled`` ``(n,)`` are token scores (higher is better), ``begins`` ``(n,)`` marks where each
-    unit starts. The units under the last ``tail`` tokens are kept first (whole, so the
-    question is not cut mid-word either). Then units go best first by their best token's
-    score; a unit larger than what is left of the budget is passed over for a smaller one.
-    Only when no whole unit fits the last free slots are the best single tokens left taken,
-    so exactly ``keep`` positions come back.
+    unit starts. The units under the last ``tail`` tokens are kept first, then those under the
+    first ``head`` tokens, each whole (so the question and the instruction are not cut mid-word
+    either) where the budget holds them, else exactly those tokens. Then units go best first by
+    their best token's score; a unit larger than what is left of the budget is passed over for a
+    smaller one. Only when no whole unit fits the last free slots are the best single tokens left
+    taken, so exactly ``keep`` positions come back.
     """
     n = pooled.numel()
     keep = min(keep, n)
@@ -89,32 +152,57 @@ def pick_whole_units(pooled: torch.Tensor, keep: int, tail: int, begins: torch.T
     begins[0] = True
     unit = torch.cumsum(begins.to(torch.long), dim=0) - 1
     count = int(unit[-1]) + 1
-    size = torch.bincount(unit, minlength=count)
-    first = torch.nonzero(begins).view(-1)
+    units = _Units(unit, count, keep)
+    tail = min(tail, keep)
+    if tail:
+        units.protect(range(int(unit[n - tail]), count), torch.arange(n - tail, n))
+    head = min(head, units.left, n - tail)
+    if head:
+        units.protect(range(int(unit[head - 1]) + 1), torch.arange(head))
     unit_score = torch.full((count,), float("-inf")).scatter_reduce(0, unit, pooled.to(torch.float32), "amax")
-    chosen = torch.zeros(count, dtype=torch.bool)
-    left = keep
-    protected = min(tail, keep)
-    forced_tokens = torch.zeros(n, dtype=torch.bool)
-    if protected:
-        tail_unit = int(unit[n - protected])
-        if n - int(first[tail_unit]) <= keep:
-            chosen[tail_unit:] = True
-            left -= n - int(first[tail_unit])
-        else:  # the tail's first unit does not fit whole: protect exactly the last tokens
-            forced_tokens[n - protected :] = True
-            left -= protected
-            chosen[tail_unit + 1 :] = True  # units wholly inside the tail, already counted
-    sizes = size.tolist()
+    sizes = units.size.tolist()
     for index in torch.argsort(unit_score, descending=True, stable=True).tolist():
-        if left == 0:
+        if units.left == 0:
             break
-        if chosen[index] or sizes[index] > left:
+        if units.chosen[index] or sizes[index] > units.left:
             continue
-        chosen[index] = True
-        left -= sizes[index]
-    kept = chosen[unit] | forced_tokens
-    if left > 0:  # no whole unit fits the last slots: the best remaining tokens fill them
+        units.chosen[index] = True
+        units.left -= sizes[index]
+    kept = units.kept()
+    if units.left > 0:  # no whole unit fits the last slots: the best remaining tokens fill them
         rest = pooled.to(torch.float32).masked_fill(kept, float("-inf"))
-        kept[torch.topk(rest, left).indices] = True
+        kept[torch.topk(rest, units.left).indices] = True
     return torch.nonzero(kept).view(-1).tolist()
+
+
+class _Units:
+    """The bookkeeping of :func:`pick_whole_units`: chosen units, single forced tokens, free slots."""
+
+    def __init__(self, unit: torch.Tensor, count: int, keep: int) -> None:
+        self.unit = unit
+        self.size = torch.bincount(unit, minlength=count)
+        self.chosen = torch.zeros(count, dtype=torch.bool)
+        self.forced = torch.zeros(unit.numel(), dtype=torch.bool)
+        self.left = keep
+
+    def kept(self) -> torch.Tensor:
+        return self.chosen[self.unit] | self.forced
+
+    def protect(self, region_units: range, region_tokens: torch.Tensor) -> None:
+        """Keep the units ``region_units`` whole if the free slots hold them, else exactly the
+        positions ``region_tokens`` (and the units wholly inside them); at most ``left`` new ones."""
+        before = int(self.kept().sum())
+        whole = self.chosen.clone()
+        whole[region_units.start : region_units.stop] = True
+        added = int((whole[self.unit] | self.forced).sum()) - before
+        if added <= self.left:
+            self.chosen, self.left = whole, self.left - added
+            return
+        self.forced[region_tokens] = True
+        inside = torch.zeros_like(self.chosen)
+        inside[region_units.start : region_units.stop] = True
+        outside = torch.ones_like(self.forced)
+        outside[region_tokens] = False
+        inside[self.unit[outside & inside[self.unit]]] = False  # units reaching out of the region
+        self.chosen |= inside
+        self.left -= int(self.kept().sum()) - before

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from compressors import KVCompressor, Method, PromptSelector
-from compressors.base import Attachment, KVAttachment, cache_bytes, keep_everything, kept_ids, model_dtype
+from compressors.base import Attachment, KVAttachment, Target, cache_bytes, keep_everything, kept_ids, model_dtype
 from compressors.gemfilter import SKIPPED_TOO_SHORT, GemFilter
 from compressors.probe import active_probe, attention_probe
 from server.engine.batch_forward import new_request_cache
@@ -97,8 +97,8 @@ def run_selector_group(
         else:
             if scores is None:
                 scores = method.filter_scores(engine.model, prompt, engine.filter_model)
-            kept = method.choose(scores[0], keep, prompt, engine.tokenizer)
-            selection = method.selection(engine.model, n, kept, started, None, scores[1])
+            target = Target(engine.model, prompt, None, engine.default_budget, engine.tokenizer)
+            selection = method.selection_from_scores(target, scores[0], keep, started, scores[1])
             selection.filter_dtype = model_dtype(method.scoring_model(engine.model, engine.filter_model))
         # What GemFilter's attach() would yield, from the shared scores.
         out[index] = prefill_and_decode(engine, request, method, Attachment(kept_ids(prompt, selection), selection))

@@ -62,6 +62,10 @@ def wait_for_scrapes(prometheus: str, count: int, timeout_s: float) -> None:
     raise RuntimeError(f"Prometheus did not scrape gemserve {count} times within {timeout_s:.0f}s (targets: {targets})")
 
 
+# Panels of a feature the compose smoke leaves off: no data there is right, not a broken query.
+OPT_IN_PANELS = {"Shadow check agreement": "--shadow-fraction (off by default)"}
+
+
 def panel_queries(path: Path) -> list[tuple[str, str]]:
     dashboard = json.loads(path.read_text())
     return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
@@ -94,7 +98,9 @@ def main() -> int:
             wait_for_scrapes(prometheus, 2, args.timeout)
         for title, expr in panel_queries(args.dashboard):
             result = instant_query(prometheus, expr)
-            if not result:
+            if not result and title in OPT_IN_PANELS:
+                print(f"skip no data  {title}: opt-in, {OPT_IN_PANELS[title]}")
+            elif not result:
                 failures.append(f"no data: {title}: {expr}")
             else:
                 print(f"ok   {len(result)} series  {title}")

@@ -63,6 +63,7 @@ def build_engine(settings: Settings) -> AsyncEngine:
             settings.retry_after_s,
             max_batch_tokens=settings.max_batch_tokens or 4 * engine.max_model_len,
             step_tokens=settings.max_num_batched_tokens,
+            shadow_fraction=settings.shadow_fraction,
         )
     if settings.backend == "vllm":  # GemFilter on a truncated HF model in front of vLLM (issue 5)
         from server.engine.vllm_setup import build_vllm_engine

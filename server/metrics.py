@@ -23,6 +23,7 @@ LABELS = ("model", "backend", "method")
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 BYTES_BUCKETS = tuple(float(2**p) for p in range(16, 36, 2))  # 64 KiB .. 16 GiB
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
 class EngineLoadCollector(Collector):
@@ -67,6 +68,41 @@ class EngineLoadCollector(Collector):
             for key, value in gauges().items():
                 families[key].add_metric([self.model, self.engine.backend], value)  # type: ignore[union-attr]
         yield from families.values()
+
+
+# ---- the shadow check (--shadow-fraction, server/engine/hf_async.py ShadowCheck) ---------------------
+class ShadowCheckCollector(Collector):
+    """``gemserve_shadow_checks_total{method, budget, agree}``: sampled compressed answers rerun with
+    full attention while the batch was idle, by whether the two answers agree (``agree`` "true" or
+    "false"); ``gemserve_shadow_skipped_total{reason}``: sampled ones not compared (``not_greedy``,
+    ``queue_full``, ``too_long``, ``rejected``, ``failed``, ``shutdown``). Read from the engine's
+    counts at scrape time; an engine without a shadow check (vllm, or the setting 0) exports none."""
+
+    def __init__(self) -> None:
+        self.engine: AsyncEngine | None = None
+        self.model = ""
+
+    def collect(self) -> Iterator[Metric]:
+        checks = CounterMetricFamily(
+            "gemserve_shadow_checks",
+            "Sampled compressed answers rerun with full attention when idle, by whether the answers agree",
+            labels=(*LABELS, "budget", "agree"),
+        )
+        skipped = CounterMetricFamily(
+            "gemserve_shadow_skipped",
+            "Sampled compressed answers the shadow check did not compare, by reason",
+            labels=(*LABELS[:2], "reason"),
+        )
+        counts = getattr(self.engine, "shadow_counts", None)
+        if counts is not None:
+            agreed, dropped = counts()
+            backend = self.engine.backend  # type: ignore[union-attr]
+            for (method, budget, agree), value in sorted(agreed.items()):
+                checks.add_metric([self.model, backend, method, budget, agree], value)
+            for reason, value in sorted(dropped.items()):
+                skipped.add_metric([self.model, backend, reason], value)
+        yield checks
+        yield skipped
 
 
 class ServerMetrics:
@@ -114,17 +150,34 @@ class ServerMetrics:
         self.kv_cache_bytes = Histogram(
             "gemserve_kv_cache_bytes", "KV cache size after prefill", LABELS, buckets=BYTES_BUCKETS, registry=reg
         )
+        self.confidence = Histogram(
+            "gemserve_selection_confidence",
+            "GemFilter: share of the filter layer's attention the budget's selection held (compression.confidence)",
+            LABELS,
+            buckets=CONFIDENCE_BUCKETS,
+            registry=reg,
+        )
+        self.fallbacks = Counter(
+            "gemserve_selection_fallbacks_total",
+            "GemFilter selections a low confidence widened (compression.fallback), by what they widened to",
+            (*LABELS, "to"),
+            registry=reg,
+        )
         self.requests = Counter(
             "gemserve_requests_total", "Generation requests by outcome", (*LABELS, "status"), registry=reg
         )
         self.generation_tokens = Counter("gemserve_generation_tokens_total", "Tokens generated", LABELS, registry=reg)
         self.engine_load = EngineLoadCollector()
         reg.register(self.engine_load)
+        self.shadow = ShadowCheckCollector()
+        reg.register(self.shadow)
 
     def bind_engine(self, engine: AsyncEngine, model: str) -> None:
         """``model``: the served model name, the gauges' label, as every other series'."""
         self.engine_load.engine = engine
         self.engine_load.model = model
+        self.shadow.engine = engine
+        self.shadow.model = model
 
     def observe_result(self, model: str, backend: str, result: GenerationResult) -> None:
         """``model``: the served model name (``ServerState.served_model_name()``), as everywhere."""
@@ -138,6 +191,11 @@ class ServerMetrics:
         if result.compression.kept_tokens_union is not None:
             self.kept_tokens_union.labels(*labels).observe(result.compression.kept_tokens_union)
         self.kv_cache_bytes.labels(*labels).observe(m.kv_cache_bytes)
+        if result.compression.confidence is not None:
+            self.confidence.labels(*labels).observe(result.compression.confidence)
+        if result.compression.fallback is not None:
+            to = "none" if result.compression.fallback == "none" else "budget"
+            self.fallbacks.labels(*labels, to).inc()
 
     def count_generated_tokens(self, model: str, backend: str, method: str, tokens: int) -> None:
         """Every decoded token, also those of a request the client left (the engine counts them)."""

@@ -464,6 +464,18 @@ class CompressionInfo(BaseModel):
     attention: AttentionInfo | None = None
     filter_attention: AttentionInfo | None = None
     filter_dtype: str | None = Field(None, description="The dtype GemFilter's filter pass ran in, when it ran")
+    confidence: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="GemFilter: the share of the filter layer's attention (outside the protected head and "
+        "tail) that the budget's selection held; low means the layer attended to much it could not keep",
+    )
+    fallback: str | None = Field(
+        None,
+        description="GemFilter: what a confidence below compression.fallback_below widened the selection "
+        "to: 'none' (the whole prompt, uncompressed) or 'budget:N'; null when it kept its budget",
+    )
     selection: SelectionInfo | None = None
 
 

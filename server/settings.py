@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.allocator import DEFAULT_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD
@@ -62,6 +62,14 @@ class Settings(BaseSettings):
         description="hf: tokens per step while requests decode (decode tokens + prefill and filter-pass chunks, "
         "a chunk's tokens weighted by their attention and layer count); with none decoding a prefill runs whole",
     )
+    shadow_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="hf: share of the greedy requests whose compression dropped prompt tokens that are rerun with "
+        "full attention while the batch is idle, counting whether the answers agree "
+        "(gemserve_shadow_checks_total); 0: off; never delays a response",
+    )
     max_queue: int = Field(64, ge=0, description="Requests waiting for a slot; beyond this -> 429")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with a 429")
     api_key: str | None = Field(
@@ -91,6 +99,14 @@ class Settings(BaseSettings):
         "distributed-executor-backend=ray, gpu-memory-utilization=0.85 ...), checked by vLLM's AsyncEngineArgs "
         "before the API starts; GEMSERVE_VLLM_ARGS takes them space-separated",
     )
+
+    @field_validator("shadow_fraction")
+    @classmethod
+    def shadow_needs_hf(cls, value: float, info: ValidationInfo) -> float:
+        backend = info.data.get("backend")
+        if value and backend != "hf":
+            raise ValueError(f"the shadow check runs on the hf backend only, not {backend}; leave it 0")
+        return value
 
     @field_validator("vllm_args", mode="before")
     @classmethod

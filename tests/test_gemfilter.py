@@ -20,6 +20,7 @@ from compressors.gemfilter import (
     filter_pass_scores,
     last_query_scores,
     pick_indices,
+    selection_confidence,
 )
 from compressors.probe import active_probe, decoder_layers, repeat_kv_heads
 from evals.needles import build_case
@@ -354,6 +355,12 @@ def test_needle_in_4k_haystack_answered_by_default_and_with_a_sparse_filter_pass
         ({"layer": -1}, "layer of method 'gemfilter' must be >= 0"),
         ({"scoring": "cosine"}, "scoring of method 'gemfilter' must be one of fused, inner_product, attention"),
         ({"window": 0}, "window of method 'gemfilter' must be >= 1"),
+        ({"head": -1}, "head of method 'gemfilter' must be >= 0"),
+        ({"sentence_tokens": 8}, "sentence_tokens of method 'gemfilter' must be in [24, 512]"),
+        ({"fallback": "dense"}, "fallback of method 'gemfilter' must be one of none"),
+        ({"fallback_below": 1.5}, "fallback_below of method 'gemfilter' must be in [0, 1]"),
+        ({"fallback": "none", "fallback_budget": 512}, "give fallback='none'"),
+        ({"fallback": "none", "scoring": "inner_product"}, "a fallback needs the selection's confidence"),
     ],
 )
 def test_invalid_knobs_raise_compression_error(knobs, message) -> None:
@@ -381,3 +388,71 @@ def test_fallback_layer_is_a_global_attention_layer_for_sliding_window_models() 
     global_layers = [i for i, kind in enumerate(config.layer_types) if kind == "full_attention"]
     assert global_layers == [5, 11, 17]
     assert default_filter_layer(config) == 11  # first global layer at or after half depth (9)
+
+
+# ---- selection confidence and the fallback (issue 26) ----------------------------------------------
+def test_confidence_is_in_0_1_and_higher_when_the_needle_dominates() -> None:
+    n, kept = 100, list(range(40, 50)) + list(range(92, 100))  # a 10-token unit and the 8-token tail
+    flat = torch.ones(2, n)
+    peaked = torch.ones(2, n)
+    peaked[1, 40:50] = 50.0  # the attention row: the filter layer looks at the kept unit
+    peaked[1, 0] = 1000.0  # an attention sink on the first token counts for nothing
+    low = selection_confidence(flat, "fused", kept, head=0, tail=8)
+    high = selection_confidence(peaked, "fused", kept, head=0, tail=8)
+    assert low == pytest.approx(10 / 91)  # flat attention: the kept share of the tokens it chose from
+    assert high == pytest.approx(500 / (500 + 81))
+    assert 0.0 <= low < high <= 1.0
+    assert selection_confidence(peaked[1], "attention", kept, head=0, tail=8) == pytest.approx(high)
+    assert selection_confidence(peaked[0], "inner_product", kept, head=0, tail=8) is None
+
+
+def test_a_forced_fallback_runs_the_prompt_uncompressed_and_says_so(engine, count_tokens) -> None:
+    ids, _ = haystack_ids(engine, count_tokens, 900, depth=0.5, seed=21)
+    full = greedy(engine, ids, "none", max_tokens=12)
+    forced = greedy(
+        engine, ids, "gemfilter", max_tokens=12, budget=128, payoff_ratio=0, fallback="none", fallback_below=1.0
+    )
+    never = greedy(
+        engine, ids, "gemfilter", max_tokens=12, budget=128, payoff_ratio=0, fallback="none", fallback_below=0.0
+    )
+    assert 0.0 <= forced.compression.confidence <= 1.0
+    assert forced.compression.fallback == "none"
+    assert forced.compression.kept_tokens == len(ids)
+    assert forced.token_ids == full.token_ids  # the same ids at the same positions: the same answer
+    assert never.compression.fallback is None and never.compression.kept_tokens == 128
+    assert never.compression.confidence == forced.compression.confidence
+    widened = greedy(
+        engine, ids, "gemfilter", max_tokens=4, budget=128, payoff_ratio=0, fallback_budget=300, fallback_below=1.0
+    )
+    assert widened.compression.fallback == "budget:300" and widened.compression.kept_tokens == 300
+    assert set(never.compression.selection.kept_indices) - set(range(len(ids) - 32, len(ids))) <= set(
+        widened.compression.selection.kept_indices
+    )  # widening keeps what the budget kept (word units: nearly always; here exactly)
+
+
+def test_a_fallback_in_a_batch_widens_the_planned_prefill(engine, count_tokens) -> None:
+    from server.engine.scheduler import Scheduler
+
+    ids, _ = haystack_ids(engine, count_tokens, 900, depth=0.3, seed=22)
+    other, _ = haystack_ids(engine, count_tokens, 400, depth=0.6, seed=23)
+    solo = greedy(engine, ids, "none", max_tokens=6)
+    core = engine.new_core(step_tokens=64)
+    events: dict[str, list] = {"a": [], "b": []}
+    for key, prompt, knobs in (
+        ("a", ids, {"budget": 128, "payoff_ratio": 0, "fallback": "none", "fallback_below": 1.0}),
+        ("b", other, {"budget": 64, "payoff_ratio": 0}),
+    ):
+        request = GenerationRequest(
+            prompt_ids=prompt,
+            sampling=SamplingParams(max_tokens=6, temperature=0.0),
+            compression=CompressionSpec(method="gemfilter", knobs=knobs),
+        )
+        engine.check_request(request)
+        core.add(request, events[key].append)
+    assert isinstance(core.scheduler, Scheduler)
+    while core.has_work():
+        core.step()
+    result = events["a"][-1]
+    assert result.compression.fallback == "none" and result.compression.kept_tokens == len(ids)
+    assert result.token_ids == solo.token_ids
+    assert events["b"][-1].compression.kept_tokens == 64

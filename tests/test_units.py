@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from compressors.gemfilter import GemFilter, pick_indices
-from compressors.units import MAX_UNIT_TOKENS, chunk_starts, pick_whole_units, word_starts
+from compressors.units import (
+    MAX_SENTENCE_TOKENS,
+    MAX_UNIT_TOKENS,
+    chunk_starts,
+    pick_whole_units,
+    sentence_starts,
+    word_starts,
+)
 
 
 def random_units(rng: random.Random, n: int) -> torch.Tensor:
@@ -111,8 +118,69 @@ def test_span_word_without_a_tokenizer_is_an_internal_error(loaded_model) -> Non
 def test_bad_span_knobs_are_400s(engine) -> None:
     from server.engine.types import CompressionSpec, GenerationRequest, RequestError
 
-    for knobs, param in (({"span": "sentence"}, "compression.span"), ({"chunk_size": 0}, "compression.chunk_size")):
+    for knobs, param in (({"span": "paragraph"}, "compression.span"), ({"chunk_size": 0}, "compression.chunk_size")):
         request = GenerationRequest(prompt_ids=[1, 2, 3], compression=CompressionSpec(method="gemfilter", knobs=knobs))
         with pytest.raises(RequestError) as caught:
             engine.check_request(request)
         assert caught.value.param == param
+
+
+# ---- sentence units and the protected head (issue 26) ---------------------------------------------
+SENTENCES_TEXT = (
+    "The magic code for Oslo is 7391-2048-5562-0193. Is it? Yes!\n"
+    "2024-03-07 14:02:11 INFO api-3 GET /v1/orders/48213 200 31ms\n"
+    "| 48213 | Graz | shipped | 17.40 |\n"
+    'He said "stop." Then pi is 3.14 and e is 2.71; both are numbers.'
+)
+
+
+def test_sentence_units_follow_punctuation_and_lines(engine) -> None:
+    ids = torch.tensor(engine.tokenizer(SENTENCES_TEXT)["input_ids"])
+    units = [engine.tokenizer.decode(ids[u].tolist()) for u in units_of(sentence_starts(engine.tokenizer, ids))]
+    assert units[0] == "The magic code for Oslo is 7391-2048-5562-0193."
+    assert units[1:3] == [" Is it?", " Yes!"]
+    assert any(u.strip() == "2024-03-07 14:02:11 INFO api-3 GET /v1/orders/48213 200 31ms" for u in units)
+    assert any(u.strip() == "| 48213 | Graz | shipped | 17.40 |" for u in units)
+    assert '\nHe said "stop."' in units  # a closing quote after the full stop ends the sentence too
+    assert " Then pi is 3.14 and e is 2.71;" in units  # a decimal point ends nothing
+
+
+@pytest.mark.parametrize("cap", [MAX_UNIT_TOKENS, 32, MAX_SENTENCE_TOKENS])
+def test_sentence_units_tile_the_prompt_never_split_a_word_and_respect_the_cap(engine, cap: int) -> None:
+    from evals.tasks import build_sample
+
+    for haystack in ("prose", "records", "noise"):
+        sample = build_sample(
+            "niah_single", haystack, 700, 0.5, 5, lambda s: len(engine.encode_prompt(s.completion_prompt()))
+        )
+        ids = torch.tensor(engine.encode_prompt(sample.completion_prompt()))
+        begins = sentence_starts(engine.tokenizer, ids, cap)
+        units = units_of(begins)
+        assert [i for u in units for i in u] == list(range(ids.numel()))  # they tile the prompt
+        assert max(len(u) for u in units) <= cap
+        words = word_starts(engine.tokenizer, ids)
+        assert not bool((begins & ~words).any())  # a unit only begins where a word does
+        assert len(units) < words.sum() / 3  # whole sentences, not words
+
+
+def test_head_is_kept_whole_with_the_tail_and_exactly_the_budget() -> None:
+    rng = random.Random(3)
+    for _ in range(40):
+        n = rng.randint(80, 400)
+        begins = random_units(rng, n)
+        scores = torch.tensor([rng.random() for _ in range(n)])
+        keep, head, tail = rng.randint(20, n // 2), rng.choice([1, 8, 16]), rng.choice([0, 8])
+        kept = pick_whole_units(scores, keep, tail, begins, head=head)
+        assert len(kept) == keep and kept == sorted(set(kept))
+        assert set(range(head)) | set(range(n - tail, n)) <= set(kept)
+        head_units = [u for u in units_of(begins) if u[0] < head]
+        assert all(set(u) <= set(kept) for u in head_units)  # the budget held them: whole
+    # A head that reaches into a unit the budget cannot hold: exactly the head's tokens.
+    begins = torch.tensor([1, 0, 0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.bool)  # [0-5] [6] [7] [8] [9]
+    scores = torch.tensor([0.0] * 6 + [0.9, 0.8, 0.1, 0.0])
+    assert pick_whole_units(scores, keep=4, tail=1, begins=begins, head=2) == [0, 1, 6, 9]
+
+
+def test_token_span_keeps_the_head_too() -> None:
+    scores = torch.tensor([0.0, 0.0, 0.9, 0.1, 0.8, 0.0, 0.0, 0.0])
+    assert pick_indices(scores, keep=4, kernel_size=1, tail=1, head=1) == [0, 2, 4, 7]

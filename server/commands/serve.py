@@ -33,6 +33,11 @@ FLAGS: dict[str, dict[str, Any]] = {
         "help": "hf: tokens per step while requests decode: decode tokens + prefill / filter-pass chunks "
         f"(default {DEFAULT_STEP_TOKENS})",
     },
+    "--shadow-fraction": {
+        "type": float,
+        "help": "hf: share (0..1) of greedy compressed requests rerun with full attention while the batch is idle, "
+        "counting whether the answers agree (gemserve_shadow_checks_total; default 0: off)",
+    },
     "--max-queue": {"type": int, "help": "requests waiting for a slot before 429 (default 64)"},
     "--api-key": {
         "help": "require 'Authorization: Bearer KEY' on every route but /health and /ready; visible to every "

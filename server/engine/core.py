@@ -43,12 +43,16 @@ class EngineCore:
         scheduler: Scheduler,
         tokenizer: PreTrainedTokenizerBase,
         eos_token_ids: set[int],
+        id_prefix: str = "",
     ) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.meter = SharedPeakMeter(runner.device)
+        # Request ids are keys in the runner, which cores on one engine share: a second core there
+        # (the shadow check's, server/engine/hf_async.py) numbers its requests under its own prefix.
+        self.id_prefix = id_prefix
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._sequences: dict[str, Sequence] = {}
@@ -56,7 +60,7 @@ class EngineCore:
     # ---- what other threads may call ------------------------------------------------------
     def add(self, request: GenerationRequest, emit: Emit) -> str:
         """Queue an admitted request (the engine's ``check_request`` built its method); its id here."""
-        request_id = str(next(self._ids))
+        request_id = f"{self.id_prefix}{next(self._ids)}"
         detok = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
         sequence = Sequence(request, emit, self.eos_token_ids, detok, self.meter)
         work = self.runner.add(request_id, request)
@@ -129,6 +133,8 @@ class EngineCore:
 
     def _run(self, plan: StepPlan) -> tuple[set[str], set[str]]:
         result = self.runner.execute(plan)
+        for request_id, kept in result.selected.items():
+            self.scheduler.selected(request_id, kept)
         for request_id, error in result.failed.items():
             self._sequences[request_id].fail(error)
         for request_id, prefilled in result.prefilled.items():

@@ -189,10 +189,12 @@ class HFEngine:
         max_batch_tokens: int | None = None,
         step_tokens: int = DEFAULT_STEP_TOKENS,
         idle_budget: int | None = None,
+        id_prefix: str = "",
     ) -> EngineCore:
-        """A batch on this engine's runner: its scheduler with these limits, and the step loop."""
+        """A batch on this engine's runner: its scheduler with these limits, and the step loop
+        (``id_prefix``: its request ids', unique among the cores sharing the runner)."""
         scheduler = Scheduler(max_running, max_batch_tokens, step_tokens, idle_budget, self.runner.break_even)
-        return EngineCore(self.runner, scheduler, self.tokenizer, self.eos_token_ids)
+        return EngineCore(self.runner, scheduler, self.tokenizer, self.eos_token_ids, id_prefix)
 
     def decode_from(
         self,

@@ -92,6 +92,8 @@ def compression_report(
         skipped=selection.skipped,
         filter_attention=None if selection.filter_attention is None else AttentionInfo(**selection.filter_attention),
         filter_dtype=selection.filter_dtype,
+        confidence=selection.confidence,
+        fallback=selection.fallback,
         selection=selection_info(selection, tokenizer, prompt_ids, spec.return_scores)
         if spec.return_selection or spec.return_scores
         else None,

@@ -79,6 +79,9 @@ class StepResult:
     sampled: dict[str, int] = field(default_factory=dict)  # request -> the token this step chose
     prefilled: dict[str, Prefilled] = field(default_factory=dict)  # first prefills that ended
     failed: dict[str, BaseException] = field(default_factory=dict)
+    # Filter passes that ended this step: the prompt tokens their selection kept (more than the
+    # planned budget when a low-confidence selection fell back to a wider one).
+    selected: dict[str, int] = field(default_factory=dict)
 
 
 class RunState:
@@ -191,6 +194,8 @@ class ModelRunner:
         for chunk in plan.filters:
             if chunk.request_id not in result.failed:
                 self._guard(result, [chunk.request_id], lambda c=chunk: self._filter(c))
+            if chunk.last and chunk.request_id not in result.failed:
+                result.selected[chunk.request_id] = int(self._hooks(chunk.request_id).prefill_ids.shape[-1])
         return result
 
     def _guard(self, result: StepResult, request_ids: list[str], work: object) -> None:

@@ -275,6 +275,14 @@ class Scheduler:
         self.batch_size = len(plan.decodes) + len(plan.prefills) + len(plan.filters)
         return plan
 
+    def selected(self, request_id: str, kept: int) -> None:
+        """A filter pass ended keeping ``kept`` prompt tokens: the prefill's size from now on (a
+        fallback may widen it past the budget planned at admission, within its ``max_cache_tokens``)."""
+        with self._lock:
+            work = next((w for w in self._running if w.request_id == request_id), None)
+            if work is not None:
+                work.prefill_tokens = work.cache_tokens = min(kept, work.max_cache_tokens)
+
     def update(self, plan: StepPlan, finished: set[str] | None = None, failed: set[str] | None = None) -> list[str]:
         """Advance each request by what the plan ran; forget those that ``finished`` (a stop, the
         length, a cancel seen by the engine) or ``failed``. Returns the request ids forgotten."""
