@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from evals.haystacks import HAYSTACKS
+from evals.haystacks import HAYSTACKS, TUNING_HAYSTACKS
 from evals.runner import csv_list, depth_list, int_list
 from evals.tasks import build_sample, sample_seed
 from server.commands.common import add_dtype_arguments
@@ -48,7 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dtype_arguments(parser)
     parser.add_argument("--cache-dir", type=Path, help="where converted models and cached profiles live")
     parser.add_argument("--lengths", type=int_list, default=[2048, 4096, 8000], help="probe lengths in tokens")
-    parser.add_argument("--haystacks", type=csv_list, default=list(HAYSTACKS), help="haystack kinds to probe")
+    parser.add_argument(
+        "--haystacks",
+        type=csv_list,
+        default=list(TUNING_HAYSTACKS),
+        help="haystack kinds to probe (default: the tuning families)",
+    )
     parser.add_argument("--depths", type=depth_list, default=depth_list("3"), help="a count or a list of depths")
     parser.add_argument("--budgets", type=int_list, default=[256, 512, 1024, 2048], help="top-k budgets to score")
     parser.add_argument("--metric-budget", type=int, default=1024, help="the budget the layer is chosen at")

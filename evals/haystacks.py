@@ -1,9 +1,16 @@
-"""Filler for the long-context tasks: three haystack kinds, seeded, no downloads (stdlib only).
+"""Filler for the long-context tasks: five haystack kinds, seeded, no downloads (stdlib only).
 
 A haystack is a stream of short "units" (sentences or lines) joined by the kind's separator:
 - ``noise``: RULER's repeated synthetic noise, one sentence per unit;
 - ``prose``: varied topical prose from ``evals.needles.filler_sentences``;
-- ``records``: log lines and small tables, so the model must read past numbers and structure.
+- ``records``: log lines and small tables, so the model must read past numbers and structure;
+- ``dialogue``: a team chat transcript, one ``Name: utterance`` turn per unit;
+- ``emails``: short emails one line per unit (``From:``, ``Subject:``, body sentences, sign-off).
+
+The first three are the tuning families (``TUNING_HAYSTACKS``: defaults were chosen on them, and
+``gemserve calibrate`` probes them); ``dialogue`` and ``emails`` (``HELDOUT_HAYSTACKS``, issue 26)
+were written to check those defaults on text nothing was tuned on, and stay out of every tuning
+loop.
 
 Records are shaped so that no needle value can hide in them: no digit run (with or without
 separators) is 7 or 16 digits long, no group of 4 digits reads as a year from 1900 to 2019,
@@ -18,7 +25,9 @@ from datetime import datetime, timedelta
 
 from evals.needles import CONNECTIVES, TOPICS, filler_sentences
 
-HAYSTACKS = ("noise", "prose", "records")
+TUNING_HAYSTACKS = ("noise", "prose", "records")
+HELDOUT_HAYSTACKS = ("dialogue", "emails")
+HAYSTACKS = TUNING_HAYSTACKS + HELDOUT_HAYSTACKS
 NOISE_SENTENCES = (
     "The grass is green.",
     "The sky is blue.",
@@ -26,7 +35,7 @@ NOISE_SENTENCES = (
     "Here we go.",
     "There and back again.",
 )
-SEPARATORS = {"noise": " ", "prose": " ", "records": "\n"}
+SEPARATORS = {"noise": " ", "prose": " ", "records": "\n", "dialogue": "\n", "emails": "\n"}
 
 LOG_LEVELS = ("INFO", "INFO", "INFO", "INFO", "INFO", "DEBUG", "WARN", "ERROR")
 SERVICES = ("api", "auth", "billing", "search", "worker", "gateway", "cart", "notify")
@@ -54,6 +63,41 @@ RECORD_CITIES = (
 SHIPMENT_STATES = ("shipped", "pending", "returned", "cancelled", "delivered", "packed")
 TABLE_HEADER = "| id | city | status | amount |"
 TABLE_RULE = "|-------|--------|-----------|--------|"
+
+
+# dialogue and emails: no word of evals.needles' WORDS, ANIMALS or PLACES, no name of the QA task's
+# founders, no city at all, numbers below 100 (no digit run a needle value could hide in).
+SPEAKERS = ("Ayla", "Bruno", "Chidi", "Dana", "Emeka", "Freya", "Goran", "Hana", "Ivo", "Juno", "Kofi", "Leila")
+TEAM_THINGS = (
+    "the login page", "the release notes", "the billing export", "the search index", "the onboarding guide",
+    "the test suite", "the staging server", "the design review", "the quarterly report", "the mobile build",
+    "the support queue", "the data migration", "the pricing page", "the retry logic", "the dashboard",
+)  # fmt: skip
+TEAM_VERBS = ("pushed a fix for", "reviewed", "rewrote", "tested", "cleaned up", "started on", "paused work on")
+TIMES = ("this morning", "before lunch", "after lunch", "this afternoon", "tonight", "tomorrow", "on Friday")
+UTTERANCES = (
+    "I {verb} {thing} {time}, can someone take a look?",
+    "Quick update: {thing} is done, {n} small issues left.",
+    "Has anyone seen the error on {thing} since {time}?",
+    "I think {thing} needs another pass before we ship it.",
+    "Sounds good to me, let's talk about {thing} {time}.",
+    "Thanks! I will keep an eye on {thing}.",
+    "Can we move the sync about {thing} to {time}?",
+    "{thing} looks fine on my side, {n} checks passed.",
+    "Sorry, I missed that. Which version of {thing} do you mean?",
+    "Agreed. Let's not change {thing} until the review.",
+)
+EMAIL_SUBJECTS = ("Follow-up on", "Question about", "Notes from the call on", "Reminder:", "Draft of", "Status of")
+EMAIL_BODY = (
+    "I wanted to check where we are with {thing}.",
+    "Could you send me your comments on {thing} {time}?",
+    "The team finished the first part of {thing} and {n} items remain open.",
+    "Please find my notes on {thing} below; nothing urgent.",
+    "We agreed to revisit {thing} once the review is complete.",
+    "Let me know if {time} works for a short call about {thing}.",
+    "I have shared the document on {thing} with the whole group.",
+)
+SIGN_OFFS = ("Best regards,", "Thanks,", "Cheers,", "Kind regards,", "All the best,")
 
 
 def check_haystack(kind: str) -> None:
@@ -98,6 +142,30 @@ def records(rng: random.Random, count: int) -> list[str]:
     return out[:count]
 
 
+def fill(template: str, rng: random.Random) -> str:
+    text = template.format(
+        verb=rng.choice(TEAM_VERBS), thing=rng.choice(TEAM_THINGS), time=rng.choice(TIMES), n=rng.randint(2, 9)
+    )
+    return text[0].upper() + text[1:]
+
+
+def dialogue(rng: random.Random, count: int) -> list[str]:
+    """``count`` chat turns like ``Freya: Quick update: the test suite is done, 3 small issues left.``"""
+    return [f"{rng.choice(SPEAKERS)}: {fill(rng.choice(UTTERANCES), rng)}" for _ in range(count)]
+
+
+def emails(rng: random.Random, count: int) -> list[str]:
+    """Emails one line per unit (sender, subject, 1-3 body sentences, sign-off, name), ``count`` lines."""
+    out: list[str] = []
+    while len(out) < count:
+        sender, thing = rng.choice(SPEAKERS), rng.choice(TEAM_THINGS)
+        out.append(f"From: {sender} <{sender.lower()}@example.org>")
+        out.append(f"Subject: {rng.choice(EMAIL_SUBJECTS)} {thing}")
+        out.extend(fill(rng.choice(EMAIL_BODY), rng) for _ in range(rng.randint(1, 3)))
+        out.extend([rng.choice(SIGN_OFFS), sender])
+    return out[:count]
+
+
 def haystack_units(kind: str, rng: random.Random, count: int) -> list[str]:
     """``count`` filler units of ``kind``; noise always starts its cycle at its first sentence."""
     check_haystack(kind)
@@ -105,6 +173,10 @@ def haystack_units(kind: str, rng: random.Random, count: int) -> list[str]:
         return [NOISE_SENTENCES[i % len(NOISE_SENTENCES)] for i in range(count)]
     if kind == "prose":
         return filler_sentences(rng, count)
+    if kind == "dialogue":
+        return dialogue(rng, count)
+    if kind == "emails":
+        return emails(rng, count)
     return records(rng, count)
 
 
@@ -143,6 +215,9 @@ def vocabulary(kind: str) -> frozenset[str]:
         text = " ".join(NOISE_SENTENCES)
     elif kind == "prose":
         text = " ".join([*CONNECTIVES, *(s for sentences in TOPICS.values() for s in sentences)])
+    elif kind in HELDOUT_HAYSTACKS:
+        parts = [*SPEAKERS, *TEAM_THINGS, *TEAM_VERBS, *TIMES, *UTTERANCES, *EMAIL_SUBJECTS, *EMAIL_BODY, *SIGN_OFFS]
+        text = " ".join([*parts, "From Subject example org"])
     else:
         parts = [*LOG_LEVELS, *SERVICES, *METHODS, *RESOURCES, *RECORD_CITIES, *SHIPMENT_STATES]
         text = " ".join([*parts, TABLE_HEADER, "v1 ms"])

@@ -15,16 +15,27 @@ import pytest
 
 from evals.haystacks import (
     HAYSTACKS,
+    HELDOUT_HAYSTACKS,
     NOISE_SENTENCES,
     RECORD_CITIES,
+    TUNING_HAYSTACKS,
     FillerStream,
     haystack_units,
     records,
     vocabulary,
 )
-from evals.needles import PLACES, TOPICS
+from evals.needles import ANIMALS, PLACES, TOPICS
 from evals.scoring import answers_kept_whole, count_occurrences, item_found, normalize, score
-from evals.tasks import TASKS, TASKS_WITHOUT_DEPTH, VALUE_WORDS, Sample, build_sample, sample_seed
+from evals.tasks import (
+    FIRST_NAMES,
+    LAST_NAMES,
+    TASKS,
+    TASKS_WITHOUT_DEPTH,
+    VALUE_WORDS,
+    Sample,
+    build_sample,
+    sample_seed,
+)
 
 NEEDLE_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "qa")
 TARGETS = (1024, 4096, 16384, 32768)
@@ -228,7 +239,7 @@ def test_prompt_shapes() -> None:
 def test_bad_arguments_say_what_is_allowed() -> None:
     with pytest.raises(ValueError, match="niah_single, niah_multikey"):
         build_sample("niah", "prose", 1024, 0.5, 0, chat_tokens)
-    with pytest.raises(ValueError, match="noise, prose, records"):
+    with pytest.raises(ValueError, match="noise, prose, records, dialogue, emails"):
         build_sample("vt", "wiki", 1024, 0.5, 0, chat_tokens)
     for depth in (1.5, -0.1, None):
         with pytest.raises(ValueError, match=r"depth in \[0, 1\]"):
@@ -273,6 +284,24 @@ def test_records_cannot_hide_a_needle_value() -> None:
     all_words = vocabulary("noise") | vocabulary("prose") | vocabulary("records")
     assert VALUE_WORDS and not set(VALUE_WORDS) & all_words
     assert "harbour" in all_words and "info" in all_words
+
+
+@pytest.mark.parametrize("kind", HELDOUT_HAYSTACKS)
+def test_heldout_haystacks_are_varied_seeded_and_cannot_hide_a_needle_value(kind: str) -> None:
+    units = haystack_units(kind, random.Random(2), 3000)
+    assert len(set(units)) > 300 and units[:50] == haystack_units(kind, random.Random(2), 50)
+    assert units != haystack_units(kind, random.Random(3), 3000)
+    text = "\n".join(units)
+    assert not re.search(r"\d{3}", text)  # numbers below 100: no digit run a value or a year hides in
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    assert words <= vocabulary(kind)
+    assert not words & {w.lower() for w in (*PLACES, *VALUE_WORDS, *ANIMALS, *FIRST_NAMES, *LAST_NAMES)}
+    assert kind not in TUNING_HAYSTACKS and set(HAYSTACKS) == set(TUNING_HAYSTACKS) | set(HELDOUT_HAYSTACKS)
+    if kind == "dialogue":
+        assert all(re.fullmatch(r"[A-Z][a-z]+: [A-Z].*[.?!]", u) for u in units)
+    else:
+        senders, subjects = sum(u.startswith("From: ") for u in units), sum(u.startswith("Subject: ") for u in units)
+        assert senders - subjects in (0, 1) and subjects > 300  # the last email may be cut after its sender
 
 
 # ---- scoring ------------------------------------------------------------------------------------
