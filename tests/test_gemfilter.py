@@ -294,10 +294,10 @@ def test_selection_reports_its_scoring(loaded_model, engine, count_tokens) -> No
     ids, _ = haystack_ids(engine, count_tokens, 200, depth=0.5, seed=17)
     input_ids = torch.tensor([ids])
     default = GemFilter(budget=64).select(loaded_model.model, input_ids, 1024, engine.tokenizer)
-    paper = GemFilter(budget=64, scoring="inner_product", window=1, span="token").select(
+    paper = GemFilter(budget=64, scoring="inner_product", window=1, span="token", head=0).select(
         loaded_model.model, input_ids, 1024
     )
-    assert default.details == {"scoring": "fused", "window": 32, "span": "word"}
+    assert default.details == {"scoring": "fused", "window": 32, "span": "sentence", "protected_head": 32}
     assert paper.details == {"scoring": "inner_product", "window": 1, "span": "token"}
     assert len(default.kept_indices) == len(paper.kept_indices) == 64
     assert default.kept_indices != paper.kept_indices  # the window changes what is kept
