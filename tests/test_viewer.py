@@ -88,7 +88,7 @@ def test_the_page_loads_nothing_from_elsewhere(server_url: str) -> None:
 
 # ---- what the selection says -----------------------------------------------------------------
 def test_gemfilter_scores_are_the_ones_it_selected_by(engine, needle_prompt) -> None:
-    """Token spans: every kept token outside the protected tail scores at least as high as every
+    """Token spans: every kept token outside the protected head and tail scores at least as high as every
     dropped token (the top-k of the pooled scores the strip shows), one bin per token."""
     info = selection_of(engine, needle_prompt, "gemfilter", {"budget": 128, "span": "token"})
     n = len(needle_prompt)
@@ -98,8 +98,10 @@ def test_gemfilter_scores_are_the_ones_it_selected_by(engine, needle_prompt) -> 
     assert strip.bin_tokens == 1 and len(strip.values) == n
     assert min(strip.values) == 0.0 and max(strip.values) == 1.0
     tail = set(range(n - info.protected_tail, n))
+    head = set(range(getattr(info, "protected_head", 0)))  # a selection detail (GemFilter's head knob)
+    assert head  # the default keeps the first tokens too
     kept = set(info.kept_indices)
-    lowest_kept = min(strip.values[i] for i in kept - tail)
+    lowest_kept = min(strip.values[i] for i in kept - tail - head)
     highest_dropped = max(strip.values[i] for i in range(n) if i not in kept)
     assert lowest_kept >= highest_dropped - 1e-4  # values are rounded to 4 digits
 
