@@ -24,6 +24,7 @@ from evals.haystacks import (
 )
 from evals.needles import ANIMALS, PLACES, WORDS, Needle, approx_tokens, build_case, depths, make_needle
 from evals.tasks import FIRST_NAMES, LAST_NAMES, VALUE_WORDS, build_sample
+from tests.fixtures.digit_runs import assert_no_digit_run_reads_as_a_value
 
 
 def test_case_lands_at_or_just_under_the_target(count_tokens) -> None:
@@ -127,13 +128,7 @@ def test_heldout_kinds_cannot_hide_a_needle_value(kind: str) -> None:
     assert re.search(r"\d", text)  # they do carry small numbers
     # Joined across any separator a value might be written with, no run of digit groups reads as a
     # 7-digit number, a 16-digit code, or a qa year (1900-2019).
-    for run in re.finditer(r"\d+(?:[\s,.:\-\u2013]+\d+)*", text):
-        groups = re.findall(r"\d+", run.group())
-        for start in range(len(groups)):
-            for end in range(start + 1, len(groups) + 1):
-                joined = "".join(groups[start:end])
-                assert len(joined) not in (7, 16), run.group()
-                assert not (len(joined) == 4 and 1900 <= int(joined) <= 2019), run.group()
+    assert_no_digit_run_reads_as_a_value(text, r"\s,.:\-\u2013")
     # No place at all (neither a needle key nor a records city), no qa founder's name, none of the
     # needle sentences' own words.
     names = {w.lower() for w in (*PLACES, *RECORD_CITIES, *FIRST_NAMES, *LAST_NAMES)}
