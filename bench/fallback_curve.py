@@ -34,7 +34,7 @@ import torch
 
 from bench.common import machine_description
 from compressors.gemfilter import GemFilter, pooled_scores, selection_confidence
-from compressors.units import pick_whole_units
+from compressors.units import best_per_unit, pick_whole_units, unit_index
 from evals.methods import parse_method
 from evals.runner import load_records
 from evals.tasks import build_sample
@@ -47,14 +47,8 @@ def unit_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's unit and each unit's best pooled score (the selection's units)."""
     begins = method.unit_begins(ids, tokenizer)
-    if begins is None:
-        begins = torch.ones(pooled.numel(), dtype=torch.bool)
-    begins = begins.clone()
-    begins[0] = True
-    unit = torch.cumsum(begins.to(torch.long), dim=0) - 1
-    count = int(unit[-1]) + 1
-    best = torch.full((count,), float("-inf")).scatter_reduce(0, unit, pooled, "amax")
-    return unit, best
+    unit = unit_index(torch.ones(pooled.numel(), dtype=torch.bool) if begins is None else begins)
+    return unit, best_per_unit(pooled, unit)
 
 
 def measures(method: GemFilter, scores: torch.Tensor, ids: torch.Tensor, tokenizer: Any, keep: int) -> dict[str, float]:

@@ -148,9 +148,7 @@ def pick_whole_units(pooled: torch.Tensor, keep: int, tail: int, begins: torch.T
     """
     n = pooled.numel()
     keep = min(keep, n)
-    begins = begins.clone()
-    begins[0] = True
-    unit = torch.cumsum(begins.to(torch.long), dim=0) - 1
+    unit = unit_index(begins)
     count = int(unit[-1]) + 1
     units = _Units(unit, count, keep)
     tail = min(tail, keep)
@@ -159,7 +157,7 @@ def pick_whole_units(pooled: torch.Tensor, keep: int, tail: int, begins: torch.T
     head = min(head, units.left, n - tail)
     if head:
         units.protect(range(int(unit[head - 1]) + 1), torch.arange(head))
-    unit_score = torch.full((count,), float("-inf")).scatter_reduce(0, unit, pooled.to(torch.float32), "amax")
+    unit_score = best_per_unit(pooled, unit)
     sizes = units.size.tolist()
     for index in torch.argsort(unit_score, descending=True, stable=True).tolist():
         if units.left == 0:
@@ -173,6 +171,19 @@ def pick_whole_units(pooled: torch.Tensor, keep: int, tail: int, begins: torch.T
         rest = pooled.to(torch.float32).masked_fill(kept, float("-inf"))
         kept[torch.topk(rest, units.left).indices] = True
     return torch.nonzero(kept).view(-1).tolist()
+
+
+def unit_index(begins: torch.Tensor) -> torch.Tensor:
+    """``(n,)``: each token's unit number, from where units begin (the first token always does)."""
+    begins = begins.clone()
+    begins[0] = True
+    return torch.cumsum(begins.to(torch.long), dim=0) - 1
+
+
+def best_per_unit(pooled: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """Each unit's score: its best token's."""
+    count = int(unit[-1]) + 1
+    return torch.full((count,), float("-inf")).scatter_reduce(0, unit, pooled.to(torch.float32), "amax")
 
 
 class _Units:
