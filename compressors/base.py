@@ -47,7 +47,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 from compressors.errors import CompressionError
-from compressors.knobs import check_declared_bounds, knob
+from compressors.knobs import Conflict, check_conflicts, check_declared_bounds, knob
 
 
 def contiguous_spans(indices: list[int]) -> list[tuple[int, int]]:
@@ -152,6 +152,8 @@ class Method:
     # Its attachment's prefill() hooks nothing inside the forward, known before it is attached: an
     # engine may plan the prefill in chunks with other requests' forwards between them.
     chunkable_prefill: ClassVar[bool] = True
+    # Knob values that may not be given together (one declaration: the 400 and the schema).
+    CONFLICTS: ClassVar[tuple[Conflict, ...]] = ()
 
     @classmethod
     def knobs(cls) -> list[str]:
@@ -161,6 +163,7 @@ class Method:
         """Raise :class:`CompressionError` for values no prompt could make valid (subclasses add
         the rules between knobs to the bounds their fields declare)."""
         check_declared_bounds(self, f"method '{self.name}'", "compression")
+        check_conflicts(self, self.CONFLICTS)
 
     def validate_for_model(self, model: PreTrainedModel) -> None:
         """Raise :class:`CompressionError` for values this model cannot take."""

@@ -51,7 +51,7 @@ from compressors.base import (
     kept_ids,
     model_dtype,
 )
-from compressors.knobs import knob
+from compressors.knobs import Conflict, knob
 from compressors.kv_scoring import causal_logits, window_attention
 from compressors.probe import (
     StopForward,
@@ -122,7 +122,7 @@ DEFAULT_FILTER_ATTENTION = "dense"
 # mean (0.68). docs/benchmarks.md, "Selection units, head and confidence".
 DEFAULT_HEAD = 32
 # A request may widen a selection it is not sure of (selection_confidence below ``fallback_below``):
-# to the whole prompt (``fallback="none"``) or to ``fallback_budget`` tokens.
+# to the whole prompt (``fallback="none"``) or to ``fallback=N`` tokens.
 FALLBACKS = ("none",)
 DEFAULT_FALLBACK_BELOW = 0.5
 SKIPPED_TOO_SHORT = "prompt too short for budget"
@@ -254,6 +254,14 @@ class GemFilter(PromptSelector):
     whole, :mod:`compressors.units`) and ``chunk_size`` (tokens per chunk for ``span="chunk"``)."""
 
     name: ClassVar[str] = "gemfilter"
+    CONFLICTS: ClassVar[tuple[Conflict, ...]] = (
+        Conflict(
+            (("fallback", None), ("scoring", ("inner_product",))),
+            "a fallback needs the selection's confidence, which scoring='inner_product' does not compute "
+            "(use scoring='fused' or 'attention')",
+            "compression.fallback",
+        ),
+    )
 
     layer: int | None = knob(None, minimum=0)
     scoring: str = knob("fused", choices=SCORINGS)
@@ -267,32 +275,20 @@ class GemFilter(PromptSelector):
     chunk_size: int = knob(8, minimum=1, maximum=256)
     sentence_tokens: int = knob(MAX_SENTENCE_TOKENS, minimum=MAX_UNIT_TOKENS, maximum=512)
     head: int = knob(DEFAULT_HEAD, minimum=0)
-    fallback: str | None = knob(None, choices=FALLBACKS)
-    fallback_budget: int | None = knob(None, minimum=1)
+    fallback: str | int | None = knob(None, choices=FALLBACKS, minimum=1)
     fallback_below: float = knob(DEFAULT_FALLBACK_BELOW, minimum=0.0, maximum=1.0)
 
     def validate(self) -> None:
         super().validate()
         self.filter_backend()  # filter_attention_knobs against the backend they configure
-        if self.fallback is not None and self.fallback_budget is not None:
-            raise CompressionError(
-                "give fallback='none' (run uncompressed) or fallback_budget (widen to that budget), not both",
-                param="compression.fallback_budget",
-            )
-        if (self.fallback is not None or self.fallback_budget is not None) and self.scoring == "inner_product":
-            raise CompressionError(
-                "a fallback needs the selection's confidence, which scoring='inner_product' does not compute "
-                "(use scoring='fused' or 'attention')",
-                param="compression.fallback",
-            )
 
     def fallback_keep(self, prompt_tokens: int, default_budget: int) -> int | None:
         """Tokens a low-confidence selection widens to: the whole prompt (``fallback="none"``) or
-        ``fallback_budget``; None when no fallback is asked for."""
+        ``fallback=N`` tokens; None when no fallback is asked for."""
         if self.fallback == "none":
             return prompt_tokens
-        if self.fallback_budget is not None:
-            return max(self.resolve_budget(prompt_tokens, default_budget), min(self.fallback_budget, prompt_tokens))
+        if isinstance(self.fallback, int):
+            return max(self.resolve_budget(prompt_tokens, default_budget), min(self.fallback, prompt_tokens))
         return None
 
     def most_kept(self, prompt_tokens: int, default_budget: int) -> int:

@@ -96,6 +96,50 @@ def knob(
     return dataclasses.field(default=default, metadata={"bounds": bounds})
 
 
+@dataclass(frozen=True)
+class Conflict:
+    """Knob values a request may not give together, declared once on the method
+    (``CONFLICTS``): :func:`check_conflicts` refuses them with ``message`` and
+    :func:`conflict_schema` writes the same rule into the OpenAPI branch, so a client validating
+    against the schema is refused what the server refuses. ``when`` maps each knob to the values
+    that conflict, or to None for any value but null (null takes the default)."""
+
+    when: tuple[tuple[str, tuple[Any, ...] | None], ...]
+    message: str
+    param: str
+
+    def holds(self, obj: Any) -> bool:
+        return all(
+            getattr(obj, name) is not None if values is None else getattr(obj, name) in values
+            for name, values in self.when
+        )
+
+
+def check_conflicts(obj: Any, conflicts: tuple[Conflict, ...]) -> None:
+    for conflict in conflicts:
+        if conflict.holds(obj):
+            raise CompressionError(conflict.message, param=conflict.param)
+
+
+def conflict_schema(conflicts: tuple[Conflict, ...]) -> dict[str, Any] | None:
+    """JSON Schema that forbids every conflict, spelled positively (some knob of each conflict
+    escapes it: null or left out, or a value outside the conflicting ones) so that generators
+    such as schemathesis can draw from it, which they cannot from a ``not`` over an object."""
+    if not conflicts:
+        return None
+    return {
+        "allOf": [
+            {
+                "anyOf": [
+                    {"properties": {name: {"type": "null"} if values is None else {"not": {"enum": list(values)}}}}
+                    for name, values in conflict.when
+                ]
+            }
+            for conflict in conflicts
+        ]
+    }
+
+
 def knob_bounds(cls: type) -> dict[str, Bounds]:
     """Knob name -> its bounds (an empty :class:`Bounds` where the field declares none)."""
     return {f.name: f.metadata.get("bounds", Bounds()) for f in dataclasses.fields(cls)}
@@ -103,8 +147,14 @@ def knob_bounds(cls: type) -> dict[str, Bounds]:
 
 def bounds_text(bounds: Bounds) -> str | None:
     """What ``bounds`` asks for, in the words of an error message; None when it asks nothing."""
+    numeric = _numeric_text(bounds)
     if bounds.choices is not None:
-        return f"one of {', '.join(bounds.choices)}"
+        names = f"one of {', '.join(bounds.choices)}"
+        return f"{names}, or a number {numeric}" if numeric else names
+    return numeric
+
+
+def _numeric_text(bounds: Bounds) -> str | None:
     if bounds.odd:
         return "a positive odd number" if bounds.minimum == 1 else f"an odd number >= {bounds.minimum or 1:g}"
     low, high = bounds.minimum, bounds.maximum
@@ -118,10 +168,12 @@ def bounds_text(bounds: Bounds) -> str | None:
 
 
 def within(bounds: Bounds, value: Any) -> bool:
+    """``choices`` bound a string, the numeric bounds a number (a knob may take either: the
+    fallback is ``"none"`` or a budget)."""
     if value is None or isinstance(value, bool | dict):
         return True
-    if bounds.choices is not None:
-        return value in bounds.choices
+    if isinstance(value, str):
+        return bounds.choices is None or value in bounds.choices
     if bounds.minimum is not None and (value <= bounds.minimum if bounds.exclusive_minimum else value < bounds.minimum):
         return False
     if bounds.maximum is not None and value > bounds.maximum:

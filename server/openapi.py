@@ -9,7 +9,8 @@ written in here, so that a client validating against ``/openapi.json`` and the s
   token id is below the vocabulary size, ``max_tokens`` below the context;
 - ``compression``: which knobs a method takes depends on the method, and which attention knobs
   on the backend, so the object is all of: one of a branch per method the engine runs (exactly
-  its knobs, with the bounds their dataclass fields declare, compressors/knobs.py), one of a
+  its knobs, with the bounds their dataclass fields declare and the values it may not take
+  together, compressors/knobs.py), one of a
   branch per attention backend it runs (``attention`` and exactly its ``attention_knobs``), and
   the same for GemFilter's ``filter_attention``. Fields left out or null take the server's
   defaults.
@@ -25,7 +26,7 @@ from typing import Any, get_type_hints
 from fastapi import FastAPI
 
 from compressors.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION
-from compressors.knobs import Bounds, knob_bounds, knob_schema
+from compressors.knobs import Bounds, conflict_schema, knob_bounds, knob_schema
 from compressors.registry import METHODS
 from server.engine.types import RequestOptions
 from server.protocol import BOUND_KEY, NULL, UNSUPPORTED_FIELDS, CompressionParams
@@ -124,6 +125,7 @@ def method_branches(method: str, options: RequestOptions) -> list[dict[str, Any]
         },
         "required": ["method"] if method != options.default_method else [],
         "additionalProperties": False,
+        **(conflict_schema(cls.CONFLICTS) or {}),
     }
     branches = [branch]
     if "filter_attention" in knobs:

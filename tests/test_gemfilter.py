@@ -357,9 +357,10 @@ def test_needle_in_4k_haystack_answered_by_default_and_with_a_sparse_filter_pass
         ({"window": 0}, "window of method 'gemfilter' must be >= 1"),
         ({"head": -1}, "head of method 'gemfilter' must be >= 0"),
         ({"sentence_tokens": 8}, "sentence_tokens of method 'gemfilter' must be in [24, 512]"),
-        ({"fallback": "dense"}, "fallback of method 'gemfilter' must be one of none"),
+        ({"fallback": "dense"}, "fallback of method 'gemfilter' must be one of none, or a number >= 1"),
+        ({"fallback": 0}, "fallback of method 'gemfilter' must be one of none, or a number >= 1"),
         ({"fallback_below": 1.5}, "fallback_below of method 'gemfilter' must be in [0, 1]"),
-        ({"fallback": "none", "fallback_budget": 512}, "give fallback='none'"),
+        ({"fallback": 512, "scoring": "inner_product"}, "a fallback needs the selection's confidence"),
         ({"fallback": "none", "scoring": "inner_product"}, "a fallback needs the selection's confidence"),
     ],
 )
@@ -422,7 +423,7 @@ def test_a_forced_fallback_runs_the_prompt_uncompressed_and_says_so(engine, coun
     assert never.compression.fallback is None and never.compression.kept_tokens == 128
     assert never.compression.confidence == forced.compression.confidence
     widened = greedy(
-        engine, ids, "gemfilter", max_tokens=4, budget=128, payoff_ratio=0, fallback_budget=300, fallback_below=1.0
+        engine, ids, "gemfilter", max_tokens=4, budget=128, payoff_ratio=0, fallback=300, fallback_below=1.0
     )
     assert widened.compression.fallback == "budget:300" and widened.compression.kept_tokens == 300
     assert set(never.compression.selection.kept_indices) - set(range(len(ids) - 32, len(ids))) <= set(
