@@ -47,7 +47,7 @@ demo: venv
 	$(VENV)/bin/gemserve generate --method gemfilter --budget 1024
 
 test: venv
-	$(VENV)/bin/ruff check compressors server clients evals tests bench
+	$(VENV)/bin/ruff check contract compressors server clients evals cli tests bench scripts
 	$(PY) -m pytest --durations=10 $(PYTEST_ARGS)
 
 # Property-based fuzzing of every operation, 300 examples each (make test runs 40).
@@ -64,8 +64,8 @@ test-browser: venv
 	$(PY) -m pytest tests/test_viewer_browser.py $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check compressors server clients evals tests bench
-	$(VENV)/bin/ruff format --check compressors server clients evals tests bench
+	$(VENV)/bin/ruff check contract compressors server clients evals cli tests bench scripts
+	$(VENV)/bin/ruff format --check contract compressors server clients evals cli tests bench scripts
 
 bench: venv
 	$(PY) -m bench.prefill

@@ -3,7 +3,7 @@
 One process, one model load; every configuration answers the same needle prompt before the next
 prompt is built, in an order rotated per prompt (A B C, B C A, ...), so the VM's drift hits all
 configurations alike and each TTFT ratio is taken against the baseline on the *same* prompt. Two
-haystack families: ``synthetic`` (evals.needles: varied filler, random needles) and ``prose``
+haystack families: ``synthetic`` (contract.needles: varied filler, random needles) and ``prose``
 (real text: stdlib docs and license texts, needles of templates used nowhere else).
 
 Configurations: ``none`` with every attention backend for the whole prefill, and GemFilter (k =
@@ -76,8 +76,8 @@ class NeedleCase:
 
 
 def synthetic_parts(target: int, depth: float, seed: int, count) -> tuple[str, str, str, str]:
-    """(document, question, answer prefix, answer) from evals.needles."""
-    from evals.needles import build_case
+    """(document, question, answer prefix, answer) from contract.needles."""
+    from contract.needles import build_case
 
     case = build_case(target, depth=depth, seed=seed, count_tokens=count)
     sentence, answer = case.needle.sentence, case.needle.answer

@@ -150,7 +150,7 @@ def stream_tokens(url: str, body: dict[str, Any], times: list[float], stop: thre
 
 def long_prompt(url: str, quick: bool, long_tokens: int = 8000) -> dict[str, Any]:
     # build_case counts words, not SmolLM2 tokens: 8000 gives a ~6.5K-token prompt.
-    from evals.needles import build_case
+    from contract.needles import build_case
 
     long_case = build_case(long_tokens, depth=0.5, seed=815)
     long_body = {"prompt": long_case.completion_prompt(), "max_tokens": 1, "temperature": 0}
@@ -212,7 +212,7 @@ GAUGES = (("running", "gemserve_requests_running{"), ("batch_size", "gemserve_ba
 
 def long_max_tokens(url: str, work: Path, quick: bool, requests: int = 24, prompt_tokens: int = 1000) -> dict[str, Any]:
     """``requests`` chat requests at once with ``max_tokens=4096`` whose answers end early."""
-    from evals.needles import build_case
+    from contract.needles import build_case
 
     cases = [build_case(prompt_tokens, depth=0.3, seed=900 + i) for i in range(requests)]
     seen = {"running": 0, "batch_size": 0}
@@ -354,7 +354,7 @@ def doc_section(result: dict[str, Any]) -> str:
 
 def serve(work: Path, flags: list[str]) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *flags]
+    command = [sys.executable, "-m", "cli", "serve", "--port", str(port), *flags]
     proc = start_server(command, {**os.environ, "GEMSERVE_LOG_LEVEL": "warning"}, work / "server.log")
     url = f"http://127.0.0.1:{port}"
     wait_until_ready(proc, url, 600, work / "server.log")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from evals.needles import HaystackCase
+    from contract.needles import HaystackCase
     from server.engine.hf import HFEngine
 
 T = TypeVar("T")
@@ -130,7 +130,7 @@ class NeedlePrompt:
 
 def needle_prompt(engine: HFEngine, target_tokens: int, depth: float, seed: int) -> NeedlePrompt:
     """Build a needle case of about ``target_tokens`` chat tokens and locate its tokens."""
-    from evals.needles import build_case
+    from contract.needles import build_case
     from evals.targets import tokens_overlapping
 
     case = build_case(target_tokens, depth=depth, seed=seed, count_tokens=lambda s: len(engine.encode_prompt(s)))
@@ -186,7 +186,7 @@ def replace_doc_section(heading: str, section: str, path: Path = DOCS_PATH) -> N
 def loadtest(url: str, out: Path, **options: Any) -> dict[str, Any]:
     """``gemserve loadtest`` (completions, --ignore-eos) with ``options`` as flags; its results.json
     summary by method."""
-    command = [sys.executable, "-m", "server.cli", "loadtest", "--base-url", url, "--no-progress"]
+    command = [sys.executable, "-m", "cli", "loadtest", "--base-url", url, "--no-progress"]
     command += ["--output-dir", str(out), "--ignore-eos", "--endpoint", "completions"]
     for key, value in options.items():
         command += [f"--{key.replace('_', '-')}", str(value)]

@@ -34,7 +34,7 @@ def run_eval(model: str, dtype: str, lengths: str, out_dir: Path) -> None:
     if (out_dir / "summary.md").exists():
         return
     command = [
-        *(sys.executable, "-m", "server.cli", "eval"),
+        *(sys.executable, "-m", "cli", "eval"),
         *("--model", model, "--dtype", dtype, "--filter-dtype", dtype, "--methods", "none"),
         *("--tasks", TASKS, "--haystacks", HAYSTACKS, "--lengths", lengths, "--depths", "5"),
         *("--output-dir", str(out_dir), "--resume"),

@@ -7,7 +7,7 @@ Per run: whether the greedy answer holds the needle's answer, the share of the a
 selection kept (recall), the filter pass's time (``select_ms``) and density, and TTFT; ratios are
 taken against the dense filter pass on the same prompt.
 
-Families: ``synthetic`` (evals.needles), ``prose`` (stdlib docs and license texts,
+Families: ``synthetic`` (contract.needles), ``prose`` (stdlib docs and license texts,
 bench.gemfilter_scoring's needles), ``records`` (the eval suite's log/table haystack, niah_single)
 and ``code`` (bench.heldout: written for this issue, never tuned on, reported apart).
 

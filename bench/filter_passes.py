@@ -32,7 +32,7 @@ WHOLE = 10**9  # a chunk larger than any prompt: each pass runs whole, as before
 
 async def one_round(engine: Any, requests: dict[str, Any]) -> dict[str, float]:
     """Submit the long pass, then the short one; seconds from submission to each selection."""
-    from server.protocol import MetricsInfo
+    from contract.protocol import MetricsInfo
 
     started = time.perf_counter()
     done: dict[str, float] = {}
@@ -52,7 +52,7 @@ async def one_round(engine: Any, requests: dict[str, Any]) -> dict[str, float]:
 
 
 def build(long_tokens: int, short_tokens: int) -> tuple[Any, dict[str, list[int]], Any]:
-    from evals.needles import build_case
+    from contract.needles import build_case
     from server.engine.filter_model import load_filter_model
     from server.engine.vllm import VLLMEngine
     from server.engine.vllm_setup import VLLMSettings

@@ -7,7 +7,7 @@ by best rank) and ``paper`` (the last query's inner product only, ``window=1``).
 
 Families, so that no single haystack decides the default:
 
-- ``synthetic``: :mod:`evals.needles` (the filler and needle templates the layer was
+- ``synthetic``: :mod:`contract.needles` (the filler and needle templates the layer was
   calibrated on, fresh seeds).
 - ``prose``: real text (the stdlib documentation of a dozen modules as ``pydoc`` renders it,
   plus the license texts in /usr/share/common-licenses where present) cut into paragraphs of
@@ -63,7 +63,7 @@ PYDOC_MODULES = (
     "logging",
 )
 LICENSES = ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1", "Artistic", "GFDL-1.3")
-# (sentence with {a}, question, answers): none of these appear in evals.needles.
+# (sentence with {a}, question, answers): none of these appear in contract.needles.
 PROSE_NEEDLES = (
     (
         "Ingrid always hides the spare key to the boathouse under the {a} flowerpot.",
@@ -278,7 +278,7 @@ def doc_section(data: dict[str, Any]) -> str:
         "inner products of the last 32 prompt queries summed over heads; `attention` = per-head softmax over the "
         "same window; `fused` = both merged by best rank (the default); `paper` = the last query's inner product "
         "only (Algorithm 1). `prose` = "
-        "stdlib docs and license texts with needle templates used nowhere else; `synthetic` = evals.needles "
+        "stdlib docs and license texts with needle templates used nowhere else; `synthetic` = contract.needles "
         "(the calibration family, fresh seeds).",
         "",
         "| family | ~tokens | prompts | "

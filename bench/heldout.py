@@ -1,6 +1,6 @@
 """A haystack family written for issue 23 and kept out of every tuning loop: Python source code.
 
-Every other family GemServe measures on is prose or records: ``synthetic`` (evals.needles, the
+Every other family GemServe measures on is prose or records: ``synthetic`` (contract.needles, the
 family the filter layer was calibrated on), ``prose`` (stdlib documentation and license texts,
 bench.gemfilter_scoring) and the eval suite's ``records``. This one is code: the standard
 library's own ``.py`` files, shuffled per seed and cut at line boundaries, with one ops note

@@ -2,7 +2,7 @@
 
 For every (prompt length, method, budget) configuration a fresh Python process loads the model,
 warms up with one short request of the same method, then answers needle-in-a-haystack prompts
-(evals/needles.py, one needle per depth, different seeds) greedily with ``ignore_eos`` and
+(contract/needles.py, one needle per depth, different seeds) greedily with ``ignore_eos`` and
 ``--max-tokens`` new tokens, so every request decodes the same number of tokens. The engine
 measures each request itself (server/measure.py): TTFT, decode tokens/s (tokens after the first
 over the time they took), KV-cache bytes right after prefill (+ pruning) from the cache tensors,
@@ -48,7 +48,7 @@ DOC_HEADING = "## KV-cache methods side by side (issue 7)"
 # ---- worker: one configuration in its own process ------------------------------------------
 def run_config(payload: dict[str, Any]) -> dict[str, Any]:
     import server.engine.hf as hf_engine
-    from evals.needles import depths
+    from contract.needles import depths
     from server.engine.hf import HFEngine
     from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
     from server.measure import PeakMemoryMeter

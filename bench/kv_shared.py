@@ -238,7 +238,7 @@ def render(length: int) -> None:
 
 
 def main() -> None:
-    from evals.needles import depths
+    from contract.needles import depths
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")

@@ -6,7 +6,7 @@ Runs from its own venv (kvpress pins an older transformers; never a project depe
     .venv-kvpress/bin/pip install torch==2.13.0 kvpress
     .venv-kvpress/bin/python bench/kvpress_compare.py --budgets 1024
 
-Prompts: evals/needles.py ``build_case`` with the same target length, depths and seeds as
+Prompts: contract/needles.py ``build_case`` with the same target length, depths and seeds as
 bench/kv_methods.py (token counts from the same tokenizer files). How the question is placed:
 kvpress's pipeline compresses ``context`` and appends each question uncompressed. GemServe
 compresses the whole prompt, question included, so here the *whole user message* (document and
@@ -33,7 +33,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from evals.needles import build_case, depths  # noqa: E402  (stdlib-only module of this repo)
+from contract.needles import build_case, depths  # noqa: E402  (stdlib-only module of this repo)
 
 MODEL_GLOB = "SmolLM2-135M-Instruct.Q4_1-*"
 OUT_PATH = REPO_ROOT / "bench" / "results" / "kvpress_compare.json"

@@ -56,7 +56,7 @@ DOC_HEADING = "## GemFilter prefill (issue 2)"
 # ---- worker: one configuration in its own process ------------------------------------------
 def run_config(payload: dict[str, Any]) -> dict[str, Any]:
     """Load the model, warm up, answer the needle prompts; per-request measurements."""
-    from evals.needles import depths
+    from contract.needles import depths
     from server.engine.hf import HFEngine
     from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
     from server.models import load_model

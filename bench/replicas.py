@@ -67,7 +67,7 @@ def host_haproxy_config(servers: list[int], api_port: int, stats_port: int) -> s
 
 def start_replica(core: int, work: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    command = ["taskset", "-c", str(core), sys.executable, "-m", "server.cli", "serve", "--port", str(port)]
+    command = ["taskset", "-c", str(core), sys.executable, "-m", "cli", "serve", "--port", str(port)]
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "GEMSERVE_API_KEY": API_KEY, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
     env.pop("GEMSERVE_API_KEY_FILE", None)

@@ -81,8 +81,8 @@ class StubGeneration:
         return getattr(self.inner, name)
 
     def stream(self, request: Any) -> Iterator[Any]:
+        from contract.protocol import CompressionInfo, MetricsInfo
         from server.engine.types import GenerationResult, TokenDelta
-        from server.protocol import CompressionInfo, MetricsInfo
 
         method = self.inner.check_request(request)
         tokens = [42] * request.sampling.max_tokens

@@ -65,7 +65,7 @@ from typing import Any, NamedTuple
 import httpx
 
 from bench.common import REPO_ROOT, RESULTS_DIR, machine_description, model_slug, replace_doc_section, write_json
-from evals.needles import filler_sentences
+from contract.needles import filler_sentences
 
 logger = logging.getLogger("bench.soak")
 
@@ -185,7 +185,7 @@ def server_command(model: str, port: int, max_queue: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "server.cli",
+        "cli",
         "serve",
         "--model",
         model,

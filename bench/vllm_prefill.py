@@ -85,7 +85,7 @@ async def measure_ttft(engine: Any, hf_engine: Any, lengths: list[int], budget: 
 
 
 async def measure_needles(engine: Any, hf_engine: Any, tokens: int, budget: int, cases: int) -> dict[str, Any]:
-    from evals.needles import depths
+    from contract.needles import depths
     from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 
     records = []

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from clients.loadtest_report import RequestRecord
 from clients.loadtest_workload import MethodSpec, WorkItem
-from evals.needles import Needle
+from contract.needles import Needle
 
 if TYPE_CHECKING:
     from clients.sdk import AsyncGemServe

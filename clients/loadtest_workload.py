@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evals.needles import approx_tokens, build_case, depths
+from contract.needles import approx_tokens, build_case, depths
 
 if TYPE_CHECKING:
     from clients.sdk import GemServe

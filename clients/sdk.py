@@ -10,7 +10,7 @@ GemServe's extensions.
 
 Transport, retries, timeouts, errors and server-sent events are openai's. GemServe adds:
 ``compression=`` (validated, then sent in the body) and ``ignore_eos=`` on ``create()``; a ``model``
-that may be left out; typed ``compression`` / ``metrics`` (``server/protocol.py``'s models) on
+that may be left out; typed ``compression`` / ``metrics`` (``contract/protocol.py``'s models) on
 responses and on a stream's final chunk, which ``stream_options.include_usage`` asks for by
 default; one ``X-Request-Id`` for every attempt of a call; and the routes outside ``/v1``:
 ``tokenize``, ``health``, ``ready``, ``metrics``, plus ``models()`` as GemServe's typed list.
@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ValidationError
 
 from clients.config import resolve_api_key, resolve_base_url
-from server.protocol import CompressionInfo, CompressionParams, MetricsInfo, ModelList, TokenizeResponse
+from contract.protocol import CompressionInfo, CompressionParams, MetricsInfo, ModelList, TokenizeResponse
 
 __all__ = [
     "AsyncGemServe",

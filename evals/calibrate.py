@@ -32,7 +32,7 @@ from tqdm import tqdm
 from evals.haystacks import HAYSTACKS, TUNING_HAYSTACKS
 from evals.runner import csv_list, depth_list, int_list
 from evals.tasks import build_sample, sample_seed
-from server.commands.common import add_dtype_arguments
+from server.settings import add_dtype_arguments
 
 if TYPE_CHECKING:
     import torch

@@ -2,7 +2,7 @@
 
 A haystack is a stream of short "units" (sentences or lines) joined by the kind's separator:
 - ``noise``: RULER's repeated synthetic noise, one sentence per unit;
-- ``prose``: varied topical prose from ``evals.needles.filler_sentences``;
+- ``prose``: varied topical prose from ``contract.needles.filler_sentences``;
 - ``records``: log lines and small tables, so the model must read past numbers and structure;
 - ``dialogue``: a team chat transcript, one ``Name: utterance`` turn per unit;
 - ``emails``: short emails one line per unit (``From:``, ``Subject:``, body sentences, sign-off).
@@ -14,7 +14,7 @@ loop.
 
 Records are shaped so that no needle value can hide in them: no digit run (with or without
 separators) is 7 or 16 digits long, no group of 4 digits reads as a year from 1900 to 2019,
-and their cities are disjoint from ``evals.needles.PLACES`` (the needle keys).
+and their cities are disjoint from ``contract.needles.PLACES`` (the needle keys).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import random
 import re
 from datetime import datetime, timedelta
 
-from evals.needles import CONNECTIVES, TOPICS, filler_sentences
+from contract.needles import CONNECTIVES, TOPICS, filler_sentences
 
 TUNING_HAYSTACKS = ("noise", "prose", "records")
 HELDOUT_HAYSTACKS = ("dialogue", "emails")
@@ -65,7 +65,7 @@ TABLE_HEADER = "| id | city | status | amount |"
 TABLE_RULE = "|-------|--------|-----------|--------|"
 
 
-# dialogue and emails: no word of evals.needles' WORDS, ANIMALS or PLACES, no name of the QA task's
+# dialogue and emails: no word of contract.needles' WORDS, ANIMALS or PLACES, no name of the QA task's
 # founders, no city at all, numbers below 100 (no digit run a needle value could hide in).
 SPEAKERS = ("Ayla", "Bruno", "Chidi", "Dana", "Emeka", "Freya", "Goran", "Hana", "Ivo", "Juno", "Kofi", "Leila")
 TEAM_THINGS = (

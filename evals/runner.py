@@ -28,7 +28,7 @@ from evals.methods import MethodSpec, expand_methods
 from evals.scoring import answers_kept_whole, score
 from evals.targets import STYLES, HTTPTarget, InProcessTarget, Outcome, Target
 from evals.tasks import TASKS, TASKS_WITHOUT_DEPTH, Sample, build_sample, sample_seed
-from server.commands.common import add_dtype_arguments
+from server.settings import add_dtype_arguments
 
 RECORDS_FILE = "records.jsonl"
 META_FILE = "meta.json"

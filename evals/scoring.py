@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import re
 import string
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from evals.tasks import Sample
+
+class Answered(Protocol):
+    """What scoring reads of a task's sample (evals.tasks.Sample), kept here as a protocol so
+    that the tasks, which count occurrences with this module's rule, can import it."""
+
+    answers: tuple[str, ...]
+    metric: str
+
 
 METRICS = ("contains", "recall", "exact")
 _DIGITISH = re.compile(r"\d[\d\s,\-\u2013]*")
@@ -59,7 +65,7 @@ def first_line(output: str) -> str:
     return normalize(lines[0].strip(string.punctuation + string.whitespace)) if lines else ""
 
 
-def score(sample: Sample, output: str) -> float:
+def score(sample: Answered, output: str) -> float:
     """0..1. ``contains``/``exact`` treat ``answers`` as aliases of one answer; ``recall`` as items to find."""
     if sample.metric == "contains":
         return 1.0 if any(item_found(a, output) for a in sample.answers) else 0.0
@@ -71,7 +77,7 @@ def score(sample: Sample, output: str) -> float:
     raise ValueError(f"unknown metric {sample.metric!r}: expected one of {', '.join(METRICS)}")
 
 
-def answers_kept_whole(sample: Sample, span_texts: list[str]) -> float:
+def answers_kept_whole(sample: Answered, span_texts: list[str]) -> float:
     """Fraction of answer items found whole inside at least one kept span (a split item counts as lost)."""
     kept = sum(any(item_found(a, span) for span in span_texts) for a in sample.answers)
     return kept / len(sample.answers)

@@ -30,10 +30,10 @@ from compressors import KVCompressor, Method, PromptSelector
 from compressors.base import Attachment, KVAttachment, Target, cache_bytes, keep_everything, kept_ids, model_dtype
 from compressors.gemfilter import SKIPPED_TOO_SHORT, GemFilter
 from compressors.probe import active_probe, attention_probe
+from contract.protocol import MetricsInfo
 from server.engine.batch_forward import new_request_cache
 from server.engine.hf import HFEngine
 from server.engine.types import GenerationRequest, GenerationResult
-from server.protocol import MetricsInfo
 
 BUDGET_KNOBS = ("budget", "ratio")
 

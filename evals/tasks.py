@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import accumulate, pairwise
 
+from contract.needles import PLACES, WORDS
 from evals.haystacks import HAYSTACKS, FillerStream, check_haystack, separator, vocabulary
-from evals.needles import PLACES, WORDS
 from evals.scoring import count_occurrences
 
 TOP_UP_GAP = 0.01  # below target * (1 - TOP_UP_GAP), top up with part of the next unit

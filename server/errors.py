@@ -19,9 +19,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from contract.protocol import ErrorResponse
 from server.engine.base import EngineNotReadyError, QueueFullError
 from server.engine.types import RequestError
-from server.protocol import ErrorResponse
 
 logger = logging.getLogger(__name__)
 

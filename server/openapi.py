@@ -1,6 +1,6 @@
 """The published OpenAPI document: FastAPI's, made to say exactly what the server accepts.
 
-FastAPI derives the request schemas from server/protocol.py. Two things it cannot know are
+FastAPI derives the request schemas from contract/protocol.py. Two things it cannot know are
 written in here, so that a client validating against ``/openapi.json`` and the server agree
 (schemathesis checks both directions in ``make test-schema``):
 
@@ -28,8 +28,8 @@ from fastapi import FastAPI
 from compressors.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION
 from compressors.knobs import Bounds, conflict_schema, knob_bounds, knob_schema
 from compressors.registry import METHODS
+from contract.protocol import BOUND_KEY, NULL, UNSUPPORTED_FIELDS, CompressionParams
 from server.engine.types import RequestOptions
-from server.protocol import BOUND_KEY, NULL, UNSUPPORTED_FIELDS, CompressionParams
 
 
 def openapi_schema(app: FastAPI, options: RequestOptions | None) -> dict[str, Any]:

@@ -6,6 +6,7 @@ Every field below can be set as an env var with the ``GEMSERVE_`` prefix, e.g.
 
 from __future__ import annotations
 
+import argparse
 import shlex
 from pathlib import Path
 from typing import Annotated, Literal
@@ -124,3 +125,11 @@ class Settings(BaseSettings):
         if not key:
             raise ValueError(f"API key file {self.api_key_file} is empty")
         return key
+
+
+def add_dtype_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--dtype`` and ``--filter-dtype`` as the server's settings define them (server/precision.py
+    resolves them), checked when the model loads."""
+    for field in ("dtype", "filter_dtype"):
+        info = Settings.model_fields[field]
+        parser.add_argument("--" + field.replace("_", "-"), default=info.default, help=info.description)

@@ -135,7 +135,7 @@ def test_explicit_and_fused_cpu_attention_agree() -> None:
 # ---- the real model -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def long_ids(engine, count_tokens) -> list[int]:
-    from evals.needles import build_case
+    from contract.needles import build_case
 
     case = build_case(700, depth=0.4, seed=41, count_tokens=count_tokens)
     return engine.encode_chat([{"role": "user", "content": case.user_message()}])

@@ -14,7 +14,7 @@ import torch
 from compressors import build_method
 from compressors.base import Target
 from compressors.gemfilter import ResumableFilterPass, filter_pass_scores
-from evals.needles import build_case
+from contract.needles import build_case
 from server.engine import runner as runner_module
 from server.engine.batch_forward import GrowingLayer, Segment, forward_segments, new_request_cache
 from server.engine.core import EngineCore

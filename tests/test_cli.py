@@ -1,4 +1,4 @@
-"""The ``gemserve`` CLI through ``server.cli.main``: the demo, --json, and one-line errors."""
+"""The ``gemserve`` CLI through ``cli.main.main``: the demo, --json, and one-line errors."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 
 import pytest
 
+from cli.main import main
 from compressors.gemfilter import default_filter_layer
-from server.cli import main
 
 
 @pytest.fixture()
@@ -24,9 +24,9 @@ def context_file(tmp_path):
 @pytest.fixture()
 def shared_engine(monkeypatch, engine):
     """Let the CLI reuse the session's engine instead of loading the model per test."""
-    import server.commands.common
+    import cli.commands.common
 
-    monkeypatch.setattr(server.commands.common, "load_engine", lambda args, default_method="none": engine)
+    monkeypatch.setattr(cli.commands.common, "load_engine", lambda args, default_method="none": engine)
     return engine
 
 

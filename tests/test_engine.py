@@ -154,7 +154,7 @@ def test_tiny_top_p_is_greedy(engine, chat_prompt) -> None:
 
 
 def test_kv_bytes_scale_with_the_kept_tokens(engine, count_tokens) -> None:
-    from evals.needles import build_case
+    from contract.needles import build_case
 
     case = build_case(600, depth=0.5, seed=21, count_tokens=count_tokens)
     ids = engine.encode_chat([{"role": "user", "content": case.user_message()}])

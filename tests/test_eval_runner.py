@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import main as cli_main
 from evals.methods import expand_methods, parse_method
 from evals.runner import RECORDS_FILE
 from evals.targets import InProcessTarget
 from evals.tasks import build_sample
-from server.cli import main as cli_main
 from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 
 GRID = ["--tasks", "niah_single,niah_multikey", "--lengths", "1024", "--depths", "0.5", "--seed", "3"]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
+from contract.needles import ANIMALS, PLACES, TOPICS
 from evals.haystacks import (
     HAYSTACKS,
     HELDOUT_HAYSTACKS,
@@ -24,7 +25,6 @@ from evals.haystacks import (
     records,
     vocabulary,
 )
-from evals.needles import ANIMALS, PLACES, TOPICS
 from evals.scoring import answers_kept_whole, count_occurrences, item_found, normalize, score
 from evals.tasks import (
     FIRST_NAMES,

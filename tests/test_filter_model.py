@@ -14,7 +14,7 @@ import torch
 
 from compressors.gemfilter import GemFilter
 from compressors.probe import decoder_layers
-from evals.needles import build_case
+from contract.needles import build_case
 from server.engine.filter_model import load_filter_model
 
 BUDGET = 64

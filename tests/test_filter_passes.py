@@ -22,13 +22,13 @@ import torch
 
 from compressors import Method, Selection
 from compressors.probe import decoder_layers
-from evals.needles import build_case
+from contract.needles import build_case
+from contract.protocol import MetricsInfo
 from server.engine.filter_model import FilterModel, load_filter_model
 from server.engine.filter_passes import FilterPasses
 from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 from server.engine.vllm import VLLMEngine
 from server.engine.vllm_setup import VLLMSettings
-from server.protocol import MetricsInfo
 
 KNOBS = {"budget": 128, "payoff_ratio": 0.0}
 

@@ -23,7 +23,7 @@ from compressors.gemfilter import (
     selection_confidence,
 )
 from compressors.probe import active_probe, decoder_layers, repeat_kv_heads
-from evals.needles import build_case
+from contract.needles import build_case
 from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 
 

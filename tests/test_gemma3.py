@@ -11,7 +11,7 @@ import torch
 
 from compressors.gemfilter import GemFilter, default_filter_layer, filter_pass_scores
 from compressors.probe import decoder_layers
-from evals.needles import build_case
+from contract.needles import build_case
 from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.slow

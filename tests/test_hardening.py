@@ -242,7 +242,7 @@ def test_lax_or_unsupported_values_are_400_naming_the_field(server_url: str, pat
 
 def test_neutral_and_unknown_fields_are_accepted_and_logged(server_url: str, caplog) -> None:
     body = {**CHAT, "tools": [], "response_format": {"type": "text"}, "store": False, "x_custom": 1}
-    with caplog.at_level(logging.INFO, logger="server.protocol"):
+    with caplog.at_level(logging.INFO, logger="contract.protocol"):
         response = httpx.post(f"{server_url}/v1/chat/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     assert any("store, x_custom" in record.getMessage() for record in caplog.records), caplog.text

@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from contract.needles import ANIMALS, PLACES, WORDS, Needle, approx_tokens, build_case, depths, make_needle
 from evals.haystacks import (
     EMAIL_SUBJECTS,
     HAYSTACKS,
@@ -22,7 +23,6 @@ from evals.haystacks import (
     separator,
     vocabulary,
 )
-from evals.needles import ANIMALS, PLACES, WORDS, Needle, approx_tokens, build_case, depths, make_needle
 from evals.tasks import FIRST_NAMES, LAST_NAMES, VALUE_WORDS, build_sample
 from tests.fixtures.digit_runs import assert_no_digit_run_reads_as_a_value
 

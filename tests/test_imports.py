@@ -1,4 +1,5 @@
-"""No import cycles inside a package, read from the source with ``ast`` (nothing is imported).
+"""Imports point one way and never in a circle, read from the source with ``ast`` (nothing is
+imported). The direction is CONTRIBUTING.md's table, :data:`MAY_IMPORT` below.
 
 Every import of a module of the repository counts: absolute (``server.…``, ``compressors.…``) and
 relative ones, at module level, under ``if TYPE_CHECKING:`` and inside functions. A cycle that only
@@ -180,17 +181,17 @@ def test_the_graph_sees_every_kind_of_import(tmp_path: Path) -> None:
         "    from server.engine.runner import ModelRunner\n"
         "def f():\n"
         "    from ..engine import sequence\n"
-        "    from server.protocol import CompressionInfo\n"
+        "    from contract.protocol import CompressionInfo\n"
     )
     path = tmp_path / "probe.py"
     path.write_text(source)
     assert sorted(imports_of("server.engine.probe", path)) == [
+        ("contract.protocol", "line 10, in a function"),
         ("server.engine.base", "line 5"),
         ("server.engine.runner", "line 7, TYPE_CHECKING"),
         ("server.engine.scheduler", "line 3"),
         ("server.engine.sequence", "line 9, in a function"),
         ("server.engine.types", "line 4"),
-        ("server.protocol", "line 10, in a function"),
     ]
 
 
@@ -209,3 +210,93 @@ def test_no_import_cycle(package: str) -> None:
     assert any(graph.values()), f"{package}: no imports between its modules were found"
     cycles = find_cycles(graph)
     assert not cycles, f"import cycles in {package}:\n" + "\n".join(describe(c, graph) for c in cycles)
+
+
+# ---- the direction (CONTRIBUTING.md, "Layout and the way imports point") --------------------
+PACKAGES = ("contract", "compressors", "server", "clients", "evals", "bench", "cli", "scripts")
+# top-level package -> the packages it may import. ``cli`` is the composition root: it may import
+# every layer and nothing imports it. evals and bench run the engine in-process, so they sit
+# above server; the SDK (clients) sees only the contract.
+MAY_IMPORT: dict[str, set[str]] = {
+    "contract": {"contract"},
+    "compressors": {"compressors"},
+    "server": {"server", "compressors", "contract"},
+    "clients": {"clients", "contract"},
+    "evals": {"evals", "contract", "compressors", "server"},
+    "bench": {"bench", "evals", "clients", "server", "compressors", "contract"},
+    "scripts": {"scripts", "evals", "clients", "server", "compressors", "contract"},
+    "cli": set(PACKAGES) - {"scripts"},
+}
+# Inside server: the engine never imports the web layer.
+WEB_LAYER = ("server.app", "server.routes", "server.openapi", "server.errors", "server.guards", "server.viewer")
+
+
+def tree_imports() -> dict[str, dict[str, str]]:
+    """Every module of the tree -> the repository modules it imports (and where)."""
+    graph: dict[str, dict[str, str]] = {}
+    for package in PACKAGES:
+        for name, path in package_modules(package).items():
+            graph[name] = {}
+            for target, where in imports_of(name, path):
+                if target != name:
+                    graph[name].setdefault(target, where)
+    return graph
+
+
+def top(module: str) -> str:
+    return module.split(".")[0]
+
+
+def within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def wrong_arrows(graph: dict[str, dict[str, str]]) -> list[str]:
+    wrong = []
+    for source, targets in sorted(graph.items()):
+        for target, where in sorted(targets.items()):
+            if top(target) not in MAY_IMPORT[top(source)]:
+                wrong.append(
+                    f"{source} ({where}) imports {target}: {top(source)} may import {sorted(MAY_IMPORT[top(source)])}"
+                )
+            elif within(source, ("server.engine",)) and within(target, WEB_LAYER):
+                wrong.append(f"{source} ({where}) imports {target}: the engine never imports the web layer")
+    return wrong
+
+
+def test_the_direction_check_finds_an_upward_arrow() -> None:
+    graph = {
+        "clients.sdk": {"server.protocol": "line 3"},
+        "server.engine.hf": {"server.routes.chat": "line 9, in a function"},
+        "server.routes.chat": {"server.engine.hf": "line 2"},
+        "cli.main": {"evals.runner": "line 1"},
+    }
+    assert wrong_arrows(graph) == [
+        "clients.sdk (line 3) imports server.protocol: clients may import ['clients', 'contract']",
+        "server.engine.hf (line 9, in a function) imports server.routes.chat: the engine never imports the web layer",
+    ]
+
+
+def test_imports_point_one_way() -> None:
+    graph = tree_imports()
+    assert {top(name) for name in graph} == set(PACKAGES)
+    wrong = wrong_arrows(graph)
+    assert not wrong, "imports against the documented direction:\n" + "\n".join(wrong)
+
+
+def test_nothing_imports_the_composition_root() -> None:
+    graph = tree_imports()
+    importers = [
+        f"{source} ({where})"
+        for source, targets in graph.items()
+        if top(source) != "cli"
+        for target, where in targets.items()
+        if top(target) == "cli"
+    ]
+    assert not importers, importers
+
+
+def test_no_import_cycle_across_the_tree() -> None:
+    graph = tree_imports()
+    cycles = find_cycles(graph)
+    assert not cycles, "import cycles:\n" + "\n".join(describe(c, graph) for c in cycles)

@@ -22,7 +22,7 @@ from compressors.base import KVAttachment, Target, cache_bytes
 from compressors.kv_pruner import ScoredKVPruner
 from compressors.probe import active_probe, decoder_layers, install_probe_attention
 from compressors.pyramidkv import pyramid_budgets
-from evals.needles import build_case
+from contract.needles import build_case
 from server.engine.hf import HFEngine
 from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 from server.models import LoadedModel

@@ -132,7 +132,7 @@ def test_jsonl_workload(tmp_path: Path) -> None:
 
 
 def test_gemserve_cli_runs_loadtest(capsys: pytest.CaptureFixture[str]) -> None:
-    from server.cli import main as gemserve
+    from cli.main import main as gemserve
 
     assert gemserve(["loadtest", "--compare", "none,none"]) == 2
     assert "gemserve loadtest: error: --compare lists a method twice" in capsys.readouterr().err

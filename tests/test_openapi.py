@@ -14,10 +14,10 @@ import pytest
 from compressors import CompressionError, build_method
 from compressors.attention import ATTENTION_BACKENDS, build_attention
 from compressors.registry import METHODS
+from contract.protocol import BOUND_KEY, UNSUPPORTED_FIELDS
 from server.app import create_app
 from server.engine.types import RequestOptions
 from server.openapi import compression_schema
-from server.protocol import BOUND_KEY, UNSUPPORTED_FIELDS
 from server.settings import Settings
 
 HF_OPTIONS = RequestOptions(

@@ -9,10 +9,10 @@ import httpx
 import pytest
 import torch
 
+from cli.main import main
 from compressors.gemfilter import default_filter_layer
 from compressors.probe import decoder_layers
-from evals.needles import build_case
-from server.cli import main
+from contract.needles import build_case
 from server.engine.hf import HFEngine
 from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 from server.precision import Capability, DtypeError, check_runs, resolve_dtype

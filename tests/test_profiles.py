@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli.main import main as cli_main
 from compressors.gemfilter import default_filter_layer
 from compressors.profile import ModelProfile, architecture_key, read_profile, write_profile
-from server.cli import main as cli_main
 from server.model_profiles import SHIPPED_DIR, cached_profile_path, find_profile, model_fingerprint
 from tests.conftest import serve_app
 

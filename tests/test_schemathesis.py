@@ -26,13 +26,13 @@ from schemathesis.checks import CHECKS
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from contract.protocol import CompressionInfo
 from server.app import create_app
 from server.engine.core import EngineCore
 from server.engine.hf_async import HFAsyncEngine
 from server.engine.plan import CONTEXT_LENGTH_EXCEEDED
 from server.engine.runner import ModelRunner, Prefilled, StepResult
 from server.engine.scheduler import Scheduler, StepPlan
-from server.protocol import CompressionInfo
 from server.settings import Settings
 from tests.conftest import serve_app
 

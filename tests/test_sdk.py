@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from clients import errors
 from clients.sdk import AsyncGemServe, ChatCompletion, ChatCompletionChunk, Completion, GemServe, Stream
-from server.protocol import CompressionInfo, CompressionParams, MetricsInfo, ModelList
+from contract.protocol import CompressionInfo, CompressionParams, MetricsInfo, ModelList
 
 WORDS_8 = "".join(f" w{i}" for i in range(8))
 
@@ -315,10 +315,13 @@ def test_malformed_success_body_is_a_validation_error() -> None:
         client.models()
 
 
-def test_importing_the_clients_does_not_import_torch() -> None:
-    code = "import sys, clients.sdk, clients.loadtest; print('torch' in sys.modules)"  # and the loadtest_* parts
+def test_importing_the_clients_imports_no_torch_and_no_server_module() -> None:
+    code = (
+        "import sys, clients.sdk, clients.loadtest\n"  # and the loadtest_* parts
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'server', 'evals')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    assert out.strip() == "[]"
 
 
 # ---- against the real server (tests/conftest.py: uvicorn in a thread, the real model) -------------

@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from server.cli import build_parser
-from server.commands.serve import settings_from_args
+from cli.commands.serve import settings_from_args
+from cli.main import build_parser
 from server.engine.scheduler import DEFAULT_MAX_RUNNING
 
 
@@ -49,7 +49,7 @@ def test_bad_setting_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unknown_backend_fails_fast() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--backend", "tgi"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "cli", "serve", "--backend", "tgi"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2
     assert "unknown backend 'tgi'; available: hf" in proc.stderr  # more backends may follow 'hf'
@@ -75,7 +75,7 @@ def wait_for(url: str, status: int, deadline: float) -> httpx.Response:
 
 def test_serve_process_loads_serves_and_exits_cleanly() -> None:
     port = free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--device", "cpu"]
+    command = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--device", "cpu"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from compressors import Selection
-from evals.needles import Needle, build_case
+from contract.needles import Needle, build_case
+from contract.protocol import SelectionInfo
 from server.engine.spans import MAX_LAYER_BINS, MAX_SCORE_BINS, layer_coverage, score_strip, selection_info
 from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
-from server.protocol import SelectionInfo
 from tests.conftest import TEST_API_KEY
 
 NEEDLE = Needle(

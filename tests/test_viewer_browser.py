@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from evals.needles import Needle, build_case
+from contract.needles import Needle, build_case
 from tests.conftest import TEST_API_KEY
 
 selenium = pytest.importorskip("selenium", reason="selenium is not installed (the test extra installs it)")

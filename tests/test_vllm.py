@@ -26,7 +26,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed in this venv: run `mak
 from compressors.gemfilter import GemFilter
 from compressors.probe import decoder_layers
 from compressors.registry import METHODS
-from evals.needles import build_case
+from contract.needles import build_case
 
 BUDGET = 48
 MAX_MODEL_LEN = 2048
@@ -392,7 +392,7 @@ def test_a_bad_engine_argument_fails_before_the_api_starts(arg, message):
     """`gemserve serve --backend vllm --vllm-arg ...` exits with vLLM's own message, one line, before
     uvicorn binds a port (no "serving ... on http://" line) and without starting vLLM."""
     env = {**os.environ, "GEMSERVE_VLLM_ARGS": ""}
-    command = [sys.executable, "-m", "server.cli", "serve", "--backend", "vllm", "--port", "0", "--vllm-arg", arg]
+    command = [sys.executable, "-m", "cli", "serve", "--backend", "vllm", "--port", "0", "--vllm-arg", arg]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("gemserve serve: error: ")]

@@ -24,6 +24,7 @@ from compressors.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION, Attenti
 from compressors.base import Attachment, cache_bytes, model_dtype
 from compressors.probe import decoder_layers, use_attention
 from compressors.registry import METHODS
+from contract.protocol import CompressionInfo, MetricsInfo
 from server.engine.core import EngineCore
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.filter_model import load_filter_model
@@ -43,7 +44,6 @@ from server.engine.types import (
 )
 from server.measure import SharedPeakMeter
 from server.models import LoadedModel
-from server.protocol import CompressionInfo, MetricsInfo
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from transformers import PreTrainedTokenizerBase
 
 from compressors import CompressionError, Method, Selection
 from compressors.knobs import short_repr
+from contract.protocol import AttentionInfo, CompressionInfo
 from server.engine.spans import selection_info
 from server.engine.types import CompressionSpec, GenerationRequest, RequestError
-from server.protocol import AttentionInfo, CompressionInfo
 
 # OpenAI's error code for a prompt (plus max_tokens) beyond the context: the one rule between
 # fields that the request schema cannot state (JSON Schema counts neither tokens nor sums).

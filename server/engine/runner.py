@@ -34,13 +34,13 @@ from compressors import Method
 from compressors.attention import AttentionBackend
 from compressors.base import Attachment, Preparation, Target, cache_bytes
 from compressors.probe import decoder_layers, use_attention
+from contract.protocol import AttentionInfo, CompressionInfo
 from server.engine.batch_forward import Segment, forward_segments, new_request_cache
 from server.engine.plan import compression_report
 from server.engine.sampling import choose_token, make_generator
 from server.engine.scheduler import Chunk, StepPlan, Work
 from server.engine.types import GenerationRequest
 from server.measure import elapsed_ms, sync
-from server.protocol import AttentionInfo, CompressionInfo
 
 logger = logging.getLogger(__name__)
 

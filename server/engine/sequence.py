@@ -13,10 +13,10 @@ import statistics
 import time
 from collections.abc import Callable
 
+from contract.protocol import CompressionInfo, MetricsInfo
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.types import GenerationRequest, GenerationResult, TokenDelta
 from server.measure import PeakWatch, SharedPeakMeter, elapsed_ms
-from server.protocol import CompressionInfo, MetricsInfo
 
 # What a sequence hands its reader: an event, the exception that ended it, or None (it ended
 # without a result: cancelled before it started).

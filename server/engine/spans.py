@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from compressors import Selection
-from server.protocol import (
+from contract.protocol import (
     LayerCoverage,
     LayerKept,
     ScoreStrip,

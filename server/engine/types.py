@@ -1,7 +1,7 @@
 """What goes into an engine and what comes out.
 
 Requests are plain dataclasses; results carry the response's own ``compression`` and ``metrics``
-models (server/protocol.py, torch-free), which the engine fills directly: one definition of
+models (contract/protocol.py, torch-free), which the engine fills directly: one definition of
 each, from the engine to the SDK.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from server.protocol import CompressionInfo, MetricsInfo
+from contract.protocol import CompressionInfo, MetricsInfo
 
 if TYPE_CHECKING:
     from compressors import Method

@@ -37,6 +37,7 @@ from compressors.attention import DEFAULT_ATTENTION, build_attention
 from compressors.base import Target, dtype_name, keep_everything
 from compressors.gemfilter import GemFilter
 from compressors.registry import METHODS
+from contract.protocol import MetricsInfo
 from server.engine.admission import Admission, AdmittedCounts, Ticket
 from server.engine.base import EngineEvent
 from server.engine.filter_model import FilterModel, available_cores, filter_device, filter_thread_count
@@ -58,7 +59,6 @@ from server.engine.vllm_measure import (
     kv_bytes_per_token,
 )
 from server.measure import elapsed_ms
-from server.protocol import MetricsInfo
 
 if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs

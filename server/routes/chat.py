@@ -7,10 +7,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from server.engine.plan import CONTEXT_LENGTH_EXCEEDED, check_prompt_fits
-from server.engine.types import GenerationResult, RequestError
-from server.errors import ERROR_RESPONSES
-from server.protocol import (
+from contract.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
     ChatCompletionChunkChoice,
@@ -20,6 +17,9 @@ from server.protocol import (
     ChatResponseMessage,
     new_id,
 )
+from server.engine.plan import CONTEXT_LENGTH_EXCEEDED, check_prompt_fits
+from server.engine.types import GenerationResult, RequestError
+from server.errors import ERROR_RESPONSES
 from server.routes.deps import EngineDep, StateDep
 from server.routes.serving import dump_extensions, finish_reason_of, generate_response
 

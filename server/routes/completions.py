@@ -7,9 +7,9 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from contract.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, new_id
 from server.engine.types import GenerationResult
 from server.errors import ERROR_RESPONSES
-from server.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, new_id
 from server.routes.deps import EngineDep, StateDep
 from server.routes.serving import dump_extensions, finish_reason_of, generate_response
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from contract.protocol import ModelCard, ModelList
 from server.errors import ERROR_RESPONSES
-from server.protocol import ModelCard, ModelList
 from server.routes.deps import EngineDep, StateDep
 
 router = APIRouter(tags=["models"])

@@ -18,10 +18,10 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from compressors.registry import method_names
+from contract.protocol import CommonSamplingFields, UsageInfo
 from server.engine.base import AsyncEngine, EventStream
 from server.engine.types import CompressionSpec, GenerationRequest, GenerationResult, SamplingParams, TokenDelta
 from server.errors import error_for_exception
-from server.protocol import CommonSamplingFields, UsageInfo
 
 logger = logging.getLogger(__name__)
 

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
+from types import ModuleType
 
-# command -> (module, one-line help). Each module defines add_arguments() and run().
-COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("server.commands.generate", "answer one prompt with a compression method and print its cost"),
-    "prepare-model": ("server.commands.prepare", "convert a model into the cache ahead of serving (image builds)"),
-    "serve": ("server.commands.serve", "serve the OpenAI-compatible HTTP API with per-request compression"),
-    "loadtest": ("clients.loadtest", "load-test an OpenAI-compatible server (GemServe or vLLM), compare methods"),
-    "bench": ("server.commands.bench", "prefill benchmark: none vs GemFilter at 1K-8K tokens (bench/prefill.py)"),
-    "eval": ("evals.runner", "long-context eval suite: RULER-style tasks x lengths x depths x methods, scored"),
-    "calibrate": ("evals.calibrate", "pick GemFilter's filter layer for a model from needle probes, write its profile"),
+from cli.commands import bench, generate, prepare, serve
+from clients import loadtest
+from evals import calibrate, runner
+
+# command -> (module, one-line help). Each module defines add_arguments() and run(); heavy imports
+# (torch, transformers) wait inside run(), so `gemserve --help` and the client commands start fast.
+COMMANDS: dict[str, tuple[ModuleType, str]] = {
+    "generate": (generate, "answer one prompt with a compression method and print its cost"),
+    "prepare-model": (prepare, "convert a model into the cache ahead of serving (image builds)"),
+    "serve": (serve, "serve the OpenAI-compatible HTTP API with per-request compression"),
+    "loadtest": (loadtest, "load-test an OpenAI-compatible server (GemServe or vLLM), compare methods"),
+    "bench": (bench, "prefill benchmark: none vs GemFilter at 1K-8K tokens (bench/prefill.py)"),
+    "eval": (runner, "long-context eval suite: RULER-style tasks x lengths x depths x methods, scored"),
+    "calibrate": (calibrate, "pick GemFilter's filter layer for a model from needle probes, write its profile"),
 }
 
 
@@ -27,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemserve", description="Long-context LLM serving with GemFilter")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
+    for name, (module, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(command)
         command.set_defaults(run=module.run)

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evals.needles import Needle
-from server.commands.common import add_model_arguments, parse_knobs
+from cli.commands.common import add_model_arguments, parse_knobs
+from contract.needles import Needle
 
 if TYPE_CHECKING:
+    from contract.protocol import CompressionInfo
     from server.engine.types import GenerationResult
-    from server.protocol import CompressionInfo
 
 DEMO_TOKENS = 3500
 DEMO_DEPTH = 0.6
@@ -63,8 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evals.needles import build_case
-    from server.commands.common import load_engine
+    from cli.commands.common import load_engine
+    from contract.needles import build_case
     from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 
     # Check the user's input before the (slow) model load, so mistakes fail at once.

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from server.settings import add_dtype_arguments
+
 if TYPE_CHECKING:
     from server.engine.hf import HFEngine
 
@@ -22,16 +24,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, help="where converted models live (env GEMSERVE_CACHE_DIR)")
     parser.add_argument("--max-model-len", type=int, help="cap the context length (default: the model's)")
     parser.add_argument("--profile", type=Path, help="GemFilter profile from `gemserve calibrate` (default: looked up)")
-
-
-def add_dtype_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--dtype`` and ``--filter-dtype`` as the server's settings define them (server/precision.py
-    resolves them), checked when the model loads."""
-    from server.settings import Settings
-
-    for field in ("dtype", "filter_dtype"):
-        info = Settings.model_fields[field]
-        parser.add_argument("--" + field.replace("_", "-"), default=info.default, help=info.description)
 
 
 def load_engine(args: argparse.Namespace, default_method: str = "none") -> HFEngine:
