@@ -16,7 +16,7 @@ VLLM_STAMP := $(VLLM_VENV)/.gemserve-installed
 SERVE_VENV := $(if $(filter vllm,$(BACKEND)),$(VLLM_VENV),$(VENV))
 SERVE_STAMP := $(if $(filter vllm,$(BACKEND)),$(VLLM_STAMP),$(STAMP))
 
-.PHONY: venv venv-vllm serve test test-schema test-vllm test-browser lint bench bench-vllm bench-peers soak demo clean docker-build docker-test lint-docker
+.PHONY: venv venv-vllm serve test test-slow test-schema test-vllm test-browser lint bench bench-vllm bench-peers soak demo clean docker-build docker-test lint-docker
 
 venv: $(STAMP)
 
@@ -46,9 +46,14 @@ serve: $(SERVE_STAMP)
 demo: venv
 	$(VENV)/bin/gemserve generate --method gemfilter --budget 1024
 
+# The fast tier (a few minutes on 2 cores): every property on tiny prompts and tiny models.
 test: venv
 	$(VENV)/bin/ruff check contract compressors server clients evals cli tests bench scripts
-	$(PY) -m pytest --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not browser" --durations=10 $(PYTEST_ARGS)
+
+# The slow tier: the real model over long prompts, batches, evals and server processes.
+test-slow: venv
+	$(PY) -m pytest -m slow --durations=10 $(PYTEST_ARGS)
 
 # Property-based fuzzing of every operation, 300 examples each (make test runs 40).
 test-schema: venv

@@ -65,6 +65,7 @@ def run_batch(engine, requests: list[GenerationRequest], core: EngineCore, monit
 @pytest.mark.parametrize(
     ("method", "knobs"), [("none", {}), ("gemfilter", {"budget": 192, "payoff_ratio": 0.0, "span": "token"})]
 )
+@pytest.mark.slow
 def test_batch_of_four_mixed_prompts_equals_each_alone(engine, prompts, method, knobs, monkeypatch) -> None:
     alone = [engine.generate(request(ids, method, knobs, max_tokens=40, ignore_eos=True)) for ids in prompts]
 
@@ -95,6 +96,7 @@ def test_batch_of_four_mixed_prompts_equals_each_alone(engine, prompts, method, 
     assert all("whole_process_shared_with_up_to_3_other_requests" in r.result.metrics.memory_source for r in batched)
 
 
+@pytest.mark.slow
 def test_kv_methods_decode_in_the_batch_and_h2o_alone(engine, prompts) -> None:
     """SnapKV / StreamingLLM caches share the decode forward; H2O (which reads the decode attention)
     decodes in its own forward in the same steps. Each equals its solo run."""
@@ -113,6 +115,7 @@ def test_kv_methods_decode_in_the_batch_and_h2o_alone(engine, prompts) -> None:
         assert recorder.result.compression.kv_bytes_after == solo.compression.kv_bytes_after
 
 
+@pytest.mark.slow
 def test_a_request_cancelled_mid_batch_stops_within_one_step(engine, prompts) -> None:
     alone = [engine.generate(request(ids, max_tokens=24, ignore_eos=True)) for ids in prompts[1:]]
     requests = [request(ids, max_tokens=24, ignore_eos=True) for ids in prompts[1:]]
@@ -133,6 +136,7 @@ def test_a_request_cancelled_mid_batch_stops_within_one_step(engine, prompts) ->
         assert recorders[index].tokens == alone[index].token_ids
 
 
+@pytest.mark.slow
 def test_memory_counts_compressed_sizes_so_more_requests_run_at_once(engine, prompts) -> None:
     ids = prompts[2]  # ~900 tokens
     budget = 2 * (len(ids) + 16) + 10  # two uncompressed prompts fit, not three
@@ -156,6 +160,7 @@ def test_memory_counts_compressed_sizes_so_more_requests_run_at_once(engine, pro
     assert running_after_admission("gemfilter", {"budget": 256, "payoff_ratio": 0.0, "layer": 4}) == (4, 0)
 
 
+@pytest.mark.slow
 def test_requests_grow_as_they_decode_and_the_newest_is_preempted_then_recomputed(engine, prompts) -> None:
     """A memory budget the batch outgrows while decoding: the newest request is preempted (its cache
     dropped), recomputed when room frees up, and every output still equals its solo run: a
@@ -223,6 +228,7 @@ def test_admission_400_for_a_request_that_can_never_fit_and_429_when_full(engine
             assert f"{gauge}{{" in metrics
 
 
+@pytest.mark.slow
 def test_chunked_prefill_logits_equal_one_forward(engine, prompts) -> None:
     """Chunks run alone (nobody decoding) and chunks riding in a shared forward with other requests'
     decode tokens both end in the logits of one unchunked prefill."""
@@ -255,6 +261,7 @@ def test_chunked_prefill_logits_equal_one_forward(engine, prompts) -> None:
     torch.testing.assert_close(last_logits(100, shared=True), whole, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_chunked_filter_pass_scores_and_keeps_what_one_pass_does(engine, prompts) -> None:
     model = engine.model
     ids = torch.tensor([prompts[0]])
@@ -325,6 +332,7 @@ def test_growing_layer_writes_in_place_and_drops_its_buffer_when_pruned() -> Non
     assert layer.get_seq_length() == 3
 
 
+@pytest.mark.slow
 def test_async_engine_batches_concurrent_requests(engine, prompts) -> None:
     async def scenario() -> tuple[list[GenerationResult], int]:
         async_engine = HFAsyncEngine(engine, max_concurrency=4, max_queue=4, step_tokens=256)

@@ -18,7 +18,7 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["smollm2-135m-instruct", "gemma3-270m"])
+@pytest.fixture(scope="module", params=["smollm2-135m-instruct", pytest.param("gemma3-270m", marks=pytest.mark.slow)])
 def tokenizer(request):
     """The tokenizer alone (Gemma's first use converts the GGUF once, ~90 s)."""
     _, model_dir = resolve_model_dir(request.param)

@@ -139,6 +139,7 @@ def test_stop_string_cuts_the_text_and_finishes(engine, chat_prompt) -> None:
     assert stopped.text == free.text[: free.text.index(stop)]
 
 
+@pytest.mark.slow
 def test_sampling_with_a_seed_is_reproducible(engine, chat_prompt) -> None:
     def sample(seed: int) -> list[int]:
         return engine.generate(request(chat_prompt, max_tokens=12, temperature=1.3, seed=seed)).token_ids

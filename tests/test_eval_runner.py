@@ -52,6 +52,7 @@ SWEEP_METHODS = [
 ]
 
 
+@pytest.mark.slow
 def test_shared_sweep_answers_like_generate_token_for_token(engine) -> None:
     """One filter pass / one full prefill for all methods gives each the tokens it gets alone."""
     from evals.sweep import run_many
@@ -103,6 +104,7 @@ def monkeypatch_module():
         yield patch
 
 
+@pytest.mark.slow
 def test_eval_writes_records_reports_and_scores(in_process_run: Path) -> None:
     records = read_records(in_process_run)
     assert len(records) == 4  # 2 tasks x 1 length x 1 depth x 2 methods
@@ -118,6 +120,7 @@ def test_eval_writes_records_reports_and_scores(in_process_run: Path) -> None:
     assert all(row["kept_tokens"] == 256 and row["answer_token_recall"] is not None for row in gemfilter)
 
 
+@pytest.mark.slow
 def test_base_url_scores_like_in_process(in_process_run: Path, server_url: str, tmp_path: Path) -> None:
     out = tmp_path / "http"
     argv = ["eval", *GRID, "--methods", "none,gemfilter:256+payoff_ratio=0", "--base-url", server_url]
@@ -131,6 +134,7 @@ def test_base_url_scores_like_in_process(in_process_run: Path, server_url: str, 
         assert remote[key]["answer_kept"] == row["answer_kept"], key
 
 
+@pytest.mark.slow
 def test_resume_runs_only_the_missing_rows_and_none_reproduces(in_process_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "resumed"
     out.mkdir()

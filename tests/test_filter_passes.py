@@ -107,6 +107,7 @@ def runs(seen: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
     return out
 
 
+@pytest.mark.slow
 def test_a_pass_alone_is_one_whole_forward_equal_to_the_pass_outside(vllm_engine, prompts) -> None:
     request, method = gemfilter_request(vllm_engine, prompts["long"])
     last = vllm_engine.filter_model.max_layer
@@ -118,6 +119,7 @@ def test_a_pass_alone_is_one_whole_forward_equal_to_the_pass_outside(vllm_engine
     assert len(selection.kept_indices) == KNOBS["budget"]
 
 
+@pytest.mark.slow
 def test_a_short_pass_takes_the_cores_at_the_next_layer_and_finishes_first(vllm_engine, prompts) -> None:
     long_request, long_method = gemfilter_request(vllm_engine, prompts["long"])
     short_request, short_method = gemfilter_request(vllm_engine, prompts["short"])

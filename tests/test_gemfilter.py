@@ -113,6 +113,7 @@ def test_budget_covering_the_prompt_is_identical_to_none(engine, count_tokens, k
 
 
 # ---- a prompt too short for the budget is not filtered (issue 11) -------------------------------
+@pytest.mark.slow
 def test_prompt_too_short_for_the_budget_skips_the_filter_pass(loaded_model, engine, count_tokens) -> None:
     ids, _ = haystack_ids(engine, count_tokens, 700, depth=0.5, seed=17)
     ratio = default_payoff_ratio(loaded_model.model.config)
@@ -308,6 +309,7 @@ def test_selection_reports_its_scoring(loaded_model, engine, count_tokens) -> No
 @pytest.mark.parametrize(
     ("depth", "seed"), [(0.1, 2004), (0.1, 2012), (0.25, 2015), (0.5, 2001), (0.75, 2002), (1.0, 2003)]
 )
+@pytest.mark.slow
 def test_needle_in_3500_token_haystack_found_with_budget_1024(engine, count_tokens, depth, seed) -> None:
     """Magic-number needles (the family full attention answers reliably on SmolLM2) from early to
     late in the prompt. The early ones are where the scoring matters: of these three, the
@@ -325,6 +327,7 @@ def test_needle_in_3500_token_haystack_found_with_budget_1024(engine, count_toke
 @pytest.mark.parametrize(
     ("depth", "seed", "filter_attention"), [(0.3, 2021, DEFAULT_FILTER_ATTENTION), (0.7, 2022, "streaming")]
 )
+@pytest.mark.slow
 def test_needle_in_4k_haystack_answered_by_default_and_with_a_sparse_filter_pass(
     engine, count_tokens, depth, seed, filter_attention
 ) -> None:
@@ -407,6 +410,7 @@ def test_confidence_is_in_0_1_and_higher_when_the_needle_dominates() -> None:
     assert selection_confidence(peaked[0], "inner_product", kept, head=0, tail=8) is None
 
 
+@pytest.mark.slow
 def test_a_forced_fallback_runs_the_prompt_uncompressed_and_says_so(engine, count_tokens) -> None:
     ids, _ = haystack_ids(engine, count_tokens, 900, depth=0.5, seed=21)
     full = greedy(engine, ids, "none", max_tokens=12)
@@ -431,6 +435,7 @@ def test_a_forced_fallback_runs_the_prompt_uncompressed_and_says_so(engine, coun
     )  # widening keeps what the budget kept (word units: nearly always; here exactly)
 
 
+@pytest.mark.slow
 def test_a_fallback_in_a_batch_widens_the_planned_prefill(engine, count_tokens) -> None:
     from server.engine.scheduler import Scheduler
 

@@ -418,6 +418,7 @@ def test_lone_surrogates_are_400_naming_the_field(server_url: str, path: str, bo
 METHODS = ("none", "gemfilter", "snapkv", "h2o", "streamingllm", "pyramidkv")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_answers_every_tiny_prompt(server_url: str, method: str) -> None:
     """snapkv / pyramidkv without a budget were 500s on 2-32 token prompts (pooling over no prefix).

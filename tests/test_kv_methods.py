@@ -234,6 +234,7 @@ def test_snapkv_cache_grows_from_budget_while_decoding(tiny_engine, tiny_ids):
     assert [step[0] for step in lengths] == list(range(32, 43))
 
 
+@pytest.mark.slow
 def test_h2o_stays_at_budget_while_decoding_the_real_model(engine):
     """The real model through engine.generate with ignore_eos: 40 tokens past a 64-entry budget."""
     ids = engine.encode_chat([{"role": "user", "content": "Write a long story about a lighthouse. " * 12}])
@@ -375,7 +376,7 @@ def prefill_pruning(model, ids: torch.Tensor, method: ScoredKVPruner, default_bu
         ("snapkv", {"budget": 500}),  # a budget over the prompt keeps everything
     ],
 )
-@pytest.mark.parametrize("which", ["tiny", "real"])
+@pytest.mark.parametrize("which", ["tiny", pytest.param("real", marks=pytest.mark.slow)])
 def test_pruning_during_prefill_keeps_exactly_what_pruning_after_it_keeps(
     tiny_model, tiny_ids, loaded_model, story_ids, which, name, knobs
 ):

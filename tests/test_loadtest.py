@@ -234,6 +234,7 @@ def test_waits_for_a_loading_server(stub: tuple[str, Any]) -> None:
     assert app_state.not_ready is False
 
 
+@pytest.mark.slow
 def test_real_ctrl_c_prints_and_writes_the_partial_summary(tmp_path: Path) -> None:
     app = create_stub_app(token_delay_s=0.02)  # ~1 s per request: SIGINT lands mid-run
     command = [sys.executable, "-m", "clients.loadtest", "--api-key", API_KEY, "--output-dir", str(tmp_path),
@@ -256,6 +257,7 @@ def test_real_ctrl_c_prints_and_writes_the_partial_summary(tmp_path: Path) -> No
 
 
 # ---- against the real server ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_small_real_run_compares_methods(server_url: str, tmp_path: Path) -> None:
     rc = run_cli(server_url, tmp_path, "--input-len", "300", "--output-len", "8", "--num-requests", "2",
                  "--warmup", "0", "--concurrency", "1", "--compare", "none,gemfilter:96", "--ignore-eos")  # fmt: skip

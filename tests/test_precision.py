@@ -115,6 +115,7 @@ def test_an_explicit_dtype_is_what_every_weight_holds(bf16_engine: HFEngine) -> 
     assert bf16_engine.filter_model is None  # the same dtype: the pass runs on the model itself
 
 
+@pytest.mark.slow
 def test_a_filter_dtype_other_than_the_models_runs_on_a_copy_of_layers_0_to_r(loaded_model, count_tokens) -> None:
     """float32 model, bfloat16 filter pass: the copy holds layers 0..r in bfloat16, the pass runs there
     and the response says so."""
@@ -144,6 +145,7 @@ def greedy(engine: HFEngine, prompt_ids: list[int], method: str, max_tokens: int
     return engine.generate(request)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["float32", "bfloat16"])
 def test_gemfilter_with_a_budget_covering_the_prompt_equals_none_in_each_dtype(
     which: str, engine, bf16_engine, count_tokens

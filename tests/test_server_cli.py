@@ -47,6 +47,7 @@ def test_bad_setting_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
         settings_from_args(args)
 
 
+@pytest.mark.slow
 def test_unknown_backend_fails_fast() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "cli", "serve", "--backend", "tgi"], capture_output=True, text=True, timeout=120
@@ -73,6 +74,7 @@ def wait_for(url: str, status: int, deadline: float) -> httpx.Response:
     raise AssertionError(f"{url} never answered {status}")
 
 
+@pytest.mark.slow
 def test_serve_process_loads_serves_and_exits_cleanly() -> None:
     port = free_port()
     command = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--device", "cpu"]

@@ -64,6 +64,7 @@ def full_attention_agrees(engine, prompt: list[int], answer: GenerationResult) -
     return "true" if full.text.strip() == answer.text.strip() else "false"
 
 
+@pytest.mark.slow
 def test_shadow_never_changes_the_response_and_counts_agreement(engine, prompt) -> None:
     budgets = (32, 16)  # on this prompt 32 answers like full attention and 16 does not (either is fine here)
 

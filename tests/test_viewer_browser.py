@@ -22,6 +22,8 @@ import pytest
 from contract.needles import Needle, build_case
 from tests.conftest import TEST_API_KEY
 
+pytestmark = pytest.mark.browser  # make test-browser runs it, make test does not
+
 selenium = pytest.importorskip("selenium", reason="selenium is not installed (the test extra installs it)")
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
