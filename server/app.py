@@ -213,10 +213,13 @@ def client_request_id(scope: Scope) -> str | None:
 
 
 @contextmanager
-def serve_in_background(app: FastAPI, host: str = "127.0.0.1", ready_timeout_s: float = 120.0) -> Iterator[str]:
+def serve_in_background(
+    app: FastAPI, host: str = "127.0.0.1", ready_timeout_s: float = 120.0, wait_ready: bool = True
+) -> Iterator[str]:
     """Run ``app`` with uvicorn in a daemon thread on a free port; yield its base URL once
-    ``/ready`` answers 200; on exit, shut down (draining in-flight requests). For tests and
-    benchmarks that need a real socket in-process."""
+    ``/ready`` answers 200 (``wait_ready=False``: once ``/health`` does, the model may still be
+    loading); on exit, shut down (draining in-flight requests). For tests and benchmarks that
+    need a real socket in-process."""
     import uvicorn
 
     with socket.socket() as sock:
@@ -227,7 +230,7 @@ def serve_in_background(app: FastAPI, host: str = "127.0.0.1", ready_timeout_s: 
     thread.start()
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + ready_timeout_s
-    while not ready(url):
+    while not ready(url, "/ready" if wait_ready else "/health"):
         if time.monotonic() > deadline or not thread.is_alive():
             server.should_exit = True
             raise RuntimeError(f"server on {url} did not become ready within {ready_timeout_s} s")
@@ -239,10 +242,10 @@ def serve_in_background(app: FastAPI, host: str = "127.0.0.1", ready_timeout_s: 
         thread.join(timeout=ready_timeout_s)
 
 
-def ready(url: str) -> bool:
+def ready(url: str, path: str = "/ready") -> bool:
     import httpx
 
     try:
-        return httpx.get(f"{url}/ready", timeout=5).status_code == 200
+        return httpx.get(f"{url}{path}", timeout=5).status_code == 200
     except httpx.TransportError:
         return False

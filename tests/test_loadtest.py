@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.stub_app import API_KEY, create_stub_app, serve_in_thread
+from fixtures.scripted_engine import API_KEY, ScriptedEngine, serve_scripted
 
 from clients import loadtest
 from clients.loadtest import check_target
@@ -147,12 +147,11 @@ def test_bad_arguments_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -
     assert "Connection" in capsys.readouterr().err
 
 
-# ---- against the stub ----------------------------------------------------------------------------
+# ---- against the real app around a scripted engine (tests/fixtures/scripted_engine.py) -----------
 @pytest.fixture(scope="module")
-def stub() -> Iterator[tuple[str, Any]]:
-    app = create_stub_app(token_delay_s=0.005)
-    with serve_in_thread(app) as url:
-        yield url, app.state.stub
+def stub() -> Iterator[tuple[str, ScriptedEngine]]:
+    with serve_scripted(ScriptedEngine(token_delay_s=0.005)) as served:
+        yield served
 
 
 def run_cli(url: str, out: Path, *extra: str) -> int:
@@ -161,8 +160,8 @@ def run_cli(url: str, out: Path, *extra: str) -> int:
 
 
 def test_compare_run_writes_every_output(stub: tuple[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    url, state = stub
-    state.bodies.clear()
+    url, engine = stub
+    engine.requests.clear()
     rc = run_cli(url, tmp_path, "--input-len", "200", "--output-len", "5", "--num-requests", "4", "--warmup", "1",
                  "--compare", "none,gemfilter:64,default", "--request-rate", "50", "--slo", "ttft:60000")  # fmt: skip
     assert rc == 0
@@ -177,14 +176,13 @@ def test_compare_run_writes_every_output(stub: tuple[str, Any], tmp_path: Path, 
         assert summary["goodput"]["good_requests"] == 4
     assert results["summary"]["gemfilter:64"]["kept_tokens"]["mean"] == 64
     assert len(results["requests"]) == 12 and all(set(r) == RECORD_FIELDS for r in results["requests"])
-    # Same workload per method: the stub tokenises by words, so prompts land at or under 200 "tokens".
+    # Same workload per method: the scripted engine tokenises by words, so prompts land at or under 200 "tokens".
     by_index = sorted(results["requests"], key=lambda r: r["index"])  # records come in finishing order
     prompts = {m: [r["prompt_tokens"] for r in by_index if r["method"] == m] for m in results["summary"]}
     assert prompts["none"] == prompts["gemfilter:64"] == prompts["default"] and max(prompts["none"]) <= 200
     # 3 methods x (1 warmup + 4) requests; "default" sends no compression field at all.
-    compressions = [body.get("compression") for body in state.bodies]
-    assert compressions == [{"method": "none"}] * 5 + [{"method": "gemfilter", "budget": 64}] * 5 + [None] * 5
-    assert all(body["stream"] and body["stream_options"] == {"include_usage": True} for body in state.bodies)
+    compressions = [(r.compression.method, r.compression.knobs) for r in engine.requests]
+    assert compressions == [("none", {})] * 5 + [("gemfilter", {"budget": 64})] * 5 + [(None, {})] * 5
     table = capsys.readouterr().out
     rows = [line.split()[0] for line in table.splitlines()[3:6]]
     assert rows == ["none", "gemfilter:64", "default"]
@@ -193,12 +191,12 @@ def test_compare_run_writes_every_output(stub: tuple[str, Any], tmp_path: Path, 
 
 
 def test_closed_loop_concurrency_caps_requests_in_flight(stub: tuple[str, Any], tmp_path: Path) -> None:
-    url, state = stub
-    state.max_in_flight = 0
+    url, engine = stub
+    engine.max_in_flight = 0
     rc = run_cli(url, tmp_path, "--input-len", "50", "--output-len", "20", "--num-requests", "6", "--concurrency", "2",
                  "--warmup", "0")  # fmt: skip
     assert rc == 0
-    assert state.max_in_flight == 2
+    assert engine.max_in_flight == 2
 
 
 def test_duration_bounds_the_run(stub: tuple[str, Any], tmp_path: Path) -> None:
@@ -211,41 +209,43 @@ def test_duration_bounds_the_run(stub: tuple[str, Any], tmp_path: Path) -> None:
 
 def test_errors_are_counted_by_type(stub: tuple[str, Any], tmp_path: Path) -> None:
     workload = tmp_path / "w.jsonl"
-    lines = [{"prompt": "status:500"}, {"prompt": "status:429"}, {"prompt": "status:429"}, {"prompt": "one two"}]
+    lines = [{"prompt": "fail"}, {"prompt": "flaky:9"}, {"prompt": "flaky:9"}, {"prompt": "one two"}]
     workload.write_text("\n".join(json.dumps(line) for line in lines))
     rc = run_cli(stub[0], tmp_path / "out", "--dataset", str(workload), "--num-requests", "4", "--warmup", "0")
     assert rc == 0
     summary = json.loads((tmp_path / "out" / "results.json").read_text())["summary"]["default"]
     assert summary["requests"] == {
-        "sent": 4, "completed": 1, "failed": 3, "errors": {"InternalServerError": 1, "RateLimitError": 2},
-    }  # fmt: skip
+        "sent": 4, "completed": 1, "failed": 3, "errors": {"APIError": 1, "RateLimitError": 2},
+    }  # fmt: skip  (a failure after the stream started is an error event: openai's APIError)
 
 
-def test_waits_for_a_loading_server(stub: tuple[str, Any]) -> None:
+def test_waits_for_a_loading_server() -> None:
     from clients.sdk import GemServe
 
-    app_state = stub[1]
-    app_state.not_ready = True
-    with GemServe(stub[0]) as client:
-        with pytest.raises(TimeoutError, match="not ready"):
-            loadtest.wait_until_ready(client, timeout_s=0.3)
-        threading.Timer(0.5, setattr, (app_state, "not_ready", False)).start()
-        loadtest.wait_until_ready(client, timeout_s=30)
-    assert app_state.not_ready is False
+    engine = ScriptedEngine()
+    engine.release = threading.Event()
+    try:
+        with serve_scripted(engine, wait_ready=False) as (url, _), GemServe(url) as client:
+            with pytest.raises(TimeoutError, match="not ready"):
+                loadtest.wait_until_ready(client, timeout_s=0.3)
+            threading.Timer(0.5, engine.release.set).start()
+            loadtest.wait_until_ready(client, timeout_s=30)
+    finally:
+        engine.release.set()
 
 
 @pytest.mark.slow
 def test_real_ctrl_c_prints_and_writes_the_partial_summary(tmp_path: Path) -> None:
-    app = create_stub_app(token_delay_s=0.02)  # ~1 s per request: SIGINT lands mid-run
+    engine = ScriptedEngine(token_delay_s=0.02)  # ~1 s per request: SIGINT lands mid-run
     command = [sys.executable, "-m", "clients.loadtest", "--api-key", API_KEY, "--output-dir", str(tmp_path),
                "--no-progress", "--input-len", "20", "--output-len", "50", "--num-requests", "50",
                "--concurrency", "1", "--warmup", "0"]  # fmt: skip
-    with serve_in_thread(app) as url:
+    with serve_scripted(engine) as (url, _):
         process = subprocess.Popen(
             [*command, "--base-url", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         deadline = time.monotonic() + 120
-        while app.state.stub.streams_finished < 2 and time.monotonic() < deadline:
+        while engine.finished < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)
