@@ -401,16 +401,6 @@ def test_compose_config_validates(files: list[str]) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_docker_test_script_runs_the_replicas_stage() -> None:
-    """make docker-test runs the replicas profile after the image checks, or says why not."""
-    script = (ROOT / "scripts/docker_test.sh").read_text()
-    main = script[script.index("\nmain() {") :]
-    assert main.index("check_dashboard_queries") < main.index("check_replicas") < main.index("PASSED")
-    assert "SKIPPED: replicas: " in script
-    assert "--profile replicas" in script and "--network-alias gemserve-replica" in script
-    assert "docker pause" in script and "replicas_down" in script.split("cleanup() {", 1)[1].split("\n}", 1)[0]
-
-
 def test_docker_test_script_skips_loudly_without_a_daemon() -> None:
     """No daemon -> 'SKIPPED: <reason>' and exit 0, or exit 1 when the test is required."""
     env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock", "DOCKER_TEST_NO_SETUP": "1"}
