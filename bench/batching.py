@@ -35,7 +35,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -45,7 +44,7 @@ from typing import Any
 import httpx
 
 from bench.common import RESULTS_DIR, brief, loadtest, machine_description, replace_doc_section, write_json
-from bench.soak import free_port, start_server, stop_server, wait_until_ready
+from bench.harness import checkout_environment, free_port, serve_command, start_server, stop_server, wait_until_ready
 from clients.loadtest_report import percentile
 from server.engine.scheduler import DEFAULT_STEP_TOKENS
 
@@ -354,8 +353,8 @@ def doc_section(result: dict[str, Any]) -> str:
 
 def serve(work: Path, flags: list[str]) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    command = [sys.executable, "-m", "cli", "serve", "--port", str(port), *flags]
-    proc = start_server(command, {**os.environ, "GEMSERVE_LOG_LEVEL": "warning"}, work / "server.log")
+    env = checkout_environment(GEMSERVE_LOG_LEVEL="warning")
+    proc = start_server(serve_command(port, *flags), env, work / "server.log")
     url = f"http://127.0.0.1:{port}"
     wait_until_ready(proc, url, 600, work / "server.log")
     return proc, url

@@ -37,7 +37,15 @@ from typing import Any
 import httpx
 
 from bench.common import REPO_ROOT, RESULTS_DIR, brief, loadtest, machine_description, replace_doc_section, write_json
-from bench.soak import free_port, start_server, stop_server, wait_until_ready
+from bench.harness import (
+    checkout_environment,
+    free_port,
+    metric_sums,
+    serve_command,
+    start_server,
+    stop_server,
+    wait_until_ready,
+)
 
 HEADING = "## Replicas behind the load balancer"
 HAPROXY_CFG = REPO_ROOT / "docker" / "haproxy" / "haproxy.cfg"
@@ -67,10 +75,8 @@ def host_haproxy_config(servers: list[int], api_port: int, stats_port: int) -> s
 
 def start_replica(core: int, work: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    command = ["taskset", "-c", str(core), sys.executable, "-m", "cli", "serve", "--port", str(port)]
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "GEMSERVE_API_KEY": API_KEY, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
-    env.pop("GEMSERVE_API_KEY_FILE", None)
+    command = ["taskset", "-c", str(core), *serve_command(port)]
+    env = checkout_environment(API_KEY, OMP_NUM_THREADS="1")
     log = work / f"replica_core{core}_{port}.log"
     proc = start_server(command, env, log)
     wait_until_ready(proc, f"http://127.0.0.1:{port}", 600, log)
@@ -79,9 +85,7 @@ def start_replica(core: int, work: Path) -> tuple[subprocess.Popen[bytes], int]:
 
 def requests_served(port: int) -> int:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
-    return int(
-        sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("gemserve_requests_total{"))
-    )
+    return int(metric_sums(text, ("gemserve_requests_total",))["gemserve_requests_total"] or 0)
 
 
 def wait_all_up(stats_port: int, count: int, timeout_s: float = 60) -> None:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -51,7 +50,6 @@ import random
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,12 +62,24 @@ from typing import Any, NamedTuple
 
 import httpx
 
-from bench.common import REPO_ROOT, RESULTS_DIR, machine_description, model_slug, replace_doc_section, write_json
+from bench.common import RESULTS_DIR, machine_description, model_slug, replace_doc_section, write_json
+from bench.harness import (
+    HOST,
+    checkout_environment,
+    free_port,
+    log_tail,
+    metric_sums,
+    open_fds,
+    process_status,
+    serve_command,
+    start_server,
+    stop_server,
+    wait_until_ready,
+)
 from contract.needles import filler_sentences
 
 logger = logging.getLogger("bench.soak")
 
-HOST = "127.0.0.1"
 MIB = 2**20
 
 COMPRESSIONS: tuple[dict[str, Any], ...] = (
@@ -171,108 +181,7 @@ class SoakRun:
     server_died: bool = False
 
 
-# ---- the server process -----------------------------------------------------------------------
-def free_port(host: str = HOST) -> int:
-    # As server.app.serve_in_background does: the kernel picks a free port; the short race until the
-    # server binds it is acceptable on a test machine.
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def server_command(model: str, port: int, max_queue: int) -> list[str]:
-    """The serve command line; it never holds the API key (that would show in ``ps``)."""
-    return [
-        sys.executable,
-        "-m",
-        "cli",
-        "serve",
-        "--model",
-        model,
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-        "--max-queue",
-        str(max_queue),
-    ]
-
-
-def server_environment(api_key: str) -> dict[str, str]:
-    # PYTHONPATH puts this checkout's packages ahead of whatever the venv has installed (an editable
-    # install may point at another worktree).
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "GEMSERVE_API_KEY": api_key, "PYTHONPATH": pythonpath}
-    env.pop("GEMSERVE_API_KEY_FILE", None)  # the server refuses a key and a key file together
-    return env
-
-
-def die_with_parent() -> None:
-    """preexec_fn: have Linux SIGTERM the server if this script dies without cleaning up (kill -9)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-def start_server(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            # Its own session: a Ctrl-C in the terminal reaches only this script, which then stops
-            # the load first and the server after, instead of the server shutting down under load.
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def wait_until_ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float, log_path: Path) -> float:
-    """Poll ``/ready`` until 200; returns the seconds it took. The first run converts the model (~60 s)."""
-    started = time.monotonic()
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode} before /ready:\n{log_tail(log_path)}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                return time.monotonic() - started
-        if time.monotonic() - started > timeout_s:
-            raise RuntimeError(f"the server was not ready within {timeout_s:g} s:\n{log_tail(log_path)}")
-        time.sleep(0.5)
-
-
-def stop_server(proc: subprocess.Popen[bytes], grace_s: float) -> dict[str, Any]:
-    """SIGINT (uvicorn finishes what it admitted), then SIGTERM, then SIGKILL; says how it went."""
-    if proc.poll() is not None:
-        return {"exit_code": proc.returncode, "stopped_by": None, "shutdown_s": 0.0}
-    started = time.monotonic()
-    for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 10.0)):
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            logger.warning("the server did not exit within %g s of %s", wait_s, sig.name)
-            continue
-        return {
-            "exit_code": proc.returncode,
-            "stopped_by": sig.name,
-            "shutdown_s": round(time.monotonic() - started, 2),
-        }
-    proc.kill()
-    proc.wait()
-    return {"exit_code": proc.returncode, "stopped_by": "SIGKILL", "shutdown_s": round(time.monotonic() - started, 2)}
-
-
+# ---- the server process (bench/harness.py runs it) ---------------------------------------------
 def server_facts(url: str, key: str) -> tuple[str, int, int]:
     """The served model's name, its context length, and one valid token id (for the over-length prompt)."""
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
@@ -284,53 +193,13 @@ def server_facts(url: str, key: str) -> tuple[str, int, int]:
     return models.json()["data"][0]["id"], int(facts["max_model_len"]), int(facts["tokens"][0])
 
 
-# ---- process sampling (no psutil: /proc is enough on Linux) ------------------------------------
-def process_status(pid: int) -> dict[str, int | None]:
-    """RSS in bytes and the thread count from /proc/<pid>/status; None once the process is gone."""
-    status: dict[str, int | None] = {"rss_bytes": None, "threads": None}
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return status
-    for line in lines:
-        name, _, value = line.partition(":")
-        if name == "VmRSS":
-            status["rss_bytes"] = int(value.split()[0]) * 1024  # the kernel reports kB
-        elif name == "Threads":
-            status["threads"] = int(value)
-    return status
-
-
-def open_fds(pid: int) -> int | None:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
-
-
-def prometheus_values(text: str, names: tuple[str, ...]) -> dict[str, float | None]:
-    """Each named metric summed over its label sets (Prometheus text format; None when absent)."""
-    values: dict[str, float | None] = dict.fromkeys(names)
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name not in values:
-            continue
-        # Label values may hold spaces: the value is the first field after the closing brace.
-        rest = line[line.rindex("}") + 1 :] if "}" in line else line[len(name) :]
-        with contextlib.suppress(ValueError, IndexError):
-            values[name] = (values[name] or 0.0) + float(rest.split()[0])
-    return values
-
-
 async def scrape_gauges(client: httpx.AsyncClient) -> dict[str, float | None]:
     names = ("gemserve_requests_running", "gemserve_requests_waiting")
     try:
         response = await client.get("/metrics", timeout=10)
     except httpx.HTTPError:
         return dict.fromkeys(names)
-    return prometheus_values(response.text, names) if response.status_code == 200 else dict.fromkeys(names)
+    return metric_sums(response.text, names) if response.status_code == 200 else dict.fromkeys(names)
 
 
 async def take_sample(run: SoakRun, client: httpx.AsyncClient) -> dict[str, Any]:
@@ -1232,10 +1101,10 @@ def main(argv: list[str] | None = None) -> int:
     key = secrets.token_urlsafe(24)
     port = free_port()
     url = f"http://{HOST}:{port}"
-    command = server_command(args.model, port, args.max_queue)
+    command = serve_command(port, "--model", args.model, "--max-queue", str(args.max_queue))
     result = new_result(args, argv, command, log_path)
     logger.info("starting %s (log: %s)", shlex.join(command), log_path)
-    proc = start_server(command, server_environment(key), log_path)
+    proc = start_server(command, checkout_environment(key), log_path)
     result["server"]["pid"] = proc.pid
     try:
         result["server"]["ready_s"] = round(wait_until_ready(proc, url, args.ready_timeout, log_path), 1)

@@ -215,7 +215,10 @@ def test_errors_are_counted_by_type(stub: tuple[str, Any], tmp_path: Path) -> No
     assert rc == 0
     summary = json.loads((tmp_path / "out" / "results.json").read_text())["summary"]["default"]
     assert summary["requests"] == {
-        "sent": 4, "completed": 1, "failed": 3, "errors": {"APIError": 1, "RateLimitError": 2},
+        "sent": 4,
+        "completed": 1,
+        "failed": 3,
+        "errors": {"APIError": 1, "RateLimitError": 2},
     }  # fmt: skip  (a failure after the stream started is an error event: openai's APIError)
 
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import signal
-import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+from bench.harness import checkout_environment, free_port, log_tail, serve_command, start_server, stop_server
 from cli.commands.serve import settings_from_args
 from cli.main import build_parser
 from server.engine.scheduler import DEFAULT_MAX_RUNNING
@@ -56,12 +56,6 @@ def test_unknown_backend_fails_fast() -> None:
     assert "unknown backend 'tgi'; available: hf" in proc.stderr  # more backends may follow 'hf'
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_for(url: str, status: int, deadline: float) -> httpx.Response:
     while time.monotonic() < deadline:
         try:
@@ -75,10 +69,12 @@ def wait_for(url: str, status: int, deadline: float) -> httpx.Response:
 
 
 @pytest.mark.slow
-def test_serve_process_loads_serves_and_exits_cleanly() -> None:
+def test_serve_process_loads_serves_and_exits_cleanly(tmp_path: Path) -> None:
+    """The real process through the benchmarks' harness: /health first, /ready once loaded, one
+    completion, and SIGINT ends it with exit code 0 and the access log line written."""
     port = free_port()
-    command = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--device", "cpu"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "server.log"
+    proc = start_server(serve_command(port, "--device", "cpu"), checkout_environment(), log)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
@@ -88,7 +84,6 @@ def test_serve_process_loads_serves_and_exits_cleanly() -> None:
         response = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=120)
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 1
     finally:
-        proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output
-    assert "http=POST /v1/completions status=200 method=none" in output  # the one-line access log
+        stopped = stop_server(proc, grace_s=120)
+    assert stopped["exit_code"] == 0 and stopped["stopped_by"] == "SIGINT", log_tail(log)
+    assert "http=POST /v1/completions status=200 method=none" in log.read_text()  # the one-line access log
