@@ -330,8 +330,21 @@ def keep_everything(name: str, prompt_tokens: int) -> Selection:
 
 @dataclass
 class BudgetedMethod(Method):
-    budget: int | None = knob(None, minimum=1)
-    ratio: float | None = knob(None, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+    budget: int | None = knob(
+        None,
+        minimum=1,
+        description=(
+            "prompt tokens to keep (a KV method: cache entries per layer and KV head); null: the ratio, "
+            "else the server's default budget"
+        ),
+    )
+    ratio: float | None = knob(
+        None,
+        minimum=0.0,
+        maximum=1.0,
+        exclusive_minimum=True,
+        description="fraction of the prompt to keep; with a budget too, the budget caps it",
+    )
 
     def resolve_budget(self, prompt_tokens: int, default_budget: int) -> int:
         """Tokens to keep for a prompt of this length; never more than the prompt. With both a

@@ -31,7 +31,7 @@ nothing next to a filter pass of ``r`` full layers.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -263,20 +263,71 @@ class GemFilter(PromptSelector):
         ),
     )
 
-    layer: int | None = knob(None, minimum=0)
-    scoring: str = knob("fused", choices=SCORINGS)
-    window: int = knob(32, minimum=1)
-    kernel_size: int = knob(5, minimum=1, odd=True)
-    tail: int = knob(32, minimum=0)
-    filter_attention: str = knob(DEFAULT_FILTER_ATTENTION, choices=tuple(ATTENTION_BACKENDS))
-    filter_attention_knobs: dict[str, Any] | None = None
-    payoff_ratio: float | None = knob(None, minimum=0.0, maximum=MAX_PAYOFF_RATIO)
-    span: str = knob(DEFAULT_SPAN, choices=SPANS)
-    chunk_size: int = knob(8, minimum=1, maximum=256)
-    sentence_tokens: int = knob(MAX_SENTENCE_TOKENS, minimum=MAX_UNIT_TOKENS, maximum=512)
-    head: int = knob(DEFAULT_HEAD, minimum=0)
-    fallback: str | int | None = knob(None, choices=FALLBACKS, minimum=1)
-    fallback_below: float = knob(DEFAULT_FALLBACK_BELOW, minimum=0.0, maximum=1.0)
+    layer: int | None = knob(
+        None,
+        minimum=0,
+        description=(
+            "filter layer r whose attention scores the prompt; null: the model's profile, else the first "
+            "global layer near half depth"
+        ),
+    )
+    scoring: str = knob(
+        "fused",
+        choices=SCORINGS,
+        description=(
+            "fused: inner products and softmax attention, a token takes its best rank; inner_product: the"
+            " paper's q.k; attention: softmax only"
+        ),
+    )
+    window: int = knob(32, minimum=1, description="last prompt queries whose scores are averaged (the paper: 1)")
+    kernel_size: int = knob(5, minimum=1, odd=True, description="width of the average pooling over token scores")
+    tail: int = knob(
+        32, minimum=0, description="last prompt tokens kept first (the question, the chat template's generation prefix)"
+    )
+    filter_attention: str = knob(
+        DEFAULT_FILTER_ATTENTION,
+        choices=tuple(ATTENTION_BACKENDS),
+        description="attention backend of layers < r in the filter pass",
+    )
+    filter_attention_knobs: dict[str, Any] | None = field(
+        default=None, metadata={"description": "knobs of filter_attention's backend"}
+    )
+    payoff_ratio: float | None = knob(
+        None,
+        minimum=0.0,
+        maximum=MAX_PAYOFF_RATIO,
+        description=(
+            "filter only prompts of at least this many times the kept tokens, shorter ones are kept "
+            "whole; null: the model's profile; 0: always"
+        ),
+    )
+    span: str = knob(
+        DEFAULT_SPAN,
+        choices=SPANS,
+        description="what the top-k keeps whole: a sentence (or log line, chat turn), a word, a token, a chunk",
+    )
+    chunk_size: int = knob(8, minimum=1, maximum=256, description="tokens per chunk with span=chunk")
+    sentence_tokens: int = knob(
+        MAX_SENTENCE_TOKENS,
+        minimum=MAX_UNIT_TOKENS,
+        maximum=512,
+        description="with span=sentence: a longer sentence is cut at a word start after this many tokens",
+    )
+    head: int = knob(
+        DEFAULT_HEAD, minimum=0, description="first prompt tokens kept first (system prompt, instruction, title)"
+    )
+    fallback: str | int | None = knob(
+        None,
+        choices=FALLBACKS,
+        minimum=1,
+        description=(
+            "when confidence < fallback_below: 'none' runs the prompt uncompressed, N widens the "
+            "selection to N tokens; null: never"
+        ),
+    )
+    fallback_below: float = knob(
+        DEFAULT_FALLBACK_BELOW, minimum=0.0, maximum=1.0, description="the confidence under which the fallback runs"
+    )
 
     def validate(self) -> None:
         super().validate()

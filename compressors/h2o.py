@@ -60,7 +60,12 @@ class H2O(ScoredKVPruner):
     name: ClassVar[str] = "h2o"
     evicts_during_decode: ClassVar[bool] = True
 
-    recent_fraction: float = knob(0.5, minimum=0.0, maximum=1.0)
+    recent_fraction: float = knob(
+        0.5,
+        minimum=0.0,
+        maximum=1.0,
+        description="share of the budget for the newest tokens; the rest by accumulated attention",
+    )
 
     def new_state(self) -> H2OState:
         return H2OState()

@@ -8,6 +8,7 @@ definition for the method registry, the attention-backend registry and ``validat
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -90,10 +91,13 @@ def knob(
     exclusive_minimum: bool = False,
     odd: bool = False,
     choices: tuple[str, ...] | None = None,
+    description: str = "",
 ) -> Any:
-    """A dataclass field that is a request knob with bounds: ``window: int = knob(32, minimum=1)``."""
+    """A dataclass field that is a request knob: its default, bounds and what it does, declared once
+    (``window: int = knob(32, minimum=1, description="...")``); the check, the OpenAPI document,
+    the CLI's help and docs/api.md's knob table are all read from here."""
     bounds = Bounds(minimum, maximum, exclusive_minimum, odd, choices)
-    return dataclasses.field(default=default, metadata={"bounds": bounds})
+    return dataclasses.field(default=default, metadata={"bounds": bounds, "description": description})
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,28 @@ def conflict_schema(conflicts: tuple[Conflict, ...]) -> dict[str, Any] | None:
 def knob_bounds(cls: type) -> dict[str, Bounds]:
     """Knob name -> its bounds (an empty :class:`Bounds` where the field declares none)."""
     return {f.name: f.metadata.get("bounds", Bounds()) for f in dataclasses.fields(cls)}
+
+
+def knob_description(cls: type, name: str) -> str:
+    """What knob ``name`` of ``cls`` does, from its declaration ("" where none is given)."""
+    return next(f.metadata.get("description", "") for f in dataclasses.fields(cls) if f.name == name)
+
+
+def knob_default(cls: type, name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def knob_rows(cls: type) -> list[tuple[str, str, str, str]]:
+    """(name, what it takes, default, description) per knob of ``cls``: the CLI's help and
+    docs/api.md's knob table are printed from these."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for name, bounds in knob_bounds(cls).items():
+        limits = bounds_text(bounds)
+        takes = f"{type_names(hints[name])}, {limits}" if limits else type_names(hints[name])
+        default = knob_default(cls, name)
+        rows.append((name, takes, json.dumps(default), knob_description(cls, name)))
+    return rows
 
 
 def bounds_text(bounds: Bounds) -> str | None:

@@ -46,7 +46,11 @@ class PyramidKV(SnapKV):
 
     name: ClassVar[str] = "pyramidkv"
 
-    beta: int = knob(20, minimum=1)
+    beta: int = knob(
+        20,
+        minimum=1,
+        description="steepness of the pyramid: the top layer keeps 1/beta of the mean prefix budget (paper: 20)",
+    )
 
     def layer_budgets(self, layers: list[int], budget: int) -> dict[int, int]:
         return pyramid_budgets(layers, budget, min(self.window, budget), self.beta)

@@ -60,9 +60,13 @@ class SnapKV(ScoredKVPruner):
 
     name: ClassVar[str] = "snapkv"
 
-    window: int = knob(32, minimum=1)
-    kernel_size: int = knob(5, minimum=1, odd=True)
-    pooling: str = knob("avg", choices=POOLINGS)
+    window: int = knob(
+        32,
+        minimum=1,
+        description="observation window: the last prompt queries whose attention scores the cache (kept too)",
+    )
+    kernel_size: int = knob(5, minimum=1, odd=True, description="width of the pooling over the window's attention")
+    pooling: str = knob("avg", choices=POOLINGS, description="how the window's attention is pooled over neighbours")
 
     def layer_scorer(self) -> LayerScorer | None:
         def score(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

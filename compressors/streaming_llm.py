@@ -38,7 +38,9 @@ class StreamingLLM(ScoredKVPruner):
     name: ClassVar[str] = "streamingllm"
     evicts_during_decode: ClassVar[bool] = True
 
-    sinks: int = knob(4, minimum=0)
+    sinks: int = knob(
+        4, minimum=0, description="first tokens kept as attention sinks; the rest of the budget is the newest tokens"
+    )
 
     def kept_sinks(self, budget: int) -> int:
         # The sinks are part of the budget: one smaller than sinks + 1 keeps budget - 1 of them and

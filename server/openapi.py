@@ -26,7 +26,7 @@ from typing import Any, get_type_hints
 from fastapi import FastAPI
 
 from compressors.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION
-from compressors.knobs import Bounds, conflict_schema, knob_bounds, knob_schema
+from compressors.knobs import Bounds, conflict_schema, knob_bounds, knob_default, knob_description, knob_schema
 from compressors.registry import METHODS
 from contract.protocol import BOUND_KEY, NULL, UNSUPPORTED_FIELDS, CompressionParams
 from server.engine.types import RequestOptions
@@ -89,9 +89,18 @@ def nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def dataclass_knobs(cls: type, overrides: dict[str, Bounds] | None = None) -> dict[str, dict[str, Any]]:
-    """Knob name -> its JSON Schema (null: the default), from the dataclass's fields."""
+    """Knob name -> its JSON Schema (null: the default), with its description and default, from
+    the dataclass's fields."""
     hints, bounds = get_type_hints(cls), {**knob_bounds(cls), **(overrides or {})}
-    return {name: nullable(knob_schema(hints[name], bounds[name])) for name in bounds}
+    return {name: described(cls, name, nullable(knob_schema(hints[name], bounds[name]))) for name in bounds}
+
+
+def described(cls: type, name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    default = knob_default(cls, name)
+    extra: dict[str, Any] = {"description": knob_description(cls, name)}
+    if default is not None:
+        extra["default"] = default
+    return {**schema, **extra}
 
 
 def backend_knobs(name: str) -> dict[str, Any]:

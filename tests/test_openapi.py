@@ -13,6 +13,7 @@ import pytest
 
 from compressors import CompressionError, build_method
 from compressors.attention import ATTENTION_BACKENDS, build_attention
+from compressors.knobs import knob_bounds, knob_description, knob_rows
 from compressors.registry import METHODS
 from contract.protocol import BOUND_KEY, UNSUPPORTED_FIELDS
 from server.app import create_app
@@ -182,3 +183,44 @@ def test_unsupported_fields_neutral_values_agree(name: str) -> None:
         "x",
     ):
         assert field.accepts(value) == schema_accepts(field.schema, value), (name, value)
+
+
+# ---- knobs as one declaration: described, published, listed, documented -------------------------
+REGISTRIES = [*METHODS.values(), *ATTENTION_BACKENDS.values()]
+
+
+@pytest.mark.parametrize("cls", REGISTRIES, ids=lambda cls: cls.name)
+def test_every_knob_says_what_it_does(cls: type) -> None:
+    missing = [name for name in knob_bounds(cls) if len(knob_description(cls, name)) < 10]
+    assert not missing, f"{cls.name}: describe {missing} where they are declared (knob(..., description=...))"
+
+
+def test_the_published_knobs_carry_their_description_and_default() -> None:
+    schema = compression_schema(HF_OPTIONS)
+    branches = [b for b in schema["allOf"][0]["anyOf"] if b["properties"]["method"] in ({"const": "gemfilter"},)]
+    head = branches[0]["properties"]["head"]
+    assert head["default"] == 32 and head["description"] == knob_description(METHODS["gemfilter"], "head")
+    assert "default" not in branches[0]["properties"]["budget"]  # null: the server decides
+    backends = schema["allOf"][1]["anyOf"]
+    streaming = next(b for b in backends if b["properties"]["attention"] == {"const": "streaming"})
+    window = streaming["properties"]["attention_knobs"]["anyOf"][0]["properties"]["window"]
+    assert window["default"] == 1024 and "recent tokens" in window["description"]
+
+
+def test_docs_knob_tables_are_the_declarations() -> None:
+    from cli.knob_docs import DOC, rendered, section
+
+    assert section(DOC.read_text()) == rendered(), "docs/api.md is stale: run python -m cli.knob_docs"
+
+
+def test_the_cli_lists_every_knob(capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.main import main
+
+    with pytest.raises(SystemExit) as exit_code:
+        main(["generate", "--list-knobs"])
+    assert exit_code.value.code == 0
+    out = capsys.readouterr().out
+    for cls in REGISTRIES:
+        assert f"\n  {cls.name}" in out
+        for name, takes, default, text in knob_rows(cls):
+            assert f"    {name} ({takes}; default {default}): {text}" in out

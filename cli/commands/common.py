@@ -54,3 +54,35 @@ def parse_knobs(pairs: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             knobs[name] = raw
     return knobs
+
+
+class ListKnobs(argparse.Action):
+    """``--list-knobs``: every method's and attention backend's knobs, what each takes, its default
+    and what it does, read from their declarations (compressors/knobs.py); then exit. Imported
+    only when asked: the method library pulls in torch, which ``gemserve --help`` should not wait for."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(knob_help())
+        parser.exit()
+
+
+def knob_help() -> str:
+    from compressors.attention import ATTENTION_BACKENDS
+    from compressors.knobs import knob_rows
+    from compressors.registry import METHODS
+
+    lines = ["method knobs (--knob NAME=VALUE; --budget, --ratio and --layer set theirs):"]
+    for title, registry in (
+        ("", METHODS),
+        ("attention backends (--knob attention=NAME, --attention-knob NAME=VALUE):", ATTENTION_BACKENDS),
+    ):
+        if title:
+            lines += ["", title]
+        for name, cls in registry.items():
+            rows = knob_rows(cls)
+            lines.append(f"  {name}" + ("" if rows else ": no knobs"))
+            lines += [f"    {knob} ({takes}; default {default}): {text}" for knob, takes, default, text in rows]
+    return "\n".join(lines)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cli.commands.common import add_model_arguments, parse_knobs
+from cli.commands.common import ListKnobs, add_model_arguments, parse_knobs
 from contract.needles import Needle
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attention-knob", action="append", default=[], metavar="NAME=VALUE", help="knobs of the attention backend"
     )
+    parser.add_argument("--list-knobs", action=ListKnobs, help="list every method's and backend's knobs and exit")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)

@@ -166,9 +166,19 @@ class SparseBackend(AttentionBackend):
 
     prefills_in_chunks: ClassVar[bool] = False
 
-    block_size: int = knob(128, minimum=16, maximum=4096)
-    last_dense: int = knob(128, minimum=0)
-    dense_above: float = knob(0.6, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+    block_size: int = knob(128, minimum=16, maximum=4096, description="tokens per query and key block of the pattern")
+    last_dense: int = knob(
+        128, minimum=0, description="query blocks within the final last_dense prompt tokens attend densely"
+    )
+    dense_above: float = knob(
+        0.6,
+        minimum=0.0,
+        maximum=1.0,
+        exclusive_minimum=True,
+        description=(
+            "a layer whose pattern covers more of the causal pairs than this runs dense (exact, faster); 1.0: never"
+        ),
+    )
 
     def pattern(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> SparsePattern:
         """Estimate the pattern for one layer: ``query (1, H, n, d)``, ``key (1, H_kv, n, d)``."""

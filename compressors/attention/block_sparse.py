@@ -83,9 +83,15 @@ class BlockSparseAttention(SparseBackend):
 
     name: ClassVar[str] = "block_sparse"
 
-    threshold: float = knob(0.9, minimum=0.0, maximum=1.0, exclusive_minimum=True)
-    local_blocks: int = knob(1, minimum=0)
-    sink_blocks: int = knob(1, minimum=0)
+    threshold: float = knob(
+        0.9,
+        minimum=0.0,
+        maximum=1.0,
+        exclusive_minimum=True,
+        description="estimated attention mass each query block must cover (FlexPrefill's gamma; 1.0 keeps every block)",
+    )
+    local_blocks: int = knob(1, minimum=0, description="blocks before a query's own, always kept")
+    sink_blocks: int = knob(1, minimum=0, description="first blocks, always kept")
 
     def pattern(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> SparsePattern:
         if self.threshold >= 1.0:  # everything: no estimate needed

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from compressors.attention.base import AttentionBackend
+from compressors.knobs import knob
 
 
 @dataclass
@@ -17,7 +18,9 @@ class DenseAttention(AttentionBackend):
 
     name: ClassVar[str] = "dense"
 
-    sliding_band: bool = True
+    sliding_band: bool = knob(
+        True, description="compute a sliding-window layer as its exact band, not all pairs under a mask"
+    )
 
     def bands_sliding_layers(self) -> bool:
         return self.sliding_band

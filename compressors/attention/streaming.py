@@ -28,8 +28,8 @@ class StreamingAttention(SparseBackend):
 
     name: ClassVar[str] = "streaming"
 
-    sinks: int = knob(4, minimum=0)
-    window: int = knob(1024, minimum=1)
+    sinks: int = knob(4, minimum=0, description="first tokens every query sees")
+    window: int = knob(1024, minimum=1, description="recent tokens each query sees, rounded up to whole blocks")
 
     def pattern(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> SparsePattern:
         kv_heads, n = key.shape[1], key.shape[-2]

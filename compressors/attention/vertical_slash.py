@@ -69,10 +69,10 @@ class VerticalSlashAttention(SparseBackend):
 
     name: ClassVar[str] = "vertical_slash"
 
-    last_q: int = knob(64, minimum=1)
-    vertical_size: int = knob(512, minimum=0)
-    slash_size: int = knob(64, minimum=0)
-    sinks: int = knob(30, minimum=0)
+    last_q: int = knob(64, minimum=1, description="last queries the pattern is estimated from (MInference: 64)")
+    vertical_size: int = knob(512, minimum=0, description="key columns kept per KV head")
+    slash_size: int = knob(64, minimum=0, description="diagonals kept per KV head beyond the local band")
+    sinks: int = knob(30, minimum=0, description="first key columns always kept")
 
     def pattern(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> SparsePattern:
         n = key.shape[-2]
