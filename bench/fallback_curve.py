@@ -35,7 +35,7 @@ import torch
 from bench.common import machine_description
 from compressors.gemfilter import GemFilter, pooled_scores, selection_confidence
 from compressors.units import best_per_unit, pick_whole_units, unit_index
-from evals.methods import parse_method
+from contract.methods import parse_method
 from evals.runner import load_records
 from evals.tasks import build_sample
 

@@ -26,13 +26,12 @@ from clients.config import BASE_URL_ENV, DEFAULT_BASE_URL, resolve_base_url
 from clients.loadtest_report import format_table, parse_slo, summarize, write_results
 from clients.loadtest_runner import MethodRun, RunSettings, run_all, until_interrupted
 from clients.loadtest_workload import (
-    DEFAULT_METHOD_LABEL,
-    MethodSpec,
     WorkItem,
     jsonl_workload,
     synthetic_workload,
     token_counter,
 )
+from contract.methods import DEFAULT, GRAMMAR, MethodSpec, parse_methods
 
 if TYPE_CHECKING:
     from clients.sdk import GemServe
@@ -63,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--ignore-eos", action="store_true", help="generate exactly --output-len tokens")
     work.add_argument("--temperature", type=float, default=0.0)
     work.add_argument("--method", help="one method, e.g. gemfilter:1024 (default: send none, the server decides)")
-    work.add_argument("--compare", help="comma list run one after another, e.g. none,gemfilter:1024,snapkv:1024")
+    work.add_argument("--compare", help=f"comma list run one after another: {GRAMMAR}")
     load = parser.add_argument_group("load")
     load.add_argument("--num-requests", type=int, default=20, help="requests per method (default 20)")
     load.add_argument("--duration", type=float, default=600.0, help="stop sending after this many s (default 600)")
@@ -111,11 +110,7 @@ def validate(args: argparse.Namespace) -> list[MethodSpec]:
         raise ValueError("--warmup must be >= 0")
     if args.method and args.compare:
         raise ValueError("give --method or --compare, not both")
-    specs = args.compare or args.method or DEFAULT_METHOD_LABEL
-    methods = [MethodSpec.parse(text) for text in specs.split(",") if text.strip()]
-    if len({m.label for m in methods}) != len(methods):
-        raise ValueError(f"--compare lists a method twice: {specs}")
-    return methods
+    return parse_methods((args.compare or args.method or DEFAULT).split(","))
 
 
 def wait_until_ready(client: GemServe, timeout_s: float) -> None:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from clients.loadtest_report import RequestRecord
-from clients.loadtest_workload import MethodSpec, WorkItem
+from clients.loadtest_workload import WorkItem
+from contract.methods import MethodSpec
 from contract.needles import Needle
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ async def send_one(
         "max_tokens": item.max_tokens,
         "stream": True,
         "temperature": settings.temperature,
-        "compression": method.compression,
+        "compression": method.compression(),
         "ignore_eos": settings.ignore_eos or None,
     }
     sent = time.perf_counter()

@@ -1,5 +1,6 @@
 """The load tester's workload: what to send (synthetic needle prompts of a token length, or a JSONL
-file) and the ``--compare`` method specs. Stdlib only at import time."""
+file). The ``--compare`` method specs are contract/methods.py's grammar, as the evals'. Stdlib
+only at import time."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from contract.needles import approx_tokens, build_case, depths
 
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("clients.loadtest")
 
 DEPTH_COUNT = 5  # synthetic needles cycle through 5 depths, start to end of the document
-DEFAULT_METHOD_LABEL = "default"  # no compression field sent: the server's own default
 
 
 @dataclass(frozen=True)
@@ -31,32 +31,6 @@ class WorkItem:
     max_tokens: int = 32
     expected: str | None = None
     prompt_tokens: int | None = None  # as counted when the workload was built
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A ``--compare`` entry: ``none``, ``gemfilter:1024`` (budget) or ``snapkv:0.25`` (ratio)."""
-
-    label: str
-    compression: dict[str, Any] | None
-
-    @classmethod
-    def parse(cls, text: str) -> MethodSpec:
-        name, _, amount = text.strip().partition(":")
-        if not name:
-            raise ValueError(f"empty method in {text!r}; use e.g. none,gemfilter:1024,snapkv:0.25")
-        if name == DEFAULT_METHOD_LABEL:
-            return cls(DEFAULT_METHOD_LABEL, None)
-        compression: dict[str, Any] = {"method": name}
-        if amount:
-            try:
-                value = float(amount)
-            except ValueError:
-                raise ValueError(f"method {text!r}: budget must be tokens (1024) or a ratio (0.25)") from None
-            if value <= 0:
-                raise ValueError(f"method {text!r}: budget must be positive")
-            compression["ratio" if value < 1 else "budget"] = value if value < 1 else int(value)
-        return cls(text.strip(), compression)
 
 
 def token_counter(client: GemServe, model: str | None, chat: bool) -> Callable[[str], int]:

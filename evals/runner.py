@@ -23,8 +23,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from contract.methods import GRAMMAR, MethodSpec, parse_methods
 from evals.haystacks import HAYSTACKS
-from evals.methods import MethodSpec, expand_methods
 from evals.scoring import answers_kept_whole, score
 from evals.targets import STYLES, HTTPTarget, InProcessTarget, Outcome, Target
 from evals.tasks import TASKS, TASKS_WITHOUT_DEPTH, Sample, build_sample, sample_seed
@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int_list, default=[1024, 4096], help="prompt lengths in tokens")
     parser.add_argument("--depths", type=depth_list, default=depth_list("5"), help="a count (5) or a list (0,0.5,1)")
     parser.add_argument("--samples", type=int, default=1, help="samples per (task, haystack, length, depth) cell")
-    parser.add_argument("--methods", type=csv_list, default=["none", "gemfilter:1024"], help="NAME[:BUDGET][+K=V]")
+    parser.add_argument("--methods", type=csv_list, default=["none", "gemfilter:1024"], help=GRAMMAR)
     parser.add_argument("--budgets", type=int_list, default=[], help="budgets for methods named without one")
     parser.add_argument(
         "--style", choices=(*STYLES, "auto"), default="auto", help="auto: chat if the model has a template"
@@ -110,7 +110,7 @@ def check_arguments(args: argparse.Namespace) -> list[MethodSpec]:
         raise ValueError("--samples must be >= 1")
     if args.output_dir.exists() and any(args.output_dir.iterdir()) and not args.resume:
         raise ValueError(f"{args.output_dir} is not empty: pass --resume to continue that run, or another directory")
-    return expand_methods(args.methods, args.budgets)
+    return parse_methods(args.methods, args.budgets)
 
 
 def grid(args: argparse.Namespace) -> list[tuple[str, str, int, float | None, int]]:
@@ -151,6 +151,8 @@ def check_methods_in_process(methods: list[MethodSpec]) -> None:
     from compressors import CompressionError, build_method
 
     for spec in methods:
+        if spec.method_name() is None:  # default: the engine's own
+            continue
         try:
             build_method(spec.name, spec.method_knobs())
         except CompressionError as exc:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
-from evals.methods import MethodSpec
+from contract.methods import UNBUDGETED, MethodSpec
 from evals.tasks import Sample
 
 if TYPE_CHECKING:
@@ -89,9 +89,9 @@ class InProcessTarget:
                 prompt_ids=prompt_ids,
                 sampling=SamplingParams(max_tokens=sample.max_tokens, temperature=0.0, stop=stop_strings(style)),
                 compression=CompressionSpec(
-                    method=spec.name,
+                    method=spec.method_name(),
                     knobs=spec.method_knobs(),
-                    return_selection=spec.name != "none",
+                    return_selection=spec.name not in UNBUDGETED,
                     attention=spec.attention,
                     attention_knobs=dict(spec.attention_knobs),
                 ),
@@ -204,7 +204,7 @@ class HTTPTarget:
             body["stop"] = stop_strings(style)
         compression = spec.compression()
         if compression is not None:
-            body["compression"] = {**compression, "return_selection": spec.name != "none"}
+            body["compression"] = {**compression, "return_selection": spec.name not in UNBUDGETED}
         if style == "chat":
             path, body["messages"] = "/v1/chat/completions", sample.chat_messages()
         else:

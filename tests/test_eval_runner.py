@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cli.main import main as cli_main
-from evals.methods import expand_methods, parse_method
+from contract.methods import parse_method, parse_methods
 from evals.runner import RECORDS_FILE
 from evals.targets import InProcessTarget
 from evals.tasks import build_sample
@@ -30,12 +30,13 @@ def test_method_specs_parse_budgets_knobs_and_attention() -> None:
         "attention": "streaming",
         "attention_knobs": {"sink": 8},
     }
-    assert parse_method("none").compression() is None  # a plain request, so vLLM understands it
-    labels = [s.label for s in expand_methods(["none", "snapkv", "gemfilter:64+span=word"], [256, 1024])]
+    assert parse_method("default").compression() is None  # a plain request, so vLLM understands it
+    assert parse_method("none").compression() == {"method": "none"}  # never the server's default method
+    labels = [s.label for s in parse_methods(["none", "snapkv", "gemfilter:64+span=word"], [256, 1024])]
     assert labels == ["none", "snapkv:256", "snapkv:1024", "gemfilter:64+span=word"]
     with pytest.raises(ValueError, match="listed twice"):
-        expand_methods(["snapkv:256", "snapkv"], [256])
-    with pytest.raises(ValueError, match="positive integer"):
+        parse_methods(["snapkv:256", "snapkv"], [256])
+    with pytest.raises(ValueError, match="a ratio in"):
         parse_method("snapkv:many")
 
 
@@ -156,7 +157,7 @@ def test_resume_runs_only_the_missing_rows_and_none_reproduces(in_process_run: P
     [
         (["--tasks", "niah_nope"], "unknown task niah_nope"),
         (["--haystacks", "poems"], "unknown haystack poems"),
-        (["--methods", "snapkv:lots"], "budget after ':' must be a positive integer"),
+        (["--methods", "snapkv:lots"], "after ':' give a budget (a positive integer) or a ratio in (0, 1)"),
         (["--depths", "1.5"], "depths must be in [0, 1]"),
     ],
 )

@@ -22,7 +22,8 @@ from clients import loadtest
 from clients.loadtest import check_target
 from clients.loadtest_report import RequestRecord, describe, parse_slo, percentile, summarize
 from clients.loadtest_runner import inter_arrival_s
-from clients.loadtest_workload import MethodSpec, jsonl_workload
+from clients.loadtest_workload import jsonl_workload
+from contract.methods import parse_methods
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -82,13 +83,24 @@ def test_parse_slo() -> None:
 
 
 def test_method_specs() -> None:
-    assert MethodSpec.parse("none") == MethodSpec("none", {"method": "none"})
-    assert MethodSpec.parse("gemfilter:1024") == MethodSpec("gemfilter:1024", {"method": "gemfilter", "budget": 1024})
-    assert MethodSpec.parse("snapkv:0.25") == MethodSpec("snapkv:0.25", {"method": "snapkv", "ratio": 0.25})
-    assert MethodSpec.parse("default").compression is None  # the server picks: nothing GemServe-only is sent
-    for bad in ("gemfilter:lots", "gemfilter:0", ":12"):
+    """The loadtest reads the evals' grammar (contract/methods.py): budgets, ratios, knobs, default."""
+    assert parse_methods(["none"])[0].compression() == {"method": "none"}  # sent explicitly
+    assert parse_methods(["gemfilter:1024"])[0].compression() == {"method": "gemfilter", "budget": 1024}
+    assert parse_methods(["snapkv:0.25"])[0].compression() == {"method": "snapkv", "ratio": 0.25}
+    assert parse_methods(["snapkv:0.25+window=16"])[0].compression() == {
+        "method": "snapkv",
+        "window": 16,
+        "ratio": 0.25,
+    }
+    assert parse_methods(["default"])[0].compression() is None  # the server picks: nothing GemServe-only is sent
+    assert [m.label for m in parse_methods(["none", "gemfilter:1024", "snapkv:0.25"])] == [
+        "none", "gemfilter:1024", "snapkv:0.25",
+    ]  # fmt: skip
+    for bad in ("gemfilter:lots", "gemfilter:0", ":12", "none:64", "default+x=1", "snapkv:1.5"):
         with pytest.raises(ValueError):
-            MethodSpec.parse(bad)
+            parse_methods([bad])
+    with pytest.raises(ValueError, match="listed twice"):
+        parse_methods(["snapkv:64", "snapkv:64"])
 
 
 def test_gamma_arrivals_have_the_requested_mean_and_spread() -> None:
@@ -135,7 +147,7 @@ def test_gemserve_cli_runs_loadtest(capsys: pytest.CaptureFixture[str]) -> None:
     from cli.main import main as gemserve
 
     assert gemserve(["loadtest", "--compare", "none,none"]) == 2
-    assert "gemserve loadtest: error: --compare lists a method twice" in capsys.readouterr().err
+    assert "gemserve loadtest: error: methods listed twice: none" in capsys.readouterr().err
 
 
 def test_bad_arguments_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
