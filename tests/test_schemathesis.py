@@ -28,9 +28,9 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from contract.protocol import CompressionInfo
 from server.app import create_app
+from server.engine.checks import CONTEXT_LENGTH_EXCEEDED
 from server.engine.core import EngineCore
 from server.engine.hf_async import HFAsyncEngine
-from server.engine.plan import CONTEXT_LENGTH_EXCEEDED
 from server.engine.runner import ModelRunner, Prefilled, StepResult
 from server.engine.scheduler import Scheduler, StepPlan
 from server.settings import Settings

@@ -25,10 +25,10 @@ from compressors.base import Attachment, cache_bytes, model_dtype
 from compressors.probe import decoder_layers, use_attention
 from compressors.registry import METHODS
 from contract.protocol import CompressionInfo, MetricsInfo
+from server.engine.checks import check_method_fits, check_prompt_and_sampling
 from server.engine.core import EngineCore
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.filter_model import load_filter_model
-from server.engine.plan import check_method_fits, check_prompt_and_sampling
 from server.engine.runner import ModelRunner, forward_ids, prefill_report
 from server.engine.sampling import choose_token, make_generator
 from server.engine.scheduler import DEFAULT_MAX_RUNNING, DEFAULT_STEP_TOKENS, Scheduler

@@ -29,8 +29,8 @@ from typing import Any
 
 from server.engine.admission import Admission, AdmittedCounts
 from server.engine.base import EngineEvent
+from server.engine.checks import CONTEXT_LENGTH_EXCEEDED
 from server.engine.hf import HFEngine
-from server.engine.plan import CONTEXT_LENGTH_EXCEEDED
 from server.engine.scheduler import DEFAULT_MAX_RUNNING, DEFAULT_STEP_TOKENS
 from server.engine.types import (
     CompressionSpec,

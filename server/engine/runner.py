@@ -36,7 +36,7 @@ from compressors.base import Attachment, Preparation, Target, cache_bytes
 from compressors.probe import decoder_layers, use_attention
 from contract.protocol import AttentionInfo, CompressionInfo
 from server.engine.batch_forward import Segment, forward_segments, new_request_cache
-from server.engine.plan import compression_report
+from server.engine.checks import compression_report
 from server.engine.sampling import choose_token, make_generator
 from server.engine.scheduler import Chunk, StepPlan, Work
 from server.engine.types import GenerationRequest

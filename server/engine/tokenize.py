@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from server.engine.plan import check_token_ids
+from server.engine.checks import check_token_ids
 from server.engine.types import RequestError
 
 # Headroom over the longest piece: a normalizer may merge characters (NFC composition), so a

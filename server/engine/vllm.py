@@ -40,10 +40,10 @@ from compressors.registry import METHODS
 from contract.protocol import MetricsInfo
 from server.engine.admission import Admission, AdmittedCounts, Ticket
 from server.engine.base import EngineEvent
+from server.engine.checks import check_method_fits, check_prompt_and_sampling, compression_report
 from server.engine.filter_model import FilterModel, available_cores, filter_device, filter_thread_count
 from server.engine.filter_passes import FilterPasses
 from server.engine.hf import DEFAULT_BUDGET
-from server.engine.plan import check_method_fits, check_prompt_and_sampling, compression_report
 from server.engine.tokenize import PromptEncoder
 from server.engine.types import (
     CompressionSpec,

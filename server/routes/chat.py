@@ -17,7 +17,7 @@ from contract.protocol import (
     ChatResponseMessage,
     new_id,
 )
-from server.engine.plan import CONTEXT_LENGTH_EXCEEDED, check_prompt_fits
+from server.engine.checks import CONTEXT_LENGTH_EXCEEDED, check_prompt_fits
 from server.engine.types import GenerationResult, RequestError
 from server.errors import ERROR_RESPONSES
 from server.routes.deps import EngineDep, StateDep

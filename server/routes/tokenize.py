@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter
 
 from contract.protocol import TokenizeRequest, TokenizeResponse, template_messages
-from server.engine.plan import check_prompt_fits
+from server.engine.checks import check_prompt_fits
 from server.errors import ERROR_RESPONSES
 from server.routes.deps import EngineDep, StateDep
 

@@ -1,4 +1,4 @@
-"""What every backend does the same way around generation: the request checks before it and the
+"""The checks every backend runs on a request before generating (the 400s), and the
 ``compression`` report after it, so the hf and vllm backends cannot drift apart."""
 
 from __future__ import annotations
