@@ -74,10 +74,11 @@ def candidate_layers(config: Any, requested: list[int] | None) -> list[int]:
         if bad:
             raise ValueError(f"--layers {bad}: this model has layers 0..{num_layers - 1}")
         return sorted(set(requested))
-    kinds = getattr(text_config, "layer_types", None)
-    if kinds:
-        return [i for i, kind in enumerate(kinds) if kind == "full_attention"]
-    return list(range(num_layers))
+    kinds = getattr(text_config, "layer_types", None) or []
+    # A model with no global layer at all (every layer slides) falls back to every layer, as
+    # GemFilter's default layer does (compressors.gemfilter.default_filter_layer).
+    global_layers = [i for i, kind in enumerate(kinds) if kind == "full_attention"]
+    return global_layers or list(range(num_layers))
 
 
 def layer_scores(model: nn.Module, prompt_ids: list[int], method: GemFilter, last_layer: int) -> list[torch.Tensor]:

@@ -211,3 +211,42 @@ def test_a_mixed_batch_equals_each_solo_run(name: str) -> None:
     batched = run_batch(engine, batch, engine.new_core(max_running=3, step_tokens=8))
     for solo, recorder in zip(alone, batched, strict=True):
         assert recorder.tokens == solo.token_ids
+
+
+# ---- gemserve calibrate, end to end, on every family -------------------------------------------
+def saved_model(name: str, directory: Path) -> Path:
+    """The tiny model of ``name`` saved as a model directory with the default model's tokenizer
+    (its vocabulary sized to that tokenizer, so needle prompts are real text)."""
+    from server.models import load_model
+
+    tokenizer = load_model("smollm2-135m-instruct", device="cpu", dtype="float32").tokenizer
+    config_class, model_class, extra = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    config = config_class(**{**COMMON, **extra, "vocab_size": len(tokenizer), "max_position_embeddings": 1024})
+    model_class(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_calibrate_runs_end_to_end(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """That it runs and writes a profile naming a layer of the model, not which layer it picks
+    (random weights find no needle). A latent-cache model is refused with one line naming it."""
+    import json
+
+    from cli.main import main
+
+    model_dir = saved_model(name, tmp_path / name)
+    profile = tmp_path / "profile.json"
+    argv = ["calibrate", "--model", str(model_dir), "--device", "cpu", "--dtype", "float32", "--lengths", "300",
+            "--depths", "1", "--budgets", "64", "--metric-budget", "64", "--output", str(profile)]  # fmt: skip
+    code = main(argv)
+    if name not in PER_HEAD_CACHE:
+        assert code == 2 and not profile.exists()
+        error = capsys.readouterr().err.splitlines()[-1]  # after transformers' loading progress bar
+        assert error.startswith("gemserve calibrate: error:") and "latent attention" in error and "DeepseekV3ForCausalLM" in error
+        return
+    assert code == 0, capsys.readouterr().err
+    written = json.loads(profile.read_text())
+    assert 0 <= written["filter_layer"] < COMMON["num_hidden_layers"]
