@@ -9,10 +9,13 @@ request's own check (400), then :class:`QueueFullError` (429 + ``Retry-After``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
 from server.engine.base import EngineNotReadyError, QueueFullError
+
+logger = logging.getLogger(__name__)
 
 
 class Admission:
@@ -48,11 +51,14 @@ class Admission:
             )
         return Ticket(self)
 
-    async def drain(self, timeout_s: float) -> None:
-        """Stop admitting; wait (at most ``timeout_s``) for every admitted request to finish."""
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Stop admitting; wait for every admitted request (running or queued) to finish, at most
+        ``timeout_s`` (None: as long as they take). The one drain of every backend."""
         self.accepting = False
-        deadline = time.monotonic() + timeout_s
-        while (self.running or self.waiting) and time.monotonic() < deadline:
+        if self.running or self.waiting:
+            logger.info("draining %d running and %d queued request(s) before shutdown", self.running, self.waiting)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while (self.running or self.waiting) and (deadline is None or time.monotonic() < deadline):
             await asyncio.sleep(0.05)
 
 

@@ -128,7 +128,6 @@ class HFAsyncEngine(AdmittedCounts):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._open: set[asyncio.Future[None]] = set()  # one per admitted request, done when it ends
 
     # ---- what the routes read ------------------------------------------------------------
     @property
@@ -195,10 +194,7 @@ class HFAsyncEngine(AdmittedCounts):
 
     async def shutdown(self) -> None:
         """Stop admitting; let every admitted request (running or queued) finish."""
-        self.admission.accepting = False
-        if self._open:
-            logger.info("draining %d request(s) before shutdown", len(self._open))
-            await asyncio.gather(*self._open, return_exceptions=True)
+        await self.admission.drain()
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -228,14 +224,9 @@ class HFAsyncEngine(AdmittedCounts):
         ticket = self.admission.admit(lambda: self.check_request(request))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[_Item] = asyncio.Queue()
-        ended: asyncio.Future[None] = loop.create_future()
-        self._open.add(ended)
-        ended.add_done_callback(self._open.discard)
 
         def end() -> None:  # on the event loop: counts and the drain see the request leave
             ticket.release()
-            if not ended.done():
-                ended.set_result(None)
 
         def emit(item: TokenDelta | GenerationResult | BaseException | None) -> None:  # scheduler thread
             if isinstance(item, TokenDelta):
