@@ -110,7 +110,7 @@ def test_greedy_is_deterministic_and_answers(engine, chat_prompt) -> None:
 
 
 def test_stream_yields_deltas_then_one_result(engine, chat_prompt) -> None:
-    events = list(engine.stream(request(chat_prompt, max_tokens=10)))
+    events = list(engine.events(request(chat_prompt, max_tokens=10)))
     deltas, result = events[:-1], events[-1]
     assert isinstance(result, GenerationResult)
     assert all(isinstance(d, TokenDelta) for d in deltas)

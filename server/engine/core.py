@@ -11,7 +11,7 @@ Each :meth:`EngineCore.step`:
 4. hands each chosen token to its request's :class:`~server.engine.sequence.Sequence` (events,
    stop conditions) and tells the scheduler which requests finished or failed.
 
-Single-threaded: the caller (a worker thread of the async engine, or ``HFEngine.stream`` for one
+Single-threaded: the caller (a worker thread of the async engine, or ``HFEngine.events`` for one
 request) calls :meth:`step` in a loop; :meth:`add` and the counts are safe from other threads.
 """
 

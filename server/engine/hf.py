@@ -6,7 +6,8 @@ budget and never calls the model, :mod:`server.engine.runner` owns the model, th
 method attachments and executes a plan, :mod:`server.engine.core` steps one through the other.
 Every method, ``none`` included, runs the same path on the same model (last-token logits only in
 prefill), so timings compare methods and nothing else; a request served alone
-(:meth:`HFEngine.stream`) is a batch of one on the same runner.
+(:meth:`HFEngine.events`, synchronous; the async API's ``stream()`` is in hf_async.py) is a batch
+of one on the same runner.
 """
 
 from __future__ import annotations
@@ -160,12 +161,12 @@ class HFEngine:
 
     # ---- the request path -----------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        for event in self.stream(request):
+        for event in self.events(request):
             if isinstance(event, GenerationResult):
                 return event
         raise RuntimeError("engine stream ended without a result")
 
-    def stream(self, request: GenerationRequest) -> Iterator[TokenDelta | GenerationResult]:
+    def events(self, request: GenerationRequest) -> Iterator[TokenDelta | GenerationResult]:
         """Yield a :class:`TokenDelta` per generated token, then one :class:`GenerationResult`: the
         request alone in a batch of its own (the same scheduler, runner and forwards the server
         batches with)."""
