@@ -54,7 +54,8 @@ def snapkv_scores(
 class SnapKV(ScoredKVPruner):
     """Knobs: ``budget``/``ratio`` (cache entries per KV head after prefill), ``window``
     (observation window, paper: 32), ``kernel_size`` (pooling, paper: 5), ``pooling`` ("avg"
-    or "max"; the paper's code uses avg). The cache grows by one entry per decoded token. The
+    or "max"; the paper's code uses avg), ``head`` (first tokens kept whatever their score; 0: the
+    paper). The cache grows by one entry per decoded token. The
     window is part of the budget: a budget at or below it keeps the newest ``budget`` tokens (as
     kvpress's SnapKV, whose window tokens score highest)."""
 
@@ -67,6 +68,11 @@ class SnapKV(ScoredKVPruner):
     )
     kernel_size: int = knob(5, minimum=1, odd=True, description="width of the pooling over the window's attention")
     pooling: str = knob("avg", choices=POOLINGS, description="how the window's attention is pooled over neighbours")
+    head: int = knob(
+        0,
+        minimum=0,
+        description="first prompt tokens every head keeps (instruction, system prompt), after the window",
+    )
 
     def layer_scorer(self) -> LayerScorer | None:
         def score(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -75,6 +81,11 @@ class SnapKV(ScoredKVPruner):
         return score
 
     def forced_entries(self, prompt_tokens: int, keep: int, state: PruneState) -> torch.Tensor:
+        """The observation window, then the protected head as far as the budget holds it (as
+        GemFilter's ``head``: issue 26)."""
         forced = torch.zeros(prompt_tokens, dtype=torch.bool)
-        forced[prompt_tokens - min(self.window, keep) :] = True
+        window = min(self.window, keep)
+        forced[prompt_tokens - window :] = True
+        head = min(self.head, keep - window, prompt_tokens - window)
+        forced[:head] = True
         return forced

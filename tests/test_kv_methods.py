@@ -512,3 +512,25 @@ def test_needle_found_at_3k_tokens_with_budget_1024(engine, name):
     kv = result.compression
     assert kv.kv_bytes_after == pytest.approx(kv.kv_bytes_before * 1024 / len(ids), rel=0.02)
     assert case.needle.found_in(result.text), f"{name} answered {result.text!r}, expected {case.needle.answer}"
+
+
+# ---- a protected head for SnapKV / PyramidKV (issue 26, item 5) ------------------------------------
+@pytest.mark.parametrize(
+    ("keep", "head", "expected"),
+    [
+        (10, 4, [0, 1, 2, 3, 17, 18, 19]),  # the window (3) and the head (4) fit: the rest is scored
+        (5, 4, [0, 1, 17, 18, 19]),  # the window first, then as much head as the budget holds
+        (3, 4, [17, 18, 19]),  # a budget the window fills keeps no head
+        (10, 0, [17, 18, 19]),  # head 0: the paper's SnapKV
+    ],
+)
+def test_snapkv_head_is_forced_after_the_window(keep: int, head: int, expected: list[int]) -> None:
+    from compressors.kv_scoring import top_indices
+
+    for name in ("snapkv", "pyramidkv"):
+        method = build_method(name, {"budget": keep, "window": 3, "head": head})
+        forced = method.forced_entries(20, keep, None)
+        assert forced.nonzero().flatten().tolist() == expected
+        # every head keeps them, whatever their scores (the lowest here), and exactly keep in all
+        kept = top_indices(-torch.arange(20.0).repeat(2, 1), keep, forced)
+        assert kept.shape == (2, keep) and all(set(expected) <= set(row.tolist()) for row in kept)
