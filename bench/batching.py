@@ -34,17 +34,17 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench.common import RESULTS_DIR, brief, loadtest, machine_description, replace_doc_section, write_json
-from bench.harness import checkout_environment, free_port, serve_command, start_server, stop_server, wait_until_ready
+from bench.harness import ServerProcess, checkout_environment, served
 from clients.loadtest_report import percentile
 from server.engine.scheduler import DEFAULT_STEP_TOKENS
 
@@ -351,13 +351,9 @@ def doc_section(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def serve(work: Path, flags: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def serve(work: Path, flags: list[str]) -> AbstractContextManager[ServerProcess]:
     env = checkout_environment(GEMSERVE_LOG_LEVEL="warning")
-    proc = start_server(serve_command(port, *flags), env, work / "server.log")
-    url = f"http://127.0.0.1:{port}"
-    wait_until_ready(proc, url, 600, work / "server.log")
-    return proc, url
+    return served(flags, work / "server.log", env=env, grace_s=30)
 
 
 def long_prompt_runs(flags: list[str], budgets: str, quick: bool) -> dict[str, Any]:
@@ -365,11 +361,8 @@ def long_prompt_runs(flags: list[str], budgets: str, quick: bool) -> dict[str, A
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size in (int(x) for x in budgets.split(",")):
-            proc, url = serve(Path(tmp), [*flags, "--max-num-batched-tokens", str(size)])
-            try:
-                runs[str(size)] = long_prompt(url, quick)
-            finally:
-                stop_server(proc, 30)
+            with serve(Path(tmp), [*flags, "--max-num-batched-tokens", str(size)]) as server:
+                runs[str(size)] = long_prompt(server.url, quick)
             print("long_prompt", size, json.dumps(runs[str(size)]), flush=True)
     return runs
 
@@ -432,18 +425,16 @@ def main() -> None:
         print("step_costs", json.dumps(result["step_costs"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        proc, url = serve(work, flags)
-        try:
+        with serve(work, flags) as server:
             for name, run in (
                 ("throughput", throughput),
                 ("compression", compression),
                 ("long_max_tokens", long_max_tokens),
             ):
                 if name not in skip:
-                    result[name] = run(url, work / name, args.quick)
+                    result[name] = run(server.url, work / name, args.quick)
                     print(name, json.dumps(result[name])[:600], flush=True)
-        finally:
-            result["server_stop"] = stop_server(proc, 30)
+        result["server_stop"] = server.stopped
     if "long_prompt" not in skip:
         result["long_prompt_by_step_tokens"] = long_prompt_runs(flags, args.step_budgets, args.quick)
         result["long_prompt"] = result["long_prompt_by_step_tokens"].get(str(DEFAULT_STEP_TOKENS))

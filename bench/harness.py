@@ -126,6 +126,7 @@ class ServerProcess:
     url: str
     log_path: Path
     ready_s: float
+    stopped: dict[str, Any] | None = None  # how it stopped (stop_server's report), once it has
 
 
 @contextlib.contextmanager
@@ -142,11 +143,13 @@ def served(
     when yielded, stopped on exit."""
     port = free_port()
     proc = start_server([*(prefix or []), *serve_command(port, *flags)], env or checkout_environment(), log_path)
+    url = f"http://{HOST}:{port}"
+    server = ServerProcess(proc, url, log_path, ready_s=0.0)
     try:
-        url = f"http://{HOST}:{port}"
-        yield ServerProcess(proc, url, log_path, wait_until_ready(proc, url, ready_timeout_s, log_path))
+        server.ready_s = wait_until_ready(proc, url, ready_timeout_s, log_path)
+        yield server
     finally:
-        stop_server(proc, grace_s)
+        server.stopped = stop_server(proc, grace_s)
 
 
 # ---- process sampling (no psutil: /proc is enough on Linux) ------------------------------------
