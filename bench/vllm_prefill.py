@@ -35,6 +35,7 @@ from bench.common import (
     replace_doc_section,
     write_json,
 )
+from bench.vllm_spy import spied
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ async def measure_needles(engine: Any, hf_engine: Any, tokens: int, budget: int,
     for i, depth in enumerate(depths(cases)):
         prompt = needle_prompt(hf_engine, tokens, depth=depth, seed=100 + i)
         result = await run_request(engine, prompt.prompt_ids, "gemfilter", budget, max_tokens=16)
-        vllm_ids = next(ids for rid, ids in reversed(engine.vllm_prompts.items()) if rid.startswith("bench-"))
+        vllm_ids = next(ids for rid, ids in reversed(spied(engine).prompts.items()) if rid.startswith("bench-"))
         hf_request = GenerationRequest(
             prompt_ids=prompt.prompt_ids,
             sampling=SamplingParams(max_tokens=16, temperature=0.0),

@@ -80,24 +80,3 @@ def test_filter_pass_threads_take_every_core_only_while_vllm_is_idle(setting, ru
     from server.engine.filter_model import filter_thread_count
 
     assert filter_thread_count(setting, running, cores) == expected
-
-
-def test_vllm_engine_keeps_a_bounded_record_of_aborted_requests(filter_model, loaded_model):
-    """It appended one id per client disconnect, forever (issue 14). No vLLM needed: abort() before
-    start only records."""
-    import asyncio
-    from pathlib import Path
-
-    from server.engine.vllm import VLLMEngine
-    from server.engine.vllm_setup import VLLMSettings
-
-    engine = VLLMEngine(
-        "smollm2", Path("."), loaded_model.tokenizer, filter_model, 2048, options=VLLMSettings(recorded_prompts=3)
-    )
-
-    async def disconnects() -> None:
-        for i in range(10):
-            await engine.abort(f"req-{i}")
-
-    asyncio.run(disconnects())
-    assert list(engine.aborted_request_ids) == ["req-7", "req-8", "req-9"]

@@ -23,6 +23,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this venv: run `make test-vllm` (.venv-vllm)")
 
+from bench.vllm_spy import spied
 from compressors.gemfilter import GemFilter
 from compressors.probe import decoder_layers
 from compressors.registry import METHODS
@@ -72,7 +73,11 @@ def vllm_app() -> Iterator[tuple[Any, str]]:
 
 @pytest.fixture(scope="module")
 def vllm_engine(vllm_app):
-    return vllm_app[0].state.gemserve.engine
+    """The served engine, its AsyncLLM wrapped in a spy (bench/vllm_spy.py) that records what vLLM
+    reports: the server itself keeps no record for tests."""
+    engine = vllm_app[0].state.gemserve.engine
+    spied(engine)
+    return engine
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +135,9 @@ def post(url: str, route: str, body: dict[str, Any], request_id: str) -> tuple[s
 
 def vllm_prompt_for(vllm_engine, request_id: str) -> list[int]:
     """The prompt ids vLLM itself reported generating from, for our request id."""
-    matches = [ids for rid, ids in vllm_engine.vllm_prompts.items() if rid.startswith(request_id + "-")]
-    assert len(matches) == 1, f"no vLLM prompt recorded for {request_id}: {list(vllm_engine.vllm_prompts)}"
+    prompts = spied(vllm_engine).prompts
+    matches = [ids for rid, ids in prompts.items() if rid.startswith(request_id + "-")]
+    assert len(matches) == 1, f"no vLLM prompt recorded for {request_id}: {list(prompts)}"
     return matches[0]
 
 
@@ -325,7 +331,7 @@ def test_client_disconnect_aborts_the_vllm_request(url, vllm_engine):
                 break  # leave mid-stream: closing the response drops the connection
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        aborted = [rid for rid in vllm_engine.aborted_request_ids if rid.startswith(request_id + "-")]
+        aborted = [rid for rid in spied(vllm_engine).aborted if rid.startswith(request_id + "-")]
         if aborted and vllm_engine.llm.get_num_unfinished_requests() == 0:
             break
         time.sleep(0.1)

@@ -24,7 +24,6 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,11 +114,6 @@ class VLLMEngine(AdmittedCounts):
         self.admission = Admission(max_num_seqs, "max_num_seqs", max_queue, retry_after_s)
         self.llm: AsyncLLM | None = None
         self.kv_bytes_per_token = 0
-        # The most recent aborted vLLM request ids (tests and logs read them): bounded, as a
-        # long-running server aborts one per client disconnect.
-        self.aborted_request_ids: deque[str] = deque(maxlen=self.options.recorded_prompts)
-        # vLLM request id -> the prompt token ids vLLM reported it generated from (bounded).
-        self.vllm_prompts: OrderedDict[str, list[int]] = OrderedDict()
         self._filter_passes = FilterPasses(filter_model.model, self.filter_threads)
         self.resolve_method(default_method)
 
@@ -247,7 +241,6 @@ class VLLMEngine(AdmittedCounts):
     async def abort(self, vllm_request_id: str) -> None:
         if self.llm is not None:
             await self.llm.abort(vllm_request_id)
-        self.aborted_request_ids.append(vllm_request_id)
         logger.info("aborted vLLM request %s", vllm_request_id)
 
     # ---- the request path ------------------------------------------------------------------
@@ -340,8 +333,6 @@ class VLLMEngine(AdmittedCounts):
                 finish_reason = "cancelled"
             else:
                 async for output in outputs:
-                    if output.prompt_token_ids is not None and vllm_id not in self.vllm_prompts:
-                        self.record_prompt(vllm_id, list(output.prompt_token_ids))
                     completion = output.outputs[0]
                     new_ids = list(completion.token_ids)
                     if new_ids and first_token_at is None:
@@ -379,13 +370,6 @@ class VLLMEngine(AdmittedCounts):
             compression=compression_report(method, selection, self.tokenizer, request.prompt_ids, request.compression),
             metrics=metrics,
         )
-
-    def record_prompt(self, vllm_id: str, prompt_ids: list[int]) -> None:
-        if self.options.recorded_prompts == 0:
-            return
-        self.vllm_prompts[vllm_id] = prompt_ids
-        while len(self.vllm_prompts) > self.options.recorded_prompts:
-            self.vllm_prompts.popitem(last=False)
 
 
 def map_finish_reason(reason: str | None) -> str:

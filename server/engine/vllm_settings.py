@@ -41,6 +41,3 @@ class VLLMSettings(BaseSettings):
         "may use while vLLM runs no request (its CPU worker then sleeps), 1 while it runs one, so the filter "
         "pass does not fight vLLM's worker for its core",
     )
-    recorded_prompts: int = Field(
-        64, ge=0, description="Recent vLLM prompt ids and aborted request ids kept for inspection (tests)"
-    )
