@@ -251,3 +251,26 @@ def test_calibrate_runs_end_to_end(name: str, tmp_path: Path, capsys: pytest.Cap
     assert code == 0, capsys.readouterr().err
     written = json.loads(profile.read_text())
     assert 0 <= written["filter_layer"] < COMMON["num_hidden_layers"]
+
+
+# ---- the KV pruners: pruning during the prefill equals pruning after it, per family ------------
+@pytest.mark.parametrize("method", KV_METHODS)
+@pytest.mark.parametrize("name", PER_HEAD_CACHE)
+def test_pruning_during_the_prefill_equals_pruning_after_it(name: str, method: str) -> None:
+    """Issue 14's property on every family (sliding windows, soft-capping, sinks, MoE, q/k norms):
+    the same logits, kept positions and cache tensors whichever way the pruning runs."""
+    from compressors import build_method
+    from tests.test_kv_methods import prefill_pruning, prefill_then_prune
+
+    _, served = models(name)
+    ids = prompt(seed=6)
+    knobs = {"budget": 16, "window": 4} if method in ("snapkv", "pyramidkv") else {"budget": 16}
+    ref_logits, ref_cache, ref = prefill_then_prune(served, ids, build_method(method, knobs))
+    logits, cache, hooks = prefill_pruning(served, ids, build_method(method, knobs))
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    assert hooks.selection.kept_indices == ref.selection.kept_indices
+    for layer, positions in hooks.state.positions.items():
+        assert torch.equal(positions, ref.state.positions[layer]), layer
+    for got, want in zip(cache.layers, ref_cache.layers, strict=True):
+        assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+    assert max(layer.keys.shape[-2] for layer in cache.layers) < ids.shape[1]  # something was pruned
