@@ -11,15 +11,26 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 BEGIN, END = "<!-- knobs:begin (python -m cli.knob_docs writes this) -->", "<!-- knobs:end -->"
 
 
-def rendered() -> str:
+KnobRows = list[tuple[str, str, str, str]]
+
+
+def knob_tables() -> list[tuple[str, list[tuple[str, KnobRows]]]]:
+    """(kind, [(name, knob rows)]) for the methods, then the attention backends: what
+    ``gemserve generate --list-knobs`` prints and the doc's tables hold."""
     from compressors.attention import ATTENTION_BACKENDS
     from compressors.knobs import knob_rows
     from compressors.registry import METHODS
 
+    return [
+        (kind, [(name, knob_rows(cls)) for name, cls in registry.items()])
+        for kind, registry in (("method", METHODS), ("attention backend", ATTENTION_BACKENDS))
+    ]
+
+
+def rendered() -> str:
     lines = []
-    for kind, registry in (("method", METHODS), ("attention backend", ATTENTION_BACKENDS)):
-        for name, cls in registry.items():
-            rows = knob_rows(cls)
+    for kind, tables in knob_tables():
+        for name, rows in tables:
             if not rows:
                 lines += [f"**{name}** ({kind}): no knobs.", ""]
                 continue
@@ -29,15 +40,20 @@ def rendered() -> str:
     return "\n".join(lines).rstrip("\n")
 
 
+def marked(text: str) -> tuple[int, int]:
+    """Where the generated section starts and ends in the doc's text."""
+    return text.index(BEGIN) + len(BEGIN), text.index(END)
+
+
 def section(text: str) -> str:
     """What the doc holds between the markers now."""
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    start, end = marked(text)
     return text[start:end].strip("\n")
 
 
 def main() -> int:
     text = DOC.read_text()
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    start, end = marked(text)
     DOC.write_text(text[:start] + "\n" + rendered() + "\n" + text[end:])
     print(f"wrote the knob tables into {DOC}")
     return 0

@@ -106,6 +106,16 @@ def models(name: str) -> tuple[PreTrainedModel, PreTrainedModel]:
     return model, served
 
 
+@cache
+def default_tokenizer() -> Any:
+    """SmolLM2's tokenizer, loaded once: the tiny models decode with it, and the saved ones ship it."""
+    from transformers import AutoTokenizer
+
+    from server.models import resolve_model_dir
+
+    return AutoTokenizer.from_pretrained(resolve_model_dir("smollm2-135m-instruct")[1])
+
+
 def prompt(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (1, PROMPT_TOKENS + 1), generator=torch.Generator().manual_seed(seed))
 
@@ -149,12 +159,16 @@ def engine_for(name: str) -> Any:
     """An HFEngine on the served tiny model, with the default model's tokenizer (token-id prompts
     below the tiny vocabulary; the tokenizer only decodes them)."""
     from server.engine.hf import HFEngine
-    from server.models import LoadedModel, load_model
+    from server.models import LoadedModel
 
     _, served = models(name)
-    tokenizer = load_model("smollm2-135m-instruct", device="cpu", dtype="float32").tokenizer
     loaded = LoadedModel(
-        name=name, path=Path("."), model=served, tokenizer=tokenizer, max_model_len=512, device=torch.device("cpu")
+        name=name,
+        path=Path("."),
+        model=served,
+        tokenizer=default_tokenizer(),
+        max_model_len=512,
+        device=torch.device("cpu"),
     )
     return HFEngine(loaded)
 
@@ -214,17 +228,17 @@ def test_a_mixed_batch_equals_each_solo_run(name: str) -> None:
 
 
 # ---- gemserve calibrate, end to end, on every family -------------------------------------------
-def saved_model(name: str, directory: Path) -> Path:
-    """The tiny model of ``name`` saved as a model directory with the default model's tokenizer
-    (its vocabulary sized to that tokenizer, so needle prompts are real text)."""
-    from server.models import load_model
-
-    tokenizer = load_model("smollm2-135m-instruct", device="cpu", dtype="float32").tokenizer
+def saved_model(name: str, directory: Path, with_tokenizer: bool = True, **overrides: Any) -> Path:
+    """The tiny model of ``name`` (with ``overrides`` to its config) saved as a model directory;
+    ``with_tokenizer``: the default model's tokenizer ships with it and the vocabulary is sized to
+    it, so needle prompts are real text."""
     config_class, model_class, extra = ARCHITECTURES[name]
+    if with_tokenizer:
+        overrides = {"vocab_size": len(default_tokenizer()), "max_position_embeddings": 1024, **overrides}
     torch.manual_seed(0)
-    config = config_class(**{**COMMON, **extra, "vocab_size": len(tokenizer), "max_position_embeddings": 1024})
-    model_class(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    model_class(config_class(**{**COMMON, **extra, **overrides})).save_pretrained(directory)
+    if with_tokenizer:
+        default_tokenizer().save_pretrained(directory)
     return directory
 
 
@@ -286,10 +300,9 @@ def test_the_filter_model_picks_what_the_full_model_picks(name: str, tmp_path: P
     from compressors.gemfilter import GemFilter
     from compressors.probe import decoder_layers
     from server.engine.filter_model import load_filter_model
-    from server.models import load_model
 
     model_dir = saved_model(name, tmp_path / name)
-    tokenizer = load_model("smollm2-135m-instruct", device="cpu", dtype="float32").tokenizer
+    tokenizer = default_tokenizer()
     _, model_class, _ = ARCHITECTURES[name]
     full = model_class.from_pretrained(model_dir).eval()
     install_probe_attention(full)

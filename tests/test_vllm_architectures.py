@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.test_architectures import ARCHITECTURES, COMMON, NAMES
+from tests.test_architectures import NAMES, saved_model
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this venv: run `make test-vllm-archs` (.venv-vllm)")
 
@@ -43,17 +42,10 @@ print("TOKENS", len(out[0].outputs[0].token_ids), flush=True)
 """
 
 
-def saved(name: str, directory: Path) -> Path:
-    config_class, model_class, extra = ARCHITECTURES[name]
-    torch.manual_seed(0)
-    dims = MLA_DIMS if name == "deepseek_v3" else VLLM_DIMS
-    model_class(config_class(**{**COMMON, **extra, **dims})).save_pretrained(directory)
-    return directory
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_vllm_cpu_loads_the_family(name: str, tmp_path: Path) -> None:
-    directory = saved(name, tmp_path / name)
+    dims = MLA_DIMS if name == "deepseek_v3" else VLLM_DIMS
+    directory = saved_model(name, tmp_path / name, with_tokenizer=False, **dims)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     result = subprocess.run(
         [sys.executable, "-c", PROBE, str(directory)], capture_output=True, text=True, timeout=600, env=env

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from contract.methods import parse_value
 from server.settings import add_dtype_arguments
 
 if TYPE_CHECKING:
@@ -49,10 +49,7 @@ def parse_knobs(pairs: list[str]) -> dict[str, Any]:
         name, sep, raw = pair.partition("=")
         if not sep or not name:
             raise ValueError(f"--knob takes NAME=VALUE, got '{pair}'")
-        try:
-            knobs[name] = json.loads(raw)
-        except json.JSONDecodeError:
-            knobs[name] = raw
+        knobs[name] = parse_value(raw)
     return knobs
 
 
@@ -69,20 +66,19 @@ class ListKnobs(argparse.Action):
         parser.exit()
 
 
-def knob_help() -> str:
-    from compressors.attention import ATTENTION_BACKENDS
-    from compressors.knobs import knob_rows
-    from compressors.registry import METHODS
+KNOB_HELP_TITLES = {
+    "method": "method knobs (--knob NAME=VALUE; --budget, --ratio and --layer set theirs):",
+    "attention backend": "attention backends (--knob attention=NAME, --attention-knob NAME=VALUE):",
+}
 
-    lines = ["method knobs (--knob NAME=VALUE; --budget, --ratio and --layer set theirs):"]
-    for title, registry in (
-        ("", METHODS),
-        ("attention backends (--knob attention=NAME, --attention-knob NAME=VALUE):", ATTENTION_BACKENDS),
-    ):
-        if title:
-            lines += ["", title]
-        for name, cls in registry.items():
-            rows = knob_rows(cls)
+
+def knob_help() -> str:
+    from cli.knob_docs import knob_tables
+
+    lines: list[str] = []
+    for kind, tables in knob_tables():
+        lines += ["", KNOB_HELP_TITLES[kind]] if lines else [KNOB_HELP_TITLES[kind]]
+        for name, rows in tables:
             lines.append(f"  {name}" + ("" if rows else ": no knobs"))
             lines += [f"    {knob} ({takes}; default {default}): {text}" for knob, takes, default, text in rows]
     return "\n".join(lines)
