@@ -7,11 +7,16 @@ through the engine with the properties the methods promise.
 Covered: Llama, Mistral, Qwen2 (sliding window), Qwen3 (q/k norm), Phi-3, Gemma 2 (logit
 soft-capping), Gemma 3, OLMo 2, Granite (multipliers), Qwen3-MoE, Mixtral, GPT-OSS (attention
 sinks, sliding layers, MoE) and DeepSeek-V3 (MLA: keys and values of different head sizes).
+
+On CPU by default. ``GEMSERVE_TEST_DEVICE=cuda`` runs the same properties on a GPU (a torch built
+with CUDA; ``GEMSERVE_TEST_TOKENIZER=DIR`` names a tokenizer where the embedded model is not
+installed): see CONTRIBUTING.md.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from transformers.cache_utils import DynamicCache
 from compressors.attention import build_attention
 from compressors.probe import install_probe_attention, use_attention
 
+DEVICE = torch.device(os.environ.get("GEMSERVE_TEST_DEVICE", "cpu"))
 VOCAB = 128
 COMMON: dict[str, Any] = {
     "vocab_size": VOCAB,
@@ -101,6 +107,7 @@ def models(name: str) -> tuple[PreTrainedModel, PreTrainedModel]:
     with torch.no_grad():
         for parameter in sinks:  # random init leaves GPT-OSS's sinks near 0: make them matter
             parameter.normal_(0.0, 2.0)
+    model.to(DEVICE)
     served = copy.deepcopy(model)
     install_probe_attention(served)
     return model, served
@@ -113,11 +120,13 @@ def default_tokenizer() -> Any:
 
     from server.models import resolve_model_dir
 
-    return AutoTokenizer.from_pretrained(resolve_model_dir("smollm2-135m-instruct")[1])
+    source = os.environ.get("GEMSERVE_TEST_TOKENIZER") or resolve_model_dir("smollm2-135m-instruct")[1]
+    return AutoTokenizer.from_pretrained(source)
 
 
 def prompt(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (1, PROMPT_TOKENS + 1), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, VOCAB, (1, PROMPT_TOKENS + 1), generator=torch.Generator().manual_seed(seed))
+    return ids.to(DEVICE)
 
 
 def prefill_then_decode(model: PreTrainedModel, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +177,7 @@ def engine_for(name: str) -> Any:
         model=served,
         tokenizer=default_tokenizer(),
         max_model_len=512,
-        device=torch.device("cpu"),
+        device=DEVICE,
     )
     return HFEngine(loaded)
 
@@ -253,7 +262,7 @@ def test_calibrate_runs_end_to_end(name: str, tmp_path: Path, capsys: pytest.Cap
 
     model_dir = saved_model(name, tmp_path / name)
     profile = tmp_path / "profile.json"
-    argv = ["calibrate", "--model", str(model_dir), "--device", "cpu", "--dtype", "float32", "--lengths", "300",
+    argv = ["calibrate", "--model", str(model_dir), "--device", DEVICE.type, "--dtype", "float32", "--lengths", "300",
             "--depths", "1", "--budgets", "64", "--metric-budget", "64", "--output", str(profile)]  # fmt: skip
     code = main(argv)
     if name not in PER_HEAD_CACHE:

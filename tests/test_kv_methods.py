@@ -352,7 +352,8 @@ def prefill_then_prune(model, ids: torch.Tensor, method: ScoredKVPruner, default
     n = int(ids.shape[1])
     attachment = KVAttachment(method, Target(model, ids, cache, default_budget))
     with torch.inference_mode(), attachment.prefill():
-        logits = model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(n).unsqueeze(0)).logits
+        positions = torch.arange(n, device=ids.device).unsqueeze(0)
+        logits = model(input_ids=ids, past_key_values=cache, position_ids=positions).logits
     return logits, cache, attachment
 
 
@@ -362,7 +363,8 @@ def prefill_pruning(model, ids: torch.Tensor, method: ScoredKVPruner, default_bu
     cache = DynamicCache(config=model.config)
     n = int(ids.shape[1])
     with torch.inference_mode(), method.attach(model, ids, cache, default_budget) as hooks, hooks.prefill():
-        logits = model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(n).unsqueeze(0)).logits
+        positions = torch.arange(n, device=ids.device).unsqueeze(0)
+        logits = model(input_ids=ids, past_key_values=cache, position_ids=positions).logits
     return logits, cache, hooks
 
 

@@ -49,7 +49,8 @@ class SparsePattern:
     - **columns** ``(H_kv, C)`` long, sorted: key ``j`` where ``j < (qb - local_blocks) * B`` and
       ``j``'s block is not one of the row's blocks (vertical lines, attention sinks).
 
-    ``QB = ceil(n / B)``. Every query sees at least its own position.
+    ``QB = ceil(n / B)``. Every query sees at least its own position. The tensors live on the CPU
+    (a few KB; the count and the plan index them there); the kernel moves what it gathers with.
     """
 
     block_size: int
@@ -251,7 +252,8 @@ def band_part(rows: Rows, left: int, window: int | None) -> tuple[Part, torch.Te
     values = rows.value_blocks.view(kv_heads, qb, size, dim)
     first = min(left, qb)
     prefix_out = prefix_attention(rows, keys, values, first, window)
-    ids = (torch.arange(kv_heads).unsqueeze(1) * qb + torch.arange(first, qb).unsqueeze(0)).reshape(-1)
+    device = rows.queries.device
+    ids = (torch.arange(kv_heads, device=device).unsqueeze(1) * qb + torch.arange(first, qb, device=device)).reshape(-1)
     if ids.numel() == 0:
         empty = rows.queries.new_empty(0, groups * size, dim)
         return Part(ids, empty, empty[..., 0].float()), prefix_out

@@ -33,5 +33,5 @@ class StreamingAttention(SparseBackend):
 
     def pattern(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> SparsePattern:
         kv_heads, n = key.shape[1], key.shape[-2]
-        sinks = torch.arange(min(self.sinks, n), device=key.device).expand(kv_heads, -1)
+        sinks = torch.arange(min(self.sinks, n)).expand(kv_heads, -1)  # a pattern lives on the CPU (SparsePattern)
         return SparsePattern(self.block_size, block_count(self.window, self.block_size), columns=sinks)
