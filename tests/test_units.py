@@ -11,6 +11,8 @@ from compressors.gemfilter import GemFilter, pick_indices
 from compressors.units import (
     MAX_SENTENCE_TOKENS,
     MAX_UNIT_TOKENS,
+    cap_at_words,
+    cap_unit_length,
     chunk_starts,
     pick_whole_units,
     sentence_starts,
@@ -184,3 +186,28 @@ def test_head_is_kept_whole_with_the_tail_and_exactly_the_budget() -> None:
 def test_token_span_keeps_the_head_too() -> None:
     scores = torch.tensor([0.0, 0.0, 0.9, 0.1, 0.8, 0.0, 0.0, 0.0])
     assert pick_indices(scores, keep=4, kernel_size=1, tail=1, head=1) == [0, 2, 4, 7]
+
+
+def greedy_cut_over_every_word(begins: torch.Tensor, words: torch.Tensor, cap: int) -> torch.Tensor:
+    """The cut as first written: one pass over every word start of the prompt."""
+    out = begins.clone()
+    starts = torch.nonzero(words | begins).view(-1).tolist()
+    unit_start = 0
+    for word, after in zip(starts, [*starts[1:], out.numel()], strict=True):
+        if out[word]:
+            unit_start = word
+        elif after - unit_start > cap:
+            out[word] = True
+            unit_start = word
+    return cap_unit_length(out, cap)
+
+
+def test_cutting_only_the_long_units_equals_the_pass_over_every_word() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(600):
+        n = 1 + trial % 200
+        words = torch.rand(n, generator=generator) < (0.05, 0.3, 0.8)[trial % 3]
+        begins = torch.rand(n, generator=generator) < (0.0, 0.01, 0.05, 0.2)[trial % 4]
+        begins[0] = True
+        cap = (1, 2, 5, 16, 48)[trial % 5]
+        assert torch.equal(cap_at_words(begins, words, cap), greedy_cut_over_every_word(begins, words, cap))
