@@ -188,3 +188,33 @@ def test_a_request_cannot_change_the_dtype(server_url: str) -> None:
     ignored = httpx.post(f"{server_url}/v1/completions", json={"prompt": [100, 101], "max_tokens": 1, "dtype": "bf16"})
     assert ignored.status_code == 200  # an unknown OpenAI field is ignored, as every other one is
     assert httpx.get(f"{server_url}/v1/models").json()["data"][0]["dtype"] == "float32"
+
+
+# ---- a bfloat16 decode step's attention on the CPU ------------------------------------------------
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_bfloat16_decode_attention_is_float32_math_over_the_bfloat16_states(with_mask: bool) -> None:
+    """The CPU decode path (compressors.probe.decode_attention_float32): GQA kept at KV-head count,
+    a boolean mask honoured, and at least as close to the exact result as torch's bfloat16 SDPA."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from compressors.probe import decode_attention_float32, sdpa_attention
+
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 9, 1, 64, generator=generator).mul(3).to(torch.bfloat16)
+    key = torch.randn(2, 3, 700, 64, generator=generator).mul(3).to(torch.bfloat16)
+    value = torch.randn(2, 3, 700, 64, generator=generator).to(torch.bfloat16)
+    mask = torch.rand(2, 1, 1, 700, generator=generator) > 0.3 if with_mask else None
+    exact = F.scaled_dot_product_attention(
+        query.double(), key.double(), value.double(), attn_mask=mask, scale=0.125, enable_gqa=True
+    ).transpose(1, 2)
+    torch_bf16 = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.125, enable_gqa=True)
+    ours = decode_attention_float32(query, key, value, mask, 0.125)
+    assert ours.shape == (2, 1, 9, 64) and ours.dtype == torch.bfloat16
+    error = (ours.double() - exact).abs().max()
+    assert error <= (torch_bf16.transpose(1, 2).double() - exact).abs().max()
+    assert error < 0.02
+    module = nn.Module()
+    module.num_key_value_groups = 3
+    routed, _ = sdpa_attention(module, query, key, value, mask, scaling=0.125, dropout=0.0)
+    assert torch.equal(routed, ours)  # the probe's SDPA takes this path for a bfloat16 decode on the CPU
