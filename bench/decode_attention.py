@@ -184,7 +184,8 @@ def doc_section(result: dict[str, Any]) -> str:
             f"{row['itl_speedup']:.2f}x | {row['same_tokens']} of {row['prompts']} | {row['found_torch_sdpa']} / "
             f"{row['found_float32_by_hand']} | {row['agree_torch_sdpa']:.0f} / {row['agree_float32_by_hand']:.0f} |"
         )
-    lines += ["", *result.get("notes", [])]
+    for note in result.get("notes", []):
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 

@@ -198,7 +198,8 @@ def doc_section(result: dict[str, Any]) -> str:
             f"{row['ttft_ms']:.0f} | {row['select_ms']:.0f} | {speedup} | {row['peak_memory_gib']:.2f} | "
             f"{row.get('over_baseline_gib', float('nan')):.2f} | {row['kv_cache_mib']:.0f} |"
         )
-    lines += ["", *result.get("notes", [])]
+    for note in result.get("notes", []):
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 

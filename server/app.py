@@ -43,19 +43,22 @@ def build_engine(settings: Settings) -> AsyncEngine:
     """Load the model and wrap it in the backend's async engine (blocking: run it in a thread)."""
     if settings.backend == "hf":
         from server.engine.hf import HFEngine
-        from server.engine.hf_async import HFAsyncEngine
+        from server.engine.hf_async import HFAsyncEngine, no_openmp_team
         from server.models import load_model
 
-        loaded = load_model(
-            settings.model,
-            device=settings.device,
-            cache_dir=settings.cache_dir,
-            max_model_len=settings.max_model_len,
-            profile=settings.profile,
-            dtype=settings.dtype,
-            filter_dtype=settings.filter_dtype,
-        )
-        engine = HFEngine(loaded, default_method=settings.default_method, default_attention=settings.default_attention)
+        with no_openmp_team() as threads:  # the scheduler thread alone computes with `threads` threads
+            loaded = load_model(
+                settings.model,
+                device=settings.device,
+                cache_dir=settings.cache_dir,
+                max_model_len=settings.max_model_len,
+                profile=settings.profile,
+                dtype=settings.dtype,
+                filter_dtype=settings.filter_dtype,
+            )
+            engine = HFEngine(
+                loaded, default_method=settings.default_method, default_attention=settings.default_attention
+            )
         return HFAsyncEngine(
             engine,
             settings.max_concurrency,
@@ -64,6 +67,7 @@ def build_engine(settings: Settings) -> AsyncEngine:
             max_batch_tokens=settings.max_batch_tokens or 4 * engine.max_model_len,
             step_tokens=settings.max_num_batched_tokens,
             shadow_fraction=settings.shadow_fraction,
+            intra_op_threads=threads,
         )
     if settings.backend == "vllm":  # GemFilter on a truncated HF model in front of vLLM (issue 5)
         from server.engine.vllm_setup import build_vllm_engine

@@ -233,3 +233,34 @@ def test_two_slots_run_two_requests_at_once(engine) -> None:
 
     assert asyncio.run(scenario()) == 2
     assert [r.finish_reason for r in recorder.results] == ["cancelled", "cancelled"]
+
+
+def test_only_the_scheduler_thread_computes_with_several_threads(engine) -> None:
+    """The loading thread is held to one OpenMP thread (no team of its own: libgomp then keeps the
+    scheduler thread's team spinning between a decode step's small ops); the scheduler thread
+    computes with the threads the loader had."""
+    import torch
+
+    from server.engine.hf_async import no_openmp_team
+
+    before = torch.get_num_threads()
+    with no_openmp_team() as threads:
+        assert threads == before and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    seen: list[int] = []
+
+    async def scenario() -> None:
+        scheduler = HFAsyncEngine(engine, intra_op_threads=before + 1)  # not this thread's count
+        step = scheduler.core.step
+
+        def recording_step() -> None:
+            seen.append(torch.get_num_threads())
+            step()
+
+        scheduler.core.step = recording_step
+        await scheduler.start()
+        await last_event(scheduler.stream(request()))
+        await scheduler.shutdown()
+
+    asyncio.run(scenario())
+    assert seen and set(seen) == {before + 1} and torch.get_num_threads() == before

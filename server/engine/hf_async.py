@@ -23,9 +23,12 @@ import logging
 import random
 import threading
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from server.engine.admission import Admission, AdmittedCounts
 from server.engine.base import EngineEvent
@@ -98,6 +101,24 @@ class RequestStream(AsyncIterator[EngineEvent]):
         self.cancel()
 
 
+@contextmanager
+def no_openmp_team() -> Iterator[int]:
+    """Run the block on one thread (its OpenMP team never forms); yields the thread count it had.
+
+    Why: the batch computes on the scheduler thread, not the thread that loaded the model. Once two
+    threads of the process have each run a parallel region with 2+ threads, libgomp counts more
+    threads than cores and stops spinning between regions: every small op of a decode step then
+    waits on a futex wake. On 2 cores a bfloat16 SmolLM2 decode step took 67-78 ms on a second
+    thread against 44-53 ms on the first, and one 1x576 by 576x1536 linear 150 vs 80 us. With the
+    loading thread held to one thread, the scheduler thread's team is the only one, and as fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
+
+
 class HFAsyncEngine(AdmittedCounts):
     """:class:`HFEngine` + admission + the batch's :class:`~server.engine.core.EngineCore` stepped
     by one worker thread: the ``hf`` :class:`AsyncEngine`."""
@@ -114,6 +135,7 @@ class HFAsyncEngine(AdmittedCounts):
         step_tokens: int = DEFAULT_STEP_TOKENS,
         idle_budget: int | None = None,
         shadow_fraction: float = 0.0,
+        intra_op_threads: int | None = None,
     ) -> None:
         if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
@@ -128,6 +150,7 @@ class HFAsyncEngine(AdmittedCounts):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.intra_op_threads = intra_op_threads
 
     # ---- what the routes read ------------------------------------------------------------
     @property
@@ -206,6 +229,8 @@ class HFAsyncEngine(AdmittedCounts):
     def _loop(self) -> None:
         """The worker thread: step the batch while it has work; while it has none, one step of the
         shadow check at a time (re-checking the batch before each); else sleep until a request arrives."""
+        if self.intra_op_threads is not None:
+            torch.set_num_threads(self.intra_op_threads)  # OpenMP's thread count is per calling thread
         while not self._stop.is_set():
             if self.core.has_work():
                 try:
