@@ -117,6 +117,9 @@ def sdpa_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def is_cpu_half_decode(query: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
     """One query per sequence (a decode step) in bfloat16 or float16 on the CPU, with no mask or a
     boolean one: the shape torch's CPU SDPA runs slowly (:func:`decode_attention_float32`)."""
@@ -124,9 +127,6 @@ def is_cpu_half_decode(query: torch.Tensor, attention_mask: torch.Tensor | None)
         attention_mask.dtype == torch.bool and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
     )
     return query.device.type == "cpu" and query.shape[-2] == 1 and query.dtype in HALF_DTYPES and mask_ok
-
-
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def decode_attention_float32(
@@ -145,8 +145,8 @@ def decode_attention_float32(
     scores = torch.matmul(grouped, key.float().transpose(-1, -2)) * (dim**-0.5 if scale is None else scale)
     if mask is not None:  # (B or 1, 1, 1, n): the same keys for every head of a sequence
         scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, -1), float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1), value.float())
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2).to(query.dtype)
+    out = torch.matmul(torch.softmax(scores, dim=-1), value.float())  # values may be wider (MLA)
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).to(query.dtype)
 
 
 def layer_window(module: nn.Module) -> int | None:

@@ -218,3 +218,19 @@ def test_bfloat16_decode_attention_is_float32_math_over_the_bfloat16_states(with
     module.num_key_value_groups = 3
     routed, _ = sdpa_attention(module, query, key, value, mask, scaling=0.125, dropout=0.0)
     assert torch.equal(routed, ours)  # the probe's SDPA takes this path for a bfloat16 decode on the CPU
+
+
+def test_bfloat16_decode_attention_takes_values_wider_than_keys() -> None:
+    """Multi-head latent attention (DeepSeek) has value heads of another size than query/key heads."""
+    import torch.nn.functional as F
+
+    from compressors.probe import decode_attention_float32
+
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(1, 4, 1, 24, generator=generator).to(torch.bfloat16)
+    key = torch.randn(1, 4, 50, 24, generator=generator).to(torch.bfloat16)
+    value = torch.randn(1, 4, 50, 40, generator=generator).to(torch.bfloat16)
+    exact = F.scaled_dot_product_attention(query.double(), key.double(), value.double(), scale=0.2).transpose(1, 2)
+    ours = decode_attention_float32(query, key, value, None, 0.2)
+    assert ours.shape == (1, 1, 4, 40)
+    torch.testing.assert_close(ours.double(), exact, atol=2e-2, rtol=0)
