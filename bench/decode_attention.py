@@ -157,7 +157,7 @@ def doc_section(result: dict[str, Any]) -> str:
         "",
         f"`python -m bench.decode_attention`, {machine['cpu']} ({machine['cpu_cores']} cores, flags "
         f"{', '.join(machine['cpu_flags'])}), torch {machine['torch']}, bfloat16, {result['started_at']}; load "
-        f"average {result['loadavg_1_5_15']} before, {result['loadavg_after']} after. Both paths in one process, "
+        f"average {result['loadavg_before']} before, {result['loadavg_after']} after. Both paths in one process, "
         f"interleaved; medians. `bench/results/decode_attention.json`.",
         "",
         "One layer's decode attention (9 query heads, 3 KV heads, d=64):",
@@ -226,7 +226,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args(argv)
     result: dict[str, Any] = {**result_header("smollm2-135m-instruct", "bfloat16"), "max_tokens": args.max_tokens}
-    result["loadavg_1_5_15"] = result["machine"]["loadavg_1_5_15"]
     result["kernel"] = kernel_times(args.repeats)
     result["engine"] = engine_times(args.lengths, args.prompts, args.max_tokens)
     result["engine_summary"] = summarise_engine(result["engine"])
