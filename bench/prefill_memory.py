@@ -10,13 +10,15 @@ are exact (the tensors). ``snapkv-after-prefill`` is the old path, kept as the r
 whole prompt's cache first, pruned once the prefill is over (``KVAttachment``). Configurations
 are interleaved (each repeat runs every configuration once, in a rotated order).
 
-Two allocator settings, because RSS is what the OS charges but not what is alive: with glibc's
+Allocator settings, because RSS is what the OS charges but not what is alive: with glibc's
 adaptive mmap threshold (``glibc``) a freed block under the threshold stays in the heap, so the
-peak depends on fragmentation as much as on live tensors (runs of one configuration differed by
-150 MiB). ``server`` is what ``gemserve serve`` runs with (server/allocator.py: the threshold fixed
-at 128 KiB), where every tensor-sized block is its own mapping, returned to the OS when freed, so
-RSS follows the bytes alive. Per repeat and length the two settings alternate (rotated), so their
-prefill times compare run against neighbouring run.
+peak depends on fragmentation as much as on live tensors (float32 runs of one configuration
+differed by 150 MiB). ``server`` is what ``gemserve serve`` runs with (server/allocator.py: the
+threshold at 128 KiB in a forward of 4K+ prompt tokens, so every tensor-sized block of it is its own
+mapping, returned to the OS when freed, and RSS follows the bytes alive); ``32m`` what its other
+steps run with, for every step.
+Per repeat and length the settings alternate (rotated), so their prefill times compare run against
+neighbouring run.
 
     python -m bench.prefill_memory --lengths 4096 8000 --repeats 2
     python -m bench.prefill_memory --lengths 8000 --configs none,snapkv --tag allocator   # issue 24
@@ -52,20 +54,21 @@ DOC_HEADING = "## Prefill memory of the KV methods: pruning during the prefill (
 AFTER_PREFILL = "-after-prefill"
 CONFIGS = ["none", "snapkv", f"snapkv{AFTER_PREFILL}", "pyramidkv", "h2o", "streamingllm"]
 MiB = 2**20
-MALLOCS = ("server", "glibc")
+MALLOCS = ("server", "glibc", "32m")  # see the module doc
 
 
 def run_config(payload: dict[str, Any]) -> dict[str, Any]:
     from compressors.base import KVAttachment
     from compressors.kv_pruner import ScoredKVPruner
-    from server.allocator import fix_mmap_threshold
+    from server.allocator import configure_heap
     from server.engine.hf import HFEngine
     from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
     from server.models import load_model
     from server.settings import Settings
 
     # Before any tensor exists, as `gemserve serve` does; "glibc": its adaptive threshold.
-    heap = fix_mmap_threshold(Settings().malloc_mmap_threshold if payload["malloc"] == "server" else 0)
+    thresholds = {"server": Settings().malloc_mmap_threshold, "glibc": 0, "32m": 32 * 2**20}
+    heap = configure_heap(thresholds[payload["malloc"]])
     name = payload["config"]
     if name.endswith(AFTER_PREFILL):  # the reference: prune the full cache once the prefill is done
         ScoredKVPruner.kv_attachment = lambda self, target: KVAttachment(self, target)  # type: ignore[method-assign]
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2, help="runs per configuration and allocator setting")
     parser.add_argument("--configs", type=lambda s: s.split(","), default=CONFIGS, help=f"of {','.join(CONFIGS)}")
-    parser.add_argument("--mallocs", type=lambda s: s.split(","), default=list(MALLOCS), help="server,glibc")
+    parser.add_argument("--mallocs", type=lambda s: s.split(","), default=list(MALLOCS), help=",".join(MALLOCS))
     parser.add_argument("--tag", help="a run of its own: its own JSON and docs section (e.g. allocator)")
     parser.add_argument("--seed", type=int, default=14)
     parser.add_argument("--no-doc", action="store_true")
@@ -210,10 +213,11 @@ def markdown_section(result: dict[str, Any], out_path: Path, heading: str = DOC_
         f"{result.get('loadavg_after')}. Each run is a fresh process (model load, a 256-token warm-up of the same "
         "configuration, then the measured request); peak rise = process RSS sampled every 2 ms over the request "
         "minus the RSS at its start; the median of the runs; `snapkv-after-prefill` is the old path (the whole "
-        "prompt's cache, pruned after the prefill). malloc `server`: what `gemserve serve` sets (server/allocator.py, "
-        "glibc's mmap threshold fixed at 128 KiB), so freed tensors go back to the OS and RSS follows live bytes; "
-        "`glibc`: its adaptive threshold, where the peak also depends on heap fragmentation. Prefill ms: the two "
-        "settings alternate per repeat (rotated), so compare them row against row. "
+        "prompt's cache, pruned after the prefill). malloc `server`: what `gemserve serve` sets (server/allocator.py: "
+        "glibc's mmap threshold at 128 KiB in forwards of 4K+ prompt tokens, so freed tensors go back to the OS and "
+        "RSS follows live bytes); `32m`: the threshold of its other steps, here for every step; `glibc`: its "
+        "adaptive threshold. Under both the peak also depends on heap fragmentation. Prefill ms: the settings "
+        "alternate per repeat (rotated), so compare them row against row. "
         f"Data `bench/results/{out_path.name}`, plot "
         f"`bench/results/{out_path.with_suffix('.png').name}`.",
         "",
@@ -232,24 +236,24 @@ def markdown_section(result: dict[str, Any], out_path: Path, heading: str = DOC_
     if costs:
         lines += [
             "",
-            "Prefill time with the server's setting over glibc's, per repeat (same prompt, adjacent runs):",
+            "Prefill time with each setting over glibc's, per repeat (same prompt, adjacent runs):",
             "",
         ]
         lines += [
-            f"- {length} tokens, {config}: {', '.join(f'{c:.3f}' for c in ratios)}"
-            for (length, config), ratios in costs.items()
+            f"- {malloc}, {length} tokens, {config}: {', '.join(f'{c:.3f}' for c in ratios)}"
+            for (malloc, length, config), ratios in costs.items()
         ]
     return "\n".join(lines) + "\n"
 
 
-def allocator_costs(runs: list[dict[str, Any]]) -> dict[tuple[int, str], list[float]]:
-    """(length, config) -> prefill ms under ``server`` / under ``glibc``, one ratio per repeat."""
+def allocator_costs(runs: list[dict[str, Any]]) -> dict[tuple[str, int, str], list[float]]:
+    """(malloc, length, config) -> prefill ms under that setting / under ``glibc``, one ratio per repeat."""
     by_key = {(r["length"], r["config"], r["seed"], r["malloc"]): r["prefill_ms"] for r in runs}
-    costs: dict[tuple[int, str], list[float]] = {}
+    costs: dict[tuple[str, int, str], list[float]] = {}
     for length, config, seed, malloc in sorted(by_key):
-        if malloc == "server" and (length, config, seed, "glibc") in by_key:
+        if malloc != "glibc" and (length, config, seed, "glibc") in by_key:
             glibc = by_key[length, config, seed, "glibc"]
-            costs.setdefault((length, config), []).append(by_key[length, config, seed, malloc] / glibc)
+            costs.setdefault((malloc, length, config), []).append(by_key[length, config, seed, malloc] / glibc)
     return costs
 
 

@@ -86,9 +86,10 @@ class Settings(BaseSettings):
         DEFAULT_MMAP_THRESHOLD,
         ge=0,
         le=MAX_MMAP_THRESHOLD,
-        description="gemserve serve: fix glibc's mmap threshold at this many bytes so freed tensors return to "
-        "the OS and RSS follows live memory (0: glibc's adaptive default; MALLOC_MMAP_THRESHOLD_ in the "
-        "environment wins); server/allocator.py",
+        description="gemserve serve: glibc's mmap threshold in forwards of 4096+ prompt tokens, so their freed "
+        "tensors return to the OS and RSS follows live memory (other steps: 32 MiB, the heap's free pages "
+        "returned when the batch goes idle; 0: glibc's adaptive default; MALLOC_MMAP_THRESHOLD_ in the environment "
+        "wins); server/allocator.py",
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that give none")
     served_model_name: str | None = Field(None, description="Name reported by /v1/models (default: the model's)")

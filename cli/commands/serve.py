@@ -48,8 +48,8 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--served-model-name": {"help": "model name reported by /v1/models"},
     "--malloc-mmap-threshold": {
         "type": int,
-        "help": "bytes; glibc returns freed blocks above it to the OS, so RSS follows live memory (default 131072; "
-        "0: glibc's adaptive threshold)",
+        "help": "bytes; in a forward of 4096+ prompt tokens glibc returns freed blocks from this size to the OS at "
+        "once, so RSS follows live memory (default 131072; other steps 32 MiB; 0: glibc's adaptive threshold)",
     },
     "--default-max-tokens": {"type": int, "help": "max_tokens for chat requests that give none (default 256)"},
     "--vllm-arg": {
@@ -99,9 +99,9 @@ def run(args: argparse.Namespace) -> int:
         from server.engine.vllm_setup import check_vllm_args
 
         check_vllm_args(settings)  # a bad engine argument ends here, with vLLM's message
-    from server.allocator import fix_mmap_threshold
+    from server.allocator import configure_heap
 
-    heap = fix_mmap_threshold(settings.malloc_mmap_threshold)  # before the model's tensors are allocated
+    heap = configure_heap(settings.malloc_mmap_threshold)  # before the model's tensors are allocated
     logging.getLogger("server").info("heap: %s", heap)
     app = create_app(settings)
     print(f"gemserve: serving {settings.model} ({settings.backend}) on http://{settings.host}:{settings.port}")

@@ -24,6 +24,7 @@ import threading
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from server.allocator import heap_for_step
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, StepPlan
@@ -105,6 +106,7 @@ class EngineCore:
         with torch.inference_mode():
             cancelled = self._cancelled()
             plan = self.scheduler.schedule()
+            heap_for_step(max((c.tokens for c in (*plan.prefills, *plan.filters)), default=0))
             for request_id in plan.preempted:
                 self.runner.free(request_id)
             for request_id in cancelled:

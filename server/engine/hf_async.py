@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from server.allocator import release_free_heap
 from server.engine.admission import Admission, AdmittedCounts
 from server.engine.base import EngineEvent
 from server.engine.checks import CONTEXT_LENGTH_EXCEEDED
@@ -228,19 +229,27 @@ class HFAsyncEngine(AdmittedCounts):
 
     def _loop(self) -> None:
         """The worker thread: step the batch while it has work; while it has none, one step of the
-        shadow check at a time (re-checking the batch before each); else sleep until a request arrives."""
+        shadow check at a time (re-checking the batch before each); else hand the heap's free pages
+        back to the OS (server/allocator.py: at rest the RSS follows the tensors alive) and sleep
+        until a request arrives."""
         if self.intra_op_threads is not None:
             torch.set_num_threads(self.intra_op_threads)  # OpenMP's thread count is per calling thread
+        worked = False
         while not self._stop.is_set():
             if self.core.has_work():
+                worked = True
                 try:
                     self.core.step()
                 except Exception as exc:  # the scheduler's own bug: fail what it held, keep serving
                     logger.exception("scheduler step failed")
                     self.core.fail_all(exc)
             elif self.shadow is not None and self.shadow.has_work():
+                worked = True
                 self.shadow.step()
             else:
+                if worked:
+                    release_free_heap()
+                    worked = False
                 self._wake.wait(timeout=0.1)
                 self._wake.clear()
 
