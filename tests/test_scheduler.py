@@ -24,8 +24,8 @@ from server.engine.scheduler import (
     Scheduler,
     StepPlan,
     Work,
-    fair_shares,
     prefill_cost,
+    prefill_shares,
     tokens_for,
 )
 
@@ -486,8 +486,9 @@ def test_a_request_larger_than_the_batch_memory_is_refused() -> None:
 
 
 def test_the_oldest_pending_request_advances_when_its_share_buys_no_token() -> None:
-    """Seven decodes leave one token of an 8-token step: two prefills get half a token each, which
-    buys nothing, so the oldest advances by one token a step (over budget), the other waits."""
+    """Seven decodes leave one token of an 8-token step: the oldest of two prefills gets it (half as
+    its floor, half as the one with less work left), which buys its first token; from then on a token
+    costs more than one, so it still advances by one token a step (over budget); the other waits."""
     sched = Scheduler(max_running=9, step_tokens=8, break_even=4000.0)
     runner = FakeRunner(sched)
     for i in range(7):
@@ -500,7 +501,7 @@ def test_the_oldest_pending_request_advances_when_its_share_buys_no_token() -> N
         assert len(plan.decodes) == 7
         assert [(c.request_id, c.start, c.tokens) for c in plan.prefills] == [("first", expected, 1)]
         assert plan.cost == pytest.approx(7 + prefill_cost(expected, 1, 4000.0))
-        assert plan.cost > 7 + 0.5  # beyond its half-token share
+        assert plan.cost >= 7 + 1.0  # its whole share, and beyond it from the second token on
     assert runner.first_token_at["first"] == 3
     plan = runner.step()
     assert [(c.request_id, c.start, c.tokens) for c in plan.prefills] == [("second", 0, 1)]
@@ -539,20 +540,31 @@ def test_cancel_a_waiting_a_prefilling_and_a_decoding_request() -> None:
 # ---- 6. filter-pass chunks -------------------------------------------------------------------
 @pytest.mark.parametrize("break_even", BREAK_EVENS)
 def test_filter_chunks_are_sized_by_their_layer_cost(break_even: float) -> None:
+    """A filter pass at a quarter of the layers gets ~4x the tokens a prefill gets from the same
+    share; the pass (less work left) goes first, its prefill after it."""
+
+    def first_chunk(filtered: bool) -> Chunk:
+        sched = Scheduler(step_tokens=96, break_even=break_even)
+        runner = FakeRunner(sched)
+        runner.add(work("d", 4, 500), 500)
+        runner.step()
+        runner.add(work("pass", 4000, 1, filtered=filtered, filter_cost=0.25, kept=500), 1)
+        plan = runner.step()
+        assert plan.cost <= plan.budget
+        (chunk,) = plan.filters if filtered else plan.prefills
+        return chunk
+
+    share = 96 - 1  # the decode's token, then the rest to the one pending request
+    filter_chunk, prefill_chunk = first_chunk(True), first_chunk(False)
+    assert filter_chunk.tokens == tokens_for(share, 0, 4000, 0.25, break_even)
+    assert prefill_chunk.tokens == tokens_for(share, 0, 4000, 1.0, break_even)
+    assert 3.8 <= filter_chunk.tokens / prefill_chunk.tokens <= 4.3
     sched = Scheduler(step_tokens=96, break_even=break_even)
     runner = FakeRunner(sched)
     runner.add(work("d", 4, 500), 500)
     runner.step()
     runner.add(work("pass", 4000, 1, filtered=True, filter_cost=0.25, kept=500), 1)
     runner.add(work("prefill", 4000, 1), 1)
-    plan = runner.step()
-    share = (96 - 1) / 2  # the decode's token, then two equal shares (both need more)
-    (filter_chunk,) = plan.filters
-    (prefill_chunk,) = plan.prefills
-    assert filter_chunk.tokens == tokens_for(share, 0, 4000, 0.25, break_even)
-    assert prefill_chunk.tokens == tokens_for(share, 0, 4000, 1.0, break_even)
-    assert 3.8 <= filter_chunk.tokens / prefill_chunk.tokens <= 4.3
-    assert plan.cost <= plan.budget
     runner.run()
     pass_steps = [i for i, p in enumerate(runner.plans) if any(c.request_id == "pass" for c in p.filters)]
     prefill_steps = [i for i, p in enumerate(runner.plans) if any(c.request_id == "pass" for c in p.prefills)]
@@ -606,38 +618,52 @@ def test_a_pass_shorter_than_its_tail_runs_in_one_chunk(first: str) -> None:
         assert plan.cost <= plan.budget
 
 
-# ---- 7. fair shares ----------------------------------------------------------------------------
-def test_fair_shares_by_hand() -> None:
-    shares = fair_shares({"a": 10.0, "b": 100.0, "c": 1000.0}, 300.0, ["c", "b", "a"])
-    assert shares == {"a": 10.0, "b": 100.0, "c": 190.0}
-    shares = fair_shares({"a": 10.0, "b": 500.0, "c": 1000.0}, 300.0, ["a", "b", "c"])
-    assert shares == {"a": 10.0, "b": 145.0, "c": 145.0}
-    assert fair_shares({"a": 1.0, "b": 2.0}, 10.0, ["a", "b"]) == {"a": 1.0, "b": 2.0}
-    assert fair_shares({}, 10.0, []) == {}
+# ---- 7. prefill shares --------------------------------------------------------------------------
+def test_prefill_shares_by_hand() -> None:
+    # c is the oldest: half of 300; the rest by least work left: a, b, then c's own need
+    assert prefill_shares({"a": 10.0, "b": 100.0, "c": 1000.0}, 300.0, ["c", "b", "a"]) == {
+        "a": 10.0,
+        "b": 100.0,
+        "c": 190.0,
+    }
+    # equal prompts: the oldest takes all it can, the next what is left
+    assert prefill_shares({"a": 500.0, "b": 500.0, "c": 500.0}, 64.0, ["a", "b", "c"]) == {
+        "a": 64.0,
+        "b": 0.0,
+        "c": 0.0,
+    }
+    assert prefill_shares({"a": 40.0, "b": 500.0, "c": 500.0}, 64.0, ["a", "b", "c"]) == {
+        "a": 40.0,
+        "b": 24.0,
+        "c": 0.0,
+    }
+    # a long oldest keeps half; a short newer one the other half
+    assert prefill_shares({"long": 5000.0, "short": 50.0}, 96.0, ["long", "short"]) == {"long": 48.0, "short": 48.0}
+    assert prefill_shares({"a": 1.0, "b": 2.0}, 10.0, ["a", "b"]) == {"a": 1.0, "b": 2.0}
+    assert prefill_shares({"a": 100.0}, 10.0, ["a"]) == {"a": 10.0}
+    assert prefill_shares({}, 10.0, []) == {}
 
 
-def test_fair_shares_water_filling() -> None:
+def test_prefill_shares_properties() -> None:
     rng = random.Random(7)
     for _ in range(500):
         n = rng.randint(1, 8)
         ids = [f"r{i}" for i in range(n)]
         needs = {i: rng.choice([rng.uniform(0.1, 20.0), rng.uniform(20.0, 500.0), 5.0]) for i in ids}
         budget = rng.uniform(0.0, 400.0)
-        shares = fair_shares(needs, budget, ids)
+        shares = prefill_shares(needs, budget, ids)
         assert set(shares) == set(ids)
         assert sum(shares.values()) <= budget + 1e-6
-        for i in ids:
-            assert 0.0 <= shares[i] <= needs[i] + 1e-9
-            if needs[i] <= budget / n:  # below an equal share: met exactly
-                assert shares[i] == needs[i]
-        unmet = [i for i in ids if shares[i] < needs[i]]
+        assert all(0.0 <= shares[i] <= needs[i] + 1e-9 for i in ids)
+        floor = budget if n == 1 else budget / 2
+        assert shares[ids[0]] >= min(needs[ids[0]], floor) - 1e-9, "the oldest never starves"
+        unmet = [i for i in ids if shares[i] < needs[i] - 1e-9]
         if unmet:
-            level = shares[unmet[0]]
-            assert all(shares[i] == pytest.approx(level) for i in unmet), "the rest is split equally"
-            assert all(needs[i] <= level + 1e-9 for i in ids if i not in unmet), "only needs below the level are met"
             assert sum(shares.values()) == pytest.approx(budget), "nothing is left over"
-        else:
-            assert sum(needs.values()) <= budget + 1e-6
+        others = sorted(ids[1:], key=lambda i: (needs[i], ids.index(i)))
+        got = [shares[i] >= needs[i] - 1e-9 for i in others]
+        assert got == sorted(got, reverse=True), "the least work left is met first"
+        assert sum(0.0 < shares[i] < needs[i] - 1e-9 for i in others) <= 1, "at most one is cut short"
 
 
 # ---- 8. idle steps ---------------------------------------------------------------------------
