@@ -16,7 +16,7 @@ from compressors.base import Target
 from compressors.gemfilter import ResumableFilterPass, filter_pass_scores
 from contract.needles import build_case
 from server.engine import runner as runner_module
-from server.engine.batch_forward import GrowingLayer, Segment, forward_segments, new_request_cache
+from server.engine.batch_forward import GrowingLayer, Segment, forward_segments, make_room, new_request_cache
 from server.engine.core import EngineCore
 from server.engine.hf_async import HFAsyncEngine
 from server.engine.runner import forward_ids
@@ -330,6 +330,28 @@ def test_growing_layer_writes_in_place_and_drops_its_buffer_when_pruned() -> Non
     layer.keys = full_keys[:, :, :3].clone()  # what a KV pruner's gather does
     assert layer._key_buffer is None  # the unpruned buffer is not kept alive
     assert layer.get_seq_length() == 3
+
+
+@pytest.mark.parametrize("room", [0, 2000], ids=["grows-by-an-eighth", "room-made"])
+def test_a_chunked_prefill_with_room_made_never_copies_its_layer(loaded_model, room: int) -> None:
+    """The runner makes room for a chunked prefill's whole prompt: 30 chunks of 64 tokens write into
+    one buffer per layer; without it the layer is copied to a new buffer as it grows."""
+    cache = new_request_cache(loaded_model.model)
+    make_room(cache, room)
+    layers = [layer for layer in cache.layers if isinstance(layer, GrowingLayer)]
+    assert layers
+    chunks = [torch.randn(1, 2, 64, 4) for _ in range(30)]
+    buffers: list[torch.Tensor] = []  # held, so a freed buffer's address is not handed out again
+    for chunk in chunks:
+        for layer in layers[:2]:
+            layer.update(chunk, chunk.clone())
+            if not any(layer._key_buffer is b for b in buffers):
+                buffers.append(layer._key_buffer)
+    torch.testing.assert_close(layers[0].keys, torch.cat(chunks, dim=-2))
+    if room:
+        assert len(buffers) == 2, "one buffer per layer"
+    else:  # 64 -> 320 entries, then 640, 960, 1280, 1600, 1920: six buffers per layer
+        assert len(buffers) == 2 * 6
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ from compressors.attention import AttentionBackend
 from compressors.base import Attachment, Preparation, Target, cache_bytes
 from compressors.probe import decoder_layers, use_attention
 from contract.protocol import AttentionInfo, CompressionInfo
-from server.engine.batch_forward import Segment, forward_segments, new_request_cache
+from server.engine.batch_forward import GrowingLayer, Segment, forward_segments, make_room, new_request_cache
 from server.engine.checks import compression_report
 from server.engine.sampling import choose_token, make_generator
 from server.engine.scheduler import Chunk, StepPlan, Work
@@ -237,6 +237,9 @@ class ModelRunner:
         # which the next decode feeds); an unchunkable one re-feeds them in decode steps.
         replay = state.tokens[:-1] if self.chunked(state) else []
         state.prefill_ids = state.hooks.prefill_ids[0].tolist() + replay
+        if self.chunked(state):
+            assert state.cache is not None
+            make_room(state.cache, len(state.prefill_ids) + GrowingLayer.SLACK)
 
     def _filter(self, chunk: Chunk) -> None:
         state = self._states[chunk.request_id]
