@@ -31,6 +31,7 @@ from typing import Any
 
 from bench.common import (
     RESULTS_DIR,
+    figure,
     model_slug,
     replace_doc_section,
     result_header,
@@ -254,36 +255,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     summary = result["summary"]
     labels = [c["label"] for c in result["configs"]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label in labels:
-        points = sorted(
-            (s["length"], s["ttft_ratio_median"], s["found"] / s["prompts"]) for s in summary if s["config"] == label
-        )
-        if not points:
-            continue
-        lengths, ratios, answers = zip(*points, strict=True)
-        style = "--o" if label.startswith("gemfilter") else "-o"
-        axes[0].plot(lengths, ratios, style, label=label, markersize=4)
-        axes[1].plot(lengths, answers, style, label=label, markersize=4)
-    axes[0].set_title(f"TTFT / TTFT of {BASELINE} (median of paired ratios)")
-    axes[1].set_title("needles answered (fraction)")
-    for ax in axes:
-        ax.set_xlabel("prompt tokens")
-        ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-    axes[1].set_ylim(-0.05, 1.05)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"Attention backends, {result['model']}, {result['machine']['cpu_cores']}-core CPU")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(12, 4.5)) as (fig, axes):
+        for label in labels:
+            points = sorted(
+                (s["length"], s["ttft_ratio_median"], s["found"] / s["prompts"])
+                for s in summary
+                if s["config"] == label
+            )
+            if not points:
+                continue
+            lengths, ratios, answers = zip(*points, strict=True)
+            style = "--o" if label.startswith("gemfilter") else "-o"
+            axes[0].plot(lengths, ratios, style, label=label, markersize=4)
+            axes[1].plot(lengths, answers, style, label=label, markersize=4)
+        axes[0].set_title(f"TTFT / TTFT of {BASELINE} (median of paired ratios)")
+        axes[1].set_title("needles answered (fraction)")
+        for ax in axes:
+            ax.set_xlabel("prompt tokens")
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+        axes[1].set_ylim(-0.05, 1.05)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"Attention backends, {result['model']}, {result['machine']['cpu_cores']}-core CPU")
 
 
 def markdown_section(result: dict[str, Any], out_path: Path) -> str:

@@ -43,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import RESULTS_DIR, brief, loadtest, machine_description, replace_doc_section, write_json
+from bench.common import RESULTS_DIR, brief, figure, loadtest, machine_description, replace_doc_section, write_json
 from bench.harness import ServerProcess, checkout_environment, served
 from clients.loadtest_report import percentile
 from server.engine.scheduler import DEFAULT_STEP_TOKENS
@@ -258,30 +258,22 @@ def long_max_tokens(url: str, work: Path, quick: bool, requests: int = 24, promp
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    runs = result["throughput"]["runs"]
-    axes[0].bar(list(runs), [r["output_token_throughput"] for r in runs.values()], color=["#888", "#2a7"])
-    axes[0].set_title("512-token prompts, none: output tok/s")
-    loaded = result["compression"]["loaded_c8"]
-    axes[1].bar(list(loaded), [r["request_throughput"] for r in loaded.values()], color=["#888", "#27a"])
-    axes[1].set_title("4K prompts, concurrency 8: requests/s")
-    itl = result["long_prompt"]
-    axes[2].bar(
-        ["p50 alone", f"p99 during a {itl['long_prompt_tokens']}-token prefill"],
-        [itl["itl_alone_ms"]["p50"], itl["itl_during_long_prefill_ms"]["p99"] or 0],
-        color=["#888", "#a72"],
-    )
-    axes[2].axhline(3 * itl["itl_alone_ms"]["p50"], color="red", linestyle="--", label="3x p50")
-    axes[2].set_title("inter-token latency of 3 streams, ms")
-    axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 1, 3, figsize=(14, 4)) as (_fig, axes):
+        runs = result["throughput"]["runs"]
+        axes[0].bar(list(runs), [r["output_token_throughput"] for r in runs.values()], color=["#888", "#2a7"])
+        axes[0].set_title("512-token prompts, none: output tok/s")
+        loaded = result["compression"]["loaded_c8"]
+        axes[1].bar(list(loaded), [r["request_throughput"] for r in loaded.values()], color=["#888", "#27a"])
+        axes[1].set_title("4K prompts, concurrency 8: requests/s")
+        itl = result["long_prompt"]
+        axes[2].bar(
+            ["p50 alone", f"p99 during a {itl['long_prompt_tokens']}-token prefill"],
+            [itl["itl_alone_ms"]["p50"], itl["itl_during_long_prefill_ms"]["p99"] or 0],
+            color=["#888", "#a72"],
+        )
+        axes[2].axhline(3 * itl["itl_alone_ms"]["p50"], color="red", linestyle="--", label="3x p50")
+        axes[2].set_title("inter-token latency of 3 streams, ms")
+        axes[2].legend()
 
 
 def doc_section(result: dict[str, Any]) -> str:

@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts: fresh-process runs, the machine description,
-needle prompts for an engine, and where results go.
+needle prompts for an engine, where results go, and their figures.
 
 Each measured configuration runs in a fresh Python process (:func:`run_in_fresh_process`), so
 its peak resident memory is not inflated by what glibc kept from an earlier configuration, and
@@ -16,7 +16,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -230,3 +230,22 @@ def grouped_bars(ax: Any, lengths: list[int], configs: Sequence[str], value: Cal
     ax.set_xlabel("prompt tokens (target)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+
+
+@contextlib.contextmanager
+def figure(path: Path, nrows: int = 1, ncols: int = 1, **subplots: Any) -> Iterator[tuple[Any, Any]]:
+    """A headless matplotlib figure (``plt.subplots(nrows, ncols, **subplots)``): laid out, saved to
+    ``path`` at 110 dpi and closed when the block ends; closed, not saved, if it raises. matplotlib is
+    imported here, not at the top, because this module is imported where matplotlib may be absent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, **subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)

@@ -29,6 +29,7 @@ from typing import Any
 
 from bench.common import (
     RESULTS_DIR,
+    figure,
     needle_prompt,
     replace_doc_section,
     result_header,
@@ -190,29 +191,22 @@ def doc_section(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    kernel = result["kernel"]
-    for name in ("torch_sdpa", "float32_by_hand"):
-        left.plot([r["cache_entries"] for r in kernel], [r[f"{name}_us"] for r in kernel], marker="o", label=name)
-        right.plot(
-            [r["prompt_tokens"] for r in result["engine_summary"]],
-            [r[f"itl_{name}_ms"] for r in result["engine_summary"]],
-            marker="o",
-            label=name,
-        )
-    left.set(xscale="log", yscale="log", xlabel="cache entries", ylabel="us per layer")
-    left.set_title("one layer's decode attention")
-    right.set(xlabel="prompt tokens", ylabel="ms", title="SmolLM2 ITL p50 (bfloat16)")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with figure(path, 1, 2, figsize=(11, 4)) as (_fig, (left, right)):
+        kernel = result["kernel"]
+        for name in ("torch_sdpa", "float32_by_hand"):
+            left.plot([r["cache_entries"] for r in kernel], [r[f"{name}_us"] for r in kernel], marker="o", label=name)
+            right.plot(
+                [r["prompt_tokens"] for r in result["engine_summary"]],
+                [r[f"itl_{name}_ms"] for r in result["engine_summary"]],
+                marker="o",
+                label=name,
+            )
+        left.set(xscale="log", yscale="log", xlabel="cache entries", ylabel="us per layer")
+        left.set_title("one layer's decode attention")
+        right.set(xlabel="prompt tokens", ylabel="ms", title="SmolLM2 ITL p50 (bfloat16)")
+        for ax in (left, right):
+            ax.grid(alpha=0.3)
+            ax.legend()
 
 
 def main(argv: list[str] | None = None) -> None:

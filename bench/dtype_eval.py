@@ -22,7 +22,15 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from bench.common import RESULTS_DIR, grouped_bars, machine_description, model_slug, replace_doc_section, write_json
+from bench.common import (
+    RESULTS_DIR,
+    figure,
+    grouped_bars,
+    machine_description,
+    model_slug,
+    replace_doc_section,
+    write_json,
+)
 
 DTYPES = ("float32", "bfloat16")
 TASKS = "niah_single,niah_multikey,niah_multivalue,vt"
@@ -76,21 +84,13 @@ def compare(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = [key for key in result["comparison"]["mean_score"] if key != "all"] + ["all"]
     scores = result["comparison"]["mean_score"]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    grouped_bars(ax, keys, list(DTYPES), lambda key, dtype: scores[key][dtype])
-    ax.set_xlabel("")
-    ax.set_ylabel("mean score")
-    ax.set_title(f"{result['model']}: method none, float32 vs bfloat16 ({result['machine']['cpu']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(8, 4)) as (_fig, ax):
+        grouped_bars(ax, keys, list(DTYPES), lambda key, dtype: scores[key][dtype])
+        ax.set_xlabel("")
+        ax.set_ylabel("mean score")
+        ax.set_title(f"{result['model']}: method none, float32 vs bfloat16 ({result['machine']['cpu']})", fontsize=9)
 
 
 def markdown_section(result: dict[str, Any], out_path: Path) -> str:

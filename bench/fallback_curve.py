@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from bench.common import machine_description
+from bench.common import figure, machine_description
 from compressors.gemfilter import GemFilter, pooled_scores, selection_confidence
 from compressors.units import best_per_unit, pick_whole_units, unit_index
 from contract.methods import parse_method
@@ -202,21 +202,14 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, points in result["curves"].items():
-        ax.plot([p["fallback_share"] for p in points], [p["misses_caught"] for p in points], label=key, marker=".")
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="random")
-    ax.set_xlabel("share of requests that fall back")
-    ax.set_ylabel("share of GemFilter's misses caught")
-    ax.set_title(f"fallback by confidence: {result['method']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with figure(path, figsize=(6, 4)) as (_fig, ax):
+        for key, points in result["curves"].items():
+            ax.plot([p["fallback_share"] for p in points], [p["misses_caught"] for p in points], label=key, marker=".")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="random")
+        ax.set_xlabel("share of requests that fall back")
+        ax.set_ylabel("share of GemFilter's misses caught")
+        ax.set_title(f"fallback by confidence: {result['method']}")
+        ax.legend()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Any
 from bench.attention import build_prompt, found, prose_parts, synthetic_parts
 from bench.common import (
     RESULTS_DIR,
+    figure,
     model_slug,
     replace_doc_section,
     result_header,
@@ -239,33 +240,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [c["label"] for c in result["configs"]]
     lengths = sorted({s["length"] for s in result["summary"]})
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label in labels:
-        rows = [s for s in result["summary"] if s["config"] == label]
-        answers = [sum(s["found"] for s in rows if s["length"] == n) for n in lengths]
-        prompts = [sum(s["prompts"] for s in rows if s["length"] == n) for n in lengths]
-        ratios = [median([s["select_ratio"] for s in rows if s["length"] == n]) for n in lengths]
-        axes[0].plot(lengths, ratios, "-o", label=label, markersize=4)
-        axes[1].plot(lengths, [a / p for a, p in zip(answers, prompts, strict=True)], "-o", label=label, markersize=4)
-    axes[0].set_title("filter pass time / dense filter pass (median per family)")
-    axes[1].set_title("answers found (all families)")
-    for ax in axes:
-        ax.set_xlabel("prompt tokens")
-        ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-    axes[1].set_ylim(-0.05, 1.05)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"GemFilter filter-pass attention, {result['model']} {result['dtype']}, k={result['budget']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(12, 4.5)) as (fig, axes):
+        for label in labels:
+            rows = [s for s in result["summary"] if s["config"] == label]
+            answers = [sum(s["found"] for s in rows if s["length"] == n) for n in lengths]
+            prompts = [sum(s["prompts"] for s in rows if s["length"] == n) for n in lengths]
+            ratios = [median([s["select_ratio"] for s in rows if s["length"] == n]) for n in lengths]
+            axes[0].plot(lengths, ratios, "-o", label=label, markersize=4)
+            axes[1].plot(
+                lengths, [a / p for a, p in zip(answers, prompts, strict=True)], "-o", label=label, markersize=4
+            )
+        axes[0].set_title("filter pass time / dense filter pass (median per family)")
+        axes[1].set_title("answers found (all families)")
+        for ax in axes:
+            ax.set_xlabel("prompt tokens")
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+        axes[1].set_ylim(-0.05, 1.05)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"GemFilter filter-pass attention, {result['model']} {result['dtype']}, k={result['budget']}")
 
 
 def markdown_section(result: dict[str, Any], out_path: Path) -> str:

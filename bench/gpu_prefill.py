@@ -32,6 +32,7 @@ from typing import Any
 
 from bench.common import (
     RESULTS_DIR,
+    figure,
     needle_prompt,
     replace_doc_section,
     result_header,
@@ -204,29 +205,22 @@ def doc_section(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = sorted({row["model"] for row in result["summary"]})
-    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
-    for column, model in enumerate(models):
-        rows = [row for row in result["summary"] if row["model"] == model]
-        for method in dict.fromkeys(row["method"] for row in rows):
-            mine = [row for row in rows if row["method"] == method]
-            lengths = [row["prompt_tokens"] for row in mine]
-            axes[0][column].plot(lengths, [row["ttft_ms"] for row in mine], marker="o", label=method)
-            axes[1][column].plot(lengths, [row["over_baseline_gib"] for row in mine], marker="o", label=method)
-        axes[0][column].set_title(f"{model}: TTFT (ms)")
-        axes[1][column].set_title(f"{model}: peak GPU memory over the weights (GiB)")
-        for ax in axes[:, column]:
-            ax.set_xlabel("prompt tokens")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle(f"{result['machine']['gpu']}, {result['dtype']}, random weights")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with figure(path, 2, len(models), figsize=(6 * len(models), 8), squeeze=False) as (fig, axes):
+        for column, model in enumerate(models):
+            rows = [row for row in result["summary"] if row["model"] == model]
+            for method in dict.fromkeys(row["method"] for row in rows):
+                mine = [row for row in rows if row["method"] == method]
+                lengths = [row["prompt_tokens"] for row in mine]
+                axes[0][column].plot(lengths, [row["ttft_ms"] for row in mine], marker="o", label=method)
+                axes[1][column].plot(lengths, [row["over_baseline_gib"] for row in mine], marker="o", label=method)
+            axes[0][column].set_title(f"{model}: TTFT (ms)")
+            axes[1][column].set_title(f"{model}: peak GPU memory over the weights (GiB)")
+            for ax in axes[:, column]:
+                ax.set_xlabel("prompt tokens")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+        fig.suptitle(f"{result['machine']['gpu']}, {result['dtype']}, random weights")
 
 
 def publish(result: dict[str, Any], out: Path, doc: bool) -> None:

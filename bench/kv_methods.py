@@ -30,6 +30,7 @@ from typing import Any
 from bench.common import (
     RESULTS_DIR,
     WorkerError,
+    figure,
     machine_description,
     model_slug,
     needle_prompt,
@@ -175,34 +176,26 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [
         ("accuracy", "needle accuracy"),
         ("ttft_ms", "TTFT (ms)"),
         ("decode_tokens_per_s", "decode tokens/s"),
         ("kv_bytes_after_prefill", "KV MiB after prefill"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    series: dict[str, list[dict[str, Any]]] = {}
-    for row in data["summary"]:
-        name = row["method"] if row["budget"] is None else f"{row['method']}-{row['budget']}"
-        series.setdefault(name, []).append(row)
-    for ax, (key, title) in zip(axes, panels, strict=True):
-        for name, rows in sorted(series.items()):
-            rows = sorted(rows, key=lambda r: r["length"])
-            values = [r[key] / 2**20 if key == "kv_bytes_after_prefill" else r[key] for r in rows]
-            ax.plot([r["length"] for r in rows], values, marker="o", label=name)
-        ax.set_title(title)
-        ax.set_xlabel("prompt tokens")
-        ax.set_xscale("log", base=2)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 1, len(panels), figsize=(5 * len(panels), 4)) as (_fig, axes):
+        series: dict[str, list[dict[str, Any]]] = {}
+        for row in data["summary"]:
+            name = row["method"] if row["budget"] is None else f"{row['method']}-{row['budget']}"
+            series.setdefault(name, []).append(row)
+        for ax, (key, title) in zip(axes, panels, strict=True):
+            for name, rows in sorted(series.items()):
+                rows = sorted(rows, key=lambda r: r["length"])
+                values = [r[key] / 2**20 if key == "kv_bytes_after_prefill" else r[key] for r in rows]
+                ax.plot([r["length"] for r in rows], values, marker="o", label=name)
+            ax.set_title(title)
+            ax.set_xlabel("prompt tokens")
+            ax.set_xscale("log", base=2)
+        axes[0].legend(fontsize=7)
 
 
 def markdown_table(data: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ from transformers.cache_utils import DynamicCache
 import server.engine.hf as hf_engine
 from bench.common import (
     RESULTS_DIR,
+    figure,
     machine_description,
     model_slug,
     needle_prompt,
@@ -167,28 +168,20 @@ DOC_HEADING = "## KV-cache methods: needle accuracy, KV bytes, decode speed (iss
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in data["summary"] if r["method"] != "none"]
     full = next(r for r in data["summary"] if r["method"] == "none")
     labels = [f"{r['method']}\n{r['budget']}" for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-    axes[0].bar(labels, [r["accuracy"] for r in rows])
-    axes[0].axhline(full["accuracy"], color="k", linestyle="--", label="full attention")
-    axes[0].set_title(f"needle accuracy, {data['settings']['length']}-token prompts")
-    axes[0].legend()
-    axes[1].bar(labels, [r["median_decode_tokens_per_s"] or 0 for r in rows])
-    axes[1].axhline(full["median_decode_tokens_per_s"], color="k", linestyle="--", label="full attention")
-    axes[1].set_title("decode tokens/s (median over prompts; shared CPU)")
-    axes[1].legend()
-    for ax in axes:
-        ax.tick_params(axis="x", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(13, 4)) as (_fig, axes):
+        axes[0].bar(labels, [r["accuracy"] for r in rows])
+        axes[0].axhline(full["accuracy"], color="k", linestyle="--", label="full attention")
+        axes[0].set_title(f"needle accuracy, {data['settings']['length']}-token prompts")
+        axes[0].legend()
+        axes[1].bar(labels, [r["median_decode_tokens_per_s"] or 0 for r in rows])
+        axes[1].axhline(full["median_decode_tokens_per_s"], color="k", linestyle="--", label="full attention")
+        axes[1].set_title("decode tokens/s (median over prompts; shared CPU)")
+        axes[1].legend()
+        for ax in axes:
+            ax.tick_params(axis="x", labelsize=7)
 
 
 def markdown_section(data: dict[str, Any], kvpress: dict[str, Any] | None) -> str:

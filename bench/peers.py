@@ -46,6 +46,7 @@ from bench.attention import found
 from bench.common import (
     REPO_ROOT,
     RESULTS_DIR,
+    figure,
     grouped_bars,
     model_slug,
     replace_doc_section,
@@ -285,22 +286,14 @@ def summarise(rows: list[dict[str, Any]], configs: tuple[str, ...]) -> list[dict
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lengths = sorted({s["length"] for s in result["summary"]})
     configs = list(dict.fromkeys(s["config"] for s in result["summary"]))
     ttft = {(s["length"], s["config"]): s["ttft_ms_median"] / 1000 for s in result["summary"]}
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    grouped_bars(ax, lengths, configs, lambda n, config: ttft[n, config])
-    ax.set_ylabel("TTFT, median (s)")
-    m = result["machine"]
-    ax.set_title(f"{result['model']} {result['dtype']}, {m['cpu']} ({m['cpu_cores']} cores)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(8, 4.5)) as (_fig, ax):
+        grouped_bars(ax, lengths, configs, lambda n, config: ttft[n, config])
+        ax.set_ylabel("TTFT, median (s)")
+        m = result["machine"]
+        ax.set_title(f"{result['model']} {result['dtype']}, {m['cpu']} ({m['cpu_cores']} cores)", fontsize=9)
 
 
 def markdown_section(result: dict[str, Any], out_path: Path) -> str:

@@ -31,6 +31,7 @@ from bench.common import (
     DOCS_PATH,
     RESULTS_DIR,
     cpu_was_shared,
+    figure,
     machine_description,
     model_slug,
     needle_prompt,
@@ -161,34 +162,26 @@ def targets(rows: list[dict[str, Any]], num_layers: int) -> list[dict[str, Any]]
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["rows"]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    panels = [
-        ("ttft_ms", "TTFT (ms, median)", 1.0),
-        ("kv_cache_bytes", "KV cache after prefill (MiB)", 1 / 2**20),
-        ("peak_memory_bytes", "peak RSS (MiB)", 1 / 2**20),
-        ("accuracy", "needle accuracy", 1.0),
-    ]
-    for ax, (key, title, scale) in zip(axes.flat, panels, strict=True):
-        for label, _, _ in CONFIGS:
-            points = sorted((r["length"], r[key] * scale) for r in rows if r["label"] == label)
-            if points:
-                ax.plot(*zip(*points, strict=True), "-o", label=label, markersize=4)
-        ax.set_title(title)
-        ax.set_xlabel("prompt tokens")
-        ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-    axes.flat[3].set_ylim(-0.05, 1.05)
-    axes.flat[0].legend()
-    fig.suptitle(f"GemFilter vs full attention, {result['model']}, {result['machine']['cpu_cores']}-core CPU")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 2, 2, figsize=(11, 7.5)) as (fig, axes):
+        panels = [
+            ("ttft_ms", "TTFT (ms, median)", 1.0),
+            ("kv_cache_bytes", "KV cache after prefill (MiB)", 1 / 2**20),
+            ("peak_memory_bytes", "peak RSS (MiB)", 1 / 2**20),
+            ("accuracy", "needle accuracy", 1.0),
+        ]
+        for ax, (key, title, scale) in zip(axes.flat, panels, strict=True):
+            for label, _, _ in CONFIGS:
+                points = sorted((r["length"], r[key] * scale) for r in rows if r["label"] == label)
+                if points:
+                    ax.plot(*zip(*points, strict=True), "-o", label=label, markersize=4)
+            ax.set_title(title)
+            ax.set_xlabel("prompt tokens")
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+        axes.flat[3].set_ylim(-0.05, 1.05)
+        axes.flat[0].legend()
+        fig.suptitle(f"GemFilter vs full attention, {result['model']}, {result['machine']['cpu_cores']}-core CPU")
 
 
 def markdown_section(result: dict[str, Any]) -> str:

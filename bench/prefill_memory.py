@@ -37,6 +37,7 @@ from typing import Any
 
 from bench.common import (
     RESULTS_DIR,
+    figure,
     grouped_bars,
     needle_prompt,
     replace_doc_section,
@@ -184,22 +185,14 @@ def run_worker(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in result["summary"] if r["malloc"] == "server"]
     lengths = sorted({r["length"] for r in rows})
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    peaks = {(r["length"], r["config"]): r["peak_rise_mib_median"] for r in rows}
-    configs = [config for config in CONFIGS if any(r["config"] == config for r in rows)]
-    grouped_bars(ax, lengths, configs, lambda n, config: peaks.get((n, config), 0))
-    ax.set_ylabel("peak RSS rise over the request (MiB, median)\nthe server's allocator setting")
-    ax.set_title(f"Prefill peak memory, {result['model']}, budget {result['budget']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(9, 4.5)) as (_fig, ax):
+        peaks = {(r["length"], r["config"]): r["peak_rise_mib_median"] for r in rows}
+        configs = [config for config in CONFIGS if any(r["config"] == config for r in rows)]
+        grouped_bars(ax, lengths, configs, lambda n, config: peaks.get((n, config), 0))
+        ax.set_ylabel("peak RSS rise over the request (MiB, median)\nthe server's allocator setting")
+        ax.set_title(f"Prefill peak memory, {result['model']}, budget {result['budget']}")
 
 
 def markdown_section(result: dict[str, Any], out_path: Path, heading: str = DOC_HEADING) -> str:

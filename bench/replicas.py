@@ -36,7 +36,16 @@ from typing import Any
 
 import httpx
 
-from bench.common import REPO_ROOT, RESULTS_DIR, brief, loadtest, machine_description, replace_doc_section, write_json
+from bench.common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    brief,
+    figure,
+    loadtest,
+    machine_description,
+    replace_doc_section,
+    write_json,
+)
 from bench.harness import (
     checkout_environment,
     free_port,
@@ -212,25 +221,17 @@ def main() -> int:
 
 
 def plot(table: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    methods = list(table)
-    names = [fleet_name(*f) for f in FLEETS]
-    width = 0.8 / len(names)
-    for offset, name in enumerate(names):
-        xs = [i + offset * width for i in range(len(methods))]
-        ax.bar(xs, [table[m][name]["req_per_s"] for m in methods], width, label=name.replace("_", ", "))
-    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(methods))], methods)
-    ax.set_ylabel("requests / s (median of rounds)")
-    ax.set_title(f"Through HAProxy, {INPUT_LEN}-token prompts, a core per replica")
-    ax.legend(title="replicas, client concurrency")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(6.5, 3.5)) as (_fig, ax):
+        methods = list(table)
+        names = [fleet_name(*f) for f in FLEETS]
+        width = 0.8 / len(names)
+        for offset, name in enumerate(names):
+            xs = [i + offset * width for i in range(len(methods))]
+            ax.bar(xs, [table[m][name]["req_per_s"] for m in methods], width, label=name.replace("_", ", "))
+        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(methods))], methods)
+        ax.set_ylabel("requests / s (median of rounds)")
+        ax.set_title(f"Through HAProxy, {INPUT_LEN}-token prompts, a core per replica")
+        ax.legend(title="replicas, client concurrency")
 
 
 def doc_section(result: dict[str, Any]) -> str:

@@ -62,7 +62,7 @@ from typing import Any, NamedTuple
 
 import httpx
 
-from bench.common import RESULTS_DIR, machine_description, model_slug, replace_doc_section, write_json
+from bench.common import RESULTS_DIR, figure, machine_description, model_slug, replace_doc_section, write_json
 from bench.harness import (
     HOST,
     checkout_environment,
@@ -839,41 +839,33 @@ def counters_to_dicts(counters: dict[str, Counter[str]]) -> dict[str, dict[str, 
 
 # ---- outputs ----------------------------------------------------------------------------------
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     samples = result["samples"]
     warmup_min = result["verdict"]["warmup_min"]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex=True)
-    series = ((axes[0][0], "rss_bytes", "server RSS (MiB)", 1 / MIB), (axes[0][1], "threads", "server threads", 1))
-    for ax, key, title, scale in (*series, (axes[1][0], "open_fds", "server open fds", 1)):
-        points = [(s["t_s"] / 60, s[key] * scale) for s in samples if s[key] is not None]
-        if points:
-            ax.plot(*zip(*points, strict=True), "-o", markersize=3, label="under load")
-        ax.set_title(title)
-    idle = [(s["t_s"] / 60, s["rss_bytes"] / MIB) for s in result.get("idle_samples", [])]
-    if idle:
-        axes[0][0].plot(*zip(*idle, strict=True), "s-", color="black", markersize=4, label="idle probes")
-        axes[0][0].legend(fontsize=8)
-    ax = axes[1][1]
-    minutes = [s["t_s"] / 60 for s in samples]
-    for kind in [k for k in (*EXPECTED_KINDS, *UNEXPECTED_KINDS) if any(k in s["outcomes"] for s in samples)]:
-        style = "--" if kind in UNEXPECTED_KINDS else "-"
-        ax.plot(minutes, [s["outcomes"].get(kind, 0) for s in samples], style, label=kind)
-    ax.set_title("cumulative requests by outcome")
-    ax.legend(fontsize=8)
-    for ax in axes.flat:
-        ax.axvline(warmup_min, color="grey", linestyle=":", linewidth=1)  # end of the warm-up
-        ax.grid(alpha=0.3)
-    for ax in axes[1]:
-        ax.set_xlabel("minutes of load")
-    outcome = "passed" if result["verdict"]["passed"] else "FAILED"
-    fig.suptitle(f"Soak, {result['model']}, {result['settings']['clients']} clients: {outcome}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 2, 2, figsize=(12, 7), sharex=True) as (fig, axes):
+        series = ((axes[0][0], "rss_bytes", "server RSS (MiB)", 1 / MIB), (axes[0][1], "threads", "server threads", 1))
+        for ax, key, title, scale in (*series, (axes[1][0], "open_fds", "server open fds", 1)):
+            points = [(s["t_s"] / 60, s[key] * scale) for s in samples if s[key] is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), "-o", markersize=3, label="under load")
+            ax.set_title(title)
+        idle = [(s["t_s"] / 60, s["rss_bytes"] / MIB) for s in result.get("idle_samples", [])]
+        if idle:
+            axes[0][0].plot(*zip(*idle, strict=True), "s-", color="black", markersize=4, label="idle probes")
+            axes[0][0].legend(fontsize=8)
+        ax = axes[1][1]
+        minutes = [s["t_s"] / 60 for s in samples]
+        for kind in [k for k in (*EXPECTED_KINDS, *UNEXPECTED_KINDS) if any(k in s["outcomes"] for s in samples)]:
+            style = "--" if kind in UNEXPECTED_KINDS else "-"
+            ax.plot(minutes, [s["outcomes"].get(kind, 0) for s in samples], style, label=kind)
+        ax.set_title("cumulative requests by outcome")
+        ax.legend(fontsize=8)
+        for ax in axes.flat:
+            ax.axvline(warmup_min, color="grey", linestyle=":", linewidth=1)  # end of the warm-up
+            ax.grid(alpha=0.3)
+        for ax in axes[1]:
+            ax.set_xlabel("minutes of load")
+        outcome = "passed" if result["verdict"]["passed"] else "FAILED"
+        fig.suptitle(f"Soak, {result['model']}, {result['settings']['clients']} clients: {outcome}")
 
 
 def fmt(value: float | None, spec: str = ".1f") -> str:

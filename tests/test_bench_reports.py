@@ -3,8 +3,11 @@ measurements (no GPU or model needed)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
+
+import pytest
 
 from bench import gpu_prefill
 from bench.common import RESULTS_DIR
@@ -34,3 +37,29 @@ def test_the_gpu_prefill_summary_follows_from_its_rows(tmp_path: Path) -> None:
             assert row["speedup_vs_none"] == ratios[len(ratios) // 2]
     section = gpu_prefill.doc_section(result)
     assert section.startswith(gpu_prefill.DOC_HEADING) and section.count("\n| llama-3.1-8b |") == 16
+
+
+# Every benchmark's plot, drawn again from its committed result (bench.common.figure sets each up).
+PLOTS = [
+    ("attention", "attention_smollm2.json", None),
+    ("batching", "batching_smollm2.json", None),
+    ("decode_attention", "decode_attention.json", None),
+    ("dtype_eval", "dtype_eval_smollm2.json", None),
+    ("fallback_curve", "eval_smollm2_units/fallback_gemfilter_256_span=sentence_head=32.json", None),
+    ("gpu_prefill", "gpu_prefill.json", None),
+    ("kv_methods", "kv_methods_smollm2.json", None),
+    ("kv_shared", "kv_shared_smollm2_8000.json", None),
+    ("peers", "peers_smollm2.json", None),
+    ("prefill", "prefill_smollm2.json", None),
+    ("prefill_memory", "prefill_memory_smollm2_allocator.json", None),
+    ("replicas", "replicas_smollm2.json", "table"),
+    ("soak", "soak_smollm2.json", None),
+]
+
+
+@pytest.mark.parametrize(("module", "result", "key"), PLOTS, ids=[p[0] for p in PLOTS])
+def test_each_benchmark_plot_redraws_from_its_result(tmp_path: Path, module: str, result: str, key: str | None) -> None:
+    data = json.loads((RESULTS_DIR / result).read_text())
+    out = tmp_path / "plot.png"
+    importlib.import_module(f"bench.{module}").plot(data[key] if key else data, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
