@@ -381,7 +381,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma list of scenarios to skip (for debugging)")
     parser.add_argument(
         "--step-budgets",
-        default=f"32,{DEFAULT_STEP_TOKENS},256",
+        default=f"32,{DEFAULT_STEP_TOKENS},128,256",
         help="--max-num-batched-tokens values for long_prompt",
     )
     parser.add_argument("--render", type=Path, help="only redraw the PNG and the docs section from this JSON")
