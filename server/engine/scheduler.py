@@ -37,10 +37,11 @@ import math
 import threading
 from dataclasses import dataclass, field
 
-# Measured on SmolLM2-135M, 2 CPU cores (docs/benchmarks.md, "Continuous batching"): with three
-# streams decoding, a 6.5K-token prompt reached its first token in 1.75x its time alone at 64 (the
-# streams' p99 inter-token latency 3.2x their p50), 3.06x at 32 (3.2x), 2.14x at 96 (5.1x), 1.60x
-# at 160 (5.1x): 64 came closest to both targets (1.5x, 3x); none met both.
+# Measured on SmolLM2-135M bfloat16, 2 CPU cores (docs/benchmarks.md, "Continuous batching"): with
+# three streams decoding, a 6.5K-token prompt reached its first token in 3.18x its time alone at 32
+# tokens a step (the streams' p99 inter-token latency 3.0x their p50), 2.20x at 64 (4.6x), 1.51x at
+# 128 (6.5x), 1.48x at 256 (14.2x): 64 is the compromise between the two targets (1.5x, 3x); no
+# budget meets both on this CPU (the reading there says why).
 DEFAULT_STEP_TOKENS = 64
 # Requests in the batch at once: memory, not this, should bound the batch (a request holds what
 # it uses), and a decode step of 32 requests costs little more than one of 8 on this CPU.
