@@ -266,3 +266,25 @@ def test_close_drains_pending_passes_and_errors_reach_the_caller(filter_model) -
     assert results == [3, 1, 5]
     assert error is not None and "failed" in str(error)
     assert all(not layer._forward_pre_hooks for layer in decoder_layers(filter_model.model))  # hooks removed
+
+
+def test_each_turn_sets_the_heap_for_its_pass_and_the_last_pass_releases_it(filter_model, monkeypatch) -> None:
+    """One pass computes at a time, so the heap's threshold follows the running pass's size
+    (server/allocator.py); when no pass is left, the heap's free pages go back."""
+    import server.engine.filter_passes as filter_passes
+
+    events: list[tuple[str, int]] = []
+    monkeypatch.setattr(filter_passes, "heap_for_step", lambda tokens: events.append(("heap", tokens)))
+    monkeypatch.setattr(filter_passes, "release_free_heap", lambda: events.append(("release", 0)) or True)
+    passes = FilterPasses(filter_model.model, lambda: 1)
+
+    async def scenario() -> None:
+        for tokens in (8000, 300):
+            await passes.submit(lambda: None, tokens, 1, threading.Event(), lambda: None)
+        await asyncio.to_thread(passes.close)
+
+    asyncio.run(scenario())
+    assert [tokens for kind, tokens in events if kind == "heap"] == [8000, 300]
+    # The first pass's worker may still be ending when the second is submitted: then only the
+    # last one finds nothing left to run.
+    assert events[-1] == ("release", 0) and events.count(("release", 0)) in (1, 2)

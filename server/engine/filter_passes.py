@@ -30,6 +30,7 @@ import torch
 from transformers import PreTrainedModel
 
 from compressors.probe import decoder_layers
+from server.allocator import heap_for_step, release_free_heap
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +156,9 @@ class FilterPasses:
             with self._turn:
                 self._workers.discard(threading.current_thread())
                 self._turn.notify_all()
+                idle = self._running is None and not self._ready
+            if idle:  # as the hf batch does when it idles (server/allocator.py)
+                release_free_heap()
 
     def _outcome(self, job: FilterPass) -> tuple[Any, BaseException | None]:
         """The pass's result or error; the cores go to the next pass as soon as it stops computing."""
@@ -186,8 +190,10 @@ class FilterPasses:
             self._ready.remove(job)
             self._running = job
         # Per turn: OpenMP's thread count is a per-thread setting, and the right count changes as
-        # vLLM starts and finishes requests.
+        # vLLM starts and finishes requests. One pass computes at a time, so the heap's threshold
+        # is set for its size (server/allocator.py: a long pass returns its freed blocks at once).
         torch.set_num_threads(self.threads())
+        heap_for_step(job.tokens)
 
     def _between_layers(self, module: Any, args: Any) -> None:
         """Before each decoder layer: drop a cancelled pass, or hand the cores to a pass with less
