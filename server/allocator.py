@@ -13,8 +13,9 @@ Issue 24 fixed the threshold at 128 KiB for everything. That made every tensor-s
 mapping, and so a page fault per page of it, every time: measured on SmolLM2 bfloat16, 2 cores
 (docs/benchmarks.md, "Continuous batching"), a decode step at an 8K context took 2.8-3.5x as
 long (92k faults a step), four decodes 1.8x, a 512-token prefill 1.4-1.8x, against 1.08x for an
-8K-token prefill, whose attention dwarfs the faults. Hence a threshold per step (:func:`heap_for_step`, called by the hf engine core before each step
-and by the vllm backend's filter passes at each turn, one computing at a time):
+8K-token prefill, whose attention dwarfs the faults. Hence a threshold per step
+(:func:`heap_for_step`, called by the hf engine core before each step and by the vllm backend's
+filter passes at each turn, one computing at a time):
 
 - a forward of at least ``LONG_FORWARD_TOKENS`` prompt tokens (a long prefill, or a filter pass,
   in one piece) runs with the configured threshold (``--malloc-mmap-threshold``, 128 KiB): its
