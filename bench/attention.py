@@ -32,6 +32,7 @@ from typing import Any
 from bench.common import (
     RESULTS_DIR,
     figure,
+    length_axes,
     model_slug,
     replace_doc_section,
     result_header,
@@ -272,12 +273,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             axes[1].plot(lengths, answers, style, label=label, markersize=4)
         axes[0].set_title(f"TTFT / TTFT of {BASELINE} (median of paired ratios)")
         axes[1].set_title("needles answered (fraction)")
-        for ax in axes:
-            ax.set_xlabel("prompt tokens")
-            ax.set_xscale("log", base=2)
-            ax.grid(alpha=0.3)
-        axes[1].set_ylim(-0.05, 1.05)
-        axes[0].legend(fontsize=7)
+        length_axes(axes)
         fig.suptitle(f"Attention backends, {result['model']}, {result['machine']['cpu_cores']}-core CPU")
 
 

@@ -232,6 +232,17 @@ def grouped_bars(ax: Any, lengths: list[int], configs: Sequence[str], value: Cal
     ax.grid(axis="y", alpha=0.3)
 
 
+def length_axes(axes: Any) -> None:
+    """A two-panel figure over prompt length: log-2 length axes with grids, the right panel a
+    fraction (0..1), the legend on the left one."""
+    for ax in axes:
+        ax.set_xlabel("prompt tokens")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[1].set_ylim(-0.05, 1.05)
+    axes[0].legend(fontsize=7)
+
+
 @contextlib.contextmanager
 def figure(path: Path, nrows: int = 1, ncols: int = 1, **subplots: Any) -> Iterator[tuple[Any, Any]]:
     """A headless matplotlib figure (``plt.subplots(nrows, ncols, **subplots)``): laid out, saved to

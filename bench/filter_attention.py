@@ -29,6 +29,7 @@ from bench.attention import build_prompt, found, prose_parts, synthetic_parts
 from bench.common import (
     RESULTS_DIR,
     figure,
+    length_axes,
     model_slug,
     replace_doc_section,
     result_header,
@@ -254,12 +255,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             )
         axes[0].set_title("filter pass time / dense filter pass (median per family)")
         axes[1].set_title("answers found (all families)")
-        for ax in axes:
-            ax.set_xlabel("prompt tokens")
-            ax.set_xscale("log", base=2)
-            ax.grid(alpha=0.3)
-        axes[1].set_ylim(-0.05, 1.05)
-        axes[0].legend(fontsize=7)
+        length_axes(axes)
         fig.suptitle(f"GemFilter filter-pass attention, {result['model']} {result['dtype']}, k={result['budget']}")
 
 

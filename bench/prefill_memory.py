@@ -16,9 +16,8 @@ peak depends on fragmentation as much as on live tensors (float32 runs of one co
 differed by 150 MiB). ``server`` is what ``gemserve serve`` runs with (server/allocator.py: the
 threshold at 128 KiB in a forward of 4K+ prompt tokens, so every tensor-sized block of it is its own
 mapping, returned to the OS when freed, and RSS follows the bytes alive); ``32m`` what its other
-steps run with, for every step.
-Per repeat and length the settings alternate (rotated), so their prefill times compare run against
-neighbouring run.
+steps run with, for every step. Per repeat and length the settings alternate (rotated), so their
+prefill times compare run against neighbouring run.
 
     python -m bench.prefill_memory --lengths 4096 8000 --repeats 2
     python -m bench.prefill_memory --lengths 8000 --configs none,snapkv --tag allocator   # issue 24
@@ -61,14 +60,14 @@ MALLOCS = ("server", "glibc", "32m")  # see the module doc
 def run_config(payload: dict[str, Any]) -> dict[str, Any]:
     from compressors.base import KVAttachment
     from compressors.kv_pruner import ScoredKVPruner
-    from server.allocator import configure_heap
+    from server.allocator import STEP_MMAP_THRESHOLD, configure_heap
     from server.engine.hf import HFEngine
     from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
     from server.models import load_model
     from server.settings import Settings
 
     # Before any tensor exists, as `gemserve serve` does; "glibc": its adaptive threshold.
-    thresholds = {"server": Settings().malloc_mmap_threshold, "glibc": 0, "32m": 32 * 2**20}
+    thresholds = {"server": Settings().malloc_mmap_threshold, "glibc": 0, "32m": STEP_MMAP_THRESHOLD}
     heap = configure_heap(thresholds[payload["malloc"]])
     name = payload["config"]
     if name.endswith(AFTER_PREFILL):  # the reference: prune the full cache once the prefill is done
