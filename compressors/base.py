@@ -3,7 +3,8 @@
 Two kinds of method (shared DESIGN.md, "The request path"):
 
 * a :class:`PromptSelector` maps the prompt's token ids to the kept token ids before any KV
-  cache exists (GemFilter); the model then prefills only the kept ids with fresh positions;
+  cache exists (GemFilter); the model then prefills only the kept ids (at fresh positions, or at
+  their places in the prompt);
 * a :class:`KVCompressor` prefills the whole prompt and shrinks the real cache tensors (SnapKV,
   StreamingLLM: each layer as soon as its attention is done), and may keep pruning while decoding
   (H2O).
@@ -12,7 +13,7 @@ Every method is driven through one lifecycle, in the spirit of kvpress's ``with 
 
     with method.attach(model, prompt_ids, cache, default_budget, tokenizer) as hooks:
         with hooks.prefill():
-            forward(hooks.prefill_ids, positions 0 .. len - 1)
+            forward(hooks.prefill_ids, hooks.prefill_position_ids or 0 .. len - 1)
         hooks.selection               # what was kept, final once prefill() has exited
         for each generated token:     # positions go on at hooks.next_position
             with hooks.decode_step():
@@ -288,9 +289,15 @@ class Attachment:
     unpruned cache held (KV methods only; None where nothing is pruned).
     """
 
-    def __init__(self, prefill_ids: torch.Tensor, selection: Selection) -> None:
+    def __init__(
+        self, prefill_ids: torch.Tensor, selection: Selection, prefill_position_ids: torch.Tensor | None = None
+    ) -> None:
         self.prefill_ids = prefill_ids
         self.selection = selection
+        # (1, len) rotary positions of prefill_ids when they are not 0..len-1: a selection that keeps
+        # the kept tokens' places in the prompt (GemFilter's positions="original"). The cache still
+        # holds the ids in order; only the positions the model encodes differ.
+        self.prefill_position_ids = prefill_position_ids
         self.kv_bytes_before: int | None = None
 
     @property
@@ -301,7 +308,10 @@ class Attachment:
 
     @property
     def next_position(self) -> int:
-        """The first generated token's position: decode goes on after the prefilled ids."""
+        """The first generated token's position: decode goes on after the prefilled ids (after the
+        whole prompt when they kept their places in it)."""
+        if self.prefill_position_ids is not None:
+            return self.selection.prompt_tokens
         return int(self.prefill_ids.shape[-1])
 
     @contextmanager
@@ -399,7 +409,7 @@ class PromptSelector(BudgetedMethod):
         """Select (a selector that runs the model overrides this to do it in steps): the prefill
         sees only the kept ids."""
         selection = self.select(target.model, target.prompt_ids, target.default_budget, target.tokenizer)
-        return Preparation(lambda: Attachment(kept_ids(target.prompt_ids, selection), selection))
+        return Preparation(lambda: selected_attachment(target.prompt_ids, selection))
 
 
 def kept_ids(prompt_ids: torch.Tensor, selection: Selection) -> torch.Tensor:
@@ -408,6 +418,17 @@ def kept_ids(prompt_ids: torch.Tensor, selection: Selection) -> torch.Tensor:
         return prompt_ids
     kept = torch.tensor(selection.kept_indices, dtype=torch.long, device=prompt_ids.device)
     return prompt_ids.index_select(-1, kept)
+
+
+def selected_attachment(prompt_ids: torch.Tensor, selection: Selection, original_positions: bool = False) -> Attachment:
+    """A prompt selector's attachment: the kept ids, at fresh positions ``0..k-1`` (the paper's
+    GemFilter) or, with ``original_positions``, at their places in the prompt, so the model sees
+    the distances it would see in the whole prompt and decodes on from position ``n``."""
+    ids = kept_ids(prompt_ids, selection)
+    if not original_positions or ids is prompt_ids:
+        return Attachment(ids, selection)
+    positions = torch.tensor([selection.kept_indices], dtype=torch.long, device=prompt_ids.device)
+    return Attachment(ids, selection, positions)
 
 
 @dataclass

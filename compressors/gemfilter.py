@@ -8,7 +8,7 @@ Filter pass: run decoder layers ``0..r-1`` over the whole prompt with no KV cach
 heads expanded), smooth with a 1-D average pool (kernel 5), keep the top-k, sorted ascending
 so the text keeps its order. The filter pass stops inside layer ``r``'s attention: no
 attention output, no later layer. The caller then prefills the full model on the kept ids
-with fresh contiguous positions.
+with fresh contiguous positions (the paper), or at their places in the prompt (``positions``).
 
 Scores (knobs ``scoring`` and ``window``) are summed over the query heads and averaged over
 the last ``window`` prompt queries (each query sees only the keys at or before it):
@@ -48,8 +48,8 @@ from compressors.base import (
     PromptSelector,
     Selection,
     Target,
-    kept_ids,
     model_dtype,
+    selected_attachment,
 )
 from compressors.knobs import Conflict, knob
 from compressors.kv_scoring import causal_logits, window_attention
@@ -121,6 +121,11 @@ DEFAULT_FILTER_ATTENTION = "dense"
 # depth 0.5 recovered); with sentence units it changed neither Gemma (5 of 6) nor SmolLM2's suite
 # mean (0.68). docs/benchmarks.md, "Selection units, head and confidence".
 DEFAULT_HEAD = 32
+# Where the kept tokens sit for the rotary embedding: "compact" renumbers them 0..k-1 (the paper's
+# code feeds the kept ids as a new prompt), "original" keeps their places in the prompt, so the
+# question is as far from the needle as in the whole prompt and decoding goes on at position n.
+POSITIONS = ("compact", "original")
+DEFAULT_POSITIONS = "compact"
 # A request may widen a selection it is not sure of (selection_confidence below ``fallback_below``):
 # to the whole prompt (``fallback="none"``) or to ``fallback=N`` tokens.
 FALLBACKS = ("none",)
@@ -316,6 +321,14 @@ class GemFilter(PromptSelector):
     head: int = knob(
         DEFAULT_HEAD, minimum=0, description="first prompt tokens kept first (system prompt, instruction, title)"
     )
+    positions: str = knob(
+        DEFAULT_POSITIONS,
+        choices=POSITIONS,
+        description=(
+            "rotary positions of the kept tokens: compact 0..k-1 (the paper) or original, their places in "
+            "the prompt (decoding goes on at the prompt's length)"
+        ),
+    )
     fallback: str | int | None = knob(
         None,
         choices=FALLBACKS,
@@ -348,7 +361,13 @@ class GemFilter(PromptSelector):
         return max(keep, self.fallback_keep(prompt_tokens, default_budget) or 0)
 
     def prefill_positions(self, prompt_tokens: int, default_budget: int) -> int:
+        if self.positions == "original":
+            return prompt_tokens
         return self.most_kept(prompt_tokens, default_budget)
+
+    def attachment_for(self, prompt_ids: torch.Tensor, selection: Selection) -> Attachment:
+        """The prefill of ``selection``'s kept ids, at the positions this method's knob asks for."""
+        return selected_attachment(prompt_ids, selection, original_positions=self.positions == "original")
 
     def cache_tokens(self, prompt_tokens: int, max_tokens: int, default_budget: int) -> int:
         return self.most_kept(prompt_tokens, default_budget) + max_tokens
@@ -654,7 +673,7 @@ class GemFilterPreparation(Preparation):
 
     def attachment(self) -> Attachment:
         selection = self.selection()
-        return Attachment(kept_ids(self.target.prompt_ids, selection), selection)
+        return self.method.attachment_for(self.target.prompt_ids, selection)
 
     def _pick(self) -> Selection:
         method, target = self.method, self.target

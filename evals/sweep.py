@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from compressors import KVCompressor, Method, PromptSelector
-from compressors.base import Attachment, KVAttachment, Target, cache_bytes, keep_everything, kept_ids, model_dtype
+from compressors.base import Attachment, KVAttachment, Target, cache_bytes, keep_everything, model_dtype
 from compressors.gemfilter import SKIPPED_TOO_SHORT, GemFilter
 from compressors.probe import active_probe, attention_probe
 from contract.protocol import MetricsInfo
@@ -101,7 +101,7 @@ def run_selector_group(
             selection = method.selection_from_scores(target, scores[0], keep, started, scores[1])
             selection.filter_dtype = model_dtype(method.scoring_model(engine.model, engine.filter_model))
         # What GemFilter's attach() would yield, from the shared scores.
-        out[index] = prefill_and_decode(engine, request, method, Attachment(kept_ids(prompt, selection), selection))
+        out[index] = prefill_and_decode(engine, request, method, method.attachment_for(prompt, selection))
     return out
 
 

@@ -26,6 +26,7 @@ from typing import Any, get_type_hints
 from fastapi import FastAPI
 
 from compressors.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION
+from compressors.gemfilter import POSITIONS
 from compressors.knobs import Bounds, conflict_schema, knob_bounds, knob_default, knob_description, knob_schema
 from compressors.registry import METHODS
 from contract.protocol import BOUND_KEY, NULL, UNSUPPORTED_FIELDS, CompressionParams
@@ -121,6 +122,8 @@ def method_branches(method: str, options: RequestOptions) -> list[dict[str, Any]
     overrides = {}
     if "layer" in knob_bounds(cls):
         overrides["layer"] = Bounds(minimum=0, maximum=options.filter_layers - 1)
+    if "positions" in knob_bounds(cls):
+        overrides["positions"] = Bounds(choices=options.positions)
     knobs = dataclass_knobs(cls, overrides)
     branch = {
         "type": "object",
@@ -167,6 +170,7 @@ def compression_schema(options: RequestOptions | None) -> dict[str, Any]:
             attentions=tuple(ATTENTION_BACKENDS),
             default_attention=DEFAULT_ATTENTION,
             filter_layers=2**31,
+            positions=POSITIONS,
         )
     return {
         "title": "CompressionParams",

@@ -63,7 +63,12 @@ def run_batch(engine, requests: list[GenerationRequest], core: EngineCore, monit
 
 
 @pytest.mark.parametrize(
-    ("method", "knobs"), [("none", {}), ("gemfilter", {"budget": 192, "payoff_ratio": 0.0, "span": "token"})]
+    ("method", "knobs"),
+    [
+        ("none", {}),
+        ("gemfilter", {"budget": 192, "payoff_ratio": 0.0, "span": "token"}),
+        ("gemfilter", {"budget": 192, "payoff_ratio": 0.0, "positions": "original"}),
+    ],
 )
 @pytest.mark.slow
 def test_batch_of_four_mixed_prompts_equals_each_alone(engine, prompts, method, knobs, monkeypatch) -> None:
@@ -165,10 +170,11 @@ def test_requests_grow_as_they_decode_and_the_newest_is_preempted_then_recompute
     """A memory budget the batch outgrows while decoding: the newest request is preempted (its cache
     dropped), recomputed when room frees up, and every output still equals its solo run: a
     chunkable prefill re-runs the generated tokens in its chunks, a KV method (whole prefill)
-    re-feeds them in decode steps, a GemFilter request re-runs its pass and picks the same tokens."""
+    re-feeds them in decode steps, a GemFilter request re-runs its pass and picks the same tokens
+    (here at their places in the prompt: the replayed tokens go on after it)."""
     specs = [
         (prompts[1], "none", {}),
-        (prompts[3], "gemfilter", {"budget": 128, "payoff_ratio": 0.0}),
+        (prompts[3], "gemfilter", {"budget": 128, "payoff_ratio": 0.0, "positions": "original"}),
         (prompts[2], "snapkv", {"budget": 128}),
         (prompts[0], "h2o", {"budget": 96}),
     ]

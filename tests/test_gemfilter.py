@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from transformers import Gemma3TextConfig
+from transformers import DynamicCache, Gemma3TextConfig
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from compressors import CompressionError
@@ -223,6 +223,46 @@ def test_engine_filter_pass_with_hooks_end_to_end(loaded_model, engine, count_to
     prefill_positions = layer_kwargs[r + 1]["position_ids"]
     assert prefill_positions.tolist() == [list(range(64))]  # fresh contiguous positions
     assert result.compression.kept_tokens == 64
+
+
+def test_original_positions_prefill_the_kept_tokens_at_their_places_and_decode_on_after_the_prompt(
+    loaded_model, engine, count_tokens
+) -> None:
+    """positions='original': the same kept tokens, rotary positions = their indices in the prompt,
+    decoding at n, n+1...; the tokens equal a by-hand greedy run of the model with those positions."""
+    model = loaded_model.model
+    r = default_filter_layer(model.config)
+    ids, _ = haystack_ids(engine, count_tokens, 400, depth=0.5, seed=16)
+    n, steps = len(ids), 5
+    knobs = {"budget": 64, "payoff_ratio": 0.0}
+    compact = greedy(engine, ids, "gemfilter", max_tokens=steps, **knobs)
+    with record_layer_calls(model) as (_, _, layer_kwargs):
+        result = greedy(engine, ids, "gemfilter", max_tokens=steps, positions="original", **knobs)
+    kept = result.compression.selection.kept_indices
+    assert kept == compact.compression.selection.kept_indices  # the same selection
+    assert len(kept) == 64 and kept[-1] == n - 1 and kept != list(range(64))
+    num_layers = len(decoder_layers(model))
+    forwards = [kw["position_ids"].tolist() for kw in layer_kwargs[r + 1 :: num_layers]]
+    assert forwards[0] == [kept]  # the prefill, after the filter pass's r + 1 layer calls
+    assert forwards[1:] == [[[n + step]] for step in range(steps - 1)]  # each decode, after the prompt
+    by_hand: list[int] = []
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        out = model(
+            input_ids=torch.tensor([[ids[i] for i in kept]]),
+            position_ids=torch.tensor([kept]),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        for step in range(steps):
+            by_hand.append(int(out.logits[0, -1].argmax()))
+            out = model(
+                input_ids=torch.tensor([[by_hand[-1]]]),
+                position_ids=torch.tensor([[n + step]]),
+                past_key_values=cache,
+                use_cache=True,
+            )
+    assert result.token_ids == by_hand
 
 
 def manual_query_key(model, ids: list[int], r: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,7 @@ HF_OPTIONS = RequestOptions(
     attentions=tuple(ATTENTION_BACKENDS),
     default_attention="dense",
     filter_layers=30,
+    positions=("compact", "original"),
 )
 VLLM_OPTIONS = RequestOptions(
     vocab_size=49152,
@@ -38,6 +39,7 @@ VLLM_OPTIONS = RequestOptions(
     attentions=("dense",),
     default_attention="dense",
     filter_layers=14,
+    positions=("compact",),
 )
 
 
@@ -98,6 +100,9 @@ def test_vllm_document_offers_only_what_vllm_runs() -> None:
     assert not schema_accepts(schema, {"attention": "block_sparse"})
     assert schema_accepts(schema, {"method": "gemfilter", "filter_attention": "block_sparse", "layer": 13})
     assert not schema_accepts(schema, {"method": "gemfilter", "layer": 14})
+    assert schema_accepts(schema, {"method": "gemfilter", "positions": "compact"})
+    assert not schema_accepts(schema, {"method": "gemfilter", "positions": "original"})  # vLLM takes no position ids
+    assert schema_accepts(compression_schema(HF_OPTIONS), {"method": "gemfilter", "positions": "original"})
 
 
 # Each knob at and across the bounds its field declares, some knobs on the wrong method or backend,
@@ -111,6 +116,9 @@ CASES = [
     {"method": "gemfilter", "budget": 64.5},
     {"method": "gemfilter", "ratio": 0.0},
     {"method": "gemfilter", "ratio": 1.0},
+    {"method": "gemfilter", "positions": "original"},
+    {"method": "gemfilter", "positions": "shifted"},
+    {"method": "snapkv", "positions": "original"},
     {"method": "gemfilter", "ratio": 0.5, "budget": 10},
     {"method": "gemfilter", "kernel_size": 4},
     {"method": "gemfilter", "kernel_size": 5},

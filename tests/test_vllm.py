@@ -300,6 +300,15 @@ def test_filter_layer_beyond_filter_model_is_400(url, vllm_engine):
     assert f"0..{too_deep - 1}" in error["message"]
 
 
+def test_original_positions_are_refused_with_400(url):
+    body = {"prompt": "Hello there", "max_tokens": 4, "compression": {"method": "gemfilter", "positions": "original"}}
+    response = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "compression.positions"
+    assert "needs the hf backend" in error["message"]
+
+
 def test_the_published_schema_offers_what_the_vllm_backend_runs(url, vllm_engine):
     """/openapi.json on this backend: prompt selectors only, dense prefill, GemFilter's layer within the
     filter model (server/openapi.py), so a client validating against it is never refused for it."""

@@ -126,13 +126,17 @@ class Segment:
     ``attention`` is its prefill backend, which computes and counts the chunk's attention)."""
 
     token_ids: list[int]
-    start: int  # the position of the first token
+    start: int  # the first token's index in its cache, and its position unless ``positions`` says
     cache: DynamicCache
     attention: AttentionBackend | None = None
+    positions: list[int] | None = None  # rotary positions, when a selection kept its tokens' places
 
     @property
     def length(self) -> int:
         return len(self.token_ids)
+
+    def position_ids(self) -> list[int]:
+        return self.positions if self.positions is not None else list(range(self.start, self.start + self.length))
 
 
 class RaggedBatch:
@@ -222,7 +226,7 @@ def forward_segments(model: PreTrainedModel, segments: list[Segment]) -> torch.T
     logits of each segment's last token."""
     device = model.device
     ids = torch.tensor([[t for s in segments for t in s.token_ids]], dtype=torch.long, device=device)
-    positions = [p for s in segments for p in range(s.start, s.start + s.length)]
+    positions = [p for s in segments for p in s.position_ids()]
     position_ids = torch.tensor([positions], dtype=torch.long, device=device)
     ragged = RaggedBatch(segments)
     with use_attention(ragged):

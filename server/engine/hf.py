@@ -23,6 +23,7 @@ from transformers.cache_utils import DynamicCache
 from compressors import CompressionError, Method, build_method
 from compressors.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION, AttentionBackend, build_attention
 from compressors.base import Attachment, cache_bytes, model_dtype
+from compressors.gemfilter import POSITIONS
 from compressors.probe import decoder_layers, use_attention
 from compressors.registry import METHODS
 from contract.protocol import CompressionInfo, MetricsInfo
@@ -130,6 +131,7 @@ class HFEngine:
             attentions=tuple(ATTENTION_BACKENDS),
             default_attention=self.default_attention,
             filter_layers=len(decoder_layers(self.model)),
+            positions=POSITIONS,
         )
 
     def resolve_method(self, spec: CompressionSpec) -> Method:
@@ -241,10 +243,11 @@ class HFEngine:
     def prefill(
         self, hooks: Attachment, cache: DynamicCache, attention: AttentionBackend | None = None
     ) -> torch.Tensor:
-        """Fill the cache with ``hooks.prefill_ids`` at positions ``0..len-1``, the method's prefill
-        hooks around it and ``attention`` computing the attention (None: dense); last-token logits."""
+        """Fill the cache with ``hooks.prefill_ids`` at positions ``0..len-1`` (or the attachment's
+        own), the method's prefill hooks around it and ``attention`` computing the attention (None:
+        dense); last-token logits."""
         with hooks.prefill(), use_attention(attention):
-            return self.forward(hooks.prefill_ids, cache, start_position=0)
+            return forward_ids(self.model, hooks.prefill_ids, cache, 0, hooks.prefill_position_ids)
 
     def decode_one_token(self, token: int, cache: DynamicCache, position: int, hooks: Attachment) -> torch.Tensor:
         """A decode forward of one request alone, its method's decode hooks around it."""

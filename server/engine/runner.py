@@ -56,10 +56,19 @@ def attention_break_even(model: PreTrainedModel) -> float:
     return max(1.0, 2.0 * params / per_key)
 
 
-def forward_ids(model: PreTrainedModel, ids: torch.Tensor, cache: DynamicCache, start_position: int) -> torch.Tensor:
+def forward_ids(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    cache: DynamicCache,
+    start_position: int,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One forward; positions are explicit because a pruned cache is shorter than the sequence it
-    stands for. Only the last position's logits are computed."""
-    positions = torch.arange(start_position, start_position + ids.shape[1], device=ids.device).unsqueeze(0)
+    stands for: ``start_position..`` or ``position_ids`` ``(1, len)`` (a selection that kept its
+    tokens' places). Only the last position's logits are computed."""
+    positions = position_ids
+    if positions is None:
+        positions = torch.arange(start_position, start_position + ids.shape[1], device=ids.device).unsqueeze(0)
     out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
     return out.logits[0, -1]
 
@@ -101,6 +110,7 @@ class RunState:
         self.preparation: Preparation | None = None
         self.hooks: Attachment | None = None
         self.prefill_ids: list[int] = []  # the attachment's ids, then the generated ones re-run
+        self.prefill_positions: list[int] | None = None  # theirs, when not 0..len-1
         self.fed = 0  # generated tokens in the cache
         self.position = 0  # of the next token fed
         self.started = 0.0  # the prefill's first chunk
@@ -108,6 +118,7 @@ class RunState:
     def drop_cache(self) -> None:
         self.cache = self.preparation = self.hooks = None
         self.prefill_ids = []
+        self.prefill_positions = None
         self.fed = self.position = 0
 
 
@@ -237,6 +248,10 @@ class ModelRunner:
         # which the next decode feeds); an unchunkable one re-feeds them in decode steps.
         replay = state.tokens[:-1] if self.chunked(state) else []
         state.prefill_ids = state.hooks.prefill_ids[0].tolist() + replay
+        kept_places = state.hooks.prefill_position_ids
+        if kept_places is not None:
+            after = state.hooks.next_position
+            state.prefill_positions = kept_places[0].tolist() + list(range(after, after + len(replay)))
         if self.chunked(state):
             assert state.cache is not None
             make_room(state.cache, len(state.prefill_ids) + GrowingLayer.SLACK)
@@ -254,7 +269,14 @@ class ModelRunner:
         assert state.cache is not None
         self._mark_start(state, chunk)
         ids = state.prefill_ids[chunk.start : chunk.start + chunk.tokens]
-        return Segment(ids, chunk.start, state.cache, state.attention)
+        return Segment(ids, chunk.start, state.cache, state.attention, self._chunk_positions(state, chunk))
+
+    @staticmethod
+    def _chunk_positions(state: RunState, chunk: Chunk) -> list[int] | None:
+        """The chunk's rotary positions when they are not its indices in the cache."""
+        if state.prefill_positions is None:
+            return None
+        return state.prefill_positions[chunk.start : chunk.start + chunk.tokens]
 
     def _decode_segment(self, request_id: str) -> Segment:
         state = self._states[request_id]
@@ -279,8 +301,10 @@ class ModelRunner:
         self._mark_start(state, chunk)
         ids = state.prefill_ids[chunk.start : chunk.start + chunk.tokens]
         tensor = torch.tensor([ids], dtype=torch.long, device=self.device)
+        positions = self._chunk_positions(state, chunk)
+        position_ids = None if positions is None else torch.tensor([positions], device=self.device)
         with hooks.prefill(), use_attention(state.attention):
-            logits = forward_ids(self.model, tensor, state.cache, chunk.start)
+            logits = forward_ids(self.model, tensor, state.cache, chunk.start, position_ids)
         self._chunk_done(chunk, logits, result)
 
     def _decode_alone(self, request_id: str, result: StepResult) -> None:

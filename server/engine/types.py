@@ -43,6 +43,7 @@ class RequestOptions:
     attentions: tuple[str, ...]
     default_attention: str
     filter_layers: int  # GemFilter's ``layer`` is in [0, filter_layers)
+    positions: tuple[str, ...]  # GemFilter's ``positions`` the backend can run
 
 
 @dataclass

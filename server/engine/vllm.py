@@ -147,6 +147,7 @@ class VLLMEngine(AdmittedCounts):
             attentions=(DEFAULT_ATTENTION,),  # vLLM prefills with its own kernels
             default_attention=DEFAULT_ATTENTION,
             filter_layers=self.filter_model.max_layer + 1,
+            positions=("compact",),  # a TokensPrompt takes no position ids
         )
 
     def encode_prompt(self, text: str | list[int]) -> list[int]:
@@ -170,6 +171,12 @@ class VLLMEngine(AdmittedCounts):
                 param="compression.method",
             )
         if isinstance(method, GemFilter):
+            if method.positions != "compact":
+                raise RequestError(
+                    "positions='original' needs the hf backend: vLLM numbers a prompt's tokens 0..k-1 and "
+                    "takes no position ids (this backend runs GemFilter with positions='compact')",
+                    param="compression.positions",
+                )
             # The truncated filter model would compute a wrong default layer from its own config.
             layer = self.filter_model.default_layer if method.layer is None else method.layer
             if layer > self.filter_model.max_layer:
