@@ -30,7 +30,8 @@ leaves data), a PNG next to it and a section of docs/benchmarks.md; prints one l
 passed, 1 otherwise. Ctrl-C stops the load early (the results are written, the run fails); a
 second Ctrl-C aborts. The server is always stopped: SIGINT, then SIGTERM, then SIGKILL.
 
-Not part of ``make test``:
+Not part of ``make test``; ``make test-slow`` runs two minutes of it as a system test
+(tests/test_soak.py: no unexpected outcome, the server stopped gracefully). By hand:
 
     make soak                                  # 2 hours, the default model; the verdict fits the last hour
     make soak SOAK_MINUTES=30 SOAK_WARMUP=5     # the issue-12 run

@@ -8,12 +8,13 @@ written in here, so that a client validating against ``/openapi.json`` and the s
 - the bounds only the loaded model knows, marked in protocol.py with ``x-gemserve-bound``: a
   token id is below the vocabulary size, ``max_tokens`` below the context;
 - ``compression``: which knobs a method takes depends on the method, and which attention knobs
-  on the backend, so the object is all of: one of a branch per method the engine runs (exactly
-  its knobs, with the bounds their dataclass fields declare and the values it may not take
-  together, compressors/knobs.py), one of a
-  branch per attention backend it runs (``attention`` and exactly its ``attention_knobs``), and
-  the same for GemFilter's ``filter_attention``. Fields left out or null take the server's
-  defaults.
+  on the backend, so the object is all of: a union discriminated by ``method`` over one
+  component per method the engine runs (``CompressionGemfilter``...: exactly its knobs, with the
+  bounds their dataclass fields declare and the values it may not take together,
+  compressors/knobs.py; a generated client gets a class per method), and one of a branch per
+  attention backend it runs (``attention`` and exactly its ``attention_knobs``); the same for
+  GemFilter's ``filter_attention`` inside its component. Fields left out or null take the
+  server's defaults (``method`` too: the default method's component does not require it).
 
 The one rule between fields JSON Schema cannot state is the context: prompt tokens plus
 ``max_tokens`` must fit it (400 with code ``context_length_exceeded``, as OpenAI answers).
@@ -53,7 +54,7 @@ def openapi_schema(app: FastAPI, options: RequestOptions | None) -> dict[str, An
         if name in components:
             list_unsupported_fields(components[name])
     if "CompressionParams" in components:
-        components["CompressionParams"] = compression_schema(options)
+        components.update(compression_components(options))
     if options is not None:
         app.openapi_schema = schema
     return schema
@@ -159,26 +160,66 @@ def attention_part(options: RequestOptions) -> dict[str, Any]:
     return {"anyOf": [with_backend(base, "attention", name, options.default_attention) for name in options.attentions]}
 
 
-def compression_schema(options: RequestOptions | None) -> dict[str, Any]:
-    """``compression``: one branch per combination the engine runs (see the module docstring)."""
-    if options is None:  # before the engine has loaded: every method and backend, open bounds
-        options = RequestOptions(
-            vocab_size=0,
-            max_model_len=0,
-            methods=tuple(METHODS),
-            default_method="none",
-            attentions=tuple(ATTENTION_BACKENDS),
-            default_attention=DEFAULT_ATTENTION,
-            filter_layers=2**31,
-            positions=POSITIONS,
-        )
+def all_options() -> RequestOptions:
+    """Before the engine has loaded: every method and backend, open bounds."""
+    return RequestOptions(
+        vocab_size=0,
+        max_model_len=0,
+        methods=tuple(METHODS),
+        default_method="none",
+        attentions=tuple(ATTENTION_BACKENDS),
+        default_attention=DEFAULT_ATTENTION,
+        filter_layers=2**31,
+        positions=POSITIONS,
+    )
+
+
+def method_schema_name(method: str) -> str:
+    """``gemfilter`` -> ``CompressionGemfilter``: the component a generated client names a class after."""
+    return "Compression" + "".join(part.capitalize() for part in method.split("_"))
+
+
+def method_schemas(options: RequestOptions) -> dict[str, dict[str, Any]]:
+    """One named schema per method the engine runs: exactly its knobs (GemFilter: a branch per
+    filter-pass backend, each with exactly that backend's knobs)."""
+    schemas = {}
+    for method in options.methods:
+        branches = method_branches(method, options)
+        name = method_schema_name(method)
+        summary = (METHODS[method].__doc__ or method).strip().splitlines()[0]
+        body = branches[0] if len(branches) == 1 else {"type": "object", "anyOf": branches}
+        schemas[name] = {"title": name, "description": summary, **body}
+    return schemas
+
+
+def compression_params(options: RequestOptions, ref_root: str) -> dict[str, Any]:
+    """``compression``: a union discriminated by ``method`` over the methods' schemas (at
+    ``ref_root``), and the prefill attention backend with exactly its knobs."""
+    mapping = {method: ref_root + method_schema_name(method) for method in options.methods}
     return {
         "title": "CompressionParams",
         "description": (CompressionParams.__doc__ or "").strip().splitlines()[0]
-        + " A field left out or null takes the server's default.",
+        + f" `method` picks the schema; left out or null it is the server's default ({options.default_method})."
+        + " Any other field left out or null takes the server's default.",
         "type": "object",
         "allOf": [
-            {"anyOf": [branch for method in options.methods for branch in method_branches(method, options)]},
+            {
+                "oneOf": [{"$ref": ref} for ref in mapping.values()],
+                "discriminator": {"propertyName": "method", "mapping": mapping},
+            },
             attention_part(options),
         ],
     }
+
+
+def compression_components(options: RequestOptions | None) -> dict[str, dict[str, Any]]:
+    """``CompressionParams`` and a component per method, for the document's ``components.schemas``."""
+    options = options or all_options()
+    return {"CompressionParams": compression_params(options, "#/components/schemas/"), **method_schemas(options)}
+
+
+def compression_schema(options: RequestOptions | None) -> dict[str, Any]:
+    """``CompressionParams`` standing alone (the methods' schemas under ``$defs``): what a
+    validator outside the document checks a request's ``compression`` against."""
+    options = options or all_options()
+    return {**compression_params(options, "#/$defs/"), "$defs": method_schemas(options)}

@@ -18,7 +18,7 @@ from compressors.registry import METHODS
 from contract.protocol import BOUND_KEY, UNSUPPORTED_FIELDS
 from server.app import create_app
 from server.engine.types import RequestOptions
-from server.openapi import compression_schema
+from server.openapi import compression_schema, method_schema_name
 from server.settings import Settings
 
 HF_OPTIONS = RequestOptions(
@@ -79,15 +79,42 @@ def test_model_bounds_are_written_in() -> None:
     assert tokenize_ids["items"]["maximum"] == 49151
 
 
-def test_every_method_branch_lists_exactly_its_knobs() -> None:
-    branches = compression_schema(HF_OPTIONS)["allOf"][0]["anyOf"]
+def method_branches_of(schema: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The branches of method ``name``'s component (one, or one per filter-pass backend)."""
+    component = schema["$defs"][method_schema_name(name)]
+    return component.get("anyOf", [component])
+
+
+def test_compression_is_a_union_discriminated_by_method() -> None:
+    """One component per method, named for a generated client's class, each reached from the
+    discriminator's mapping; the standalone schema and the document's hold the same components."""
+    schema = compression_schema(HF_OPTIONS)
+    union = schema["allOf"][0]
+    mapping = union["discriminator"]["mapping"]
+    assert union["discriminator"]["propertyName"] == "method"
+    assert set(mapping) == set(METHODS)
+    assert [ref["$ref"] for ref in union["oneOf"]] == list(mapping.values())
+    assert all(ref == "#/$defs/" + method_schema_name(method) for method, ref in mapping.items())
+    document = published(HF_OPTIONS)["components"]["schemas"]
+    for method in METHODS:
+        assert document[method_schema_name(method)] == schema["$defs"][method_schema_name(method)]
+    refs = document["CompressionParams"]["allOf"][0]["discriminator"]["mapping"]
+    assert refs["gemfilter"] == "#/components/schemas/CompressionGemfilter"
+    # Resolved inside the document, as a client sees it.
+    validator = jsonschema.Draft202012Validator(
+        {"$ref": "#/components/schemas/CompressionParams", "components": {"schemas": document}}
+    )
+    assert validator.is_valid({"method": "gemfilter", "budget": 64, "span": "word"})
+    assert not validator.is_valid({"method": "none", "budget": 64})  # none takes no budget
+    assert validator.is_valid({"return_selection": True})  # the default method: `method` may be left out
+    assert not validator.is_valid({"method": "gemfilter", "observation": 8})  # no such GemFilter knob
+
+
+def test_every_method_component_lists_exactly_its_knobs() -> None:
+    schema = compression_schema(HF_OPTIONS)
     common = {"method", "return_selection", "return_scores", "attention", "attention_knobs"}
     for name, cls in METHODS.items():
-        mine = [
-            b
-            for b in branches
-            if b["properties"]["method"] in ({"const": name}, {"anyOf": [{"const": name}, {"type": "null"}]})
-        ]
+        mine = method_branches_of(schema, name)
         assert mine, name
         for branch in mine:
             assert set(branch["properties"]) == common | set(cls.knobs()), name
@@ -205,7 +232,7 @@ def test_every_knob_says_what_it_does(cls: type) -> None:
 
 def test_the_published_knobs_carry_their_description_and_default() -> None:
     schema = compression_schema(HF_OPTIONS)
-    branches = [b for b in schema["allOf"][0]["anyOf"] if b["properties"]["method"] in ({"const": "gemfilter"},)]
+    branches = method_branches_of(schema, "gemfilter")
     head = branches[0]["properties"]["head"]
     assert head["default"] == 32 and head["description"] == knob_description(METHODS["gemfilter"], "head")
     assert "default" not in branches[0]["properties"]["budget"]  # null: the server decides

@@ -315,8 +315,10 @@ def test_the_published_schema_offers_what_the_vllm_backend_runs(url, vllm_engine
     import jsonschema
 
     document = httpx.get(url + "/openapi.json", timeout=60).json()
-    compression = document["components"]["schemas"]["CompressionParams"]
-    valid = jsonschema.Draft202012Validator(compression).is_valid
+    schemas = document["components"]["schemas"]  # CompressionParams refers to a component per method
+    valid = jsonschema.Draft202012Validator(
+        {"$ref": "#/components/schemas/CompressionParams", "components": {"schemas": schemas}}
+    ).is_valid
     deepest = vllm_engine.filter_model.max_layer
     assert valid({"method": "gemfilter", "layer": deepest, "filter_attention": "block_sparse"})
     assert not valid({"method": "gemfilter", "layer": deepest + 1})
