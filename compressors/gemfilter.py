@@ -61,6 +61,7 @@ from compressors.probe import (
     repeat_kv_heads,
     use_attention,
     uses_probe_attention,
+    windowed_layers,
 )
 from compressors.profile import attached_profile
 from compressors.units import (
@@ -124,6 +125,9 @@ DEFAULT_HEAD = 32
 # Where the kept tokens sit for the rotary embedding: "compact" renumbers them 0..k-1 (the paper's
 # code feeds the kept ids as a new prompt), "original" keeps their places in the prompt, so the
 # question is as far from the needle as in the whole prompt and decoding goes on at position n.
+# Measured on SmolLM2 (bfloat16, 1K-4K, the tuning and the held-out families): original scored 0.49
+# / 0.46 against compact's 0.65 / 0.72 at k=256, and 0.53 / 0.54 against 0.57 / 0.52 at k=1024
+# (docs/benchmarks.md, "The kept tokens' positions").
 POSITIONS = ("compact", "original")
 DEFAULT_POSITIONS = "compact"
 # A request may widen a selection it is not sure of (selection_confidence below ``fallback_below``):
@@ -413,6 +417,15 @@ class GemFilter(PromptSelector):
             raise CompressionError(
                 f"layer {layer} is out of range: this model has layers 0..{num_layers - 1}",
                 param="compression.layer",
+            )
+        windowed = windowed_layers(model) if self.positions == "original" else {}
+        if windowed:
+            raise CompressionError(
+                f"positions='original' cannot run on {model.config.model_type}: {len(windowed)} of its "
+                f"{num_layers} layers attend through a sliding window of {min(windowed.values())} tokens, "
+                "trained only on distances inside it, and the kept tokens' places put neighbours thousands "
+                "of positions apart (Gemma 3 answered noise); use positions='compact'",
+                param="compression.positions",
             )
 
     def select(

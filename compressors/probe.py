@@ -163,6 +163,12 @@ def layer_window(module: nn.Module) -> int | None:
     return window
 
 
+def windowed_layers(model: PreTrainedModel) -> dict[int, int]:
+    """Decoder layer index -> its sliding window, for the layers that have one."""
+    windows = {index: layer_window(layer.self_attn) for index, layer in enumerate(decoder_layers(model))}
+    return {index: window for index, window in windows.items() if window is not None}
+
+
 def needs_exact_attention(module: nn.Module, kwargs: dict[str, Any]) -> bool:
     """Does this layer's attention hold a term SDPA cannot compute: attention sinks (a learned
     per-head logit in the softmax's denominator: GPT-OSS's ``s_aux``) or logit soft-capping

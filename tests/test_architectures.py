@@ -28,7 +28,8 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
 from compressors.attention import build_attention
-from compressors.probe import install_probe_attention, use_attention
+from compressors.probe import install_probe_attention, use_attention, windowed_layers
+from server.engine.types import RequestError
 
 DEVICE = torch.device(os.environ.get("GEMSERVE_TEST_DEVICE", "cpu"))
 VOCAB = 128
@@ -214,12 +215,29 @@ def test_methods_keep_their_promises(name: str) -> None:
     selected = engine.generate(generation(ids, "gemfilter", knobs)).compression
     kept = selected.selection.kept_indices
     assert len(kept) == 16 and kept == sorted(set(kept)) and kept[-4:] == list(range(PROMPT_TOKENS - 4, PROMPT_TOKENS))
+    # The kept tokens at their places in the prompt: the same pick; refused where a layer has a
+    # sliding window (its distances would leave the window it was trained on), and the published
+    # schema says the same.
+    placed = generation(ids, "gemfilter", {**knobs, "positions": "original"})
+    if windowed_layers(engine.model):
+        with pytest.raises(RequestError, match=f"positions='original' cannot run on {engine.model.config.model_type}"):
+            engine.check_request(placed)
+        assert engine.request_options().positions == ("compact",)
+    else:
+        assert engine.generate(placed).compression.selection.kept_indices == kept
+        assert engine.request_options().positions == ("compact", "original")
     for method in KV_METHODS:
         result = engine.generate(
             generation(ids, method, {"budget": 16, "window": 4} if "kv" in method else {"budget": 16})
         )
         assert len(result.token_ids) == 6  # decoding after the pruning ran
         assert result.compression.kv_bytes_after <= result.compression.kv_bytes_before
+
+
+def test_the_list_holds_models_with_and_without_sliding_windows() -> None:
+    """So the positions check above takes both of its branches."""
+    windowed = {name: bool(windowed_layers(engine_for(name).model)) for name in PER_HEAD_CACHE}
+    assert windowed["llama"] is False and windowed["gemma3"] is True, windowed
 
 
 @pytest.mark.parametrize("name", PER_HEAD_CACHE)

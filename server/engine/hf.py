@@ -24,7 +24,7 @@ from compressors import CompressionError, Method, build_method
 from compressors.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION, AttentionBackend, build_attention
 from compressors.base import Attachment, cache_bytes, model_dtype
 from compressors.gemfilter import POSITIONS
-from compressors.probe import decoder_layers, use_attention
+from compressors.probe import decoder_layers, use_attention, windowed_layers
 from compressors.registry import METHODS
 from contract.protocol import CompressionInfo, MetricsInfo
 from server.engine.checks import check_method_fits, check_prompt_and_sampling
@@ -131,7 +131,8 @@ class HFEngine:
             attentions=tuple(ATTENTION_BACKENDS),
             default_attention=self.default_attention,
             filter_layers=len(decoder_layers(self.model)),
-            positions=POSITIONS,
+            # The kept tokens' own places only where no layer has a sliding window (GemFilter.validate_for_model).
+            positions=("compact",) if windowed_layers(self.model) else POSITIONS,
         )
 
     def resolve_method(self, spec: CompressionSpec) -> Method:
