@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         "full attention while the batch is idle, counting whether the answers agree "
         "(gemserve_shadow_checks_total); 0: off; never delays a response",
     )
+    warmup: bool = Field(
+        True,
+        description="hf: before /ready, run none and gemfilter once on a short prompt so the first request does "
+        "not pay the one-time kernel set-up (~1 s at start-up; docs/benchmarks.md)",
+    )
     max_queue: int = Field(64, ge=0, description="Requests waiting for a slot; beyond this -> 429")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with a 429")
     api_key: str | None = Field(

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from server.app import create_app
+from server.app import create_app, serve_in_background
 from server.engine.base import EngineNotReadyError, QueueFullError
 from server.engine.hf_async import HFAsyncEngine
 from server.engine.types import GenerationRequest, GenerationResult, SamplingParams, TokenDelta
@@ -264,3 +264,53 @@ def test_only_the_scheduler_thread_computes_with_several_threads(engine) -> None
 
     asyncio.run(scenario())
     assert seen and set(seen) == {before + 1} and torch.get_num_threads() == before
+
+
+def test_warm_up_runs_on_the_scheduler_thread_before_the_first_request_is_admitted(engine, monkeypatch) -> None:
+    """The warm-up (none and gemfilter once, the engine's own generate) runs on the thread that will
+    run every forward, and start() returns, admitting requests, only after it."""
+    calls: list[tuple[str, bool]] = []
+    warm_up = engine.warm_up
+
+    def recording_warm_up() -> float:
+        calls.append((threading.current_thread().name, scheduler.admission.accepting))
+        return warm_up()
+
+    monkeypatch.setattr(engine, "warm_up", recording_warm_up)
+
+    async def scenario() -> float | None:
+        await scheduler.start()
+        assert scheduler.admission.accepting
+        result = await last_event(scheduler.stream(request()))
+        assert isinstance(result, GenerationResult)
+        await scheduler.shutdown()
+        return scheduler.warm_up_ms
+
+    scheduler = HFAsyncEngine(engine, warm_up=True)
+    warmed_ms = asyncio.run(scenario())
+    assert calls == [("hf-scheduler", False)]  # once, on the scheduler thread, before admitting
+    assert warmed_ms is not None and warmed_ms > 0
+    calls.clear()
+
+    async def without_warm_up() -> None:  # off unless asked (tests, an app embedding the engine)
+        quiet = HFAsyncEngine(engine)
+        await quiet.start()
+        await quiet.shutdown()
+
+    asyncio.run(without_warm_up())
+    assert calls == []
+
+
+def test_a_failed_warm_up_keeps_the_server_unready_with_the_reason(engine, monkeypatch) -> None:
+    def broken_warm_up() -> float:
+        raise RuntimeError("no kernel for this dtype")
+
+    monkeypatch.setattr(engine, "warm_up", broken_warm_up)
+    app = create_app(Settings(), engine=HFAsyncEngine(engine, warm_up=True))
+    with serve_in_background(app, wait_ready=False) as url:
+        deadline = time.monotonic() + 30
+        while (ready := httpx.get(f"{url}/ready", timeout=5)).json().get("error") is None:
+            assert time.monotonic() < deadline, ready.text
+            time.sleep(0.05)
+    assert ready.status_code == 503
+    assert "the warm-up failed: no kernel for this dtype" in ready.json()["error"]

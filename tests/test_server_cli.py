@@ -39,6 +39,8 @@ def test_flags_override_env_and_env_overrides_defaults(monkeypatch: pytest.Monke
     assert settings.api_key == "from-flag"
     assert settings.default_method == "gemfilter"
     assert settings.max_concurrency == DEFAULT_MAX_RUNNING and settings.max_batch_tokens is None
+    assert settings.warmup is True  # on by default
+    assert settings_from_args(build_parser().parse_args(["serve", "--no-warmup"])).warmup is False
 
 
 def test_bad_setting_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,3 +89,4 @@ def test_serve_process_loads_serves_and_exits_cleanly(tmp_path: Path) -> None:
         stopped = stop_server(proc, grace_s=120)
     assert stopped["exit_code"] == 0 and stopped["stopped_by"] == "SIGINT", log_tail(log)
     assert "http=POST /v1/completions status=200 method=none" in log.read_text()  # the one-line access log
+    assert "warm-up: " in log.read_text()  # before /ready: the first request paid no one-time set-up

@@ -38,6 +38,11 @@ FLAGS: dict[str, dict[str, Any]] = {
         "help": "hf: share (0..1) of greedy compressed requests rerun with full attention while the batch is idle, "
         "counting whether the answers agree (gemserve_shadow_checks_total; default 0: off)",
     },
+    "--warmup": {
+        "action": argparse.BooleanOptionalAction,
+        "help": "hf: run none and gemfilter once on a short prompt before /ready, so the first request does not "
+        "pay the one-time kernel set-up (default: on)",
+    },
     "--max-queue": {"type": int, "help": "requests waiting for a slot before 429 (default 64)"},
     "--api-key": {
         "help": "require 'Authorization: Bearer KEY' on every route but /health and /ready; visible to every "

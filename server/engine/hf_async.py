@@ -137,6 +137,7 @@ class HFAsyncEngine(AdmittedCounts):
         idle_budget: int | None = None,
         shadow_fraction: float = 0.0,
         intra_op_threads: int | None = None,
+        warm_up: bool = False,
     ) -> None:
         if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
@@ -152,6 +153,10 @@ class HFAsyncEngine(AdmittedCounts):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.intra_op_threads = intra_op_threads
+        self.warm_up = warm_up
+        self.warm_up_ms: float | None = None
+        self._warmed = threading.Event()
+        self._warm_up_error: BaseException | None = None
 
     # ---- what the routes read ------------------------------------------------------------
     @property
@@ -211,9 +216,15 @@ class HFAsyncEngine(AdmittedCounts):
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
+        """Start the worker thread; with ``warm_up``, admit requests only once its warm-up ran."""
         self._stop.clear()
+        self._warmed.clear()
         self._thread = threading.Thread(target=self._loop, name="hf-scheduler", daemon=True)
         self._thread.start()
+        await asyncio.to_thread(self._warmed.wait)
+        if self._warm_up_error is not None:
+            await self.shutdown()
+            raise RuntimeError(f"the warm-up failed: {self._warm_up_error}") from self._warm_up_error
         self.admission.accepting = True
 
     async def shutdown(self) -> None:
@@ -234,6 +245,7 @@ class HFAsyncEngine(AdmittedCounts):
         until a request arrives."""
         if self.intra_op_threads is not None:
             torch.set_num_threads(self.intra_op_threads)  # OpenMP's thread count is per calling thread
+        self._warm_up_here()
         worked = False
         while not self._stop.is_set():
             if self.core.has_work():
@@ -252,6 +264,20 @@ class HFAsyncEngine(AdmittedCounts):
                     worked = False
                 self._wake.wait(timeout=0.1)
                 self._wake.clear()
+
+    def _warm_up_here(self) -> None:
+        """On the worker thread, the one that will run every forward (its OpenMP team, its kernels)."""
+        try:
+            if self.warm_up:
+                self.warm_up_ms = self.engine.warm_up()
+                logger.info("warm-up: %.0f ms (none and gemfilter on a short prompt)", self.warm_up_ms)
+                release_free_heap()
+        except Exception as exc:  # start() reports it: the server does not turn ready
+            logger.exception("warm-up failed")
+            self._warm_up_error = exc
+            self._stop.set()
+        finally:
+            self._warmed.set()
 
     # ---- the request path ----------------------------------------------------------------
     def stream(self, request: GenerationRequest) -> RequestStream:
