@@ -314,3 +314,13 @@ def test_a_failed_warm_up_keeps_the_server_unready_with_the_reason(engine, monke
             time.sleep(0.05)
     assert ready.status_code == 503
     assert "the warm-up failed: no kernel for this dtype" in ready.json()["error"]
+
+
+def test_the_warm_up_fits_a_small_context(engine) -> None:
+    """A server started with a short --max-model-len still warms up (its prompt fits the context)."""
+    import dataclasses
+
+    from server.engine.hf import HFEngine
+
+    small = HFEngine(dataclasses.replace(engine.loaded, max_model_len=24))
+    assert small.max_model_len == 24 and small.warm_up() > 0

@@ -173,8 +173,9 @@ class HFEngine:
         the later ones' TTFT for ``none`` and 1.32x for GemFilter, 1.02x and 1.00x after this
         (bench/first_request.py); on a GPU the CUDA context and kernel loading."""
         started = time.perf_counter()
-        ids = (self.encode_prompt("GemServe warms up before it takes requests. " * 64))[:WARM_UP_TOKENS]
-        for method, knobs in (("none", {}), ("gemfilter", {"budget": len(ids) // 4, "payoff_ratio": 0.0})):
+        fits = min(WARM_UP_TOKENS, self.max_model_len - 2)  # the prompt and its 2 tokens fit any context
+        ids = (self.encode_prompt("GemServe warms up before it takes requests. " * 64))[:fits]
+        for method, knobs in (("none", {}), ("gemfilter", {"budget": max(1, len(ids) // 4), "payoff_ratio": 0.0})):
             sampling = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
             self.generate(GenerationRequest(ids, sampling, CompressionSpec(method, knobs)))
         return (time.perf_counter() - started) * 1000.0
