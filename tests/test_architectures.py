@@ -234,6 +234,26 @@ def test_methods_keep_their_promises(name: str) -> None:
         assert result.compression.kv_bytes_after <= result.compression.kv_bytes_before
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_the_filter_pass_runs_no_layer_after_the_filter_layer(name: str) -> None:
+    """GemFilter's pass enters layers 0..r (layer r for its queries and keys) and stops there."""
+    from compressors.gemfilter import GemFilter
+    from compressors.probe import decoder_layers
+
+    _, served = models(name)
+    method = GemFilter(budget=16, tail=4, payoff_ratio=0.0, span="token", layer=1)  # 2 of the 4 layers after it
+    entered: list[int] = []
+    layers = decoder_layers(served)
+    handles = [layer.register_forward_pre_hook(lambda *_, i=i: entered.append(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.inference_mode():
+            kept = method.select(served, prompt(seed=7), 1024).kept_indices
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert entered == [0, 1] and len(kept) == 16
+
+
 def test_the_list_holds_models_with_and_without_sliding_windows() -> None:
     """So the positions check above takes both of its branches."""
     windowed = {name: bool(windowed_layers(engine_for(name).model)) for name in PER_HEAD_CACHE}
@@ -315,6 +335,15 @@ def test_pruning_during_the_prefill_equals_pruning_after_it(name: str, method: s
     for got, want in zip(cache.layers, ref_cache.layers, strict=True):
         assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
     assert max(layer.keys.shape[-2] for layer in cache.layers) < ids.shape[1]  # something was pruned
+    # Per layer and KV head the cache holds exactly what was kept, the budget (PyramidKV: on average
+    # over the layers); sliding-window layers are left whole (Mistral, Mixtral and this Gemma 3 have
+    # only those: their caches hold the window).
+    pruned = hooks.state.positions
+    assert set(pruned) == set(range(COMMON["num_hidden_layers"])) - set(windowed_layers(served))
+    for layer_idx, kept in pruned.items():
+        keys = cache.layers[layer_idx].keys
+        assert (keys.shape[1], keys.shape[-2]) == (kept.shape[0], kept.shape[-1]), layer_idx
+    assert sum(kept.shape[-1] for kept in pruned.values()) == knobs["budget"] * len(pruned)
 
 
 # ---- the vLLM backend's filter model (layers 0..r beside vLLM), per family ---------------------
