@@ -163,6 +163,27 @@ def test_every_backend_with_a_covering_pattern_equals_dense(name: str, backend: 
         assert attention.stats.sparse_layers + attention.stats.sliding_layers > 0
 
 
+@pytest.mark.parametrize("backend", list(COVERING))
+@pytest.mark.parametrize("name", NAMES)
+def test_every_filter_pass_backend_with_a_covering_pattern_scores_as_dense(name: str, backend: str) -> None:
+    """GemFilter's filter pass through each sparse backend (layers < r) with a covering pattern: the
+    same token scores as the dense pass, so the same kept tokens."""
+    from compressors.gemfilter import GemFilter
+
+    _, served = models(name)
+    sparse = {"block_size": 16, "last_dense": 0, "dense_above": 1.0}
+    picks = {"budget": 16, "tail": 4, "payoff_ratio": 0.0, "span": "token", "layer": 2}
+    dense = GemFilter(**picks)
+    covering = GemFilter(**picks, filter_attention=backend, filter_attention_knobs={**COVERING[backend], **sparse})
+    ids = prompt(seed=8)
+    with torch.inference_mode():
+        (want, _), (got, report) = dense.filter_scores(served, ids), covering.filter_scores(served, ids)
+        assert covering.select(served, ids, 1024).kept_indices == dense.select(served, ids, 1024).kept_indices
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if name not in EXACT_ONLY:  # the backend's own kernel ran: not a vacuous pass
+        assert report["sparse_layers"] + report["sliding_layers"] > 0
+
+
 # ---- through the engine: every method, and a batch equal to its solo runs ----------------------
 @cache
 def engine_for(name: str) -> Any:
