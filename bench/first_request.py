@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-doc", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.requests < 2:
+        parser.error("--requests must be at least 2: the first request is compared with the later ones")
     if args.worker:
         report_result(worker(json.loads(args.worker)))
         return

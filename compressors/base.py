@@ -13,7 +13,7 @@ Every method is driven through one lifecycle, in the spirit of kvpress's ``with 
 
     with method.attach(model, prompt_ids, cache, default_budget, tokenizer) as hooks:
         with hooks.prefill():
-            forward(hooks.prefill_ids, hooks.prefill_position_ids or 0 .. len - 1)
+            forward(hooks.prefill_ids, hooks.prefill_position_ids if set, else 0 .. len - 1)
         hooks.selection               # what was kept, final once prefill() has exited
         for each generated token:     # positions go on at hooks.next_position
             with hooks.decode_step():
@@ -174,8 +174,9 @@ class Method:
         to (a ``ratio`` or the server's default is only a number of tokens once the prompt is
         known). The engine calls it at admission, before any compute and before any response byte."""
 
-    def prefill_positions(self, prompt_tokens: int, default_budget: int) -> int:
-        """Positions the prefill takes (the context check at admission): the whole prompt here."""
+    def prefill_positions(self, model: PreTrainedModel, prompt_tokens: int, default_budget: int) -> int:
+        """Positions the prompt takes before the first generated token (the context check at
+        admission): the whole prompt here."""
         return prompt_tokens
 
     def selects_with_model(self, model: PreTrainedModel, prompt_tokens: int, default_budget: int) -> bool:
@@ -383,8 +384,10 @@ class PromptSelector(BudgetedMethod):
         (``tokenizer``: the prompt's, for selectors that keep whole words)."""
         raise NotImplementedError
 
-    def prefill_positions(self, prompt_tokens: int, default_budget: int) -> int:
-        # The kept tokens restart at position 0.
+    def prefill_positions(self, model: PreTrainedModel, prompt_tokens: int, default_budget: int) -> int:
+        # The kept tokens restart at position 0; a selector that does not run keeps the whole prompt.
+        if not self.selects_with_model(model, prompt_tokens, default_budget):
+            return prompt_tokens
         return self.resolve_budget(prompt_tokens, default_budget)
 
     def selects_with_model(self, model: PreTrainedModel, prompt_tokens: int, default_budget: int) -> bool:

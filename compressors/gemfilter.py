@@ -138,6 +138,13 @@ SKIPPED_TOO_SHORT = "prompt too short for budget"
 MAX_PAYOFF_RATIO = 1000.0
 
 
+def positions_for(model: PreTrainedModel) -> tuple[str, ...]:
+    """The ``positions`` this model can run: not ``original`` where a layer attends through a
+    sliding window (it was trained on distances inside it; kept tokens at their prompt places put
+    neighbours thousands of positions apart: Gemma 3 answered noise, docs/benchmarks.md)."""
+    return ("compact",) if windowed_layers(model) else POSITIONS
+
+
 def default_payoff_ratio(config: PretrainedConfig) -> float:
     """The profile's measured ratio (bench/filter_payoff.py); otherwise the cost model's
     ``L / (L - r - 1)``: with prefill cost roughly linear in length, a filter pass over ``n``
@@ -330,7 +337,7 @@ class GemFilter(PromptSelector):
         choices=POSITIONS,
         description=(
             "rotary positions of the kept tokens: compact 0..k-1 (the paper) or original, their places in "
-            "the prompt (decoding goes on at the prompt's length)"
+            "the prompt, decoding on at the prompt's length (hf backend, models without sliding-window layers)"
         ),
     )
     fallback: str | int | None = knob(
@@ -364,8 +371,10 @@ class GemFilter(PromptSelector):
         keep = self.resolve_budget(prompt_tokens, default_budget)
         return max(keep, self.fallback_keep(prompt_tokens, default_budget) or 0)
 
-    def prefill_positions(self, prompt_tokens: int, default_budget: int) -> int:
-        if self.positions == "original":
+    def prefill_positions(self, model: PreTrainedModel, prompt_tokens: int, default_budget: int) -> int:
+        # The whole prompt's positions when nothing is dropped (too short to pay off) or when the kept
+        # tokens keep their places; else the most the prefill may keep (a fallback may widen it).
+        if self.positions == "original" or not self.selects_with_model(model, prompt_tokens, default_budget):
             return prompt_tokens
         return self.most_kept(prompt_tokens, default_budget)
 
@@ -418,8 +427,8 @@ class GemFilter(PromptSelector):
                 f"layer {layer} is out of range: this model has layers 0..{num_layers - 1}",
                 param="compression.layer",
             )
-        windowed = windowed_layers(model) if self.positions == "original" else {}
-        if windowed:
+        if self.positions not in positions_for(model):
+            windowed = windowed_layers(model)
             raise CompressionError(
                 f"positions='original' cannot run on {model.config.model_type}: {len(windowed)} of its "
                 f"{num_layers} layers attend through a sliding window of {min(windowed.values())} tokens, "

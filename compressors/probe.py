@@ -164,8 +164,9 @@ def layer_window(module: nn.Module) -> int | None:
 
 
 def windowed_layers(model: PreTrainedModel) -> dict[int, int]:
-    """Decoder layer index -> its sliding window, for the layers that have one."""
-    windows = {index: layer_window(layer.self_attn) for index, layer in enumerate(decoder_layers(model))}
+    """Decoder layer index -> its sliding window, for the attention layers that have one."""
+    layers = enumerate(decoder_layers(model))
+    windows = {i: layer_window(layer.self_attn) for i, layer in layers if hasattr(layer, "self_attn")}
     return {index: window for index, window in windows.items() if window is not None}
 
 

@@ -68,7 +68,7 @@ def build_engine(settings: Settings) -> AsyncEngine:
             step_tokens=settings.max_num_batched_tokens,
             shadow_fraction=settings.shadow_fraction,
             intra_op_threads=threads,
-            warm_up=settings.warmup,
+            warm_up_at_start=settings.warmup,
         )
     if settings.backend == "vllm":  # GemFilter on a truncated HF model in front of vLLM (issue 5)
         from server.engine.vllm_setup import build_vllm_engine

@@ -186,10 +186,17 @@ def method_schemas(options: RequestOptions) -> dict[str, dict[str, Any]]:
     for method in options.methods:
         branches = method_branches(method, options)
         name = method_schema_name(method)
-        summary = (METHODS[method].__doc__ or method).strip().splitlines()[0]
+        summary = first_sentence(METHODS[method].__doc__ or method)
         body = branches[0] if len(branches) == 1 else {"type": "object", "anyOf": branches}
         schemas[name] = {"title": name, "description": summary, **body}
     return schemas
+
+
+def first_sentence(doc: str) -> str:
+    """A docstring's first sentence, on one line, reST's double backticks made Markdown's."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    end = paragraph.find(". ")
+    return (paragraph if end == -1 else paragraph[: end + 1]).replace("``", "`")
 
 
 def compression_params(options: RequestOptions, ref_root: str) -> dict[str, Any]:
@@ -205,7 +212,13 @@ def compression_params(options: RequestOptions, ref_root: str) -> dict[str, Any]
         "allOf": [
             {
                 "oneOf": [{"$ref": ref} for ref in mapping.values()],
-                "discriminator": {"propertyName": "method", "mapping": mapping},
+                # `method` may be left out (the default method): OpenAPI 3.2's defaultMapping says
+                # which component that is; 3.1 tools ignore the key.
+                "discriminator": {
+                    "propertyName": "method",
+                    "mapping": mapping,
+                    "defaultMapping": mapping[options.default_method],
+                },
             },
             attention_part(options),
         ],

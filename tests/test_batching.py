@@ -193,6 +193,38 @@ def test_requests_grow_as_they_decode_and_the_newest_is_preempted_then_recompute
         assert recorder.result.compression.kept_tokens == solo.compression.kept_tokens
 
 
+@pytest.mark.slow
+def test_a_request_at_its_prompt_positions_is_preempted_and_replayed_after_the_prompt(
+    engine, prompts, monkeypatch
+) -> None:
+    """GemFilter with positions='original', the newest request, preempted mid-decode by a budget its
+    growth outruns: recomputed, its generated tokens replayed at n, n+1... (not after the kept
+    tokens), and every token equal to its solo run."""
+    knobs = {"budget": 128, "payoff_ratio": 0.0, "positions": "original"}
+    specs = [(prompts[1], "none", {}), (prompts[3], "gemfilter", knobs)]
+    alone = [engine.generate(request(ids, m, k, max_tokens=220, ignore_eos=True)) for ids, m, k in specs]
+    freed: list[str] = []
+    free = engine.runner.free
+
+    def recording_free(request_id: str) -> None:
+        freed.append(request_id)
+        free(request_id)
+
+    monkeypatch.setattr(engine.runner, "free", recording_free)
+    core = engine.new_core(max_running=2, max_batch_tokens=740, step_tokens=64)  # 420 + 348 entries at the end
+    recorders = [Recorder(), Recorder()]
+    request_ids = []
+    for (ids, method, method_knobs), recorder in zip(specs, recorders, strict=True):
+        batched = request(ids, method, method_knobs, max_tokens=220, ignore_eos=True)
+        engine.check_request(batched)
+        request_ids.append(core.add(batched, recorder))
+    while core.has_work():
+        core.step()
+    assert request_ids[1] in freed  # the GemFilter request was the one preempted
+    for solo, recorder in zip(alone, recorders, strict=True):
+        assert recorder.tokens == solo.token_ids
+
+
 def test_admission_400_for_a_request_that_can_never_fit_and_429_when_full(engine, prompts) -> None:
     ids = prompts[2]
     budget = len(ids)  # the whole prompt fits, not the prompt plus its max_tokens

@@ -76,6 +76,9 @@ def test_prompt_plus_max_tokens_beyond_the_context_is_rejected(engine) -> None:
     # ... unless the kept tokens keep their places: then decoding goes on after position 8000.
     with pytest.raises(RequestError, match=r"8000 prompt positions \+ 500 max_tokens"):
         engine.check_request(request(prompt, "gemfilter", {"budget": 1024, "positions": "original"}, max_tokens=500))
+    # ... and unless the prompt is too short for the budget to pay off: then it is prefilled whole.
+    with pytest.raises(RequestError, match=r"8000 prompt positions \+ 500 max_tokens"):
+        engine.check_request(request(prompt, "gemfilter", {"budget": 4096}, max_tokens=500))
 
 
 def test_unknown_method_and_knob_list_what_is_allowed(engine, chat_prompt) -> None:

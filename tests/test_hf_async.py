@@ -286,7 +286,7 @@ def test_warm_up_runs_on_the_scheduler_thread_before_the_first_request_is_admitt
         await scheduler.shutdown()
         return scheduler.warm_up_ms
 
-    scheduler = HFAsyncEngine(engine, warm_up=True)
+    scheduler = HFAsyncEngine(engine, warm_up_at_start=True)
     warmed_ms = asyncio.run(scenario())
     assert calls == [("hf-scheduler", False)]  # once, on the scheduler thread, before admitting
     assert warmed_ms is not None and warmed_ms > 0
@@ -306,7 +306,7 @@ def test_a_failed_warm_up_keeps_the_server_unready_with_the_reason(engine, monke
         raise RuntimeError("no kernel for this dtype")
 
     monkeypatch.setattr(engine, "warm_up", broken_warm_up)
-    app = create_app(Settings(), engine=HFAsyncEngine(engine, warm_up=True))
+    app = create_app(Settings(), engine=HFAsyncEngine(engine, warm_up_at_start=True))
     with serve_in_background(app, wait_ready=False) as url:
         deadline = time.monotonic() + 30
         while (ready := httpx.get(f"{url}/ready", timeout=5)).json().get("error") is None:
@@ -322,5 +322,7 @@ def test_the_warm_up_fits_a_small_context(engine) -> None:
 
     from server.engine.hf import HFEngine
 
-    small = HFEngine(dataclasses.replace(engine.loaded, max_model_len=24))
-    assert small.max_model_len == 24 and small.warm_up() > 0
+    for context in (24, 16, 10):
+        small = HFEngine(dataclasses.replace(engine.loaded, max_model_len=context))
+        assert small.max_model_len == context and small.warm_up() > 0
+    assert HFEngine(dataclasses.replace(engine.loaded, max_model_len=3)).warm_up() == 0.0  # no room: skipped

@@ -92,6 +92,7 @@ def test_compression_is_a_union_discriminated_by_method() -> None:
     union = schema["allOf"][0]
     mapping = union["discriminator"]["mapping"]
     assert union["discriminator"]["propertyName"] == "method"
+    assert union["discriminator"]["defaultMapping"] == mapping["none"]  # `method` left out: the default's
     assert set(mapping) == set(METHODS)
     assert [ref["$ref"] for ref in union["oneOf"]] == list(mapping.values())
     assert all(ref == "#/$defs/" + method_schema_name(method) for method, ref in mapping.items())

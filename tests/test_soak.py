@@ -22,6 +22,7 @@ def test_two_minutes_of_mixed_traffic_have_no_unexpected_outcome(tmp_path) -> No
     argv += ["--rss-slope-limit", "1000000", "--no-doc", "--out", str(out)]
     argv += ["--server-log", str(tmp_path / "server.log")]
     code = soak.main(argv)
+    assert out.is_file(), f"the soak ended before its first result (exit {code}): {tmp_path / 'server.log'}"
     result = json.loads(out.read_text())
     verdict = result["verdict"]
     assert verdict["unexpected_errors"] == 0, result["totals"]

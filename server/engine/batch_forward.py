@@ -126,7 +126,7 @@ class Segment:
     ``attention`` is its prefill backend, which computes and counts the chunk's attention)."""
 
     token_ids: list[int]
-    start: int  # the first token's index in its cache, and its position unless ``positions`` says
+    start: int  # the first token's position; a prefill chunk's index in its cache too (``positions``: its own)
     cache: DynamicCache
     attention: AttentionBackend | None = None
     positions: list[int] | None = None  # rotary positions, when a selection kept its tokens' places

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from compressors import CompressionError, Method, Selection
 from compressors.knobs import short_repr
@@ -34,10 +34,12 @@ def check_token_ids(ids: list[int], vocab_size: int) -> None:
         )
 
 
-def check_method_fits(request: GenerationRequest, method: Method, max_model_len: int, default_budget: int) -> None:
+def check_method_fits(
+    request: GenerationRequest, method: Method, model: PreTrainedModel, max_model_len: int, default_budget: int
+) -> None:
     """The built method against this prompt: the context it takes and its knobs' budget."""
     prompt_tokens = len(request.prompt_ids)
-    check_context_length(prompt_tokens, method, request.sampling.max_tokens, max_model_len, default_budget)
+    check_context_length(prompt_tokens, method, model, request.sampling.max_tokens, max_model_len, default_budget)
     check_method_for_prompt(method, prompt_tokens, default_budget)
 
 
@@ -59,11 +61,11 @@ def check_prompt_fits(prompt_tokens: int, max_model_len: int, param: str = "prom
 
 
 def check_context_length(
-    prompt_tokens: int, method: Method, max_tokens: int, max_model_len: int, default_budget: int
+    prompt_tokens: int, method: Method, model: PreTrainedModel, max_tokens: int, max_model_len: int, default_budget: int
 ) -> None:
     """Refuse a prompt beyond the context, or one that leaves no room for ``max_tokens``."""
     check_prompt_fits(prompt_tokens, max_model_len)
-    used = method.prefill_positions(prompt_tokens, default_budget)
+    used = method.prefill_positions(model, prompt_tokens, default_budget)
     if used + max_tokens > max_model_len:
         raise RequestError(
             f"this model's maximum context length is {max_model_len} tokens; the request needs "

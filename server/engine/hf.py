@@ -24,8 +24,8 @@ from transformers.cache_utils import DynamicCache
 from compressors import CompressionError, Method, build_method
 from compressors.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION, AttentionBackend, build_attention
 from compressors.base import Attachment, cache_bytes, model_dtype
-from compressors.gemfilter import POSITIONS
-from compressors.probe import decoder_layers, use_attention, windowed_layers
+from compressors.gemfilter import positions_for
+from compressors.probe import decoder_layers, use_attention
 from compressors.registry import METHODS
 from contract.protocol import CompressionInfo, MetricsInfo
 from server.engine.checks import check_method_fits, check_prompt_and_sampling
@@ -134,8 +134,7 @@ class HFEngine:
             attentions=tuple(ATTENTION_BACKENDS),
             default_attention=self.default_attention,
             filter_layers=len(decoder_layers(self.model)),
-            # The kept tokens' own places only where no layer has a sliding window (GemFilter.validate_for_model).
-            positions=("compact",) if windowed_layers(self.model) else POSITIONS,
+            positions=positions_for(self.model),
         )
 
     def resolve_method(self, spec: CompressionSpec) -> Method:
@@ -160,7 +159,7 @@ class HFEngine:
         check_prompt_and_sampling(request, len(self.tokenizer))
         method = self.resolve_method(request.compression)
         attention = self.resolve_attention(request.compression)
-        check_method_fits(request, method, self.max_model_len, self.default_budget)
+        check_method_fits(request, method, self.model, self.max_model_len, self.default_budget)
         request.method, request.attention = method, attention
         request.cache_tokens = self.runner.work_of(request).peak_tokens
         return method
@@ -173,8 +172,12 @@ class HFEngine:
         the later ones' TTFT for ``none`` and 1.32x for GemFilter, 1.02x and 1.00x after this
         (bench/first_request.py); on a GPU the CUDA context and kernel loading."""
         started = time.perf_counter()
-        fits = min(WARM_UP_TOKENS, self.max_model_len - 2)  # the prompt and its 2 tokens fit any context
-        ids = (self.encode_prompt("GemServe warms up before it takes requests. " * 64))[:fits]
+        fits = min(WARM_UP_TOKENS, self.max_model_len - 2)  # the prompt and its 2 output tokens fit
+        if fits < 8:
+            logger.info("warm-up skipped: a %d-token context leaves no room for its prompt", self.max_model_len)
+            return 0.0
+        sentence = self.encode_prompt("GemServe warms up before it takes requests.")  # short: any size check passes
+        ids = (sentence * (fits // len(sentence) + 1))[:fits]
         for method, knobs in (("none", {}), ("gemfilter", {"budget": max(1, len(ids) // 4), "payoff_ratio": 0.0})):
             sampling = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
             self.generate(GenerationRequest(ids, sampling, CompressionSpec(method, knobs)))

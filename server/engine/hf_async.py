@@ -137,7 +137,7 @@ class HFAsyncEngine(AdmittedCounts):
         idle_budget: int | None = None,
         shadow_fraction: float = 0.0,
         intra_op_threads: int | None = None,
-        warm_up: bool = False,
+        warm_up_at_start: bool = False,
     ) -> None:
         if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
@@ -153,7 +153,7 @@ class HFAsyncEngine(AdmittedCounts):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.intra_op_threads = intra_op_threads
-        self.warm_up = warm_up
+        self.warm_up_at_start = warm_up_at_start
         self.warm_up_ms: float | None = None
         self._warmed = threading.Event()
         self._warm_up_error: BaseException | None = None
@@ -219,12 +219,19 @@ class HFAsyncEngine(AdmittedCounts):
         """Start the worker thread; with ``warm_up``, admit requests only once its warm-up ran."""
         self._stop.clear()
         self._warmed.clear()
+        self._warm_up_error = None
         self._thread = threading.Thread(target=self._loop, name="hf-scheduler", daemon=True)
         self._thread.start()
-        await asyncio.to_thread(self._warmed.wait)
-        if self._warm_up_error is not None:
+        try:
+            await asyncio.to_thread(self._warmed.wait)
+        except asyncio.CancelledError:  # the server stops during the warm-up: the thread ends after it
+            self._stop.set()
+            self._wake.set()
+            raise
+        if self._warm_up_error is not None or not self._thread.is_alive():
             await self.shutdown()
-            raise RuntimeError(f"the warm-up failed: {self._warm_up_error}") from self._warm_up_error
+            reason = self._warm_up_error or "the scheduler thread ended"
+            raise RuntimeError(f"the warm-up failed: {reason}") from self._warm_up_error
         self.admission.accepting = True
 
     async def shutdown(self) -> None:
@@ -243,9 +250,7 @@ class HFAsyncEngine(AdmittedCounts):
         shadow check at a time (re-checking the batch before each); else hand the heap's free pages
         back to the OS (server/allocator.py: at rest the RSS follows the tensors alive) and sleep
         until a request arrives."""
-        if self.intra_op_threads is not None:
-            torch.set_num_threads(self.intra_op_threads)  # OpenMP's thread count is per calling thread
-        self._warm_up_here()
+        self._set_up_thread()
         worked = False
         while not self._stop.is_set():
             if self.core.has_work():
@@ -265,17 +270,22 @@ class HFAsyncEngine(AdmittedCounts):
                 self._wake.wait(timeout=0.1)
                 self._wake.clear()
 
-    def _warm_up_here(self) -> None:
-        """On the worker thread, the one that will run every forward (its OpenMP team, its kernels)."""
+    def _set_up_thread(self) -> None:
+        """On the worker thread, the one that will run every forward: its OpenMP thread count, then
+        the warm-up (its kernels); start() waits for this and reports a failure (never ready)."""
         try:
-            if self.warm_up:
+            if self.intra_op_threads is not None:
+                torch.set_num_threads(self.intra_op_threads)  # OpenMP's thread count is per calling thread
+            if self.warm_up_at_start:
                 self.warm_up_ms = self.engine.warm_up()
                 logger.info("warm-up: %.0f ms (none and gemfilter on a short prompt)", self.warm_up_ms)
                 release_free_heap()
-        except Exception as exc:  # start() reports it: the server does not turn ready
+        except BaseException as exc:
             logger.exception("warm-up failed")
             self._warm_up_error = exc
             self._stop.set()
+            if not isinstance(exc, Exception):
+                raise
         finally:
             self._warmed.set()
 

@@ -208,7 +208,7 @@ class VLLMEngine(AdmittedCounts):
         check_prompt_and_sampling(request, len(self.tokenizer))
         method = self.resolve_method(request.compression.method, request.compression.knobs)
         self.check_attention(request.compression)
-        check_method_fits(request, method, self.max_model_len, self.default_budget)
+        check_method_fits(request, method, self.filter_model.model, self.max_model_len, self.default_budget)
         request.method = method
         return method
 
