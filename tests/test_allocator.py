@@ -130,6 +130,7 @@ def test_the_batch_releases_the_heap_when_it_goes_idle(monkeypatch) -> None:
     engine = hf_async.HFAsyncEngine.__new__(hf_async.HFAsyncEngine)
     engine.core, engine.shadow, engine.intra_op_threads = Core(), None, None
     engine._wake, engine._stop = hf_async.threading.Event(), hf_async.threading.Event()
+    engine._warmed, engine.warm_up_at_start = hf_async.threading.Event(), False
     engine._wake.set()  # no 0.1 s naps between the idle turns
 
     def release() -> bool:
