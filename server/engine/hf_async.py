@@ -216,7 +216,7 @@ class HFAsyncEngine(AdmittedCounts):
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        """Start the worker thread; with ``warm_up``, admit requests only once its warm-up ran."""
+        """Start the worker thread; with ``warm_up_at_start``, admit requests only once it warmed up."""
         self._stop.clear()
         self._warmed.clear()
         self._warm_up_error = None

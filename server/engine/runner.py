@@ -110,7 +110,7 @@ class RunState:
         self.preparation: Preparation | None = None
         self.hooks: Attachment | None = None
         self.prefill_ids: list[int] = []  # the attachment's ids, then the generated ones re-run
-        self.prefill_positions: list[int] | None = None  # theirs, when not 0..len-1
+        self.prefill_places: list[int] | None = None  # their rotary positions, when not 0..len-1
         self.fed = 0  # generated tokens in the cache
         self.position = 0  # of the next token fed
         self.started = 0.0  # the prefill's first chunk
@@ -118,7 +118,7 @@ class RunState:
     def drop_cache(self) -> None:
         self.cache = self.preparation = self.hooks = None
         self.prefill_ids = []
-        self.prefill_positions = None
+        self.prefill_places = None
         self.fed = self.position = 0
 
 
@@ -251,7 +251,7 @@ class ModelRunner:
         kept_places = state.hooks.prefill_position_ids
         if kept_places is not None:
             after = state.hooks.next_position
-            state.prefill_positions = kept_places[0].tolist() + list(range(after, after + len(replay)))
+            state.prefill_places = kept_places[0].tolist() + list(range(after, after + len(replay)))
         if self.chunked(state):
             assert state.cache is not None
             make_room(state.cache, len(state.prefill_ids) + GrowingLayer.SLACK)
@@ -274,9 +274,9 @@ class ModelRunner:
     @staticmethod
     def _chunk_positions(state: RunState, chunk: Chunk) -> list[int] | None:
         """The chunk's rotary positions when they are not its indices in the cache."""
-        if state.prefill_positions is None:
+        if state.prefill_places is None:
             return None
-        return state.prefill_positions[chunk.start : chunk.start + chunk.tokens]
+        return state.prefill_places[chunk.start : chunk.start + chunk.tokens]
 
     def _decode_segment(self, request_id: str) -> Segment:
         state = self._states[request_id]
