@@ -268,7 +268,7 @@ class HFEngine:
         own), the method's prefill hooks around it and ``attention`` computing the attention (None:
         dense); last-token logits."""
         with hooks.prefill(), use_attention(attention):
-            return forward_ids(self.model, hooks.prefill_ids, cache, 0, hooks.prefill_position_ids)
+            return self.forward(hooks.prefill_ids, cache, 0, hooks.prefill_position_ids)
 
     def decode_one_token(self, token: int, cache: DynamicCache, position: int, hooks: Attachment) -> torch.Tensor:
         """A decode forward of one request alone, its method's decode hooks around it."""
@@ -276,8 +276,10 @@ class HFEngine:
         with hooks.decode_step():
             return self.forward(ids, cache, start_position=position)
 
-    def forward(self, ids: torch.Tensor, cache: DynamicCache, start_position: int) -> torch.Tensor:
-        return forward_ids(self.model, ids, cache, start_position)
+    def forward(
+        self, ids: torch.Tensor, cache: DynamicCache, start_position: int, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return forward_ids(self.model, ids, cache, start_position, position_ids)
 
 
 def separate_filter_model(loaded: LoadedModel) -> PreTrainedModel | None:
