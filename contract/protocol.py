@@ -167,6 +167,14 @@ def check_extra_fields(model: type[BaseModel], data: Any) -> None:
 
 
 # ---- the compression extension --------------------------------------------------------------
+def named_method(value: Any) -> Any:
+    """``method`` is the union's discriminator: a name, or left out for the server's default. A
+    null would match no branch of the published schema (a discriminator names a branch)."""
+    if value is None:
+        raise ValueError("null names no method: leave `method` out for the server's default")
+    return value
+
+
 class CompressionParams(BaseModel):
     """``compression`` on a request: which method, its budget and knobs.
 
@@ -176,7 +184,9 @@ class CompressionParams(BaseModel):
 
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
-    method: str | None = Field(None, description=f"Compression method ({METHOD_NAMES_HINT}); default: server's")
+    method: Annotated[str | None, BeforeValidator(named_method)] = Field(
+        None, description=f"Compression method ({METHOD_NAMES_HINT}); left out: the server's default"
+    )
     budget: Int | None = Field(None, description="Tokens to keep (prompt tokens or KV entries per head)")
     ratio: float | None = Field(
         None, description="Fraction of the prompt to keep, in (0, 1]; with budget, the budget caps it"

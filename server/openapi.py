@@ -116,6 +116,12 @@ def choice(value: str, default: str) -> dict[str, Any]:
     return {"anyOf": [{"const": value}, NULL]} if value == default else {"const": value}
 
 
+def method_choice(value: str) -> dict[str, Any]:
+    """``method`` in its branch: the name alone (the discriminator: never null; left out, the
+    default branch's schema applies)."""
+    return {"const": value}
+
+
 def method_branches(method: str, options: RequestOptions) -> list[dict[str, Any]]:
     """``method`` with exactly its knobs; the attention fields are constrained by their own part.
     One branch per filter backend for GemFilter (``filter_attention`` and exactly its knobs)."""
@@ -129,7 +135,7 @@ def method_branches(method: str, options: RequestOptions) -> list[dict[str, Any]
     branch = {
         "type": "object",
         "properties": {
-            "method": choice(method, options.default_method),
+            "method": method_choice(method),
             **knobs,
             "return_selection": {"type": "boolean"},
             "return_scores": {"type": "boolean"},
@@ -206,7 +212,7 @@ def compression_params(options: RequestOptions, ref_root: str) -> dict[str, Any]
     return {
         "title": "CompressionParams",
         "description": (CompressionParams.__doc__ or "").strip().splitlines()[0]
-        + f" `method` picks the schema; left out or null it is the server's default ({options.default_method})."
+        + f" `method` picks the schema; left out, it is the server's default ({options.default_method})."
         + " Any other field left out or null takes the server's default.",
         "type": "object",
         "allOf": [

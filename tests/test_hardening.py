@@ -222,6 +222,8 @@ def test_budget_below_window_or_sinks_is_served_within_budget(server_url: str, c
     [
         ("/v1/completions", {**SHORT, "compression": {"method": "gemfilter", "budget": True}}, "compression.budget"),
         ("/v1/completions", {**SHORT, "compression": {"method": ""}}, "compression.method"),
+        # the union's discriminator: left out is the default method, null names no branch
+        ("/v1/chat/completions", {**CHAT, "compression": {"method": None}}, "compression.method"),
         ("/v1/completions", {**SHORT, "compression": {"method": "none", "attention": ""}}, "compression.attention"),
         ("/v1/completions", {**SHORT, "max_tokens": True}, "max_tokens"),
         ("/v1/completions", {**SHORT, "stream": "yes"}, "stream"),

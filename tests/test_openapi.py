@@ -9,13 +9,14 @@ import json
 from typing import Any
 
 import jsonschema
+import pydantic
 import pytest
 
 from compressors import CompressionError, build_method
 from compressors.attention import ATTENTION_BACKENDS, build_attention
 from compressors.knobs import knob_bounds, knob_description, knob_rows
 from compressors.registry import METHODS
-from contract.protocol import BOUND_KEY, UNSUPPORTED_FIELDS
+from contract.protocol import BOUND_KEY, UNSUPPORTED_FIELDS, CompressionParams
 from server.app import create_app
 from server.engine.types import RequestOptions
 from server.openapi import compression_schema, method_schema_name
@@ -54,7 +55,12 @@ def schema_accepts(schema: dict[str, Any], value: Any) -> bool:
 
 
 def server_accepts(compression: dict[str, Any], options: RequestOptions = HF_OPTIONS) -> bool:
-    """What the engine's checks say (hf backend): the method with its knobs, the backends with theirs."""
+    """What the server's checks say (hf backend): the request model, then the method with its
+    knobs and the backends with theirs."""
+    try:
+        CompressionParams.model_validate(compression)
+    except pydantic.ValidationError:
+        return False
     knobs = {k: v for k, v in compression.items() if k not in ("method", "attention", "attention_knobs")}
     knobs.pop("return_selection", None)
     knobs.pop("return_scores", None)
@@ -137,6 +143,7 @@ def test_vllm_document_offers_only_what_vllm_runs() -> None:
 # and integral floats: the schema and the server's checks must answer alike.
 CASES = [
     {},
+    {"method": None},
     {"method": "none", "budget": 64},
     {"method": "gemfilter", "budget": 0},
     {"method": "gemfilter", "budget": 1},
