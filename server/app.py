@@ -69,6 +69,7 @@ def build_engine(settings: Settings) -> AsyncEngine:
             shadow_fraction=settings.shadow_fraction,
             intra_op_threads=threads,
             warm_up_at_start=settings.warmup,
+            step_trace=settings.step_trace,
         )
     if settings.backend == "vllm":  # GemFilter on a truncated HF model in front of vLLM (issue 5)
         from server.engine.vllm_setup import build_vllm_engine

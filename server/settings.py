@@ -76,6 +76,11 @@ class Settings(BaseSettings):
         description="hf: before /ready, run none and gemfilter once on a short prompt so the first request does "
         "not pay the one-time kernel set-up (~1 s at start-up; docs/benchmarks.md)",
     )
+    step_trace: Path | None = Field(
+        None,
+        description="hf: append one JSON line per engine step to this file (its wall time, decode tokens, prefill "
+        "and filter-pass chunks); for benchmarks and for seeing how the scheduler cut a load into steps",
+    )
     max_queue: int = Field(64, ge=0, description="Requests waiting for a slot; beyond this -> 429")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with a 429")
     api_key: str | None = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import threading
@@ -326,3 +327,30 @@ def test_the_warm_up_fits_a_small_context(engine) -> None:
         small = HFEngine(dataclasses.replace(engine.loaded, max_model_len=context))
         assert small.max_model_len == context and small.warm_up() > 0
     assert HFEngine(dataclasses.replace(engine.loaded, max_model_len=3)).warm_up() == 0.0  # no room: skipped
+
+
+def test_step_trace_has_a_line_per_step_that_adds_up_to_the_requests(engine, tmp_path) -> None:
+    """A long prompt arriving while a short one decodes: the traced prefill chunks cover each
+    prompt exactly once, some beside a decode token; the decode tokens are every token but each
+    request's first (the prefill samples it); the steps follow one another in time."""
+    trace = tmp_path / "steps.jsonl"
+    prompts = [list(range(100, 140)), list(range(100, 250))]
+
+    async def scenario() -> list[GenerationResult]:
+        scheduler = HFAsyncEngine(engine, max_concurrency=2, step_tokens=32, step_trace=trace)
+        await scheduler.start()
+        sampling = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        first = scheduler.stream(GenerationRequest(prompts[0], sampling))
+        assert isinstance(await first.__anext__(), TokenDelta)  # decoding now
+        second = scheduler.stream(GenerationRequest(prompts[1], sampling))
+        results = [await last_event(first), await last_event(second)]
+        await scheduler.shutdown()
+        return results
+
+    results = asyncio.run(scenario())
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert sum(tokens for line in lines for _, tokens in line["prefill"]) == sum(map(len, prompts))
+    assert sum(line["decodes"] for line in lines) == sum(len(r.token_ids) - 1 for r in results)
+    assert any(line["decodes"] and line["prefill"] for line in lines)  # a chunk rode beside a decode
+    assert all(line["seconds"] > 0 and not line["filter"] and not line["preempted"] for line in lines)
+    assert all(a["time"] + a["seconds"] <= b["time"] + 1e-3 for a, b in itertools.pairwise(lines))

@@ -43,6 +43,11 @@ FLAGS: dict[str, dict[str, Any]] = {
         "help": "hf: run none and gemfilter once on a short prompt before /ready, so the first request does not "
         "pay the one-time kernel set-up (default: on)",
     },
+    "--step-trace": {
+        "type": Path,
+        "metavar": "FILE",
+        "help": "hf: append a JSON line per engine step (wall time, decode tokens, prefill / filter-pass chunks)",
+    },
     "--max-queue": {"type": int, "help": "requests waiting for a slot before 429 (default 64)"},
     "--api-key": {
         "help": "require 'Authorization: Bearer KEY' on every route but /health and /ready; visible to every "

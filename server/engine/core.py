@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -29,6 +30,7 @@ from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, StepPlan
 from server.engine.sequence import Emit, Sequence
+from server.engine.step_trace import StepTrace
 from server.engine.types import GenerationRequest
 from server.measure import SharedPeakMeter
 
@@ -57,6 +59,7 @@ class EngineCore:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._sequences: dict[str, Sequence] = {}
+        self.trace: StepTrace | None = None  # ``--step-trace``: a line per step
 
     # ---- what other threads may call ------------------------------------------------------
     def add(self, request: GenerationRequest, emit: Emit) -> str:
@@ -103,6 +106,7 @@ class EngineCore:
     # ---- the loop's body ----------------------------------------------------------------------
     def step(self) -> None:
         # Inference mode for the whole step: the runner's forwards and the method hooks inside it.
+        started, clock = time.time(), time.perf_counter()
         with torch.inference_mode():
             cancelled = self._cancelled()
             plan = self.scheduler.schedule()
@@ -116,6 +120,8 @@ class EngineCore:
             finished, failed = self._run(plan) if not plan.empty or plan.started else (set(), set())
             for request_id in self.scheduler.update(plan, finished, failed):
                 self._forget(request_id)
+        if self.trace is not None:
+            self.trace.record(plan, started, time.perf_counter() - clock)
         self.meter.sample_now()
 
     def _cancelled(self) -> list[str]:

@@ -26,6 +26,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from server.engine.base import EngineEvent
 from server.engine.checks import CONTEXT_LENGTH_EXCEEDED
 from server.engine.hf import HFEngine
 from server.engine.scheduler import DEFAULT_MAX_RUNNING, DEFAULT_STEP_TOKENS
+from server.engine.step_trace import StepTrace
 from server.engine.types import (
     CompressionSpec,
     GenerationRequest,
@@ -138,6 +140,7 @@ class HFAsyncEngine(AdmittedCounts):
         shadow_fraction: float = 0.0,
         intra_op_threads: int | None = None,
         warm_up_at_start: bool = False,
+        step_trace: Path | None = None,
     ) -> None:
         if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
@@ -148,6 +151,7 @@ class HFAsyncEngine(AdmittedCounts):
         self.max_batch_tokens = max_batch_tokens
         self.admission = Admission(max_concurrency, "max_concurrency", max_queue, retry_after_s)
         self.core = engine.new_core(max_concurrency, max_batch_tokens, step_tokens, idle_budget)
+        self.core.trace = StepTrace(step_trace) if step_trace is not None else None
         self.shadow = ShadowCheck(engine, shadow_fraction, max_batch_tokens, step_tokens) if shadow_fraction else None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -242,6 +246,8 @@ class HFAsyncEngine(AdmittedCounts):
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        if self.core.trace is not None:
+            self.core.trace.close()
         if self.shadow is not None:  # not waited for: dropped, counted as skipped
             self.shadow.drop_all("shutdown")
 
