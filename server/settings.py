@@ -120,6 +120,16 @@ class Settings(BaseSettings):
             raise ValueError(f"the shadow check runs on the hf backend only, not {backend}; leave it 0")
         return value
 
+    @field_validator("step_trace")
+    @classmethod
+    def step_trace_needs_hf(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        backend = info.data.get("backend")
+        if value is not None and backend != "hf":
+            raise ValueError(f"the step trace records the hf backend's steps, not {backend}'s; leave it unset")
+        if value is not None and not value.parent.is_dir():
+            raise ValueError(f"no directory {value.parent} to write the step trace {value.name} in")
+        return value
+
     @field_validator("vllm_args", mode="before")
     @classmethod
     def split_vllm_args(cls, value: object) -> object:

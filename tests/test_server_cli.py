@@ -49,6 +49,18 @@ def test_bad_setting_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
         settings_from_args(args)
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--backend", "vllm", "--step-trace", "steps.jsonl"], "records the hf backend's steps, not vllm's"),
+        (["--step-trace", "/no/such/dir/steps.jsonl"], "no directory /no/such/dir to write the step trace"),
+    ],
+)
+def test_a_step_trace_that_cannot_be_written_is_refused(flags: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        settings_from_args(build_parser().parse_args(["serve", *flags]))
+
+
 @pytest.mark.slow
 def test_unknown_backend_fails_fast() -> None:
     proc = subprocess.run(
