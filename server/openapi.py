@@ -116,12 +116,6 @@ def choice(value: str, default: str) -> dict[str, Any]:
     return {"anyOf": [{"const": value}, NULL]} if value == default else {"const": value}
 
 
-def method_choice(value: str) -> dict[str, Any]:
-    """``method`` in its branch: the name alone (the discriminator: never null; left out, the
-    default branch's schema applies)."""
-    return {"const": value}
-
-
 def method_branches(method: str, options: RequestOptions) -> list[dict[str, Any]]:
     """``method`` with exactly its knobs; the attention fields are constrained by their own part.
     One branch per filter backend for GemFilter (``filter_attention`` and exactly its knobs)."""
@@ -135,7 +129,7 @@ def method_branches(method: str, options: RequestOptions) -> list[dict[str, Any]
     branch = {
         "type": "object",
         "properties": {
-            "method": method_choice(method),
+            "method": {"const": method},  # the discriminator: never null (left out: the default's branch)
             **knobs,
             "return_selection": {"type": "boolean"},
             "return_scores": {"type": "boolean"},

@@ -4,8 +4,9 @@ What a step ran and how long it took, in the serving process itself: the figures
 needs to bound a load's throughput by this process's own step costs (``bench/batching.py``:
 this VM runs some processes ~15-20% slower than others for their whole life, so a bound from
 step costs measured in another process was off by that much), and what an operator needs to
-see how the scheduler cut a load into steps. No library writes this: vLLM and SGLang log
-per-interval batch statistics, not per-step records.
+see how the scheduler cut a load into steps. Written here because the metrics that serving
+engines export (vLLM's iteration-token histograms, SGLang's per-interval batch logs) aggregate
+steps, and the bound needs each step's own time and shape.
 
 A line: ``{"time": unix seconds at the step's start, "seconds": its wall time, "decodes": decode
 tokens, "prefill": [[start, tokens], ...], "filter": [[start, tokens], ...], "preempted": n}``.
