@@ -52,7 +52,7 @@ def unit_scores(
 
 
 def measures(method: GemFilter, scores: torch.Tensor, ids: torch.Tensor, tokenizer: Any, keep: int) -> dict[str, float]:
-    pooled = pooled_scores(scores, method.kernel_size).cpu()
+    pooled = pooled_scores(scores, method.kernel_size, method.fuse).cpu()
     n = pooled.numel()
     begins = method.unit_begins(ids, tokenizer)
     kept = pick_whole_units(pooled, keep, method.tail, begins, method.head) if begins is not None else None

@@ -196,7 +196,7 @@ def evaluate(engine: HFEngine, prompt: Prompt, budget: int, max_tokens: int, ans
     method = GemFilter(budget=budget)
     scores = scores_at_filter_layer(engine.model, prompt.prompt_ids, method.filter_layer(engine.model))
     for label, score in scores.items():
-        kept = set(pick_indices(score, budget, method.kernel_size, method.tail))
+        kept = set(pick_indices(score, budget, method.kernel_size, method.tail, fuse=method.fuse))
         row[f"recall_{label}"] = sum(p in kept for p in prompt.answer_positions) / len(prompt.answer_positions)
     runs = [("none", "none", {})] + [
         (label, "gemfilter", {"budget": budget, **knobs}) for label, knobs in SCORINGS.items()

@@ -16,8 +16,9 @@ the last ``window`` prompt queries (each query sees only the keys at or before i
 - ``"inner_product"``: raw ``q . k_j``. With ``window=1`` this is exactly the paper's
   Algorithm 1 (the last token's query only).
 - ``"attention"``: per-head softmax of ``q . k_j`` (SnapKV's observation-window score).
-- ``"fused"`` (default): both, each pooled and turned into a rank, merged by the maximum, so a
-  token is kept when either scoring ranks it high.
+- ``"fused"`` (default): both, each pooled and turned into a rank (0..1), merged by ``fuse``:
+  the maximum (a token is kept when either scoring ranks it high) or the mean (a token ranked
+  high by both beats one only a single scoring likes).
 
 Why the default, measured on SmolLM2-135M at layer 18 with the top 1024 kept (answer recall;
 ``bench.gemfilter_scoring``, raw data in ``bench/results/``): neither score alone was robust.
@@ -100,6 +101,9 @@ def default_filter_layer(config: PretrainedConfig) -> int:
 
 
 SCORINGS = ("fused", "inner_product", "attention")
+# How scoring="fused" merges its two rankings (issue 26): "max", a token's best rank, or "mean".
+FUSES = ("max", "mean")
+DEFAULT_FUSE = "max"
 # What the top-k keeps a unit at a time (compressors/units.py): single tokens (the paper),
 # whitespace-delimited words (a number is never split), or fixed chunks of ``chunk_size`` tokens.
 SPANS = ("token", "word", "chunk", "sentence")
@@ -189,14 +193,16 @@ def token_scores(module: nn.Module, query: torch.Tensor, key: torch.Tensor, scor
     return torch.stack([window_inner_products(query, key, window), attention])  # fused: pick_indices merges
 
 
-def pooled_scores(scores: torch.Tensor, kernel_size: int) -> torch.Tensor:
+def pooled_scores(scores: torch.Tensor, kernel_size: int, fuse: str = DEFAULT_FUSE) -> torch.Tensor:
     """``(n,)`` or ``(m, n)`` scores -> ``(n,)``: each row average-pooled; m rows to fuse are
-    turned into ranks (0..1) and a token takes its best rank over the rows."""
+    turned into ranks (0..1) and a token takes its best rank over the rows (``fuse="max"``) or
+    their mean (``"mean"``)."""
     n = scores.shape[-1]
     rows = scores.reshape(-1, 1, n).to(torch.float32)
     pooled = F.avg_pool1d(rows, kernel_size=kernel_size, padding=kernel_size // 2, stride=1).view(-1, n)
     if pooled.shape[0] > 1:
-        pooled = (pooled.argsort(dim=-1).argsort(dim=-1).to(torch.float32) / n).amax(dim=0)
+        ranks = pooled.argsort(dim=-1).argsort(dim=-1).to(torch.float32) / n
+        pooled = ranks.mean(dim=0) if fuse == "mean" else ranks.amax(dim=0)
     return pooled.view(n).clone()
 
 
@@ -207,13 +213,14 @@ def pick_indices(
     tail: int,
     unit_begins: torch.Tensor | None = None,
     head: int = 0,
+    fuse: str = DEFAULT_FUSE,
 ) -> list[int]:
     """Pool, force the protected tail in, take the top ``keep`` and sort them ascending.
 
     ``scores`` is ``(n,)``, or ``(m, n)`` for m scorings to fuse (:func:`pooled_scores`). With
     ``unit_begins`` (``(n,)`` bool, where each word or chunk starts) whole units are kept
     instead of single tokens (:func:`compressors.units.pick_whole_units`)."""
-    return pick_pooled(pooled_scores(scores, kernel_size), keep, tail, unit_begins, head)
+    return pick_pooled(pooled_scores(scores, kernel_size, fuse), keep, tail, unit_begins, head)
 
 
 def pick_pooled(
@@ -260,7 +267,8 @@ def selection_confidence(scores: torch.Tensor, scoring: str, kept: list[int], he
 class GemFilter(PromptSelector):
     """Early-layer token selection. Knobs: ``budget``/``ratio`` (tokens to keep), ``layer``
     (filter layer r; None = calibrated default for the model), ``scoring`` (``fused``,
-    ``inner_product`` or ``attention``), ``window`` (final prompt queries averaged; the paper: 1),
+    ``inner_product`` or ``attention``), ``fuse`` (how ``fused`` merges its two rankings: ``max``
+    or ``mean``), ``window`` (final prompt queries averaged; the paper: 1),
     ``kernel_size`` (average pooling, paper: 5), ``tail`` (final prompt tokens always kept: the
     question and the chat template's generation prefix), ``filter_attention`` and
     ``filter_attention_knobs`` (the attention backend of layers ``< r`` in the filter pass, see
@@ -291,8 +299,16 @@ class GemFilter(PromptSelector):
         "fused",
         choices=SCORINGS,
         description=(
-            "fused: inner products and softmax attention, a token takes its best rank; inner_product: the"
+            "fused: inner products and softmax attention, their ranks merged by fuse; inner_product: the"
             " paper's q.k; attention: softmax only"
+        ),
+    )
+    fuse: str = knob(
+        DEFAULT_FUSE,
+        choices=FUSES,
+        description=(
+            "with scoring=fused, how the two rankings merge: max, a token's best rank; mean, its mean rank "
+            "(the other scorings have one ranking)"
         ),
     )
     window: int = knob(32, minimum=1, description="last prompt queries whose scores are averaged (the paper: 1)")
@@ -474,7 +490,7 @@ class GemFilter(PromptSelector):
         self, scores: torch.Tensor, keep: int, input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase | None
     ) -> list[int]:
         """The ``keep`` kept positions from the filter pass's scores, whole units per ``span``."""
-        return self.choose_pooled(pooled_scores(scores, self.kernel_size), keep, input_ids, tokenizer)
+        return self.choose_pooled(pooled_scores(scores, self.kernel_size, self.fuse), keep, input_ids, tokenizer)
 
     def choose_pooled(
         self, pooled: torch.Tensor, keep: int, input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase | None
@@ -495,7 +511,7 @@ class GemFilter(PromptSelector):
         and, when the request asked for a fallback and the confidence is below ``fallback_below``,
         the wider pick instead (the response says so in ``compression.fallback``)."""
         n = target.prompt_tokens
-        pooled = pooled_scores(scores, self.kernel_size).cpu()  # n floats: pick and strip here
+        pooled = pooled_scores(scores, self.kernel_size, self.fuse).cpu()  # n floats: pick and strip here
         kept = self.choose_pooled(pooled, keep, target.prompt_ids, target.tokenizer)
         confidence = selection_confidence(scores, self.scoring, kept, self.head, self.tail)
         wider = self.fallback_keep(n, target.default_budget)
@@ -531,6 +547,8 @@ class GemFilter(PromptSelector):
     ) -> Selection:
         keep = len(kept)
         details: dict[str, object] = {"scoring": self.scoring, "window": min(self.window, n), "span": self.span}
+        if self.scoring == "fused":
+            details["fuse"] = self.fuse
         if self.head:
             details["protected_head"] = min(self.head, keep, n)
         return Selection(

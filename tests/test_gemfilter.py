@@ -20,6 +20,7 @@ from compressors.gemfilter import (
     filter_pass_scores,
     last_query_scores,
     pick_indices,
+    pooled_scores,
     selection_confidence,
 )
 from compressors.probe import active_probe, decoder_layers, repeat_kv_heads
@@ -331,6 +332,18 @@ def test_fused_scores_keep_the_tokens_either_scoring_ranks_best() -> None:
     assert pick_indices(inner, keep=1, kernel_size=1, tail=0) == [3]
 
 
+def test_fused_scores_merged_by_the_mean_keep_what_both_scorings_rank_high() -> None:
+    # Token 3 is each scoring's second best; 0 only the inner product's best, 9 only attention's
+    # (each ranked last by the other). The best rank keeps the two favourites, the mean rank 3.
+    inner = torch.tensor([9.0, 1, 1, 8, 1, 1, 1, 1, 1, -1])
+    attention = torch.tensor([-1.0, 1, 1, 8, 1, 1, 1, 1, 1, 9])
+    scores = torch.stack([inner, attention])
+    assert pick_indices(scores, keep=2, kernel_size=1, tail=0) == [0, 9]
+    assert pick_indices(scores, keep=1, kernel_size=1, tail=0, fuse="mean") == [3]
+    ranks = pooled_scores(scores, kernel_size=1, fuse="mean")
+    assert ranks[[3, 0, 9]].tolist() == pytest.approx([0.8, 0.45, 0.45])  # (0.8 + 0.8) / 2, (0.9 + 0) / 2
+
+
 def test_selection_reports_its_scoring(loaded_model, engine, count_tokens) -> None:
     ids, _ = haystack_ids(engine, count_tokens, 200, depth=0.5, seed=17)
     input_ids = torch.tensor([ids])
@@ -338,7 +351,13 @@ def test_selection_reports_its_scoring(loaded_model, engine, count_tokens) -> No
     paper = GemFilter(budget=64, scoring="inner_product", window=1, span="token", head=0).select(
         loaded_model.model, input_ids, 1024
     )
-    assert default.details == {"scoring": "fused", "window": 32, "span": "sentence", "protected_head": 32}
+    assert default.details == {
+        "scoring": "fused",
+        "fuse": "max",
+        "window": 32,
+        "span": "sentence",
+        "protected_head": 32,
+    }
     assert paper.details == {"scoring": "inner_product", "window": 1, "span": "token"}
     assert len(default.kept_indices) == len(paper.kept_indices) == 64
     assert default.kept_indices != paper.kept_indices  # the window changes what is kept
