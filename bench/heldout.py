@@ -7,6 +7,8 @@ library's own ``.py`` files, shuffled per seed and cut at line boundaries, with 
 written as a comment at the needle's depth. Its tokens (indentation, identifiers, operators) and
 its structure are unlike anything the defaults were chosen on, so it reports how those defaults do
 on text nobody tuned them for. Results from it are reported apart and never used to pick a knob.
+Its lines are :func:`evals.haystacks.source_lines`, all of them (the eval suite's ``code``
+haystack keeps only those no needle value can hide in, and asks its own needles).
 
 ``code_parts`` returns ``(document, question, answer prefix, answer)`` like the builders in
 bench.attention, so the same prompt code serves it.
@@ -15,10 +17,9 @@ bench.attention, so the same prompt code serves it.
 from __future__ import annotations
 
 import random
-import sysconfig
 from collections.abc import Callable
-from functools import cache
-from pathlib import Path
+
+from evals.haystacks import source_lines
 
 HELDOUT_FAMILY = "code"
 # (comment with {place} and {a}, question with {place}, the answer's alphabet): used nowhere else.
@@ -42,50 +43,6 @@ CODE_NEEDLES = (
 CODE_PLACES = ("Reykjavik", "Valparaiso", "Windhoek", "Tbilisi", "Ljubljana", "Montevideo", "Kathmandu", "Hobart")
 PASS_WORDS = ("amber", "falcon", "quartz", "juniper", "cobalt", "saffron", "glacier", "mosaic")
 ENGINEERS = ("Oksana Petrenko", "Tomasz Wielgus", "Amara Okafor", "Lucia Ferrante", "Kenji Nakamura")
-# Modules whose source makes the haystack: plain Python, no generated tables, 10-120 KB each.
-SOURCE_MODULES = (
-    "argparse",
-    "calendar",
-    "configparser",
-    "csv",
-    "difflib",
-    "fractions",
-    "ftplib",
-    "gettext",
-    "heapq",
-    "imaplib",
-    "inspect",
-    "ipaddress",
-    "mailbox",
-    "netrc",
-    "pathlib",
-    "pprint",
-    "shlex",
-    "shutil",
-    "smtplib",
-    "statistics",
-    "string",
-    "tarfile",
-    "textwrap",
-    "threading",
-    "uuid",
-    "wave",
-    "zipapp",
-)
-
-
-@cache
-def source_lines() -> tuple[str, ...]:
-    """Non-empty lines of the stdlib modules above, in module order (a module missing here is skipped)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    lines: list[str] = []
-    for name in SOURCE_MODULES:
-        path = root / f"{name}.py"
-        if path.is_file():
-            lines += [line.rstrip() for line in path.read_text(errors="ignore").splitlines() if line.strip()]
-    if not lines:
-        raise FileNotFoundError(f"no stdlib sources under {root}")
-    return tuple(lines)
 
 
 def code_answer(rng: random.Random, kind: str) -> str:

@@ -1,16 +1,19 @@
-"""Filler for the long-context tasks: five haystack kinds, seeded, no downloads (stdlib only).
+"""Filler for the long-context tasks: six haystack kinds, seeded, no downloads (stdlib only).
 
 A haystack is a stream of short "units" (sentences or lines) joined by the kind's separator:
 - ``noise``: RULER's repeated synthetic noise, one sentence per unit;
 - ``prose``: varied topical prose from ``contract.needles.filler_sentences``;
 - ``records``: log lines and small tables, so the model must read past numbers and structure;
 - ``dialogue``: a team chat transcript, one ``Name: utterance`` turn per unit;
-- ``emails``: short emails one line per unit (``From:``, ``Subject:``, body sentences, sign-off).
+- ``emails``: short emails one line per unit (``From:``, ``Subject:``, body sentences, sign-off);
+- ``code``: Python source, the standard library's own ``.py`` files (bench/heldout.py's modules),
+  a stretch of consecutive lines per block, without the lines a needle value could hide in.
 
 The first three are the tuning families (``TUNING_HAYSTACKS``: defaults were chosen on them, and
-``gemserve calibrate`` probes them); ``dialogue`` and ``emails`` (``HELDOUT_HAYSTACKS``, issue 26)
-were written to check those defaults on text nothing was tuned on, and stay out of every tuning
-loop.
+``gemserve calibrate`` probes them); ``dialogue``, ``emails`` (issue 26) and ``code`` (added to
+decide GemFilter's ``fuse``) are ``HELDOUT_HAYSTACKS``, written to check those defaults on text
+nothing was tuned on, and stay out of every tuning loop. ``code`` depends on the Python version's
+standard library: its text is the same wherever the interpreter is.
 
 Records are shaped so that no needle value can hide in them: no digit run (with or without
 separators) is 7 or 16 digits long, no group of 4 digits reads as a year from 1900 to 2019,
@@ -21,12 +24,15 @@ from __future__ import annotations
 
 import random
 import re
+import sysconfig
 from datetime import datetime, timedelta
+from functools import cache
+from pathlib import Path
 
-from contract.needles import CONNECTIVES, TOPICS, filler_sentences
+from contract.needles import ANIMALS, CONNECTIVES, PLACES, TOPICS, WORDS, filler_sentences
 
 TUNING_HAYSTACKS = ("noise", "prose", "records")
-HELDOUT_HAYSTACKS = ("dialogue", "emails")
+HELDOUT_HAYSTACKS = ("dialogue", "emails", "code")
 HAYSTACKS = TUNING_HAYSTACKS + HELDOUT_HAYSTACKS
 NOISE_SENTENCES = (
     "The grass is green.",
@@ -35,7 +41,7 @@ NOISE_SENTENCES = (
     "Here we go.",
     "There and back again.",
 )
-SEPARATORS = {"noise": " ", "prose": " ", "records": "\n", "dialogue": "\n", "emails": "\n"}
+SEPARATORS = {"noise": " ", "prose": " ", "records": "\n", "dialogue": "\n", "emails": "\n", "code": "\n"}
 
 LOG_LEVELS = ("INFO", "INFO", "INFO", "INFO", "INFO", "DEBUG", "WARN", "ERROR")
 SERVICES = ("api", "auth", "billing", "search", "worker", "gateway", "cart", "notify")
@@ -166,6 +172,60 @@ def emails(rng: random.Random, count: int) -> list[str]:
     return out[:count]
 
 
+# Standard-library modules whose source makes the ``code`` haystack (and bench/heldout.py's
+# family): plain Python, no generated tables, 10-120 KB each.
+SOURCE_MODULES = (
+    "argparse", "calendar", "configparser", "csv", "difflib", "fractions", "ftplib", "gettext", "heapq",
+    "imaplib", "inspect", "ipaddress", "mailbox", "netrc", "pathlib", "pprint", "shlex", "shutil", "smtplib",
+    "statistics", "string", "tarfile", "textwrap", "threading", "uuid", "wave", "zipapp",
+)  # fmt: skip
+# Words of the needle sentences and values: a code line holding one is left out.
+NEEDLE_WORDS = frozenset(
+    {w.lower() for w in (*WORDS, *ANIMALS, *PLACES)} | {"magic", "special", "password", "platform", "mascot", "founded"}
+)
+TITLE_WORD = re.compile(r"\b[A-Z][a-z]+\b")  # names, cities, companies (and comments' sentence starts)
+DIGIT_SEPARATORS = " \t,.:-\u2013"
+
+
+@cache
+def source_lines() -> tuple[str, ...]:
+    """Non-empty lines of :data:`SOURCE_MODULES`, in module order (a module missing here is skipped)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    lines: list[str] = []
+    for name in SOURCE_MODULES:
+        path = root / f"{name}.py"
+        if path.is_file():
+            lines += [line.rstrip() for line in path.read_text(errors="ignore").splitlines() if line.strip()]
+    if not lines:
+        raise FileNotFoundError(f"no stdlib sources under {root}")
+    return tuple(lines)
+
+
+def value_free(line: str) -> bool:
+    """Can no needle value or key hide in this source line? No capitalised word (a name, a city,
+    a company), no needle word, at most one digit group of at most two digits and never at the
+    line's edge, so no digit run joined across lines reads as a number, a code or a year."""
+    if TITLE_WORD.search(line) or set(re.findall(r"[a-z]+", line.lower())) & NEEDLE_WORDS:
+        return False
+    groups = re.findall(r"\d+", line)
+    if len(groups) > 1 or any(len(group) > 2 for group in groups):
+        return False
+    core = line.strip(DIGIT_SEPARATORS)
+    return not groups or not (core[:1].isdigit() or core[-1:].isdigit())
+
+
+@cache
+def code_lines() -> tuple[str, ...]:
+    return tuple(line for line in source_lines() if value_free(line))
+
+
+def code(rng: random.Random, count: int) -> list[str]:
+    """``count`` consecutive source lines from a seeded place (wrapping round at the end)."""
+    lines = code_lines()
+    start = rng.randrange(len(lines))
+    return [lines[(start + i) % len(lines)] for i in range(count)]
+
+
 def haystack_units(kind: str, rng: random.Random, count: int) -> list[str]:
     """``count`` filler units of ``kind``; noise always starts its cycle at its first sentence."""
     check_haystack(kind)
@@ -177,6 +237,8 @@ def haystack_units(kind: str, rng: random.Random, count: int) -> list[str]:
         return dialogue(rng, count)
     if kind == "emails":
         return emails(rng, count)
+    if kind == "code":
+        return code(rng, count)
     return records(rng, count)
 
 
@@ -215,6 +277,8 @@ def vocabulary(kind: str) -> frozenset[str]:
         text = " ".join(NOISE_SENTENCES)
     elif kind == "prose":
         text = " ".join([*CONNECTIVES, *(s for sentences in TOPICS.values() for s in sentences)])
+    elif kind == "code":
+        text = "\n".join(code_lines())
     elif kind in HELDOUT_HAYSTACKS:
         parts = [*SPEAKERS, *TEAM_THINGS, *TEAM_VERBS, *TIMES, *UTTERANCES, *EMAIL_SUBJECTS, *EMAIL_BODY, *SIGN_OFFS]
         text = " ".join([*parts, "From Subject example org"])

@@ -21,8 +21,10 @@ from evals.haystacks import (
     RECORD_CITIES,
     TUNING_HAYSTACKS,
     FillerStream,
+    code_lines,
     haystack_units,
     records,
+    source_lines,
     vocabulary,
 )
 from evals.scoring import answers_kept_whole, count_occurrences, item_found, normalize, score
@@ -294,6 +296,10 @@ def test_heldout_haystacks_are_varied_seeded_and_cannot_hide_a_needle_value(kind
     assert kind not in TUNING_HAYSTACKS and set(HAYSTACKS) == set(TUNING_HAYSTACKS) | set(HELDOUT_HAYSTACKS)
     if kind == "dialogue":
         assert all(re.fullmatch(r"[A-Z][a-z]+: [A-Z].*[.?!]", u) for u in units)
+    elif kind == "code":
+        # A stretch of the standard library's source (less the lines a value could hide in), in order.
+        assert set(units) <= set(source_lines()) and sum(u.lstrip().startswith("def ") for u in units) > 50
+        assert "\n".join(units[:200]) in "\n".join(code_lines() * 2)
     else:
         senders, subjects = sum(u.startswith("From: ") for u in units), sum(u.startswith("Subject: ") for u in units)
         assert senders - subjects in (0, 1) and subjects > 300  # the last email may be cut after its sender
