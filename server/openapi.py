@@ -9,12 +9,12 @@ written in here, so that a client validating against ``/openapi.json`` and the s
   token id is below the vocabulary size, ``max_tokens`` below the context;
 - ``compression``: which knobs a method takes depends on the method, and which attention knobs
   on the backend, so the object is all of: a union discriminated by ``method`` over one
-  component per method the engine runs (``CompressionGemfilter``...: exactly its knobs, each the
-  JSON Schema of its knob model, the pydantic model the server validates with, built from the
-  bounds their dataclass fields declare, and the values it may not take together,
-  compressors/knobs.py; a generated client gets a class per method), and one of a branch per
-  attention backend it runs (``attention`` and exactly its ``attention_knobs``); the same for
-  GemFilter's ``filter_attention`` inside its component. Fields left out or null take the
+  component per method the engine runs (``CompressionGemfilter``...: exactly its knobs, as the
+  JSON Schema of the method's knob model, the pydantic model the server validates them with,
+  derived from their declarations, and the values it may not take together, compressors/knobs.py;
+  a generated client gets a class per method), and one of a branch per attention backend it runs
+  (``attention`` and exactly its ``attention_knobs``, from the backend's knob model); the same
+  for GemFilter's ``filter_attention`` inside its component. Fields left out or null take the
   server's defaults (``method`` too: the default method's component does not require it).
 
 The one rule between fields JSON Schema cannot state is the context: prompt tokens plus
@@ -29,7 +29,7 @@ from fastapi import FastAPI
 
 from compressors.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION
 from compressors.gemfilter import POSITIONS
-from compressors.knobs import Bounds, conflict_schema, knob_bounds, make_knob_model
+from compressors.knobs import Bounds, conflict_schema, knob_bounds, knob_model, make_knob_model
 from compressors.registry import METHODS
 from contract.protocol import BOUND_KEY, NULL, UNSUPPORTED_FIELDS, CompressionParams
 from server.engine.types import RequestOptions
@@ -92,9 +92,10 @@ def nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_knobs(cls: type, overrides: dict[str, Bounds] | None = None) -> dict[str, dict[str, Any]]:
-    """Knob name -> its JSON Schema, from the class's knob model (compressors/knobs.py) with the
-    bounds only the loaded engine knows (``overrides``): pydantic's, null added (the default)."""
-    model = make_knob_model(cls, {**knob_bounds(cls), **(overrides or {})})
+    """Knob name -> its JSON Schema: pydantic's, from the class's knob model (compressors/knobs.py),
+    null added (the default). ``overrides``: narrower bounds only the loaded engine knows (its
+    layers, the positions it runs), in a model of their own."""
+    model = make_knob_model(cls, {**knob_bounds(cls), **overrides}) if overrides else knob_model(cls)
     return {name: published_knob(schema) for name, schema in model.model_json_schema()["properties"].items()}
 
 
