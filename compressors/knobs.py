@@ -226,12 +226,20 @@ def unknown_knobs_error(cls: type, owner: str, unknown: list[Any], prefix: str) 
 
 
 def out_of_bounds(error: ErrorDetails) -> bool:
-    """The value has the knob's type but not its bounds (a string outside ``choices`` fails a
-    Literal; anything else failing it is of the wrong type)."""
-    return error["type"] in BOUND_ERRORS or (error["type"] == "literal_error" and isinstance(error["input"], str))
+    """The value has the knob's type but not its bounds: a string outside ``choices`` fails a
+    Literal (anything else failing it is of the wrong type), and an int fails a float only when
+    too large for one (``10**400``)."""
+    kind, value = error["type"], error["input"]
+    return (
+        kind in BOUND_ERRORS
+        or (kind == "literal_error" and isinstance(value, str))
+        or (kind == "float_type" and isinstance(value, int) and not isinstance(value, bool))
+    )
 
 
 def knob_message(cls: type, owner: str, name: str, errors: list[ErrorDetails], value: Any) -> str:
+    """Knob ``name``'s ``errors`` (one per member of its union) in the declaration's words: its
+    type, else ±:data:`MAX_KNOB_INT` for a huge integer, else its bounds."""
     bounded = [error for error in errors if out_of_bounds(error)]
     if not bounded:
         if any(error["type"] == "finite_number" for error in errors):
