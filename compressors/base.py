@@ -142,7 +142,8 @@ def layer_bytes(layer: object) -> int:
 
 @dataclass
 class Method:
-    """A compression method: typed dataclass fields are its knobs, with paper defaults.
+    """A compression method: typed dataclass fields are its knobs (declared with
+    :func:`~compressors.knobs.knob`, one pydantic model of them per class), with paper defaults.
 
     ``budget`` (tokens) and ``ratio`` (fraction of the prompt) are shared by every method
     except ``none``; given both, the budget caps the ratio.
@@ -161,8 +162,9 @@ class Method:
         return [f.name for f in fields(cls)]
 
     def validate(self) -> None:
-        """Raise :class:`CompressionError` for values no prompt could make valid (subclasses add
-        the rules between knobs to the bounds their fields declare)."""
+        """Raise :class:`CompressionError` for values no prompt could make valid: the knobs through
+        the class's knob model (the types and bounds their fields declare, compressors/knobs.py),
+        then the values they may not take together (subclasses add rules between knobs)."""
         check_declared_bounds(self, f"method '{self.name}'", "compression")
         check_conflicts(self, self.CONFLICTS)
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, get_type_hints
+from typing import Any
 
 from compressors.base import CompressionError, Method
 from compressors.full import FullAttention
 from compressors.gemfilter import GemFilter
 from compressors.h2o import H2O
-from compressors.knobs import check_knob, knob_bounds, short_repr
+from compressors.knobs import request_knobs, short_repr
 from compressors.pyramidkv import PyramidKV
 from compressors.snapkv import SnapKV
 from compressors.streaming_llm import StreamingLLM
@@ -31,7 +31,8 @@ def method_names() -> list[str]:
 
 
 def build_method(name: str, knobs: dict[str, Any] | None = None) -> Method:
-    """Instantiate and validate a method; unknown names or knobs raise :class:`CompressionError`
+    """Instantiate and validate a method: its knobs through its knob model (compressors/knobs.py),
+    then its own rules between them; unknown names or knobs raise :class:`CompressionError`
     listing what is allowed."""
     cls = METHODS.get(name)
     if cls is None:
@@ -39,22 +40,7 @@ def build_method(name: str, knobs: dict[str, Any] | None = None) -> Method:
             f"unknown compression method {short_repr(name, 200)}; allowed: {', '.join(METHODS)}",
             param="compression.method",
         )
-    knobs = dict(knobs or {})
-    allowed = cls.knobs()
-    unknown = sorted(set(knobs) - set(allowed))  # even when null: a misspelt knob is never ignored
-    if unknown:
-        allowed_text = ", ".join(allowed) if allowed else "none"
-        raise CompressionError(
-            f"method '{name}' has no knob {', '.join(short_repr(k, 100) for k in unknown[:5])}; "
-            f"its knobs: {allowed_text}",
-            param=f"compression.{unknown[0][:100]}",
-        )
-    hints, bounds = get_type_hints(cls), knob_bounds(cls)
-    knobs = {
-        key: check_knob(f"method '{name}'", key, value, hints[key], bounds[key], param=f"compression.{key}")
-        for key, value in knobs.items()
-        if value is not None  # null: the default
-    }
+    knobs = request_knobs(cls, f"method '{name}'", dict(knobs or {}), "compression")
     method = cls(**knobs)
     method.validate()
     return method

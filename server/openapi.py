@@ -9,11 +9,12 @@ written in here, so that a client validating against ``/openapi.json`` and the s
   token id is below the vocabulary size, ``max_tokens`` below the context;
 - ``compression``: which knobs a method takes depends on the method, and which attention knobs
   on the backend, so the object is all of: a union discriminated by ``method`` over one
-  component per method the engine runs (``CompressionGemfilter``...: exactly its knobs, with the
-  bounds their dataclass fields declare and the values it may not take together,
-  compressors/knobs.py; a generated client gets a class per method), and one of a branch per
-  attention backend it runs (``attention`` and exactly its ``attention_knobs``); the same for
-  GemFilter's ``filter_attention`` inside its component. Fields left out or null take the
+  component per method the engine runs (``CompressionGemfilter``...: exactly its knobs, as the
+  JSON Schema of the method's knob model, the pydantic model the server validates them with,
+  derived from their declarations, and the values it may not take together, compressors/knobs.py;
+  a generated client gets a class per method), and one of a branch per attention backend it runs
+  (``attention`` and exactly its ``attention_knobs``, from the backend's knob model); the same
+  for GemFilter's ``filter_attention`` inside its component. Fields left out or null take the
   server's defaults (``method`` too: the default method's component does not require it).
 
 The one rule between fields JSON Schema cannot state is the context: prompt tokens plus
@@ -22,13 +23,13 @@ The one rule between fields JSON Schema cannot state is the context: prompt toke
 
 from __future__ import annotations
 
-from typing import Any, get_type_hints
+from typing import Any
 
 from fastapi import FastAPI
 
 from compressors.attention import ATTENTION_BACKENDS, DEFAULT_ATTENTION
 from compressors.gemfilter import POSITIONS
-from compressors.knobs import Bounds, conflict_schema, knob_bounds, knob_default, knob_description, knob_schema
+from compressors.knobs import Bounds, conflict_schema, knob_bounds, knob_model, make_knob_model
 from compressors.registry import METHODS
 from contract.protocol import BOUND_KEY, NULL, UNSUPPORTED_FIELDS, CompressionParams
 from server.engine.types import RequestOptions
@@ -90,24 +91,27 @@ def nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [schema, NULL]}
 
 
-def dataclass_knobs(cls: type, overrides: dict[str, Bounds] | None = None) -> dict[str, dict[str, Any]]:
-    """Knob name -> its JSON Schema (null: the default), with its description and default, from
-    the dataclass's fields."""
-    hints, bounds = get_type_hints(cls), {**knob_bounds(cls), **(overrides or {})}
-    return {name: described(cls, name, nullable(knob_schema(hints[name], bounds[name]))) for name in bounds}
+def model_knobs(cls: type, overrides: dict[str, Bounds] | None = None) -> dict[str, dict[str, Any]]:
+    """Knob name -> its JSON Schema: pydantic's, from the class's knob model (compressors/knobs.py),
+    null added (the default). ``overrides``: narrower bounds only the loaded engine knows (its
+    layers, the positions it runs), in a model of their own."""
+    model = make_knob_model(cls, {**knob_bounds(cls), **overrides}) if overrides else knob_model(cls)
+    return {name: published_knob(schema) for name, schema in model.model_json_schema()["properties"].items()}
 
 
-def described(cls: type, name: str, schema: dict[str, Any]) -> dict[str, Any]:
-    default = knob_default(cls, name)
-    extra: dict[str, Any] = {"description": knob_description(cls, name)}
-    if default is not None:
-        extra["default"] = default
-    return {**schema, **extra}
+def published_knob(schema: dict[str, Any]) -> dict[str, Any]:
+    """One knob's schema as the document states it: null too, and no title (the name says it) or
+    null default (the server decides: "default" would claim a value)."""
+    kept = {key: value for key, value in schema.items() if key != "title"}
+    notes = {key: kept.pop(key) for key in ("description", "default") if key in kept}
+    if notes.get("default", 0) is None:
+        del notes["default"]
+    return {**nullable(kept), **notes}
 
 
 def backend_knobs(name: str) -> dict[str, Any]:
     """``attention_knobs`` for backend ``name``: exactly its knobs, or null."""
-    properties = dataclass_knobs(ATTENTION_BACKENDS[name])
+    properties = model_knobs(ATTENTION_BACKENDS[name])
     return nullable({"type": "object", "properties": properties, "additionalProperties": False})
 
 
@@ -125,7 +129,7 @@ def method_branches(method: str, options: RequestOptions) -> list[dict[str, Any]
         overrides["layer"] = Bounds(minimum=0, maximum=options.filter_layers - 1)
     if "positions" in knob_bounds(cls):
         overrides["positions"] = Bounds(choices=options.positions)
-    knobs = dataclass_knobs(cls, overrides)
+    knobs = model_knobs(cls, overrides)
     branch = {
         "type": "object",
         "properties": {

@@ -488,6 +488,11 @@ def test_code_built_method_is_held_to_its_declared_types_and_bounds():
         SnapKV(budget=True).validate()
     with pytest.raises(CompressionError, match="kernel_size of method 'snapkv' must be a positive odd number"):
         SnapKV(kernel_size=4).validate()
+    with pytest.raises(CompressionError, match=r"knob 'budget' of method 'snapkv' must be between -2147483647 and"):
+        SnapKV(budget=2**40).validate()
+    method = SnapKV(budget=8.0, ratio=1)  # as a request's would be: 8.0 is the int 8, 1 the float 1.0
+    method.validate()
+    assert (method.budget, type(method.budget), method.ratio, type(method.ratio)) == (8, int, 1.0, float)
 
 
 def test_budget_caps_the_ratio(engine):

@@ -14,7 +14,7 @@ import pytest
 
 from compressors import CompressionError, build_method
 from compressors.attention import ATTENTION_BACKENDS, build_attention
-from compressors.knobs import knob_bounds, knob_description, knob_rows
+from compressors.knobs import knob_bounds, knob_description, knob_model, knob_rows
 from compressors.registry import METHODS
 from contract.protocol import BOUND_KEY, UNSUPPORTED_FIELDS, CompressionParams
 from server.app import create_app
@@ -236,6 +236,14 @@ REGISTRIES = [*METHODS.values(), *ATTENTION_BACKENDS.values()]
 def test_every_knob_says_what_it_does(cls: type) -> None:
     missing = [name for name in knob_bounds(cls) if len(knob_description(cls, name)) < 10]
     assert not missing, f"{cls.name}: describe {missing} where they are declared (knob(..., description=...))"
+
+
+@pytest.mark.parametrize("cls", REGISTRIES, ids=lambda cls: cls.name)
+def test_each_class_has_one_strict_knob_model(cls: type) -> None:
+    """The one model the server validates a request's knobs with and /openapi.json publishes."""
+    model = knob_model(cls)
+    assert model is knob_model(cls) and list(model.model_fields) == cls.knobs()
+    assert model.model_config["strict"] and model.model_config["extra"] == "forbid"
 
 
 def test_the_published_knobs_carry_their_description_and_default() -> None:

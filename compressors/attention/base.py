@@ -78,8 +78,8 @@ class AttentionBackend:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def validate(self) -> None:
-        """Raise :class:`CompressionError` for knob values no prompt could make valid: the bounds
-        the fields declare (compressors/knobs.py)."""
+        """Raise :class:`CompressionError` for knob values no prompt could make valid: the knobs
+        through the class's knob model (the types and bounds the fields declare, compressors/knobs.py)."""
         check_declared_bounds(self, f"attention backend '{self.name}'", "attention")
 
     def attend(
