@@ -10,10 +10,10 @@ A haystack is a stream of short "units" (sentences or lines) joined by the kind'
   a stretch of consecutive lines per block, without the lines a needle value could hide in.
 
 The first three are the tuning families (``TUNING_HAYSTACKS``: defaults were chosen on them, and
-``gemserve calibrate`` probes them); ``dialogue``, ``emails`` (issue 26) and ``code`` (added to
-decide GemFilter's ``fuse``) are ``HELDOUT_HAYSTACKS``, written to check those defaults on text
-nothing was tuned on, and stay out of every tuning loop. ``code`` depends on the Python version's
-standard library: its text is the same wherever the interpreter is.
+``gemserve calibrate`` probes them); ``dialogue``, ``emails`` (issue 26) and ``code`` (written to
+check a proposed default, GemFilter's ``fuse: "mean"``) are ``HELDOUT_HAYSTACKS``, written to
+check those defaults on text nothing was tuned on, and stay out of every tuning loop. ``code``'s
+text comes from the running interpreter's standard library: the same for the same Python version.
 
 Records are shaped so that no needle value can hide in them: no digit run (with or without
 separators) is 7 or 16 digits long, no group of 4 digits reads as a year from 1900 to 2019,
