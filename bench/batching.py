@@ -311,7 +311,8 @@ def doc_section(result: dict[str, Any]) -> str:
         f"{ratio / bound:.2f} of the {bound:.2f}x the server's own step costs allow (its --step-trace, medians: "
         f"a 512-token prefill {steps['prefill_512_s'] * 1000:.0f} ms, a decode step "
         f"{steps['decode_step_1_s'] * 1000:.0f} ms for one request and {steps['decode_step_4_s'] * 1000:.0f} ms "
-        f"for four: (P + 63 t1) / (P + 63 t4 / 4)); c4 ran {t['runs']['c4']['completed']} requests.",
+        f"for four: (P + {OUTPUT_LEN - 1} t1) / (P + {OUTPUT_LEN - 1} t4 / 4)); "
+        f"c4 ran {t['runs']['c4']['completed']} requests.",
         f"- GemFilter's request throughput over none at concurrency 8 (4K): **{c['gemfilter_gain_under_load']:.2f}x**; "
         f"its TTFT gain alone: {c['gemfilter_ttft_gain_alone']:.2f}x.",
         f"- A {p['long_prompt_tokens']}-token prompt: first token after {p['long_ttft_alone_ms'] / 1000:.1f} s alone "

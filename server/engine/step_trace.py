@@ -26,7 +26,6 @@ class StepTrace:
     """Appends a line per non-empty step to ``path`` (line-buffered: a crash loses at most a line)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         self._file: TextIO = path.open("a", buffering=1, encoding="utf-8")
         self._lock = threading.Lock()
 
