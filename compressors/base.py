@@ -477,8 +477,9 @@ class KVCompressor(BudgetedMethod):
     def kv_attachment(self, target: Target) -> KVAttachment:
         return KVAttachment(self, target)
 
-    def new_state(self) -> Any:
-        """A fresh per-request state for the hooks below (None: the method needs none)."""
+    def new_state(self, target: Target) -> Any:
+        """A fresh state for one request's hooks below, made from what it attaches to (None: the
+        method needs none)."""
         return None
 
     @contextmanager
@@ -516,7 +517,7 @@ class KVAttachment(Attachment):
         self.model = target.model
         self.cache: Cache = target.cache
         self.default_budget = target.default_budget
-        self.state: Any = method.new_state()
+        self.state: Any = method.new_state(target)
 
     @property
     def prompt_tokens(self) -> int:

@@ -66,12 +66,12 @@ from compressors.probe import (
 )
 from compressors.profile import attached_profile
 from compressors.units import (
+    DEFAULT_CHUNK_TOKENS,
     MAX_SENTENCE_TOKENS,
     MAX_UNIT_TOKENS,
-    chunk_starts,
+    SPANS,
     pick_whole_units,
-    sentence_starts,
-    word_starts,
+    unit_begins,
 )
 
 
@@ -107,9 +107,6 @@ SCORINGS = ("fused", "inner_product", "attention")
 # 0.66 vs 0.69, k=1024 0.47 vs 0.57): docs/benchmarks.md, "The filter layer's scoring".
 FUSES = ("max", "mean")
 DEFAULT_FUSE = "max"
-# What the top-k keeps a unit at a time (compressors/units.py): single tokens (the paper),
-# whitespace-delimited words (a number is never split), or fixed chunks of ``chunk_size`` tokens.
-SPANS = ("token", "word", "chunk", "sentence")
 # Sentences (issue 26), measured with `gemserve eval` on SmolLM2 (bench/results/eval_smollm2_units,
 # k=256 at 1K-4K, three tasks x three tuning haystacks x three depths, 81 prompts): mean score 0.68
 # (sentence) vs 0.63 (word, the default before; token 0.47 and chunk 0.52 in an earlier run) and
@@ -341,7 +338,7 @@ class GemFilter(PromptSelector):
         choices=SPANS,
         description="what the top-k keeps whole: a sentence (or log line, chat turn), a word, a token, a chunk",
     )
-    chunk_size: int = knob(8, minimum=1, maximum=256, description="tokens per chunk with span=chunk")
+    chunk_size: int = knob(DEFAULT_CHUNK_TOKENS, minimum=1, maximum=256, description="tokens per chunk with span=chunk")
     sentence_tokens: int = knob(
         MAX_SENTENCE_TOKENS,
         minimum=MAX_UNIT_TOKENS,
@@ -529,15 +526,7 @@ class GemFilter(PromptSelector):
         return selection
 
     def unit_begins(self, input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase | None) -> torch.Tensor | None:
-        if self.span == "chunk":
-            return chunk_starts(int(input_ids.shape[-1]), self.chunk_size)
-        if self.span in ("word", "sentence"):
-            if tokenizer is None:
-                raise RuntimeError(f"GemFilter span='{self.span}' needs the tokenizer to find where words start")
-            if self.span == "sentence":
-                return sentence_starts(tokenizer, input_ids, self.sentence_tokens)
-            return word_starts(tokenizer, input_ids)
-        return None
+        return unit_begins(self.span, input_ids, tokenizer, self.sentence_tokens, self.chunk_size)
 
     def selection(
         self,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from compressors.base import Target
 from compressors.knobs import knob
 from compressors.kv_pruner import PruneState, ScoredKVPruner
 from compressors.kv_scoring import (
@@ -67,7 +68,7 @@ class H2O(ScoredKVPruner):
         description="share of the budget for the newest tokens; the rest by accumulated attention",
     )
 
-    def new_state(self) -> H2OState:
+    def new_state(self, target: Target) -> H2OState:
         return H2OState()
 
     def recent_tokens(self, budget: int) -> int:

@@ -59,6 +59,7 @@ class PruneState:
     positions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (kv_heads, len) original positions
     caps: dict[int, int] = field(default_factory=dict)  # layer -> most entries it may hold while decoding
     next_position: int = 0  # the next decoded token's position
+    begins: torch.Tensor | None = None  # (n,) bool, where each kept unit begins; None: single tokens
 
 
 @dataclass
@@ -69,9 +70,18 @@ class ScoredKVPruner(KVCompressor):
     evicts_during_decode: ClassVar[bool] = False
 
     # ---- hooks for subclasses -------------------------------------------------------------
-    def new_state(self) -> PruneState:
+    def new_state(self, target: Target) -> PruneState:
         """A fresh state for one request; a method that keeps more returns a subclass of it."""
-        return PruneState()
+        return PruneState(begins=self.unit_begins(target))
+
+    def unit_begins(self, target: Target) -> torch.Tensor | None:
+        """Where the units each KV head keeps whole begin (:mod:`compressors.units`); None: tokens."""
+        return None
+
+    def choose(self, scores: torch.Tensor, keep: int, prompt_tokens: int, state: PruneState) -> torch.Tensor:
+        """``scores (H_kv, n)`` -> ``(H_kv, keep)`` kept positions, sorted per head: the forced
+        entries and the best-scoring others."""
+        return top_indices(scores, keep, self.forced(keep, prompt_tokens, state))
 
     def layer_scorer(self) -> LayerScorer | None:
         """Scores computed during prefill, per full-attention layer; None needs no scores."""
@@ -170,7 +180,11 @@ class ScoredKVPruner(KVCompressor):
     def finish(self, prompt_tokens: int, prune_ms: float, state: PruneState) -> Selection:
         """The selection once every layer is pruned; select_ms = scoring + ``prune_ms``."""
         score_ms = state.collected.elapsed_ms if state.collected is not None else 0.0
-        return prune_selection(self.name, prompt_tokens, state.positions, score_ms + prune_ms)
+        return prune_selection(self.name, prompt_tokens, state.positions, score_ms + prune_ms, **self.details())
+
+    def details(self) -> dict[str, object]:
+        """What the selection reports of how it chose, besides the per-layer counts."""
+        return {}
 
     def validate_for_prompt(self, prompt_tokens: int, default_budget: int) -> None:
         # The same check compress() makes after the prefill, made before it.
@@ -187,7 +201,7 @@ class ScoredKVPruner(KVCompressor):
         if scores is None or keep >= prompt_tokens:
             indices = torch.arange(prompt_tokens, device=layer.keys.device).expand(kv_heads, -1)
         else:
-            indices = top_indices(scores, keep, self.forced(keep, prompt_tokens, state))
+            indices = self.choose(scores, keep, prompt_tokens, state)
             gather_layer(layer, indices)
         state.positions[layer_idx] = indices
         self.on_pruned(layer_idx, indices, scores, state)

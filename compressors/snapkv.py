@@ -9,6 +9,10 @@ the probed states (SDPA returns no weights; never ``n x n``). They are summed ov
 pooled along the sequence (kernel 5, average or max) so neighbours of a hit survive with it, and
 averaged over the query heads of each GQA group so the cache stays at KV-head count. Each KV head
 keeps its top ``budget - window`` prefix entries plus the whole window.
+
+``span`` (issue 26, item 5) is GemFilter's idea applied per KV head: a head keeps whole words or
+sentences (:mod:`compressors.units`), best first by their best entry's score, instead of single
+entries; the default ``token`` is the paper's.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressors.base import Target
 from compressors.knobs import knob
 from compressors.kv_pruner import PruneState, ScoredKVPruner
 from compressors.kv_scoring import LayerScorer, per_kv_head, window_attention
+from compressors.units import SPANS, pick_whole_units_per_head, unit_begins
 
 POOLINGS = ("avg", "max")
 
@@ -55,7 +61,8 @@ class SnapKV(ScoredKVPruner):
     """Knobs: ``budget``/``ratio`` (cache entries per KV head after prefill), ``window``
     (observation window, paper: 32), ``kernel_size`` (pooling, paper: 5), ``pooling`` ("avg"
     or "max"; the paper's code uses avg), ``head`` (first tokens kept whatever their score; 0: the
-    paper). The cache grows by one entry per decoded token. The
+    paper), ``span`` (what a head keeps whole: ``token``, the paper, or a word, chunk or sentence,
+    with GemFilter's default caps). The cache grows by one entry per decoded token. The
     window is part of the budget: a budget at or below it keeps the newest ``budget`` tokens (as
     kvpress's SnapKV, whose window tokens score highest)."""
 
@@ -73,12 +80,32 @@ class SnapKV(ScoredKVPruner):
         minimum=0,
         description="first prompt tokens every head keeps (instruction, system prompt), after the window",
     )
+    span: str = knob(
+        "token",
+        choices=SPANS,
+        description="what each KV head keeps whole: a token (the paper), a word, a chunk of 8 tokens, a sentence",
+    )
 
     def layer_scorer(self) -> LayerScorer | None:
         def score(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
             return snapkv_scores(module, query, key, self.window, self.kernel_size, self.pooling)
 
         return score
+
+    def details(self) -> dict[str, object]:
+        return {"span": self.span}
+
+    def unit_begins(self, target: Target) -> torch.Tensor | None:
+        return unit_begins(self.span, target.prompt_ids, target.tokenizer)
+
+    def choose(self, scores: torch.Tensor, keep: int, prompt_tokens: int, state: PruneState) -> torch.Tensor:
+        """Whole units per head when ``span`` asks for them: the window as the protected tail, the
+        head as the protected head (what :meth:`forced_entries` forces, extended to whole units
+        where the budget holds them), then each head's best units."""
+        if state.begins is None:
+            return super().choose(scores, keep, prompt_tokens, state)
+        picked = pick_whole_units_per_head(scores, keep, min(self.window, keep), state.begins, self.head)
+        return picked.to(scores.device)
 
     def forced_entries(self, prompt_tokens: int, keep: int, state: PruneState) -> torch.Tensor:
         """The observation window, then the protected head as far as the budget holds it (as

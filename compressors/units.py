@@ -29,6 +29,10 @@ from itertools import pairwise
 import torch
 from transformers import PreTrainedTokenizerBase
 
+# What a top-k keeps a unit at a time: single tokens (the papers), whitespace-delimited words (a
+# number is never split), fixed chunks of ``chunk_size`` tokens, or sentences (issue 26).
+SPANS = ("token", "word", "chunk", "sentence")
+DEFAULT_CHUNK_TOKENS = 8
 MAX_UNIT_TOKENS = 24  # a four-part code with its dashes and full stop is 20 SmolLM2 tokens
 MAX_SENTENCE_TOKENS = 48  # a needle sentence with a four-part code is ~30 SmolLM2 tokens, a log line ~40
 SENTENCE_END = frozenset(".!?;")
@@ -92,6 +96,25 @@ def sentence_starts(
     if begins.numel():
         begins[0] = True
     return cap_at_words(begins, words, cap)
+
+
+def unit_begins(
+    span: str,
+    input_ids: torch.Tensor,
+    tokenizer: PreTrainedTokenizerBase | None,
+    sentence_tokens: int = MAX_SENTENCE_TOKENS,
+    chunk_size: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor | None:
+    """``(n,)`` bool: where each unit of ``span`` begins; None for single tokens."""
+    if span == "chunk":
+        return chunk_starts(int(input_ids.shape[-1]), chunk_size)
+    if span in ("word", "sentence"):
+        if tokenizer is None:
+            raise RuntimeError(f"span='{span}' needs the tokenizer to find where words start")
+        if span == "sentence":
+            return sentence_starts(tokenizer, input_ids, sentence_tokens)
+        return word_starts(tokenizer, input_ids)
+    return None
 
 
 def cap_at_words(begins: torch.Tensor, words: torch.Tensor, cap: int) -> torch.Tensor:
@@ -183,6 +206,15 @@ def pick_whole_units(pooled: torch.Tensor, keep: int, tail: int, begins: torch.T
         rest = pooled.to(torch.float32).masked_fill(kept, float("-inf"))
         kept[torch.topk(rest, units.left).indices] = True
     return torch.nonzero(kept).view(-1).tolist()
+
+
+def pick_whole_units_per_head(
+    scores: torch.Tensor, keep: int, tail: int, begins: torch.Tensor, head: int = 0
+) -> torch.Tensor:
+    """``scores (H, n)`` -> ``(H, keep)`` kept positions, sorted per row: :func:`pick_whole_units`
+    on each row (a KV head's own scores), with the same units, tail and head for every row."""
+    rows = [pick_whole_units(row, keep, tail, begins, head) for row in scores.to(torch.float32).cpu()]
+    return torch.tensor(rows, dtype=torch.long).view(scores.shape[0], min(keep, scores.shape[-1]))
 
 
 def unit_index(begins: torch.Tensor) -> torch.Tensor:

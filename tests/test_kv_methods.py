@@ -22,6 +22,7 @@ from compressors.base import KVAttachment, Target, cache_bytes
 from compressors.kv_pruner import ScoredKVPruner
 from compressors.probe import active_probe, decoder_layers, install_probe_attention
 from compressors.pyramidkv import pyramid_budgets
+from compressors.units import MAX_SENTENCE_TOKENS, chunk_starts, pick_whole_units, sentence_starts
 from contract.needles import build_case
 from server.engine.hf import HFEngine
 from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
@@ -47,6 +48,15 @@ def tiny_model() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def units_of(begins: torch.Tensor) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i, start in enumerate(begins.tolist()):
+        if start or not out:
+            out.append([])
+        out[-1].append(i)
+    return out
+
+
 @pytest.fixture(scope="module")
 def tiny_ids() -> torch.Tensor:
     return torch.randint(0, TINY_VOCAB, (1, 96), generator=torch.Generator().manual_seed(1))
@@ -60,13 +70,17 @@ def eager_attentions(model: LlamaForCausalLM, ids: torch.Tensor) -> list[torch.T
     return [a[0].float() for a in out.attentions]
 
 
-def prefill_and_compress(model, ids: torch.Tensor, method: ScoredKVPruner, default_budget: int = 1024):
+def prefill_and_compress(model, ids: torch.Tensor, method: ScoredKVPruner, default_budget: int = 1024, tokenizer=None):
     """The method attached to one prefill of any model, as the engine attaches it: the cache and
     the attachment (its selection, and its state: what the cache holds)."""
     install_probe_attention(model)
     cache = DynamicCache(config=model.config)
     n = int(ids.shape[1])
-    with torch.inference_mode(), method.attach(model, ids, cache, default_budget) as hooks, hooks.prefill():
+    with (
+        torch.inference_mode(),
+        method.attach(model, ids, cache, default_budget, tokenizer) as hooks,
+        hooks.prefill(),
+    ):
         model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(n).unsqueeze(0), use_cache=True)
     return cache, hooks
 
@@ -320,6 +334,64 @@ def test_one_method_object_serves_interleaved_requests_as_fresh_ones_do(tiny_mod
 
 
 # ---- real model: exact per-layer shapes ---------------------------------------------------------
+def test_snapkv_span_keeps_each_heads_best_whole_units(tiny_model, tiny_ids):
+    """span="chunk" (no tokenizer needed): per layer and KV head, exactly the units
+    :func:`~compressors.units.pick_whole_units` picks from the explicit reference scores, with the
+    window as the protected tail; the cache holds those entries."""
+    n, window, budget, groups = tiny_ids.shape[1], 8, 40, 2
+    reference = eager_attentions(tiny_model, tiny_ids)
+    method = build_method("snapkv", {"budget": budget, "window": window, "span": "chunk"})
+    cache, hooks = prefill_and_compress(tiny_model, tiny_ids, method)
+    full = full_cache(tiny_model, tiny_ids)
+    chunks = chunk_starts(n, 8)
+    for layer, weights in enumerate(reference):
+        summed = weights[:, -window:, : n - window].sum(dim=1)
+        pooled = F.avg_pool1d(summed.unsqueeze(0), kernel_size=5, padding=2, stride=1).squeeze(0)
+        scores = torch.cat([pooled.view(2, groups, -1).mean(dim=1), torch.zeros(2, window)], dim=1)
+        positions = hooks.state.positions[layer]
+        assert positions.shape == (2, budget) and cache.layers[layer].keys.shape == (1, 2, budget, 16)
+        for head in range(2):
+            assert positions[head].tolist() == pick_whole_units(scores[head], budget, window, chunks)
+            assert set(range(n - window, n)) <= set(positions[head].tolist())
+            torch.testing.assert_close(
+                cache.layers[layer].keys[0, head], full.layers[layer].keys[0, head, positions[head]]
+            )
+        whole = [set(range(s, min(s + 8, n))) for s in range(0, n, 8)]
+        kept = set(positions[0].tolist())
+        # every 8-token chunk is kept whole or not at all (40 = 5 chunks: no single-token fill)
+        assert all(c <= kept or not (c & kept) for c in whole)
+    assert hooks.selection.details["span"] == "chunk"
+
+
+def crumbs(positions: torch.Tensor, units: list[list[int]]) -> int:
+    """Kept entries, summed over KV heads, that lie in units the head keeps only part of."""
+    total = 0
+    for kept in positions.tolist():
+        held = set(kept)
+        total += sum(len(held & set(u)) for u in units if 0 < len(held & set(u)) < len(u))
+    return total
+
+
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv"])
+def test_span_sentence_on_the_real_model_keeps_whole_sentences_at_the_budget(engine, loaded_model, name):
+    """Each head's cache holds whole sentences: only the last free slots, fewer than a sentence's
+    cap, may hold pieces of one; the paper's token top-k leaves far more crumbs."""
+    case = build_case(1024, 0.5, seed=3, count_tokens=lambda text: len(engine.encode_prompt(text)))
+    ids = torch.tensor([engine.encode_chat([{"role": "user", "content": case.user_message()}])])
+    units = units_of(sentence_starts(engine.tokenizer, ids))
+    method = build_method(name, {"budget": 256, "span": "sentence"})
+    cache, hooks = prefill_and_compress(loaded_model.model, ids, method, tokenizer=engine.tokenizer)
+    _, tokens = prefill_and_compress(loaded_model.model, ids, build_method(name, {"budget": 256}))
+    heads = loaded_model.model.config.num_key_value_heads
+    for layer, positions in hooks.state.positions.items():
+        assert cache.layers[layer].keys.shape[2] == positions.shape[1]
+        assert crumbs(positions, units) < heads * MAX_SENTENCE_TOKENS, layer
+    assert sum(crumbs(p, units) for p in hooks.state.positions.values()) * 4 < sum(
+        crumbs(p, units) for p in tokens.state.positions.values()
+    )
+    assert hooks.selection.kv_tokens_per_head == 256 and hooks.selection.details["span"] == "sentence"
+
+
 @pytest.fixture(scope="module")
 def story_ids(engine) -> list[int]:
     return engine.encode_chat([{"role": "user", "content": "Tell me about harbours and ferries. " * 30}])
@@ -376,6 +448,7 @@ def prefill_pruning(model, ids: torch.Tensor, method: ScoredKVPruner, default_bu
         ("h2o", {"budget": 40}),
         ("streamingllm", {"budget": 40}),
         ("snapkv", {"budget": 500}),  # a budget over the prompt keeps everything
+        ("pyramidkv", {"budget": 40, "window": 8, "span": "chunk"}),
     ],
 )
 @pytest.mark.parametrize("which", ["tiny", pytest.param("real", marks=pytest.mark.slow)])

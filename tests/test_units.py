@@ -15,6 +15,7 @@ from compressors.units import (
     cap_unit_length,
     chunk_starts,
     pick_whole_units,
+    pick_whole_units_per_head,
     sentence_starts,
     word_starts,
 )
@@ -110,6 +111,17 @@ def test_gemfilter_span_word_never_splits_a_word_on_a_real_prompt(loaded_model, 
             continue  # the protected tail
         held = [i in kept for i in unit]
         assert all(held) or not any(held), engine.tokenizer.decode(ids[0, unit].tolist())
+
+
+def test_per_head_pick_is_each_rows_own_pick() -> None:
+    rng = random.Random(3)
+    begins = random_units(rng, 60)
+    scores = torch.rand(3, 60, generator=torch.Generator().manual_seed(3))
+    picked = pick_whole_units_per_head(scores, 17, 4, begins, head=2)
+    assert picked.shape == (3, 17) and picked.dtype == torch.long
+    for row, kept in zip(scores, picked.tolist(), strict=True):
+        assert kept == pick_whole_units(row, 17, 4, begins, head=2)
+    assert len({tuple(k) for k in picked.tolist()}) > 1  # each head keeps its own units
 
 
 def test_span_word_without_a_tokenizer_is_an_internal_error(loaded_model) -> None:
