@@ -126,7 +126,7 @@ def run_prompt(engine: HFEngine, prompt, budgets: list[int], steps: int) -> list
         record("none", None, tokens, seconds, full_bytes)
         for ((name, budget), method), scores in zip(methods.items(), collected, strict=True):
             work = copy.deepcopy(cache)
-            with method.attach(engine.model, ids, work, engine.default_budget) as hooks:
+            with method.attach(engine.model, ids, work, engine.default_budget, engine.tokenizer) as hooks:
                 assert isinstance(hooks, KVAttachment)
                 # Prune the shared prefill's copy with this method's own scores, as the engine would have.
                 hooks.adopt_prefill(full_bytes, scores)

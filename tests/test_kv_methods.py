@@ -112,7 +112,7 @@ def kept_sets(hooks: KVAttachment, layer: int) -> list[set[int]]:
 def test_snapkv_keeps_what_explicit_window_attention_ranks_highest(tiny_model, tiny_ids, pooling):
     n, window, budget, groups = tiny_ids.shape[1], 8, 40, 2
     reference = eager_attentions(tiny_model, tiny_ids)
-    method = build_method("snapkv", {"budget": budget, "window": window, "pooling": pooling})
+    method = build_method("snapkv", {"budget": budget, "window": window, "pooling": pooling, "span": "token"})
     cache, hooks = prefill_and_compress(tiny_model, tiny_ids, method)
     full = full_cache(tiny_model, tiny_ids)
     pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
@@ -191,7 +191,7 @@ def test_pyramidkv_budgets_fall_with_depth_and_average_the_budget(tiny_model, ti
     values = list(budgets.values())
     assert values == sorted(values, reverse=True) and values[0] > 1024 > values[-1]
     assert sum(values) / len(values) == pytest.approx(1024, abs=1)
-    method = build_method("pyramidkv", {"budget": 40, "window": 8})
+    method = build_method("pyramidkv", {"budget": 40, "window": 8, "span": "token"})
     cache, _ = prefill_and_compress(tiny_model, tiny_ids, method)
     expected = pyramid_budgets([0, 1], 40, 8, 20)
     assert [layer.keys.shape[-2] for layer in cache.layers] == [expected[0], expected[1]]
@@ -214,7 +214,8 @@ def decode_and_watch(
     prompt = torch.tensor([ids])
     cache = DynamicCache(config=engine.model.config)
     lengths = []
-    with torch.inference_mode(), method.attach(engine.model, prompt, cache, engine.default_budget) as hooks:
+    attached = method.attach(engine.model, prompt, cache, engine.default_budget, engine.tokenizer)
+    with torch.inference_mode(), attached as hooks:
         logits = engine.prefill(hooks, cache, None)
         lengths.append([layer.keys.shape[-2] for layer in cache.layers])
         for step in range(steps):
@@ -268,7 +269,8 @@ def decode_and_watch_real(engine: HFEngine, ids: list[int], method: ScoredKVPrun
     prompt = torch.tensor([ids])
     cache = DynamicCache(config=engine.model.config)
     lengths = []
-    with torch.inference_mode(), method.attach(engine.model, prompt, cache, engine.default_budget) as hooks:
+    attached = method.attach(engine.model, prompt, cache, engine.default_budget, engine.tokenizer)
+    with torch.inference_mode(), attached as hooks:
         logits = engine.prefill(hooks, cache, None)
         for step in range(steps):
             logits = engine.decode_one_token(int(logits.argmax()), cache, hooks.next_position + step, hooks)
@@ -306,8 +308,8 @@ def attach_all_then_run(
 @pytest.mark.parametrize(
     ("name", "knobs"),
     [
-        ("snapkv", {"ratio": 0.5, "window": 8}),
-        ("pyramidkv", {"ratio": 0.5, "window": 8}),
+        ("snapkv", {"ratio": 0.5, "window": 8, "span": "token"}),
+        ("pyramidkv", {"ratio": 0.5, "window": 8, "span": "chunk"}),
         ("h2o", {"ratio": 0.5}),
         ("streamingllm", {"ratio": 0.5}),
     ],
@@ -381,7 +383,7 @@ def test_span_sentence_on_the_real_model_keeps_whole_sentences_at_the_budget(eng
     units = units_of(sentence_starts(engine.tokenizer, ids))
     method = build_method(name, {"budget": 256, "span": "sentence"})
     cache, hooks = prefill_and_compress(loaded_model.model, ids, method, tokenizer=engine.tokenizer)
-    _, tokens = prefill_and_compress(loaded_model.model, ids, build_method(name, {"budget": 256}))
+    _, tokens = prefill_and_compress(loaded_model.model, ids, build_method(name, {"budget": 256, "span": "token"}))
     heads = loaded_model.model.config.num_key_value_heads
     for layer, positions in hooks.state.positions.items():
         assert cache.layers[layer].keys.shape[2] == positions.shape[1]
@@ -401,7 +403,8 @@ def story_ids(engine) -> list[int]:
 def test_real_cache_shapes_equal_the_budget(engine, loaded_model, story_ids, name):
     budget = 64
     method = build_method(name, {"budget": budget})
-    cache, hooks = prefill_and_compress(loaded_model.model, torch.tensor([story_ids]), method)
+    ids = torch.tensor([story_ids])
+    cache, hooks = prefill_and_compress(loaded_model.model, ids, method, tokenizer=loaded_model.tokenizer)
     config = loaded_model.model.config
     expected = (
         pyramid_budgets(list(range(config.num_hidden_layers)), budget, 32, 20)
@@ -416,25 +419,29 @@ def test_real_cache_shapes_equal_the_budget(engine, loaded_model, story_ids, nam
 
 
 # ---- pruning during the prefill (issue 14) ------------------------------------------------------
-def prefill_then_prune(model, ids: torch.Tensor, method: ScoredKVPruner, default_budget: int = 1024):
+def prefill_then_prune(model, ids: torch.Tensor, method: ScoredKVPruner, tokenizer, default_budget: int = 1024):
     """The reference: prefill the whole prompt, then prune the full cache (the after-prefill path,
     what ``gemserve eval``'s shared prefill uses); logits, cache and selection."""
     install_probe_attention(model)
     cache = DynamicCache(config=model.config)
     n = int(ids.shape[1])
-    attachment = KVAttachment(method, Target(model, ids, cache, default_budget))
+    attachment = KVAttachment(method, Target(model, ids, cache, default_budget, tokenizer))
     with torch.inference_mode(), attachment.prefill():
         positions = torch.arange(n, device=ids.device).unsqueeze(0)
         logits = model(input_ids=ids, past_key_values=cache, position_ids=positions).logits
     return logits, cache, attachment
 
 
-def prefill_pruning(model, ids: torch.Tensor, method: ScoredKVPruner, default_budget: int = 1024):
+def prefill_pruning(model, ids: torch.Tensor, method: ScoredKVPruner, tokenizer, default_budget: int = 1024):
     """What the engine attaches: each layer pruned right after its attention."""
     install_probe_attention(model)
     cache = DynamicCache(config=model.config)
     n = int(ids.shape[1])
-    with torch.inference_mode(), method.attach(model, ids, cache, default_budget) as hooks, hooks.prefill():
+    with (
+        torch.inference_mode(),
+        method.attach(model, ids, cache, default_budget, tokenizer) as hooks,
+        hooks.prefill(),
+    ):
         positions = torch.arange(n, device=ids.device).unsqueeze(0)
         logits = model(input_ids=ids, past_key_values=cache, position_ids=positions).logits
     return logits, cache, hooks
@@ -443,11 +450,12 @@ def prefill_pruning(model, ids: torch.Tensor, method: ScoredKVPruner, default_bu
 @pytest.mark.parametrize(
     ("name", "knobs"),
     [
-        ("snapkv", {"budget": 40, "window": 8}),
-        ("pyramidkv", {"budget": 40, "window": 8}),
+        ("snapkv", {"budget": 40, "window": 8, "span": "token"}),
+        ("pyramidkv", {"budget": 40, "window": 8, "span": "token"}),
         ("h2o", {"budget": 40}),
         ("streamingllm", {"budget": 40}),
-        ("snapkv", {"budget": 500}),  # a budget over the prompt keeps everything
+        ("snapkv", {"budget": 500, "span": "token"}),  # a budget over the prompt keeps everything
+        ("snapkv", {"budget": 40, "window": 8}),  # whole sentences (the default span)
         ("pyramidkv", {"budget": 40, "window": 8, "span": "chunk"}),
     ],
 )
@@ -456,8 +464,9 @@ def test_pruning_during_prefill_keeps_exactly_what_pruning_after_it_keeps(
     tiny_model, tiny_ids, loaded_model, story_ids, which, name, knobs
 ):
     model, ids = (tiny_model, tiny_ids) if which == "tiny" else (loaded_model.model, torch.tensor([story_ids]))
-    ref_logits, ref_cache, ref = prefill_then_prune(model, ids, build_method(name, knobs))
-    logits, cache, hooks = prefill_pruning(model, ids, build_method(name, knobs))
+    tokenizer = loaded_model.tokenizer  # the tiny model's ids are SmolLM2 vocabulary ids too
+    ref_logits, ref_cache, ref = prefill_then_prune(model, ids, build_method(name, knobs), tokenizer)
+    logits, cache, hooks = prefill_pruning(model, ids, build_method(name, knobs), tokenizer)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
     assert hooks.selection.kept_indices == ref.selection.kept_indices
     assert hooks.selection.details == ref.selection.details
@@ -483,7 +492,8 @@ def test_prefill_holds_at_most_one_unpruned_layer(loaded_model, story_ids, name)
     try:
         ids = torch.tensor([story_ids])
         method = build_method(name, {"budget": budget})
-        with torch.inference_mode(), method.attach(model, ids, cache, 1024) as hooks, hooks.prefill():
+        attached = method.attach(model, ids, cache, 1024, loaded_model.tokenizer)
+        with torch.inference_mode(), attached as hooks, hooks.prefill():
             model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(n).unsqueeze(0))
     finally:
         for handle in handles:
