@@ -34,6 +34,7 @@ from compressors.kv_scoring import (
     per_kv_head,
 )
 from compressors.probe import attention_probe
+from compressors.units import SPANS, unit_begins
 
 
 def h2o_scores(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,9 @@ def accumulated(state: PruneState) -> dict[int, torch.Tensor]:
 @dataclass
 class H2O(ScoredKVPruner):
     """Knobs: ``budget``/``ratio`` (cache entries per KV head, prefill and decode), and
-    ``recent_fraction`` (share of the budget for the most recent tokens; paper: 0.5)."""
+    ``recent_fraction`` (share of the budget for the most recent tokens; paper: 0.5), ``span``
+    (what the prefill's pick keeps whole: ``token``, the paper, or a sentence, word or chunk; the
+    decode-time eviction stays one entry at a time)."""
 
     name: ClassVar[str] = "h2o"
     evicts_during_decode: ClassVar[bool] = True
@@ -67,9 +70,20 @@ class H2O(ScoredKVPruner):
         maximum=1.0,
         description="share of the budget for the newest tokens; the rest by accumulated attention",
     )
+    span: str = knob(
+        "token",
+        choices=SPANS,
+        description="what the prefill's pick keeps whole: a token (the paper), a sentence, a word, a chunk of 8 tokens",
+    )
 
     def new_state(self, target: Target) -> H2OState:
-        return H2OState()
+        return H2OState(begins=self.unit_begins(target))
+
+    def unit_begins(self, target: Target) -> torch.Tensor | None:
+        return unit_begins(self.span, target.prompt_ids, target.tokenizer)
+
+    def details(self) -> dict[str, object]:
+        return {"span": self.span}
 
     def recent_tokens(self, budget: int) -> int:
         return min(budget, math.ceil(budget * self.recent_fraction))

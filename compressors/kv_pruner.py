@@ -48,6 +48,7 @@ from compressors.kv_scoring import (
     top_indices,
 )
 from compressors.probe import after_attention
+from compressors.units import pick_whole_units_per_head
 
 
 @dataclass
@@ -80,8 +81,14 @@ class ScoredKVPruner(KVCompressor):
 
     def choose(self, scores: torch.Tensor, keep: int, prompt_tokens: int, state: PruneState) -> torch.Tensor:
         """``scores (H_kv, n)`` -> ``(H_kv, keep)`` kept positions, sorted per head: the forced
-        entries and the best-scoring others."""
-        return top_indices(scores, keep, self.forced(keep, prompt_tokens, state))
+        entries and the best-scoring others, whole units of them where the request has units
+        (the forced runs at the prompt's start and end then protected as the units' head and tail,
+        extended to whole units where the budget holds them)."""
+        forced = self.forced(keep, prompt_tokens, state)
+        if state.begins is None:
+            return top_indices(scores, keep, forced)
+        head, tail = forced_runs(forced)
+        return pick_whole_units_per_head(scores, keep, tail, state.begins, head).to(scores.device)
 
     def layer_scorer(self) -> LayerScorer | None:
         """Scores computed during prefill, per full-attention layer; None needs no scores."""
@@ -284,6 +291,19 @@ class PruningAttachment(KVAttachment):
         if collected is not None:  # consumed: the scores need not outlive their layer
             collected.scores.pop(layer_idx, None)
         self._prune_ms += (time.perf_counter() - started) * 1000.0
+
+
+def forced_runs(forced: torch.Tensor) -> tuple[int, int]:
+    """The lengths of the forced runs at the start and at the end of a ``(n,)`` bool mask; the
+    pruners force only those (sinks or a head, a window or recent tokens)."""
+    n = forced.numel()
+    free = torch.nonzero(~forced).view(-1)
+    if free.numel() == 0:
+        return 0, n
+    head, tail = int(free[0]), n - 1 - int(free[-1])
+    if int(forced.sum()) != head + tail:
+        raise RuntimeError("a pruner forced entries inside the prompt, which whole units cannot protect")
+    return head, tail
 
 
 def full_attention_layers(cache: Cache) -> list[int]:

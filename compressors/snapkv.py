@@ -28,7 +28,7 @@ from compressors.base import Target
 from compressors.knobs import knob
 from compressors.kv_pruner import PruneState, ScoredKVPruner
 from compressors.kv_scoring import LayerScorer, per_kv_head, window_attention
-from compressors.units import SPANS, pick_whole_units_per_head, unit_begins
+from compressors.units import SPANS, unit_begins
 
 POOLINGS = ("avg", "max")
 # Whole sentences per KV head (issue 26, item 5), measured with `gemserve eval` on SmolLM2 at k=256,
@@ -103,15 +103,6 @@ class SnapKV(ScoredKVPruner):
 
     def unit_begins(self, target: Target) -> torch.Tensor | None:
         return unit_begins(self.span, target.prompt_ids, target.tokenizer)
-
-    def choose(self, scores: torch.Tensor, keep: int, prompt_tokens: int, state: PruneState) -> torch.Tensor:
-        """Whole units per head when ``span`` asks for them: the window as the protected tail, the
-        head as the protected head (what :meth:`forced_entries` forces, extended to whole units
-        where the budget holds them), then each head's best units."""
-        if state.begins is None:
-            return super().choose(scores, keep, prompt_tokens, state)
-        picked = pick_whole_units_per_head(scores, keep, min(self.window, keep), state.begins, self.head)
-        return picked.to(scores.device)
 
     def forced_entries(self, prompt_tokens: int, keep: int, state: PruneState) -> torch.Tensor:
         """The observation window, then the protected head as far as the budget holds it (as

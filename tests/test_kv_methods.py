@@ -374,7 +374,7 @@ def crumbs(positions: torch.Tensor, units: list[list[int]]) -> int:
     return total
 
 
-@pytest.mark.parametrize("name", ["snapkv", "pyramidkv"])
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "h2o"])
 def test_span_sentence_on_the_real_model_keeps_whole_sentences_at_the_budget(engine, loaded_model, name):
     """Each head's cache holds whole sentences: only the last free slots, fewer than a sentence's
     cap, may hold pieces of one; the paper's token top-k leaves far more crumbs."""
@@ -457,6 +457,7 @@ def prefill_pruning(model, ids: torch.Tensor, method: ScoredKVPruner, tokenizer,
         ("snapkv", {"budget": 500, "span": "token"}),  # a budget over the prompt keeps everything
         ("snapkv", {"budget": 40, "window": 8}),  # whole sentences (the default span)
         ("pyramidkv", {"budget": 40, "window": 8, "span": "chunk"}),
+        ("h2o", {"budget": 40, "span": "sentence"}),
     ],
 )
 @pytest.mark.parametrize("which", ["tiny", pytest.param("real", marks=pytest.mark.slow)])
@@ -602,6 +603,41 @@ def test_needle_found_at_3k_tokens_with_budget_1024(engine, name):
     kv = result.compression
     assert kv.kv_bytes_after == pytest.approx(kv.kv_bytes_before * 1024 / len(ids), rel=0.02)
     assert case.needle.found_in(result.text), f"{name} answered {result.text!r}, expected {case.needle.answer}"
+
+
+@pytest.mark.parametrize(
+    ("forced", "runs"),
+    [
+        ([1, 1, 0, 0, 0, 1], (2, 1)),
+        ([0, 0, 0, 1, 1, 1], (0, 3)),
+        ([1, 0, 0, 0, 0, 0], (1, 0)),
+        ([0, 0, 0, 0, 0, 0], (0, 0)),
+        ([1, 1, 1, 1, 1, 1], (0, 6)),
+    ],
+)
+def test_forced_runs_are_the_protected_head_and_tail(forced: list[int], runs: tuple[int, int]) -> None:
+    from compressors.kv_pruner import forced_runs
+
+    assert forced_runs(torch.tensor(forced, dtype=torch.bool)) == runs
+
+
+def test_forced_entries_inside_the_prompt_cannot_be_kept_as_whole_units() -> None:
+    from compressors.kv_pruner import forced_runs
+
+    with pytest.raises(RuntimeError, match="inside the prompt"):
+        forced_runs(torch.tensor([1, 0, 1, 0, 1], dtype=torch.bool))
+
+
+def test_h2o_span_keeps_the_recent_tokens_and_whole_units_while_evicting_one_at_a_time(tiny_engine, tiny_ids):
+    """The prefill keeps whole chunks besides the recent half; decoding then evicts single entries
+    and stays at the budget, the recent half never evicted."""
+    budget, n = 48, tiny_ids.shape[1]
+    method = build_method("h2o", {"budget": budget, "span": "chunk"})
+    lengths, positions = decode_and_watch(tiny_engine, tiny_ids[0].tolist(), method, steps=30)
+    assert all(step == [budget, budget] for step in lengths)
+    for layer_positions in positions.values():
+        for head in layer_positions.tolist():
+            assert set(range(n + 30 - budget // 2, n + 30)) <= set(head)
 
 
 # ---- a protected head for SnapKV / PyramidKV (issue 26, item 5) ------------------------------------
