@@ -27,6 +27,7 @@ from contract.needles import build_case
 from server.engine.hf import HFEngine
 from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 from server.models import LoadedModel
+from tests.test_units import units_of
 
 TINY_VOCAB = 128
 
@@ -46,15 +47,6 @@ def tiny_model() -> LlamaForCausalLM:
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
-
-
-def units_of(begins: torch.Tensor) -> list[list[int]]:
-    out: list[list[int]] = []
-    for i, start in enumerate(begins.tolist()):
-        if start or not out:
-            out.append([])
-        out[-1].append(i)
-    return out
 
 
 @pytest.fixture(scope="module")
