@@ -34,7 +34,7 @@ from compressors.kv_scoring import (
     per_kv_head,
 )
 from compressors.probe import attention_probe
-from compressors.units import SPANS, unit_begins
+from compressors.units import DEFAULT_CHUNK_TOKENS, SPANS, unit_begins
 
 
 def h2o_scores(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,10 @@ class H2O(ScoredKVPruner):
     span: str = knob(
         "token",
         choices=SPANS,
-        description="what the prefill's pick keeps whole: a token (the paper), a sentence, a word, a chunk of 8 tokens",
+        description=(
+            "what the prefill's pick keeps whole: a token (the paper), a sentence, a word, "
+            f"a chunk of {DEFAULT_CHUNK_TOKENS} tokens"
+        ),
     )
 
     def new_state(self, target: Target) -> H2OState:

@@ -28,7 +28,7 @@ from compressors.base import Target
 from compressors.knobs import knob
 from compressors.kv_pruner import PruneState, ScoredKVPruner
 from compressors.kv_scoring import LayerScorer, per_kv_head, window_attention
-from compressors.units import SPANS, unit_begins
+from compressors.units import DEFAULT_CHUNK_TOKENS, SPANS, unit_begins
 
 POOLINGS = ("avg", "max")
 # Whole sentences per KV head (issue 26, item 5), measured with `gemserve eval` on SmolLM2 at k=256,
@@ -88,8 +88,10 @@ class SnapKV(ScoredKVPruner):
     span: str = knob(
         DEFAULT_KV_SPAN,
         choices=SPANS,
-        description="what each KV head keeps whole: a sentence (or log line, chat turn), a word, a chunk of 8 "
-        "tokens, a token (the paper)",
+        description=(
+            "what each KV head keeps whole: a sentence (or log line, chat turn), a word, "
+            f"a chunk of {DEFAULT_CHUNK_TOKENS} tokens, a token (the paper)"
+        ),
     )
 
     def layer_scorer(self) -> LayerScorer | None:

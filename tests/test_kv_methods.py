@@ -625,6 +625,12 @@ def test_h2o_span_keeps_the_recent_tokens_and_whole_units_while_evicting_one_at_
     and stays at the budget, the recent half never evicted."""
     budget, n = 48, tiny_ids.shape[1]
     method = build_method("h2o", {"budget": budget, "span": "chunk"})
+    _, prefilled = prefill_and_compress(tiny_engine.model, tiny_ids, method)
+    chunks = [set(range(s, s + 8)) for s in range(0, n, 8)]  # n = 96: the recent 24 are the last 3 chunks
+    for layer_positions in prefilled.state.positions.values():
+        for head in layer_positions.tolist():
+            assert len(head) == budget and set(range(n - budget // 2, n)) <= set(head)
+            assert all(c <= set(head) or not (c & set(head)) for c in chunks)  # 6 whole chunks
     lengths, positions = decode_and_watch(tiny_engine, tiny_ids[0].tolist(), method, steps=30)
     assert all(step == [budget, budget] for step in lengths)
     for layer_positions in positions.values():
