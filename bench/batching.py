@@ -1,7 +1,8 @@
 """Continuous batching on the hf backend (issues 15, 25): one ``gemserve serve`` process per load.
 
 1. ``throughput``: ``gemserve loadtest``, closed loop, 512-token prompts, 64 output tokens
-   (``--ignore-eos``), ``none``, at concurrency 1 and 4: output tokens/s, and the ratio over the
+   (``--ignore-eos``), ``none``, at concurrency 1 and 4 in turn (three rounds, the median one
+   reported): output tokens/s, and the ratio over the
    bound the step costs allow, those of the serving process itself (its ``--step-trace``): the
    median whole-prompt prefill P and one-request decode step t1 of the c1 run, the four-request
    decode step t4 of the c4 run. c1 spends ``P + 63 t1`` per request (the prefill samples the
@@ -53,6 +54,7 @@ from server.engine.scheduler import DEFAULT_STEP_TOKENS
 
 HEADING = "## Continuous batching (hf backend)"
 OUTPUT_LEN = 64  # tokens per request of the throughput loads
+THROUGHPUT_ROUNDS = 3  # c1 and c4 in turn, this many times (the median round is reported)
 
 
 def traced_steps(trace: Path, start: float, end: float) -> list[dict[str, Any]]:
@@ -88,27 +90,40 @@ def step_costs(c1_steps: list[dict[str, Any]], c4_steps: list[dict[str, Any]], o
 
 
 def throughput(url: str, work: Path, quick: bool, trace: Path) -> dict[str, Any]:
-    """c1 and c4 closed loops; the bound from the same server's steps (``trace``). c4 runs 24
-    requests: the bound is a steady state, and a run's ramp (four prompts at once) and tail
-    (the last requests finishing one by one) weigh less in a longer one."""
-    runs, windows = {}, {}
-    for concurrency, requests in ((1, 3 if quick else 5), (4, 8 if quick else 24)):
-        start = time.time()
-        summary = loadtest(
-            url,
-            work / f"c{concurrency}",
-            input_len=512,
-            output_len=OUTPUT_LEN,
-            method="none",
-            concurrency=concurrency,
-            num_requests=requests,
-            warmup=1,
-        )
-        windows[concurrency] = (start, time.time())
-        runs[f"c{concurrency}"] = brief(summary["none"])
-    ratio = runs["c4"]["output_token_throughput"] / runs["c1"]["output_token_throughput"]
-    costs = step_costs(traced_steps(trace, *windows[1]), traced_steps(trace, *windows[4]), OUTPUT_LEN)
-    return {"runs": runs, "c4_over_c1_output_tokens_per_s": ratio, "step_costs": costs}
+    """c1 and c4 closed loops in turn, ``THROUGHPUT_ROUNDS`` times; each round's ratio over its own
+    bound (the same server's steps in that round, ``trace``), and the round with the median of
+    those as the one reported. Rounds, because one pair of runs is not a measurement here: two
+    servers started a minute apart prefilled 512 tokens in 494 and 580 ms in their c1 runs, and
+    single c4/c1 runs came out at 0.86-0.91 of the bound (and once at 1.04). c4 runs 24
+    requests: the bound is a steady state, and a run's ramp (four prompts at once) and tail (the
+    last requests finishing one by one) weigh less in a longer one."""
+    rounds = []
+    for turn in range(1 if quick else THROUGHPUT_ROUNDS):
+        runs, windows = {}, {}
+        for concurrency, requests in ((1, 3 if quick else 5), (4, 8 if quick else 24)):
+            start = time.time()
+            summary = loadtest(
+                url,
+                work / f"r{turn}c{concurrency}",
+                input_len=512,
+                output_len=OUTPUT_LEN,
+                method="none",
+                concurrency=concurrency,
+                num_requests=requests,
+                warmup=1,
+            )
+            windows[concurrency] = (start, time.time())
+            runs[f"c{concurrency}"] = brief(summary["none"])
+        ratio = runs["c4"]["output_token_throughput"] / runs["c1"]["output_token_throughput"]
+        costs = step_costs(traced_steps(trace, *windows[1]), traced_steps(trace, *windows[4]), OUTPUT_LEN)
+        rounds.append({"runs": runs, "c4_over_c1_output_tokens_per_s": ratio, "step_costs": costs})
+    by_share = sorted(rounds, key=share_of_bound)
+    return {**by_share[len(by_share) // 2], "rounds": rounds}
+
+
+def share_of_bound(run: dict[str, Any]) -> float:
+    """A throughput round's c4/c1 ratio over the bound its step costs allow."""
+    return run["c4_over_c1_output_tokens_per_s"] / run["step_costs"]["c4_over_c1_bound"]
 
 
 def compression(url: str, work: Path, quick: bool) -> dict[str, Any]:
@@ -312,7 +327,9 @@ def doc_section(result: dict[str, Any]) -> str:
         f"a 512-token prefill {steps['prefill_512_s'] * 1000:.0f} ms, a decode step "
         f"{steps['decode_step_1_s'] * 1000:.0f} ms for one request and {steps['decode_step_4_s'] * 1000:.0f} ms "
         f"for four: (P + {OUTPUT_LEN - 1} t1) / (P + {OUTPUT_LEN - 1} t4 / 4)); "
-        f"c4 ran {t['runs']['c4']['completed']} requests.",
+        f"c4 ran {t['runs']['c4']['completed']} requests. The median of {len(t.get('rounds', [t]))} rounds of c1 "
+        f"and c4 in turn; each round over its own bound: "
+        f"{', '.join(f'{share_of_bound(r):.2f}' for r in t.get('rounds', [t]))}.",
         f"- GemFilter's request throughput over none at concurrency 8 (4K): **{c['gemfilter_gain_under_load']:.2f}x**; "
         f"its TTFT gain alone: {c['gemfilter_ttft_gain_alone']:.2f}x.",
         f"- A {p['long_prompt_tokens']}-token prompt: first token after {p['long_ttft_alone_ms'] / 1000:.1f} s alone "
@@ -387,7 +404,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma list of scenarios to skip (for debugging)")
     parser.add_argument(
         "--step-budgets",
-        default=f"32,{DEFAULT_STEP_TOKENS},128,256",
+        default=",".join(str(n) for n in sorted({32, 64, DEFAULT_STEP_TOKENS, 256})),
         help="--max-num-batched-tokens values for long_prompt",
     )
     parser.add_argument("--render", type=Path, help="only redraw the PNG and the docs section from this JSON")

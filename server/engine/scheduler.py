@@ -37,12 +37,15 @@ import math
 import threading
 from dataclasses import dataclass, field
 
-# Measured on SmolLM2-135M bfloat16, 2 CPU cores (docs/benchmarks.md, "Continuous batching"): with
-# three streams decoding, a 6.5K-token prompt reached its first token in 3.18x its time alone at 32
-# tokens a step (the streams' p99 inter-token latency 3.0x their p50), 2.20x at 64 (4.6x), 1.51x at
-# 128 (6.5x), 1.48x at 256 (14.2x): 64 is the compromise between the two targets (1.5x, 3x); no
-# budget meets both on this CPU (the reading there says why).
-DEFAULT_STEP_TOKENS = 64
+# Tokens a step while requests decode. Measured on SmolLM2-135M bfloat16, 2 CPU cores
+# (docs/benchmarks.md, "Continuous batching"): a forward streams every weight once whatever its
+# size, so a chunk pays that beside its own compute; chunks of ~57 tokens made four streams with
+# 512-token prompts reach 0.88-0.90 of the c4/c1 bound the step costs allow, chunks of ~116
+# 0.97-1.00, at the same p99 inter-token latency (three rounds each, 2026-12-05). A 6.5K-token
+# prompt beside three streams reached its first token in ~1.6x its time alone at 128 (2.1x at 64)
+# while the streams' p99 rose to ~6.5-7x their p50 (4.8-6.5x at 64): no budget meets both the
+# 1.5x and 3x targets on this CPU (the reading there says why).
+DEFAULT_STEP_TOKENS = 128
 # Requests in the batch at once: memory, not this, should bound the batch (a request holds what
 # it uses), and a decode step of 32 requests costs little more than one of 8 on this CPU.
 DEFAULT_MAX_RUNNING = 32
