@@ -8,7 +8,11 @@ in this process and computes the selection's confidence by several definitions:
 - ``mass`` (what ``compression.confidence`` reports: compressors.gemfilter.selection_confidence):
   the share of the filter layer's attention mass the kept tokens hold;
 - ``top_unit``: the share of that mass in the best kept unit (one dominant piece of text);
-- ``margin``: the pooled score of the worst kept unit minus that of the best dropped one.
+- ``margin``: the pooled score of the worst kept unit minus that of the best dropped one;
+- ``answer``: the mean log-probability of GemFilter's own answer (the eval's output text, encoded
+  again) given the kept tokens. It is known only once the answer is generated, so a fallback on it
+  pays GemFilter's whole generation before the uncompressed run: the strongest cheap signal there
+  is, measured to bound what any confidence could catch, not one the server offers.
 
 For each definition and threshold: the share of requests that fall back (run uncompressed), the
 share of GemFilter's misses (score < 0.5) caught, how many of those ``none`` answered, and the
@@ -16,7 +20,8 @@ median TTFT with the fallback over GemFilter's median: TTFT (``max_tokens=1``) i
 ``none`` and for GemFilter on the first two prompts of each length, in turn (A B, then B A), each
 prompt taking its length's medians; a request that falls back pays GemFilter's TTFT plus
 ``none``'s (what the fallback runs: the filter pass, then the whole prompt; an estimate from
-measured parts, not a timed fallback).
+measured parts, not a timed fallback), and on ``answer`` also GemFilter's decoding of its answer
+(its tokens times GemFilter's inter-token latency, timed on the same prompts).
 Writes JSON and a PNG beside the records and prints the table for docs/benchmarks.md.
 """
 
@@ -40,6 +45,9 @@ from evals.runner import load_records
 from evals.tasks import build_sample
 
 MISS = 0.5  # a row scoring below this is a miss
+CONFIDENCES = ("mass", "top_unit", "margin", "answer")
+ITL_TOKENS = 16  # tokens GemFilter generates for its inter-token latency (their median gap)
+ANSWER_TOKENS = 64  # the answer's tokens scored (the eval's outputs are shorter)
 
 
 def unit_scores(
@@ -51,7 +59,10 @@ def unit_scores(
     return unit, best_per_unit(pooled, unit)
 
 
-def measures(method: GemFilter, scores: torch.Tensor, ids: torch.Tensor, tokenizer: Any, keep: int) -> dict[str, float]:
+def measures(
+    method: GemFilter, scores: torch.Tensor, ids: torch.Tensor, tokenizer: Any, keep: int
+) -> tuple[dict[str, float], list[int]]:
+    """The selection's confidences, and the kept indices (in prompt order)."""
     pooled = pooled_scores(scores, method.kernel_size, method.fuse).cpu()
     n = pooled.numel()
     begins = method.unit_begins(ids, tokenizer)
@@ -75,7 +86,7 @@ def measures(method: GemFilter, scores: torch.Tensor, ids: torch.Tensor, tokeniz
         "margin": float(best[kept_units].min() - best[dropped_units].max())
         if kept_units.numel() and dropped_units.numel()
         else 1.0,
-    }
+    }, sorted(kept)
 
 
 def time_first_tokens(engine: Any, ids: list[int], knobs: dict[str, Any], first_none: bool) -> dict[str, float]:
@@ -89,19 +100,47 @@ def time_first_tokens(engine: Any, ids: list[int], knobs: dict[str, Any], first_
         )
         return engine.generate(request).metrics.ttft_ms
 
+    def itl(method_knobs: dict[str, Any]) -> float:
+        request = GenerationRequest(
+            prompt_ids=ids,
+            sampling=SamplingParams(max_tokens=ITL_TOKENS, temperature=0.0, ignore_eos=True),
+            compression=CompressionSpec(method="gemfilter", knobs=method_knobs),
+        )
+        metrics = engine.generate(request).metrics
+        return metrics.itl_p50_ms
+
     order = [("none", {}), ("gemfilter", knobs)] if first_none else [("gemfilter", knobs), ("none", {})]
     times = {name: ttft(name, method_knobs) for name, method_knobs in order}
-    return {"ttft_none": times["none"], "ttft_gf": times["gemfilter"]}
+    return {"ttft_none": times["none"], "ttft_gf": times["gemfilter"], "itl_gf": itl(knobs)}
+
+
+def answer_logprob(engine: Any, kept_ids: list[int], output: str) -> tuple[float, int]:
+    """The mean log-probability of ``output``'s tokens after ``kept_ids`` (GemFilter's compact
+    prompt: the kept tokens at positions 0..k-1, as it generates), and how many tokens it has."""
+    answer = engine.tokenizer.encode(output, add_special_tokens=False)[:ANSWER_TOKENS]
+    if not answer:
+        return 0.0, 0
+    sequence = torch.tensor([kept_ids + answer], device=engine.model.device)
+    with torch.inference_mode():
+        logits = engine.model(sequence).logits[0, len(kept_ids) - 1 : -1].float()
+    chosen = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(answer, device=logits.device)[:, None])
+    return float(chosen.mean()), len(answer)
+
+
+def fallback_cost(row: dict[str, Any], key: str) -> float:
+    """What falling back adds to a request's TTFT: the uncompressed prefill, after GemFilter's whole
+    answer when the confidence is that answer's."""
+    return row["ttft_none"] + (row["answer_tokens"] * row["itl_gf"] if key == "answer" else 0.0)
 
 
 def curve(rows: list[dict[str, Any]], key: str) -> list[dict[str, float]]:
     misses = [r for r in rows if r["score"] < MISS]
     base = statistics.median(r["ttft_gf"] for r in rows)
     out = []
-    for threshold in sorted({0.0, *(r[key] for r in rows)}):
+    for threshold in sorted({min(0.0, *(r[key] for r in rows)), *(r[key] for r in rows)}):
         back = [r for r in rows if r[key] < threshold]
         caught = [r for r in misses if r[key] < threshold]
-        ttft = statistics.median(r["ttft_gf"] + (r["ttft_none"] if r[key] < threshold else 0.0) for r in rows)
+        ttft = statistics.median(r["ttft_gf"] + (fallback_cost(r, key) if r[key] < threshold else 0.0) for r in rows)
         out.append(
             {
                 "threshold": threshold,
@@ -145,14 +184,19 @@ def main() -> None:
         ids = torch.tensor([engine.encode_chat(sample.chat_messages())])
         keep = method.resolve_budget(ids.shape[1], engine.default_budget)
         scores, _ = method.filter_scores(engine.model, ids, engine.filter_model)
-        found = measures(method, scores, ids, engine.tokenizer, keep)
+        found, kept = measures(method, scores, ids, engine.tokenizer, keep)
+        if len(kept) != record["kept_tokens"]:
+            raise SystemExit(
+                f"{record['uid']}: rebuilt selection keeps {len(kept)}, the eval kept {record['kept_tokens']}"
+            )
+        found["answer"], answer_tokens = answer_logprob(engine, ids[0, kept].tolist(), record["output"])
         reported = (record.get("compression") or {}).get("confidence")
         if reported is not None and abs(reported - found["mass"]) > 1e-4:
             raise SystemExit(f"{record['uid']}: rebuilt confidence {found['mass']:.4f} != the eval's {reported:.4f}")
         timed = timings.setdefault(record["target_tokens"], [])
         if len(timed) < 2:
             timed.append(time_first_tokens(engine, ids[0].tolist(), spec.method_knobs(), first_none=len(timed) == 0))
-        ttft = {key: statistics.median(t[key] for t in timed) for key in ("ttft_none", "ttft_gf")}
+        ttft = {key: statistics.median(t[key] for t in timed) for key in ("ttft_none", "ttft_gf", "itl_gf")}
         rows.append(
             {
                 "uid": record["uid"],
@@ -161,6 +205,7 @@ def main() -> None:
                 "tokens": record["prompt_tokens"],
                 "score": record["score"],
                 "none_score": none[record["uid"]]["score"],
+                "answer_tokens": answer_tokens,
                 **ttft,
                 **found,
             }
@@ -175,7 +220,7 @@ def main() -> None:
         "loadavg_after": list(os.getloadavg()),
         "ttft_timings_ms": timings,
         "rows": rows,
-        "curves": {key: curve(rows, key) for key in ("mass", "top_unit", "margin")},
+        "curves": {key: curve(rows, key) for key in CONFIDENCES},
     }
     output = args.output or args.records / f"fallback_{args.method.replace(':', '_').replace('+', '_')}.json"
     output.write_text(json.dumps(result, indent=1))

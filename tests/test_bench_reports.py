@@ -45,7 +45,7 @@ PLOTS = [
     ("batching", "batching_smollm2.json", None),
     ("decode_attention", "decode_attention.json", None),
     ("dtype_eval", "dtype_eval_smollm2.json", None),
-    ("fallback_curve", "eval_smollm2_units/fallback_gemfilter_256_span=sentence_head=32.json", None),
+    ("fallback_curve", "eval_smollm2_positions/fallback_gemfilter_256.json", None),
     ("first_request", "first_request_smollm2.json", None),
     ("gpu_prefill", "gpu_prefill.json", None),
     ("kv_methods", "kv_methods_smollm2.json", None),
