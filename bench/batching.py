@@ -93,8 +93,8 @@ def throughput(url: str, work: Path, quick: bool, trace: Path) -> dict[str, Any]
     """c1 and c4 closed loops in turn, ``THROUGHPUT_ROUNDS`` times; each round's ratio over its own
     bound (the same server's steps in that round, ``trace``), and the round with the median of
     those as the one reported. Rounds, because one pair of runs is not a measurement here: two
-    servers started a minute apart prefilled 512 tokens in 494 and 580 ms in their c1 runs, and
-    single c4/c1 runs came out at 0.86-0.91 of the bound (and once at 1.04). c4 runs 24
+    servers started a minute apart prefilled 512 tokens in 494 and 580 ms in their c1 runs;
+    single runs at 64 tokens a step came out at 0.86-0.91 of the bound, one at 128 at 1.04. c4 runs 24
     requests: the bound is a steady state, and a run's ramp (four prompts at once) and tail (the
     last requests finishing one by one) weigh less in a longer one."""
     rounds = []

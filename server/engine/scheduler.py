@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 # 512-token prompts reach 0.88-0.90 of the c4/c1 bound the step costs allow, chunks of ~116
 # 0.97-1.00, at the same p99 inter-token latency (three rounds each, 2026-12-05). A 6.5K-token
 # prompt beside three streams reached its first token in ~1.6x its time alone at 128 (2.1x at 64)
-# while the streams' p99 rose to ~6.5-7x their p50 (4.8-6.5x at 64): no budget meets both the
+# while the streams' p99 rose to ~6.5-7x their p50 (4.6-6.5x at 64): no budget meets both the
 # 1.5x and 3x targets on this CPU (the reading there says why).
 DEFAULT_STEP_TOKENS = 128
 # Requests in the batch at once: memory, not this, should bound the batch (a request holds what
