@@ -11,8 +11,8 @@ in this process and computes the selection's confidence by several definitions:
 - ``margin``: the pooled score of the worst kept unit minus that of the best dropped one;
 - ``answer``: the mean log-probability of GemFilter's own answer (the eval's output text, encoded
   again) given the kept tokens. It is known only once the answer is generated, so a fallback on it
-  pays GemFilter's whole generation before the uncompressed run: the strongest cheap signal there
-  is, measured to bound what any confidence could catch, not one the server offers.
+  pays GemFilter's whole generation before the uncompressed run: the strongest signal tried here,
+  measured to see what a confidence could catch at best, not one the server offers.
 
 For each definition and threshold: the share of requests that fall back (run uncompressed), the
 share of GemFilter's misses (score < 0.5) caught, how many of those ``none`` answered, and the
@@ -165,6 +165,8 @@ def main() -> None:
     records = load_records(args.records / "records.jsonl")
     spec = parse_method(args.method)
     method = GemFilter(**spec.method_knobs())
+    if method.positions != "compact":
+        raise SystemExit("the answer's log-probability is scored with the kept tokens at positions 0..k-1 (compact)")
     loaded = load_model()
     engine = HFEngine(loaded)
     none = {r["uid"]: r for r in records if r["method"] == "none" and not r.get("error")}
