@@ -116,10 +116,10 @@ def time_first_tokens(engine: Any, ids: list[int], knobs: dict[str, Any], first_
 
 def answer_logprob(engine: Any, kept_ids: list[int], output: str) -> tuple[float, int]:
     """The mean log-probability of ``output``'s tokens after ``kept_ids`` (GemFilter's compact
-    prompt: the kept tokens at positions 0..k-1, as it generates), and how many tokens it has."""
+    prompt: the kept tokens at positions 0..k-1, as it generates), and how many tokens it has. An
+    empty answer is scored by its end-of-sequence token (the model stopped at once)."""
     answer = engine.tokenizer.encode(output, add_special_tokens=False)[:ANSWER_TOKENS]
-    if not answer:
-        return 0.0, 0
+    answer = answer or [engine.tokenizer.eos_token_id]
     sequence = torch.tensor([kept_ids + answer], device=engine.model.device)
     with torch.inference_mode():
         logits = engine.model(sequence).logits[0, len(kept_ids) - 1 : -1].float()
@@ -198,7 +198,7 @@ def main() -> None:
         timed = timings.setdefault(record["target_tokens"], [])
         if len(timed) < 2:
             timed.append(time_first_tokens(engine, ids[0].tolist(), spec.method_knobs(), first_none=len(timed) == 0))
-        ttft = {key: statistics.median(t[key] for t in timed) for key in ("ttft_none", "ttft_gf", "itl_gf")}
+        timing = {key: statistics.median(t[key] for t in timed) for key in ("ttft_none", "ttft_gf", "itl_gf")}
         rows.append(
             {
                 "uid": record["uid"],
@@ -208,7 +208,7 @@ def main() -> None:
                 "score": record["score"],
                 "none_score": none[record["uid"]]["score"],
                 "answer_tokens": answer_tokens,
-                **ttft,
+                **timing,
                 **found,
             }
         )
