@@ -298,6 +298,19 @@ def test_filter_layer_beyond_filter_model_is_400(url, vllm_engine):
     error = response.json()["error"]
     assert error["param"] == "compression.layer"
     assert f"0..{too_deep - 1}" in error["message"]
+    assert f"GEMSERVE_VLLM_FILTER_LAYER={too_deep}" in error["message"]  # a restart that would serve it
+
+
+def test_filter_layer_beyond_the_model_names_its_layers(url, vllm_engine):
+    """Past the model's last layer no restart can serve it: the message names the model's layers."""
+    layers = vllm_engine.filter_model.full_num_layers
+    body = {"prompt": "Hello there", "max_tokens": 4, "compression": {"method": "gemfilter", "layer": layers}}
+    response = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "compression.layer"
+    assert f"this model has layers 0..{layers - 1}" in error["message"]
+    assert "GEMSERVE_VLLM_FILTER_LAYER" not in error["message"]
 
 
 def test_original_positions_are_refused_with_400(url):

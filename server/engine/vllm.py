@@ -180,15 +180,19 @@ class VLLMEngine(AdmittedCounts):
             # The truncated filter model would compute a wrong default layer from its own config.
             layer = self.filter_model.default_layer if method.layer is None else method.layer
             if layer > self.filter_model.max_layer:
-                raise RequestError(
-                    f"layer {layer} is out of range: the vllm backend's filter model holds layers "
-                    f"0..{self.filter_model.max_layer} (start it with GEMSERVE_VLLM_FILTER_LAYER={layer})",
-                    param="compression.layer",
-                )
+                raise RequestError(self.layer_out_of_range(layer), param="compression.layer")
             # The truncated model's config would give a wrong cost model too: use vLLM's measured one.
             payoff = VLLM_PAYOFF_RATIO if method.payoff_ratio is None else method.payoff_ratio
             method = dataclasses.replace(method, layer=layer, payoff_ratio=payoff)
         return method
+
+    def layer_out_of_range(self, layer: int) -> str:
+        """Why ``layer`` cannot run here, and the restart that would serve it (when one can)."""
+        held = f"the vllm backend's filter model holds layers 0..{self.filter_model.max_layer}"
+        last = self.filter_model.full_num_layers - 1
+        if layer > last:
+            return f"layer {layer} is out of range: this model has layers 0..{last} ({held})"
+        return f"layer {layer} is out of range: {held} (start it with GEMSERVE_VLLM_FILTER_LAYER={layer})"
 
     def check_attention(self, spec: CompressionSpec) -> None:
         """vLLM computes the prefill with its own attention; only ``dense`` can be honoured."""
