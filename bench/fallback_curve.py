@@ -92,26 +92,18 @@ def measures(
 def time_first_tokens(engine: Any, ids: list[int], knobs: dict[str, Any], first_none: bool) -> dict[str, float]:
     from server.engine.types import CompressionSpec, GenerationRequest, SamplingParams
 
-    def ttft(method: str, method_knobs: dict[str, Any]) -> float:
+    def metrics(method: str, method_knobs: dict[str, Any], sampling: SamplingParams) -> Any:
         request = GenerationRequest(
-            prompt_ids=ids,
-            sampling=SamplingParams(max_tokens=1, temperature=0.0),
-            compression=CompressionSpec(method=method, knobs=method_knobs),
+            prompt_ids=ids, sampling=sampling, compression=CompressionSpec(method=method, knobs=method_knobs)
         )
-        return engine.generate(request).metrics.ttft_ms
+        return engine.generate(request).metrics
 
-    def itl(method_knobs: dict[str, Any]) -> float:
-        request = GenerationRequest(
-            prompt_ids=ids,
-            sampling=SamplingParams(max_tokens=ITL_TOKENS, temperature=0.0, ignore_eos=True),
-            compression=CompressionSpec(method="gemfilter", knobs=method_knobs),
-        )
-        metrics = engine.generate(request).metrics
-        return metrics.itl_p50_ms
-
+    first_token = SamplingParams(max_tokens=1, temperature=0.0)
     order = [("none", {}), ("gemfilter", knobs)] if first_none else [("gemfilter", knobs), ("none", {})]
-    times = {name: ttft(name, method_knobs) for name, method_knobs in order}
-    return {"ttft_none": times["none"], "ttft_gf": times["gemfilter"], "itl_gf": itl(knobs)}
+    times = {name: metrics(name, method_knobs, first_token).ttft_ms for name, method_knobs in order}
+    decoding = SamplingParams(max_tokens=ITL_TOKENS, temperature=0.0, ignore_eos=True)
+    itl = metrics("gemfilter", knobs, decoding).itl_p50_ms
+    return {"ttft_none": times["none"], "ttft_gf": times["gemfilter"], "itl_gf": itl}
 
 
 def answer_logprob(engine: Any, kept_ids: list[int], output: str) -> tuple[float, int]:

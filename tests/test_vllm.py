@@ -255,10 +255,7 @@ def test_filter_pass_takes_the_requested_attention_backend(url, vllm_engine, eng
 
 
 def test_prefill_attention_other_than_dense_is_400(url):
-    body = {"prompt": "Hello there", "max_tokens": 4, "compression": {"attention": "block_sparse"}}
-    response = httpx.post(url + "/v1/completions", json=body, timeout=60)
-    assert response.status_code == 400
-    error = response.json()["error"]
+    error = refused(url, {"attention": "block_sparse"})
     assert error["param"] == "compression.attention"
     assert "needs the hf backend" in error["message"]
 
@@ -278,24 +275,26 @@ def test_prompt_too_short_for_the_budget_is_not_filtered(url, vllm_engine, engin
 KV_METHODS = [name for name, cls in METHODS.items() if cls.kind == "kv"]
 
 
+def refused(url: str, compression: dict[str, Any]) -> dict[str, Any]:
+    """A short completion asking for ``compression``: answered with a 400, whose error it returns."""
+    body = {"prompt": "Hello there", "max_tokens": 4, "compression": compression}
+    response = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400
+    return response.json()["error"]
+
+
 @pytest.mark.parametrize("method", KV_METHODS or ["snapkv"])
 def test_kv_method_is_refused_with_400(url, method):
     if method not in METHODS:
         pytest.skip(f"no KV-cache method is registered yet ({method} missing from compressors.registry)")
-    body = {"prompt": "Hello there", "max_tokens": 4, "compression": {"method": method}}
-    response = httpx.post(url + "/v1/completions", json=body, timeout=60)
-    assert response.status_code == 400
-    error = response.json()["error"]
+    error = refused(url, {"method": method})
     assert error["param"] == "compression.method"
     assert method in error["message"] and "supports: none, gemfilter" in error["message"]
 
 
 def test_filter_layer_beyond_filter_model_is_400(url, vllm_engine):
     too_deep = vllm_engine.filter_model.max_layer + 1
-    body = {"prompt": "Hello there", "max_tokens": 4, "compression": {"method": "gemfilter", "layer": too_deep}}
-    response = httpx.post(url + "/v1/completions", json=body, timeout=60)
-    assert response.status_code == 400
-    error = response.json()["error"]
+    error = refused(url, {"method": "gemfilter", "layer": too_deep})
     assert error["param"] == "compression.layer"
     assert f"0..{too_deep - 1}" in error["message"]
     assert f"GEMSERVE_VLLM_FILTER_LAYER={too_deep}" in error["message"]  # a restart that would serve it
@@ -304,20 +303,14 @@ def test_filter_layer_beyond_filter_model_is_400(url, vllm_engine):
 def test_filter_layer_beyond_the_model_names_its_layers(url, vllm_engine):
     """Past the model's last layer no restart can serve it: the message names the model's layers."""
     layers = vllm_engine.filter_model.full_num_layers
-    body = {"prompt": "Hello there", "max_tokens": 4, "compression": {"method": "gemfilter", "layer": layers}}
-    response = httpx.post(url + "/v1/completions", json=body, timeout=60)
-    assert response.status_code == 400
-    error = response.json()["error"]
+    error = refused(url, {"method": "gemfilter", "layer": layers})
     assert error["param"] == "compression.layer"
     assert f"this model has layers 0..{layers - 1}" in error["message"]
     assert "GEMSERVE_VLLM_FILTER_LAYER" not in error["message"]
 
 
 def test_original_positions_are_refused_with_400(url):
-    body = {"prompt": "Hello there", "max_tokens": 4, "compression": {"method": "gemfilter", "positions": "original"}}
-    response = httpx.post(url + "/v1/completions", json=body, timeout=60)
-    assert response.status_code == 400
-    error = response.json()["error"]
+    error = refused(url, {"method": "gemfilter", "positions": "original"})
     assert error["param"] == "compression.positions"
     assert "needs the hf backend" in error["message"]
 
